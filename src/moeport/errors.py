@@ -1,0 +1,9 @@
+"""One exception type for every user-facing problem.
+
+The CLI prints ``MoeportError`` as a single line and exits non-zero; anything else is a bug and
+keeps its traceback. Messages name the file/tensor and say what was expected.
+"""
+
+
+class MoeportError(Exception):
+    """A problem with the user's input (bad path, corrupt file, unknown layout...)."""

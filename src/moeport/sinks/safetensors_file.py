@@ -1,0 +1,126 @@
+"""Stream one safetensors file whose tensor list is known before the data.
+
+Why by hand: the `safetensors` package only serialises whole dicts held in memory. Because every
+tensor's byte size follows from (dtype, shape), we can write the header first and then put each
+tensor's bytes at its offset as it arrives, in any order: peak memory is one tensor, not one file.
+The file lives under a temporary name until every tensor is written, then is renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeport.dtypes import nbytes_of, safetensors_name_of
+from moeport.errors import MoeportError
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.dtype, self.shape)
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name, safetensors_name_of(tensor.dtype), tuple(tensor.shape))
+
+
+def build_header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (length prefix + JSON padded to 8) and each tensor's offset in the data buffer."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offsets: dict[str, int] = {}
+    cursor = 0
+    for spec in specs:
+        if spec.name in offsets:
+            raise ValueError(f"duplicate tensor name '{spec.name}'")
+        offsets[spec.name] = cursor
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [cursor, cursor + spec.nbytes],
+        }
+        cursor += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data buffer starts 8-aligned, like the reference writer
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+class SafetensorsFileWriter:
+    """Writes the tensors of `specs` into `path` in any order; `close()` publishes the file."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self._specs = {s.name: s for s in specs}
+        header, offsets = build_header(specs, metadata or {})
+        self._data_start = len(header)
+        self._offsets = offsets
+        self._pending = set(self._specs)
+        total = self._data_start + sum(s.nbytes for s in specs)
+        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._pwrite_all(memoryview(header), 0)
+            os.ftruncate(self._fd, total)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def done(self) -> bool:
+        return not self._pending
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._specs.get(name)
+        if spec is None:
+            raise ValueError(f"{self.path.name}: tensor '{name}' is not planned for this file")
+        if name not in self._pending:
+            raise ValueError(f"{self.path.name}: tensor '{name}' written twice")
+        got = TensorSpec.of(name, tensor)
+        if got != spec:
+            raise ValueError(f"{self.path.name}: tensor '{name}' is {got.dtype}{list(got.shape)}, "
+                             f"planned {spec.dtype}{list(spec.shape)}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            self._pwrite_all(memoryview(data.view(torch.uint8).numpy()), self._data_start + self._offsets[name])
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        """Flush, fsync and rename into place; refuses while tensors are missing."""
+        if self._pending:
+            missing = sorted(self._pending)[:3]
+            raise ValueError(f"{self.path.name}: {len(self._pending)} planned tensors not written, e.g. {missing}")
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise MoeportError(f"{self.partial}: cannot flush ({exc.strerror})") from None
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        """Remove the partial file; nothing half-written is left under the final name."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.partial.unlink(missing_ok=True)
+
+    def _pwrite_all(self, buf: memoryview, offset: int) -> None:
+        buf = buf.cast("B")
+        while len(buf):
+            try:
+                n = os.pwrite(self._fd, buf, offset)
+            except OSError as exc:
+                raise MoeportError(f"{self.partial}: write failed ({exc.strerror})") from None
+            buf, offset = buf[n:], offset + n

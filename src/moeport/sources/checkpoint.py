@@ -1,0 +1,145 @@
+"""A checkpoint on disk: a folder of safetensors shards (+ index.json) or a single file.
+
+Only headers are read when opening; tensor data is memory-mapped on `read` and file handles are
+dropped by `release()` (call it after each layer so mapped pages do not pile up).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from moeport.errors import MoeportError
+from moeport.sources.safetensors_header import SafetensorsHeader, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype string, e.g. "BF16", "F8_E4M3"
+    shape: tuple[int, ...]
+    file: Path
+    nbytes: int
+
+
+class Checkpoint:
+    """Lazy view of all tensors of a checkpoint, addressed by name."""
+
+    def __init__(self, root: Path, headers: list[SafetensorsHeader], config: dict[str, Any] | None):
+        self.root = root
+        self.config = config
+        self.files = [h.path for h in headers]
+        self._info: dict[str, TensorInfo] = {}
+        for h in headers:
+            for name, e in h.entries.items():
+                if name in self._info:
+                    raise MoeportError(f"{h.path}: tensor '{name}' also stored in {self._info[name].file}")
+                self._info[name] = TensorInfo(e.dtype, e.shape, h.path, e.end - e.begin)
+        self._handles: dict[Path, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._info
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self._info[key]
+        except KeyError:
+            raise MoeportError(f"{self.root}: no tensor named '{key}'") from None
+
+    def read(self, key: str) -> torch.Tensor:
+        """Load one tensor (memory-mapped read of just its bytes)."""
+        file = self.info(key).file
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as exc:  # the Rust reader raises its own exception types
+                raise MoeportError(f"{file}: cannot open ({exc})") from None
+            self._handles[file] = handle
+        return handle.get_tensor(key)
+
+    def release(self) -> None:
+        """Drop open file handles and their memory maps."""
+        self._handles.clear()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self._info.values())
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint folder or a single .safetensors file, validating every header."""
+    path = Path(path)
+    if not path.exists():
+        raise MoeportError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise MoeportError(f"{path}: expected a .safetensors file or a checkpoint folder")
+        root, files = path.parent, [path]
+    else:
+        root, files = path, _shard_files(path)
+    headers = [read_header(f) for f in files]
+    if path.is_dir():
+        _check_index(root, headers)
+    return Checkpoint(root, headers, _load_config(root))
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.exists():
+        weight_map = _load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MoeportError(f"{index}: no 'weight_map' object")
+        files = []
+        for name in sorted(set(weight_map.values())):
+            shard = folder / name
+            if not shard.is_file():
+                raise MoeportError(f"{index}: names shard '{name}', which does not exist")
+            files.append(shard)
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise MoeportError(f"{folder}: no *.safetensors files (and no {INDEX_NAME})")
+    return files
+
+
+def _check_index(root: Path, headers: list[SafetensorsHeader]) -> None:
+    index = root / INDEX_NAME
+    if not index.exists():
+        return
+    weight_map: dict[str, str] = _load_json(index)["weight_map"]
+    stored = {name: h.path.name for h in headers for name in h.entries}
+    for name, shard in weight_map.items():
+        if stored.get(name) != shard:
+            where = f"in {stored[name]}" if name in stored else "in no shard"
+            raise MoeportError(f"{index}: maps tensor '{name}' to {shard} but it is {where}")
+
+
+def _load_config(root: Path) -> dict[str, Any] | None:
+    cfg = root / "config.json"
+    return _load_json(cfg) if cfg.exists() else None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MoeportError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise MoeportError(f"{path}: expected a JSON object")
+    return data
