@@ -1,0 +1,211 @@
+"""`detect(checkpoint)`: family from config.json, expert layout and formats from tensor headers.
+
+No tensor data is read: headers give names, dtypes and shapes, which is all we need.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from moeport.detect.formats import ExpertFormat, Part, classify
+from moeport.detect.layout import LayerExperts, LayoutMatch, match_layout
+from moeport.errors import MoeportError
+from moeport.sources.checkpoint import Checkpoint
+from moeport.zoo.families import ExpertLayout, Family, family_for_model_type, known_model_types
+from moeport.zoo.model_config import ModelConfig
+
+
+@dataclass
+class Detection:
+    family: Family
+    model_type: str
+    layout: ExpertLayout
+    layer_prefix: str
+    num_layers: int | None
+    moe_layers: list[int]
+    dense_layers: list[int]
+    mtp_layers: list[int]
+    experts_per_layer: int
+    experts_per_token: int | None
+    shared_experts: int
+    hidden_size: int | None
+    expert_intermediate_size: int | None
+    expert_format: ExpertFormat
+    expert_tensors: list[str]  # templates with {L}/{E}, companions included
+    router_tensors: list[str]
+    layer_bytes: dict[int, int]
+    layer_expert_bytes: dict[int, int]
+    total_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(self.layer_expert_bytes.values())
+
+
+def detect(ck: Checkpoint) -> Detection:
+    if ck.config is None:
+        raise MoeportError(f"{ck.root}: no config.json (moeport needs it to tell the model family)")
+    cfg = ModelConfig(ck.config)
+    family, model_type = _family(cfg, ck)
+    match = _match_experts(ck, family)
+    layers = match.layers
+    first = min(layers)
+    ref_expert = 0 if match.layout.kind == "per-expert" else -1
+    proj = match.layout.projs["gate"] if match.layout.kind == "per-expert" else match.layout.projs["gate_up"]
+    ref_parts = layers[first].parts.get((ref_expert, proj))
+    if ref_parts is None:
+        raise MoeportError(f"{ck.root}: layer {first} has expert tensors but no '{proj}' for expert {ref_expert}")
+
+    quant = cfg.quantization_config
+    fmt = _format_of(ck, ref_parts, quant)
+    counts = {L: _expert_count(ck, match, L) for L in layers}
+    _check_complete(ck, match, ref_parts, counts, fmt, quant)
+
+    experts = counts[first]
+    warnings: list[str] = []
+    if len(set(counts.values())) > 1:
+        warnings.append(f"expert count differs between layers: {sorted(set(counts.values()))}")
+    n_cfg = cfg.first_int(family.fields.num_experts)
+    if n_cfg is not None and n_cfg != experts:
+        warnings.append(f"config says {n_cfg} experts per layer, checkpoint has {experts}")
+
+    num_layers = cfg.first_int(family.fields.num_layers)
+    layer_re = re.compile("^" + re.escape(match.layer_prefix).replace(re.escape("{L}"), r"(\d+)"))
+    layer_bytes: dict[int, int] = {}
+    for key in ck.keys():
+        m = layer_re.match(key)
+        if m:
+            L = int(m.group(1))
+            layer_bytes[L] = layer_bytes.get(L, 0) + ck.info(key).nbytes
+    limit = num_layers if num_layers is not None else max(layer_bytes) + 1
+    mtp = sorted(L for L in layer_bytes if L >= limit)
+    moe = sorted(L for L in layers if L < limit)
+    dense = sorted(L for L in layer_bytes if L < limit and L not in layers)
+    first_dense = cfg.first_int(family.fields.first_dense) if family.fields.first_dense else None
+    if first_dense is not None and dense[:first_dense] != list(range(first_dense)):
+        warnings.append(f"config says the first {first_dense} layers are dense; dense layers found: {dense}")
+
+    block = f"{match.layer_prefix}{match.layout.block}."
+    return Detection(
+        family=family,
+        model_type=model_type,
+        layout=match.layout,
+        layer_prefix=match.layer_prefix,
+        num_layers=num_layers,
+        moe_layers=moe,
+        dense_layers=dense,
+        mtp_layers=mtp,
+        experts_per_layer=experts,
+        experts_per_token=cfg.first_int(family.fields.experts_per_token),
+        shared_experts=_shared_experts(ck, family, cfg, block.replace("{L}", str(first))),
+        hidden_size=cfg.first_int(family.fields.hidden_size),
+        expert_intermediate_size=cfg.first_int(family.fields.expert_intermediate),
+        expert_format=fmt,
+        expert_tensors=_templates(match, first),
+        router_tensors=[f"{block}{r}" for r in family.router + family.router_bias
+                        if f"{block}{r}".replace("{L}", str(first)) in ck],
+        layer_bytes=layer_bytes,
+        layer_expert_bytes={L: sum(ck.info(k).nbytes for k in layers[L].keys) for L in layers},
+        total_bytes=ck.total_bytes,
+        warnings=warnings,
+    )
+
+
+def _family(cfg: ModelConfig, ck: Checkpoint) -> tuple[Family, str]:
+    for model_type in cfg.model_types:
+        family = family_for_model_type(model_type)
+        if family is not None:
+            return family, model_type
+    found = "/".join(cfg.model_types) or "none"
+    raise MoeportError(f"{ck.root / 'config.json'}: unknown model family (model_type {found}, architectures "
+                       f"{cfg.raw.get('architectures')}); supported model_type values: "
+                       f"{', '.join(known_model_types())}")
+
+
+def _match_experts(ck: Checkpoint, family: Family) -> LayoutMatch:
+    keys = ck.keys()
+    matches = [m for layout in family.layouts for prefix in family.layer_prefixes
+               if (m := match_layout(keys, layout, prefix)) is not None]
+    if not matches:
+        expected = " or ".join(f"'{t}'" for layout in family.layouts for t in layout.templates(family.layer_prefixes[0])[:1])
+        sample = [k for k in keys if "expert" in k][:3] or keys[:3]
+        raise MoeportError(f"{ck.root}: no routed-expert tensors of {family.title}: expected keys like "
+                           f"{expected}; found e.g. {sample}")
+    if len(matches) > 1:
+        kinds = [f"{m.layout.kind} under '{m.layer_prefix}'" for m in matches]
+        raise MoeportError(f"{ck.root}: expert tensors in more than one layout ({'; '.join(kinds)})")
+    return matches[0]
+
+
+def _parts(ck: Checkpoint, parts: dict[str, str]) -> dict[str, Part]:
+    return {suffix: Part(ck.info(key).dtype, ck.info(key).shape) for suffix, key in parts.items()}
+
+
+def _format_of(ck: Checkpoint, parts: dict[str, str], quant: dict) -> ExpertFormat:
+    any_key = next(iter(parts.values()))
+    where = any_key.rsplit(".", 1)[0] if "." in any_key else any_key
+    return classify(_parts(ck, parts), quant, where)
+
+
+def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int) -> int:
+    found = match.layers[layer]
+    if match.layout.kind == "per-expert":
+        n = max(found.experts) + 1
+        missing = sorted(set(range(n)) - found.experts)
+        if missing:
+            raise MoeportError(f"{ck.root}: layer {layer} lacks experts {missing[:5]} (has {len(found.experts)} "
+                               f"of {n})")
+        return n
+    key = next(iter(found.parts[(-1, match.layout.projs["gate_up"])].values()))
+    return ck.info(key).shape[0]
+
+
+def _check_complete(ck: Checkpoint, match: LayoutMatch, ref: dict[str, str], counts: dict[int, int],
+                    fmt: ExpertFormat, quant: dict) -> None:
+    """Every layer/expert/projection carries the same parts, in the same format, as the reference."""
+    wanted = set(ref)
+    projs = list(match.layout.projs.values())
+    for layer, found in match.layers.items():
+        experts = range(counts[layer]) if match.layout.kind == "per-expert" else [-1]
+        for e in experts:
+            for proj in projs:
+                have = found.parts.get((e, proj), {})
+                if set(have) != wanted:
+                    what = f"expert {e} {proj}" if e >= 0 else proj
+                    lack = sorted(wanted - set(have)) or sorted(set(have) - wanted)
+                    verb = "lacks" if wanted - set(have) else "has unexpected"
+                    raise MoeportError(f"{ck.root}: layer {layer} {what} {verb} companion tensor(s) {lack}")
+        for proj in projs:  # one format check per layer and projection is enough
+            other = _format_of(ck, found.parts[(experts[0], proj)], quant)
+            if other.name != fmt.name:
+                raise MoeportError(f"{ck.root}: layer {layer} {proj} is stored as {other.name}, "
+                                   f"other experts as {fmt.name}")
+
+
+def _templates(match: LayoutMatch, layer: int) -> list[str]:
+    """Expert tensor names with {L}/{E} placeholders, one per (projection, part), gate/up/down order."""
+    found: LayerExperts = match.layers[layer]
+    concrete_prefix = match.layer_prefix.replace("{L}", str(layer))
+    proj_order = {p: i for i, p in enumerate(match.layout.projs.values())}
+    out = []
+    for (expert, proj), parts in sorted(found.parts.items(), key=lambda kv: proj_order[kv[0][1]]):
+        if expert > 0:
+            continue
+        for key in sorted(parts.values()):
+            name = match.layer_prefix + key[len(concrete_prefix):]
+            out.append(name.replace(f".experts.0.{proj}.", f".experts.{{E}}.{proj}."))
+    return out
+
+
+def _shared_experts(ck: Checkpoint, family: Family, cfg: ModelConfig, block: str) -> int:
+    if family.shared_expert is None:
+        return 0
+    prefix = f"{block}{family.shared_expert}."
+    if not any(k.startswith(prefix) for k in ck.keys()):
+        return 0
+    value = cfg.first_int(family.fields.shared_experts) if family.fields.shared_experts else None
+    if value is None or family.fields.shared_experts == ("shared_expert_intermediate_size",):
+        return 1  # Qwen: one shared expert, sized by shared_expert_intermediate_size
+    return value

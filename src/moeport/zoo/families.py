@@ -1,0 +1,131 @@
+"""The zoo: every supported MoE family described as data.
+
+Templates use `{L}` for the layer index and `{E}` for the expert index. Facts were checked against
+the model classes of transformers 5.x (tiny models saved with `save_pretrained`, which writes the hub
+layout, and with `save_original_format=False`, which writes transformers' fused layout); the tests
+re-check every entry against the installed transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How routed experts of one MoE layer are named.
+
+    per-expert: `{layer}{block}.experts.{E}.{proj}.<companion>` with one proj name per role.
+    fused: `{layer}{block}.experts.{gate_up}<suffix>` [E, 2I, H] and `{down}<suffix>` [E, H, I].
+    """
+
+    kind: str  # "per-expert" | "fused"
+    block: str  # module holding experts/router: "mlp", "block_sparse_moe", "ffn"
+    projs: dict[str, str]  # per-expert: role -> proj name; fused: "gate_up"/"down" -> tensor name
+    gate_up_interleaved: bool = False  # GPT-OSS: fused rows alternate gate, up
+    transposed: bool = False  # GPT-OSS unquantized: [E, H, 2I] / [E, I, H]
+
+    def templates(self, layer_prefix: str) -> list[str]:
+        base = f"{layer_prefix}{self.block}.experts."
+        if self.kind == "per-expert":
+            return [f"{base}{{E}}.{self.projs[r]}.weight" for r in ROLES]
+        return [f"{base}{self.projs['gate_up']}", f"{base}{self.projs['down']}"]
+
+
+HUB_MLP = ExpertLayout("per-expert", "mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+HUB_W123 = ExpertLayout("per-expert", "block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"})
+FUSED_V5 = ExpertLayout("fused", "mlp", {"gate_up": "gate_up_proj", "down": "down_proj"})
+# GPT-OSS has one layout only: fused, gate/up interleaved; its hub form is what transformers holds.
+GPT_OSS_EXPERTS = ExpertLayout("fused", "mlp", {"gate_up": "gate_up_proj", "down": "down_proj"},
+                               gate_up_interleaved=True, transposed=True)
+
+
+@dataclass(frozen=True)
+class ConfigFields:
+    """Config keys to try, in order, for each fact (families disagree on names)."""
+
+    num_experts: tuple[str, ...] = ("n_routed_experts", "num_experts", "num_local_experts")
+    experts_per_token: tuple[str, ...] = ("num_experts_per_tok", "experts_per_token")
+    hidden_size: tuple[str, ...] = ("hidden_size",)
+    expert_intermediate: tuple[str, ...] = ("moe_intermediate_size",)
+    num_layers: tuple[str, ...] = ("num_hidden_layers",)
+    first_dense: tuple[str, ...] = ("first_k_dense_replace",)
+    mtp_layers: tuple[str, ...] = ("num_nextn_predict_layers",)
+    shared_experts: tuple[str, ...] = ("n_shared_experts",)
+
+
+QWEN_FIELDS = ConfigFields(num_experts=("num_experts",), first_dense=(), mtp_layers=("num_mtp_layers",),
+                           shared_experts=("shared_expert_intermediate_size",))
+MIXTRAL_FIELDS = ConfigFields(num_experts=("num_local_experts",), expert_intermediate=("intermediate_size",),
+                              first_dense=(), mtp_layers=(), shared_experts=())
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    model_types: tuple[str, ...]
+    hub: ExpertLayout
+    fused: ExpertLayout = FUSED_V5
+    layer_prefixes: tuple[str, ...] = ("model.layers.{L}.",)
+    router: tuple[str, ...] = ("gate.weight",)  # relative to the block
+    router_bias: tuple[str, ...] = ()
+    shared_expert: str | None = None  # sub-module name of shared experts, relative to the block
+    fields: ConfigFields = field(default_factory=ConfigFields)
+
+    @property
+    def layouts(self) -> tuple[ExpertLayout, ...]:
+        return (self.hub,) if self.hub == self.fused else (self.hub, self.fused)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "deepseek_v3", "DeepSeek-V2/V3/R1/V3.1/V3.2, Kimi-K2",
+        ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2"),
+        hub=HUB_MLP, router_bias=("gate.e_score_correction_bias",), shared_expert="shared_experts",
+    ),
+    Family(
+        "deepseek_v4", "DeepSeek-V4",
+        ("deepseek_v4",),
+        hub=ExpertLayout("per-expert", "ffn", {"gate": "w1", "up": "w3", "down": "w2"}),
+        layer_prefixes=("layers.{L}.", "model.layers.{L}."),
+        router_bias=("gate.bias", "gate.tid2eid"), shared_expert="shared_experts",
+        fields=ConfigFields(first_dense=()),
+    ),
+    Family("qwen2_moe", "Qwen2-MoE", ("qwen2_moe",), hub=HUB_MLP, shared_expert="shared_expert",
+           fields=QWEN_FIELDS),
+    Family("qwen3_moe", "Qwen3-MoE", ("qwen3_moe",), hub=HUB_MLP, fields=QWEN_FIELDS),
+    Family("qwen3_next", "Qwen3-Next", ("qwen3_next",), hub=HUB_MLP, shared_expert="shared_expert",
+           fields=QWEN_FIELDS),
+    Family(
+        "qwen3_5_moe", "Qwen3.5-MoE", ("qwen3_5_moe", "qwen3_5_moe_text"),
+        hub=HUB_MLP, layer_prefixes=("model.language_model.layers.{L}.", "model.layers.{L}."),
+        shared_expert="shared_expert", fields=QWEN_FIELDS,
+    ),
+    Family("glm4_moe", "GLM-4.5/4.6/4.7", ("glm4_moe", "glm4_moe_lite"), hub=HUB_MLP,
+           router_bias=("gate.e_score_correction_bias",), shared_expert="shared_experts"),
+    Family("glm_moe_dsa", "GLM-5/5.1", ("glm_moe_dsa",), hub=HUB_MLP,
+           router_bias=("gate.e_score_correction_bias",), shared_expert="shared_experts"),
+    Family("minimax_m2", "MiniMax-M2/M2.1/M2.5", ("minimax_m2", "minimax"), hub=HUB_W123,
+           router_bias=("e_score_correction_bias",), fields=MIXTRAL_FIELDS),
+    Family("mixtral", "Mixtral", ("mixtral",), hub=HUB_W123, fields=MIXTRAL_FIELDS),
+    Family(
+        "gpt_oss", "GPT-OSS", ("gpt_oss",),
+        hub=GPT_OSS_EXPERTS, fused=GPT_OSS_EXPERTS,
+        router=("router.weight",), router_bias=("router.bias",),
+        fields=ConfigFields(num_experts=("num_local_experts",), expert_intermediate=("intermediate_size",),
+                            first_dense=(), mtp_layers=(), shared_experts=()),
+    ),
+)
+
+_BY_MODEL_TYPE = {mt: f for f in FAMILIES for mt in f.model_types}
+
+
+def family_for_model_type(model_type: str) -> Family | None:
+    return _BY_MODEL_TYPE.get(model_type)
+
+
+def known_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)

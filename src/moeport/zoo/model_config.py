@@ -1,0 +1,38 @@
+"""Read model facts from config.json, whatever the family calls them.
+
+Multimodal wrappers (Qwen3.5, Kimi-K2.5...) keep the language model's fields in `text_config`;
+those win over the top level, which keeps `model_type`/`quantization_config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ModelConfig:
+    def __init__(self, raw: dict[str, Any]):
+        self.raw = raw
+        text = raw.get("text_config")
+        self.text: dict[str, Any] = text if isinstance(text, dict) else {}
+
+    @property
+    def model_types(self) -> list[str]:
+        """Candidate model types, outermost first (wrapper, then text model)."""
+        return [t for t in (self.raw.get("model_type"), self.text.get("model_type")) if isinstance(t, str)]
+
+    @property
+    def quantization_config(self) -> dict[str, Any]:
+        q = self.raw.get("quantization_config") or self.text.get("quantization_config")
+        return q if isinstance(q, dict) else {}
+
+    def first(self, names: tuple[str, ...]) -> Any:
+        """Value of the first of `names` present (text_config first), else None."""
+        for source in (self.text, self.raw):
+            for name in names:
+                if source.get(name) is not None:
+                    return source[name]
+        return None
+
+    def first_int(self, names: tuple[str, ...]) -> int | None:
+        value = self.first(names)
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
