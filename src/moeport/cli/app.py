@@ -1,0 +1,100 @@
+"""typer app. User mistakes (MoeportError) become one red line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moeport.errors import MoeportError
+from moeport.report import inspect_report, ranges
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Convert Mixture-of-Experts checkpoints between layouts and quantization formats.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Checkpoint folder or .safetensors file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
+) -> None:
+    """Detect family, layers, experts and expert storage format of a checkpoint (headers only)."""
+    from moeport.detect import detect
+    from moeport.sources import open_checkpoint
+
+    with open_checkpoint(path) as ck:
+        report = inspect_report(path, detect(ck))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_inspect(report)
+
+
+def _print_inspect(r: dict) -> None:
+    ex, lay, by = r["experts"], r["layers"], r["bytes"]
+    t = Table(show_header=False, title=f"[bold]{r['path']}[/]", title_justify="left")
+    t.add_column(style="cyan")
+    t.add_column()
+    t.add_row("family", f"{r['family_title']} ({r['family']}, model_type {r['model_type']})")
+    t.add_row("layers", f"{lay['num_hidden_layers']}: dense {ranges(lay['dense'])} | MoE {ranges(lay['moe'])}"
+                        f" | MTP {ranges(lay['mtp'])}")
+    t.add_row("experts", f"{ex['per_layer']} routed, {ex['per_token']} per token, {ex['shared']} shared; "
+                         f"hidden {ex['hidden_size']}, expert intermediate {ex['intermediate_size']}")
+    t.add_row("layout", ex["layout"] + (" (gate/up interleaved)" if ex["gate_up_interleaved"] else ""))
+    fmt = r["expert_format"]
+    t.add_row("expert format", fmt["name"] + "".join(f", {k}={v}" for k, v in fmt.items() if k != "name"))
+    t.add_row("expert tensors", "\n".join(r["expert_tensors"]))
+    t.add_row("router", "\n".join(r["router_tensors"]) or "-")
+    t.add_row("bytes", f"total {_gb(by['total'])}, experts {_gb(by['experts'])}, "
+                       f"non-expert {_gb(by['non_expert'])}")
+    per_layer = by["per_layer"]
+    if per_layer:
+        sizes = [v["total"] for v in per_layer.values()]
+        t.add_row("bytes per layer", f"{len(sizes)} layers, {_gb(min(sizes))} to {_gb(max(sizes))}")
+    for w in r["warnings"]:
+        t.add_row("[yellow]warning[/]", w)
+    out.print(t)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the example checkpoint.")] = Path("demo-out"),
+) -> None:
+    """Write a small built-in DeepSeek-V3-style checkpoint (random BF16) and inspect it."""
+    from moeport.synthetic import SyntheticSpec, write_synthetic
+
+    src = out_dir / "deepseek-v3-tiny"
+    write_synthetic(src, SyntheticSpec.tiny())
+    out.print(f"wrote built-in example to {src}")
+    inspect(src, as_json=False)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except MoeportError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

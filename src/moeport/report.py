@@ -1,0 +1,60 @@
+"""Turn a Detection into a plain dict (for `--json`) and compact layer-range text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moeport.detect.detection import Detection
+
+
+def ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (empty -> '-')."""
+    if not layers:
+        return "-"
+    out, start, prev = [], layers[0], layers[0]
+    for L in layers[1:] + [None]:  # type: ignore[list-item]
+        if L is not None and L == prev + 1:
+            prev = L
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if L is not None:
+            start = prev = L
+    return ", ".join(out)
+
+
+def inspect_report(path: Path, d: Detection) -> dict[str, Any]:
+    return {
+        "path": str(path),
+        "family": d.family.name,
+        "family_title": d.family.title,
+        "model_type": d.model_type,
+        "layers": {
+            "num_hidden_layers": d.num_layers,
+            "dense": d.dense_layers,
+            "moe": d.moe_layers,
+            "mtp": d.mtp_layers,
+        },
+        "experts": {
+            "per_layer": d.experts_per_layer,
+            "per_token": d.experts_per_token,
+            "shared": d.shared_experts,
+            "layout": d.layout.kind,
+            "gate_up_interleaved": d.layout.gate_up_interleaved,
+            "hidden_size": d.hidden_size,
+            "intermediate_size": d.expert_intermediate_size,
+        },
+        "expert_format": {"name": d.expert_format.name, **d.expert_format.params},
+        "expert_tensors": d.expert_tensors,
+        "router_tensors": d.router_tensors,
+        "bytes": {
+            "total": d.total_bytes,
+            "experts": d.expert_bytes,
+            "non_expert": d.total_bytes - d.expert_bytes,
+            "per_layer": {
+                str(L): {"total": d.layer_bytes[L], "experts": d.layer_expert_bytes.get(L, 0)}
+                for L in sorted(d.layer_bytes)
+            },
+        },
+        "warnings": d.warnings,
+    }
