@@ -37,7 +37,7 @@ class ExpertFormat:
 
 
 def classify(parts: dict[str, Part], quant: dict[str, Any], where: str) -> ExpertFormat:
-    """Format of a weight given its parts (keyed by suffix: 'weight', 'weight_scale_inv', '' ...)."""
+    """Format of a weight given its parts (keyed by suffix: 'weight', 'weight_scale_inv', '_blocks'...)."""
     active = {k: v for k, v in parts.items() if k not in PASSIVE_PARTS}
     names = set(active)
     method = str(quant.get("quant_method", "")).lower()
@@ -47,7 +47,7 @@ def classify(parts: dict[str, Part], quant: dict[str, Any], where: str) -> Exper
         return _gptq_or_awq(active, quant, method, where)
     if "weight_packed" in names:
         return _compressed_tensors_packed(active, quant, where)
-    weight = active.get("weight", active.get(""))
+    weight = active.get("weight")
     if weight is None:
         raise MoeportError(f"{where}: no weight tensor among parts {sorted(parts)}; "
                            "expected 'weight', 'qweight', 'weight_packed' or '_blocks'+'_scales'")

@@ -50,8 +50,19 @@ def match_layout(keys: list[str], layout: ExpertLayout, layer_prefix: str) -> La
         expert = int(m["E"]) if layout.kind == "per-expert" else -1
         if expert >= 0:
             layer.experts.add(expert)
-        part = m["part"] or ""
-        if part == ".weight":
-            part = ""
+        part = _normalise_part(m["part"] or "", layout.kind)
         layer.parts[(expert, m["proj"])][part] = key
     return LayoutMatch(layout, layer_prefix, dict(layers)) if layers else None
+
+
+# GPT-OSS names its MXFP4/bias companions with these suffixes; they keep their own names.
+_FUSED_OWN_SUFFIXES = ("_blocks", "_scales", "_bias")
+
+
+def _normalise_part(part: str, kind: str) -> str:
+    """Give fused companions per-expert names: '' -> 'weight', '_scale_inv' -> 'weight_scale_inv'."""
+    if kind == "per-expert" or part in _FUSED_OWN_SUFFIXES:
+        return part
+    if part in ("", ".weight"):
+        return "weight"
+    return "weight" + part

@@ -1,0 +1,31 @@
+"""Session-cached checkpoint factory (see fixtures.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fixtures import build_transformers_checkpoint, quantize_fp8_block
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """checkpoint(model_type, layout='hub'|'fused', fmt='bf16'|'fp8-block') -> folder, built once."""
+    cache: dict[tuple[str, str, str], Path] = {}
+    root = tmp_path_factory.mktemp("checkpoints")
+
+    def make(model_type: str, layout: str = "hub", fmt: str = "bf16") -> Path:
+        key = (model_type, layout, fmt)
+        if key not in cache:
+            out = root / "-".join(key)
+            if fmt == "bf16":
+                cache[key] = build_transformers_checkpoint(model_type, layout, out)
+            elif fmt == "fp8-block":
+                cache[key] = quantize_fp8_block(make(model_type, layout, "bf16"), out)
+            else:
+                raise ValueError(fmt)
+        return cache[key]
+
+    return make

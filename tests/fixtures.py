@@ -1,0 +1,87 @@
+"""Tiny real checkpoints written by transformers' own model classes.
+
+Each family gets a tiny random model (seeded) saved with `save_pretrained` in the hub layout
+(transformers reverts to per-expert names on save) and with `save_original_format=False` (the fused
+layout transformers holds in memory). FP8-block variants are made with transformers' own
+`Fp8Quantize` op and written by `safetensors.save_file`, so no fixture depends on moeport code.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, num_experts_per_tok=2, tie_word_embeddings=False)
+DEEPSEEK_LIKE = dict(n_routed_experts=4, moe_intermediate_size=32, intermediate_size=64, first_k_dense_replace=1,
+                     n_shared_experts=1, n_group=1, topk_group=1)
+MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+
+# model_type -> config overrides (on top of COMMON)
+FAMILY_CONFIGS: dict[str, dict] = {
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, intermediate_size=64),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, intermediate_size=64,
+                      shared_expert_intermediate_size=32),
+    "qwen3_next": dict(num_experts=4, moe_intermediate_size=32, intermediate_size=64,
+                       shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=2,
+                       linear_key_head_dim=16, linear_value_head_dim=16),
+    "mixtral": dict(num_local_experts=4, intermediate_size=32),
+    "minimax_m2": dict(num_local_experts=4, intermediate_size=32, bos_token_id=1, eos_token_id=2),
+    "deepseek_v3": {**DEEPSEEK_LIKE, **MLA},
+    "glm4_moe": DEEPSEEK_LIKE,
+    "glm_moe_dsa": {**DEEPSEEK_LIKE, **MLA, "index_n_heads": 2, "index_head_dim": 16},
+    "gpt_oss": dict(num_local_experts=4, intermediate_size=32),
+}
+FP8_BLOCK = [32, 32]
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **COMMON, **FAMILY_CONFIGS[model_type])
+
+
+def build_transformers_checkpoint(model_type: str, layout: str, out: Path, seed: int = 0) -> Path:
+    """Save a tiny random model; layout 'hub' (per-expert names) or 'fused' (transformers v5 layout)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).to(torch.bfloat16)
+    with torch.no_grad():  # transformers' init leaves some parameters at zero; tests want random data
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.02)
+    model.save_pretrained(out, save_original_format=(layout == "hub"))
+    return out
+
+
+def quantize_fp8_block(src: Path, out: Path) -> Path:
+    """FP8-block copy of `src` (DeepSeek style: weight + weight_scale_inv) via transformers' Fp8Quantize."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    config = FineGrainedFP8Config(weight_block_size=FP8_BLOCK)
+    op = Fp8Quantize(types.SimpleNamespace(quantization_config=config))
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            value = f.get_tensor(key)
+            tensors.update(op.convert({key: value}) if _is_quantized_linear(key, value) else {key: value})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": FP8_BLOCK}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def _is_quantized_linear(key: str, value: torch.Tensor) -> bool:
+    """Linear weights of attention and MLPs; router, embeddings, lm_head and norms stay in BF16."""
+    skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "router", "_bias", "shared_expert_gate")
+    return value.ndim >= 2 and value.is_floating_point() and not any(s in key for s in skip)
