@@ -6,7 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from fixtures import build_transformers_checkpoint, quantize_fp8_block
 
 

@@ -14,20 +14,43 @@ from pathlib import Path
 
 import torch
 
-COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=16, num_experts_per_tok=2, tie_word_embeddings=False)
-DEEPSEEK_LIKE = dict(n_routed_experts=4, moe_intermediate_size=32, intermediate_size=64, first_k_dense_replace=1,
-                     n_shared_experts=1, n_group=1, topk_group=1)
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+)
+DEEPSEEK_LIKE = dict(
+    n_routed_experts=4,
+    moe_intermediate_size=32,
+    intermediate_size=64,
+    first_k_dense_replace=1,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+)
 MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 
 # model_type -> config overrides (on top of COMMON)
 FAMILY_CONFIGS: dict[str, dict] = {
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, intermediate_size=64),
-    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, intermediate_size=64,
-                      shared_expert_intermediate_size=32),
-    "qwen3_next": dict(num_experts=4, moe_intermediate_size=32, intermediate_size=64,
-                       shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=2,
-                       linear_key_head_dim=16, linear_value_head_dim=16),
+    "qwen2_moe": dict(
+        num_experts=4, moe_intermediate_size=32, intermediate_size=64, shared_expert_intermediate_size=32
+    ),
+    "qwen3_next": dict(
+        num_experts=4,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        shared_expert_intermediate_size=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+    ),
     "mixtral": dict(num_local_experts=4, intermediate_size=32),
     "minimax_m2": dict(num_local_experts=4, intermediate_size=32, bos_token_id=1, eos_token_id=2),
     "deepseek_v3": {**DEEPSEEK_LIKE, **MLA},
@@ -75,8 +98,12 @@ def quantize_fp8_block(src: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": FP8_BLOCK}
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": FP8_BLOCK,
+    }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 

@@ -45,10 +45,20 @@ class SyntheticSpec:
     @classmethod
     def of_size(cls, gigabytes: float, **overrides: int) -> SyntheticSpec:
         """DeepSeek-V3 proportions scaled down; enough MoE layers to reach about `gigabytes` of BF16."""
-        base = dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512, n_routed_experts=64,
-                    q_lora_rank=256, kv_lora_rank=128, num_attention_heads=8, vocab_size=4096)
+        base = dict(
+            hidden_size=1024,
+            intermediate_size=2048,
+            moe_intermediate_size=512,
+            n_routed_experts=64,
+            q_lora_rank=256,
+            kv_lora_rank=128,
+            num_attention_heads=8,
+            vocab_size=4096,
+        )
         base.update(overrides)
-        per_layer = 3 * base["hidden_size"] * base["moe_intermediate_size"] * (base["n_routed_experts"] + 1) * 2
+        per_layer = (
+            3 * base["hidden_size"] * base["moe_intermediate_size"] * (base["n_routed_experts"] + 1) * 2
+        )
         layers = max(2, round(gigabytes * 1e9 / per_layer) + 1)
         return cls(num_hidden_layers=layers, **base)  # type: ignore[arg-type]
 
@@ -87,7 +97,10 @@ class SyntheticSpec:
             yield a + "q_b_proj.weight", (heads * qk_head, self.q_lora_rank)
             yield a + "kv_a_proj_with_mqa.weight", (self.kv_lora_rank + self.qk_rope_head_dim, H)
             yield a + "kv_a_layernorm.weight", (self.kv_lora_rank,)
-            yield a + "kv_b_proj.weight", (heads * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank)
+            yield (
+                a + "kv_b_proj.weight",
+                (heads * (self.qk_nope_head_dim + self.v_head_dim), self.kv_lora_rank),
+            )
             yield a + "o_proj.weight", (H, heads * self.v_head_dim)
             if L < self.first_k_dense_replace:
                 yield from _mlp(p + "mlp.", H, self.intermediate_size)
@@ -107,16 +120,21 @@ def _mlp(prefix: str, hidden: int, inter: int) -> Iterator[tuple[str, tuple[int,
     yield prefix + "down_proj.weight", (hidden, inter)
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+def _random_tensor(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator
+) -> torch.Tensor:
     if len(shape) == 1:  # norms and biases: near 1 / small, like trained weights
         base = 1.0 if "norm" in name else 0.0
-        return (base + 0.05 * torch.randn(shape, generator=gen)).to(torch.float32 if "bias" in name else dtype)
+        return (base + 0.05 * torch.randn(shape, generator=gen)).to(
+            torch.float32 if "bias" in name else dtype
+        )
     std = shape[-1] ** -0.5
     return (torch.randn(shape, generator=gen) * std).to(dtype)
 
 
-def write_synthetic(out_dir: str | Path, spec: SyntheticSpec,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def write_synthetic(
+    out_dir: str | Path, spec: SyntheticSpec, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> Path:
     """Write config.json and the weights of `spec` into `out_dir`, streaming one tensor at a time."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

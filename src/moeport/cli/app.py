@@ -14,8 +14,11 @@ from rich.table import Table
 from moeport.errors import MoeportError
 from moeport.report import inspect_report, ranges
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Convert Mixture-of-Experts checkpoints between layouts and quantization formats.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Convert Mixture-of-Experts checkpoints between layouts and quantization formats.",
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -47,17 +50,24 @@ def _print_inspect(r: dict) -> None:
     t.add_column(style="cyan")
     t.add_column()
     t.add_row("family", f"{r['family_title']} ({r['family']}, model_type {r['model_type']})")
-    t.add_row("layers", f"{lay['num_hidden_layers']}: dense {ranges(lay['dense'])} | MoE {ranges(lay['moe'])}"
-                        f" | MTP {ranges(lay['mtp'])}")
-    t.add_row("experts", f"{ex['per_layer']} routed, {ex['per_token']} per token, {ex['shared']} shared; "
-                         f"hidden {ex['hidden_size']}, expert intermediate {ex['intermediate_size']}")
+    t.add_row(
+        "layers",
+        f"{lay['num_hidden_layers']}: dense {ranges(lay['dense'])} | MoE {ranges(lay['moe'])}"
+        f" | MTP {ranges(lay['mtp'])}",
+    )
+    t.add_row(
+        "experts",
+        f"{ex['per_layer']} routed, {ex['per_token']} per token, {ex['shared']} shared; "
+        f"hidden {ex['hidden_size']}, expert intermediate {ex['intermediate_size']}",
+    )
     t.add_row("layout", ex["layout"] + (" (gate/up interleaved)" if ex["gate_up_interleaved"] else ""))
     fmt = r["expert_format"]
     t.add_row("expert format", fmt["name"] + "".join(f", {k}={v}" for k, v in fmt.items() if k != "name"))
     t.add_row("expert tensors", "\n".join(r["expert_tensors"]))
     t.add_row("router", "\n".join(r["router_tensors"]) or "-")
-    t.add_row("bytes", f"total {_gb(by['total'])}, experts {_gb(by['experts'])}, "
-                       f"non-expert {_gb(by['non_expert'])}")
+    t.add_row(
+        "bytes", f"total {_gb(by['total'])}, experts {_gb(by['experts'])}, non-expert {_gb(by['non_expert'])}"
+    )
     per_layer = by["per_layer"]
     if per_layer:
         sizes = [v["total"] for v in per_layer.values()]
@@ -69,7 +79,9 @@ def _print_inspect(r: dict) -> None:
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the example checkpoint.")] = Path("demo-out"),
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the example checkpoint.")] = Path(
+        "demo-out"
+    ),
 ) -> None:
     """Write a small built-in DeepSeek-V3-style checkpoint (random BF16) and inspect it."""
     from moeport.synthetic import SyntheticSpec, write_synthetic

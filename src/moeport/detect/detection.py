@@ -56,7 +56,9 @@ def detect(ck: Checkpoint) -> Detection:
     proj = match.layout.projs["gate"] if match.layout.kind == "per-expert" else match.layout.projs["gate_up"]
     ref_parts = layers[first].parts.get((ref_expert, proj))
     if ref_parts is None:
-        raise MoeportError(f"{ck.root}: layer {first} has expert tensors but no '{proj}' for expert {ref_expert}")
+        raise MoeportError(
+            f"{ck.root}: layer {first} has expert tensors but no '{proj}' for expert {ref_expert}"
+        )
 
     quant = cfg.quantization_config
     fmt = _format_of(ck, ref_parts, quant)
@@ -104,8 +106,11 @@ def detect(ck: Checkpoint) -> Detection:
         expert_intermediate_size=cfg.first_int(family.fields.expert_intermediate),
         expert_format=fmt,
         expert_tensors=_templates(match, first),
-        router_tensors=[f"{block}{r}" for r in family.router + family.router_bias
-                        if f"{block}{r}".replace("{L}", str(first)) in ck],
+        router_tensors=[
+            f"{block}{r}"
+            for r in family.router + family.router_bias
+            if f"{block}{r}".replace("{L}", str(first)) in ck
+        ],
         layer_bytes=layer_bytes,
         layer_expert_bytes={L: sum(ck.info(k).nbytes for k in layers[L].keys) for L in layers},
         total_bytes=ck.total_bytes,
@@ -119,20 +124,30 @@ def _family(cfg: ModelConfig, ck: Checkpoint) -> tuple[Family, str]:
         if family is not None:
             return family, model_type
     found = "/".join(cfg.model_types) or "none"
-    raise MoeportError(f"{ck.root / 'config.json'}: unknown model family (model_type {found}, architectures "
-                       f"{cfg.raw.get('architectures')}); supported model_type values: "
-                       f"{', '.join(known_model_types())}")
+    raise MoeportError(
+        f"{ck.root / 'config.json'}: unknown model family (model_type {found}, architectures "
+        f"{cfg.raw.get('architectures')}); supported model_type values: "
+        f"{', '.join(known_model_types())}"
+    )
 
 
 def _match_experts(ck: Checkpoint, family: Family) -> LayoutMatch:
     keys = ck.keys()
-    matches = [m for layout in family.layouts for prefix in family.layer_prefixes
-               if (m := match_layout(keys, layout, prefix)) is not None]
+    matches = [
+        m
+        for layout in family.layouts
+        for prefix in family.layer_prefixes
+        if (m := match_layout(keys, layout, prefix)) is not None
+    ]
     if not matches:
-        expected = " or ".join(f"'{t}'" for layout in family.layouts for t in layout.templates(family.layer_prefixes[0])[:1])
+        expected = " or ".join(
+            f"'{t}'" for layout in family.layouts for t in layout.templates(family.layer_prefixes[0])[:1]
+        )
         sample = [k for k in keys if "expert" in k][:3] or keys[:3]
-        raise MoeportError(f"{ck.root}: no routed-expert tensors of {family.title}: expected keys like "
-                           f"{expected}; found e.g. {sample}")
+        raise MoeportError(
+            f"{ck.root}: no routed-expert tensors of {family.title}: expected keys like "
+            f"{expected}; found e.g. {sample}"
+        )
     if len(matches) > 1:
         kinds = [f"{m.layout.kind} under '{m.layer_prefix}'" for m in matches]
         raise MoeportError(f"{ck.root}: expert tensors in more than one layout ({'; '.join(kinds)})")
@@ -155,15 +170,22 @@ def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int) -> int:
         n = max(found.experts) + 1
         missing = sorted(set(range(n)) - found.experts)
         if missing:
-            raise MoeportError(f"{ck.root}: layer {layer} lacks experts {missing[:5]} (has {len(found.experts)} "
-                               f"of {n})")
+            raise MoeportError(
+                f"{ck.root}: layer {layer} lacks experts {missing[:5]} (has {len(found.experts)} of {n})"
+            )
         return n
     key = next(iter(found.parts[(-1, match.layout.projs["gate_up"])].values()))
     return ck.info(key).shape[0]
 
 
-def _check_complete(ck: Checkpoint, match: LayoutMatch, ref: dict[str, str], counts: dict[int, int],
-                    fmt: ExpertFormat, quant: dict) -> None:
+def _check_complete(
+    ck: Checkpoint,
+    match: LayoutMatch,
+    ref: dict[str, str],
+    counts: dict[int, int],
+    fmt: ExpertFormat,
+    quant: dict,
+) -> None:
     """Every layer/expert/projection carries the same parts, in the same format, as the reference."""
     wanted = set(ref)
     projs = list(match.layout.projs.values())
@@ -180,8 +202,9 @@ def _check_complete(ck: Checkpoint, match: LayoutMatch, ref: dict[str, str], cou
         for proj in projs:  # one format check per layer and projection is enough
             other = _format_of(ck, found.parts[(experts[0], proj)], quant)
             if other.name != fmt.name:
-                raise MoeportError(f"{ck.root}: layer {layer} {proj} is stored as {other.name}, "
-                                   f"other experts as {fmt.name}")
+                raise MoeportError(
+                    f"{ck.root}: layer {layer} {proj} is stored as {other.name}, other experts as {fmt.name}"
+                )
 
 
 def _templates(match: LayoutMatch, layer: int) -> list[str]:
@@ -194,7 +217,7 @@ def _templates(match: LayoutMatch, layer: int) -> list[str]:
         if expert > 0:
             continue
         for key in sorted(parts.values()):
-            name = match.layer_prefix + key[len(concrete_prefix):]
+            name = match.layer_prefix + key[len(concrete_prefix) :]
             out.append(name.replace(f".experts.0.{proj}.", f".experts.{{E}}.{proj}."))
     return out
 

@@ -49,31 +49,38 @@ def classify(parts: dict[str, Part], quant: dict[str, Any], where: str) -> Exper
         return _compressed_tensors_packed(active, quant, where)
     weight = active.get("weight")
     if weight is None:
-        raise MoeportError(f"{where}: no weight tensor among parts {sorted(parts)}; "
-                           "expected 'weight', 'qweight', 'weight_packed' or '_blocks'+'_scales'")
+        raise MoeportError(
+            f"{where}: no weight tensor among parts {sorted(parts)}; "
+            "expected 'weight', 'qweight', 'weight_packed' or '_blocks'+'_scales'"
+        )
     if weight.dtype in FLOAT_DTYPES and len(names) == 1:
         return ExpertFormat(_FLOAT_NAMES[weight.dtype])
     if weight.dtype == "F8_E4M3":
         return _fp8(active, weight, quant, method, where)
     if weight.dtype in ("U8", "I8"):
         return _fp4(active, weight, where)
-    raise MoeportError(f"{where}: unrecognised expert storage: parts "
-                       f"{ {k: f'{v.dtype}{list(v.shape)}' for k, v in active.items()} }")
+    raise MoeportError(
+        f"{where}: unrecognised expert storage: parts "
+        f"{ {k: f'{v.dtype}{list(v.shape)}' for k, v in active.items()} }"
+    )
 
 
 def _nk(part: Part) -> tuple[int, int]:
     return part.shape[-2], part.shape[-1]
 
 
-def _fp8(active: dict[str, Part], weight: Part, quant: dict[str, Any], method: str, where: str) -> ExpertFormat:
+def _fp8(
+    active: dict[str, Part], weight: Part, quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat:
     scale_name = next((n for n in ("weight_scale_inv", "scale", "weight_scale") if n in active), None)
     if scale_name is None:
-        raise MoeportError(f"{where}: FP8 weight without a scale tensor "
-                           "(expected weight_scale_inv, weight_scale or scale)")
+        raise MoeportError(
+            f"{where}: FP8 weight without a scale tensor (expected weight_scale_inv, weight_scale or scale)"
+        )
     scale = active[scale_name]
     n, k = _nk(weight)
     lead = weight.shape[:-2]  # fused experts carry a leading expert dim on both
-    s_shape = scale.shape[len(lead):] if scale.shape[: len(lead)] == lead else scale.shape
+    s_shape = scale.shape[len(lead) :] if scale.shape[: len(lead)] == lead else scale.shape
     params: dict[str, Any] = {"scale": scale_name, "scale_dtype": scale.dtype}
     if method == "compressed-tensors":
         params["container"] = "compressed-tensors"
@@ -84,8 +91,10 @@ def _fp8(active: dict[str, Part], weight: Part, quant: dict[str, Any], method: s
     if len(s_shape) == 2:
         block = quant.get("weight_block_size") or _guess_block(n, k, s_shape)
         if block is None or (math.ceil(n / block[0]), math.ceil(k / block[1])) != tuple(s_shape):
-            raise MoeportError(f"{where}: FP8 scale '{scale_name}' has shape {list(s_shape)}, which is no "
-                               f"block grid of weight [{n}, {k}] (block size {block})")
+            raise MoeportError(
+                f"{where}: FP8 scale '{scale_name}' has shape {list(s_shape)}, which is no "
+                f"block grid of weight [{n}, {k}] (block size {block})"
+            )
         params["block"] = list(block)
         if scale.dtype in ("F8_E8M0", "U8") or quant.get("scale_fmt") == "ue8m0":
             params["ue8m0"] = True
@@ -108,15 +117,19 @@ def _fp4(active: dict[str, Part], weight: Part, where: str) -> ExpertFormat:
     scale = active.get("scale", active.get("weight_scale"))
     if scale is not None and scale.dtype in ("F8_E8M0", "U8") and scale.shape[-1] * 32 == k:
         return ExpertFormat("mxfp4", {"variant": "deepseek-v4", "group_size": 32})
-    raise MoeportError(f"{where}: packed {weight.dtype} weight [{n}, {half_k}] without a recognised FP4 scale "
-                       "(expected E8M0 'scale' per 32 or NVFP4 'weight_scale'+'weight_scale_2')")
+    raise MoeportError(
+        f"{where}: packed {weight.dtype} weight [{n}, {half_k}] without a recognised FP4 scale "
+        "(expected E8M0 'scale' per 32 or NVFP4 'weight_scale'+'weight_scale_2')"
+    )
 
 
 def _gptq_or_awq(active: dict[str, Part], quant: dict[str, Any], method: str, where: str) -> ExpertFormat:
     for needed in ("scales",):
         if needed not in active:
             raise MoeportError(f"{where}: 'qweight' without '{needed}'")
-    params = {k: quant[k] for k in ("bits", "group_size", "sym", "desc_act", "zero_point", "version") if k in quant}
+    params = {
+        k: quant[k] for k in ("bits", "group_size", "sym", "desc_act", "zero_point", "version") if k in quant
+    }
     if method == "awq":
         return ExpertFormat("awq", params)
     if "checkpoint_format" in quant:

@@ -88,18 +88,24 @@ class SafetensorsFileWriter:
             raise ValueError(f"{self.path.name}: tensor '{name}' written twice")
         got = TensorSpec.of(name, tensor)
         if got != spec:
-            raise ValueError(f"{self.path.name}: tensor '{name}' is {got.dtype}{list(got.shape)}, "
-                             f"planned {spec.dtype}{list(spec.shape)}")
+            raise ValueError(
+                f"{self.path.name}: tensor '{name}' is {got.dtype}{list(got.shape)}, "
+                f"planned {spec.dtype}{list(spec.shape)}"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
-            self._pwrite_all(memoryview(data.view(torch.uint8).numpy()), self._data_start + self._offsets[name])
+            self._pwrite_all(
+                memoryview(data.view(torch.uint8).numpy()), self._data_start + self._offsets[name]
+            )
         self._pending.discard(name)
 
     def close(self) -> None:
         """Flush, fsync and rename into place; refuses while tensors are missing."""
         if self._pending:
             missing = sorted(self._pending)[:3]
-            raise ValueError(f"{self.path.name}: {len(self._pending)} planned tensors not written, e.g. {missing}")
+            raise ValueError(
+                f"{self.path.name}: {len(self._pending)} planned tensors not written, e.g. {missing}"
+            )
         try:
             os.fsync(self._fd)
         except OSError as exc:

@@ -74,7 +74,9 @@ class ShardedWriter:
         if writer is None:
             if index in self._closed:
                 raise ValueError(f"tensor '{name}' written twice")
-            writer = SafetensorsFileWriter(self.out_dir / self._names[index], self._plan[index], self._metadata)
+            writer = SafetensorsFileWriter(
+                self.out_dir / self._names[index], self._plan[index], self._metadata
+            )
             self._open[index] = writer
         writer.write(name, tensor)
         if writer.done:

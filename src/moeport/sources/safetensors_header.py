@@ -42,11 +42,14 @@ def read_header(path: Path) -> SafetensorsHeader:
         with open(path, "rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:
-                raise MoeportError(f"{path}: not a safetensors file (only {size} bytes, header length missing)")
+                raise MoeportError(
+                    f"{path}: not a safetensors file (only {size} bytes, header length missing)"
+                )
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_SIZE or n + 8 > size:
                 raise MoeportError(
-                    f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, file has {size})"
+                    f"{path}: corrupt or truncated safetensors header "
+                    f"(declares {n} header bytes, file has {size})"
                 )
             raw = fh.read(n)
     except OSError as exc:

@@ -38,8 +38,13 @@ HUB_MLP = ExpertLayout("per-expert", "mlp", {"gate": "gate_proj", "up": "up_proj
 HUB_W123 = ExpertLayout("per-expert", "block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"})
 FUSED_V5 = ExpertLayout("fused", "mlp", {"gate_up": "gate_up_proj", "down": "down_proj"})
 # GPT-OSS has one layout only: fused, gate/up interleaved; its hub form is what transformers holds.
-GPT_OSS_EXPERTS = ExpertLayout("fused", "mlp", {"gate_up": "gate_up_proj", "down": "down_proj"},
-                               gate_up_interleaved=True, transposed=True)
+GPT_OSS_EXPERTS = ExpertLayout(
+    "fused",
+    "mlp",
+    {"gate_up": "gate_up_proj", "down": "down_proj"},
+    gate_up_interleaved=True,
+    transposed=True,
+)
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,19 @@ class ConfigFields:
     shared_experts: tuple[str, ...] = ("n_shared_experts",)
 
 
-QWEN_FIELDS = ConfigFields(num_experts=("num_experts",), first_dense=(), mtp_layers=("num_mtp_layers",),
-                           shared_experts=("shared_expert_intermediate_size",))
-MIXTRAL_FIELDS = ConfigFields(num_experts=("num_local_experts",), expert_intermediate=("intermediate_size",),
-                              first_dense=(), mtp_layers=(), shared_experts=())
+QWEN_FIELDS = ConfigFields(
+    num_experts=("num_experts",),
+    first_dense=(),
+    mtp_layers=("num_mtp_layers",),
+    shared_experts=("shared_expert_intermediate_size",),
+)
+MIXTRAL_FIELDS = ConfigFields(
+    num_experts=("num_local_experts",),
+    expert_intermediate=("intermediate_size",),
+    first_dense=(),
+    mtp_layers=(),
+    shared_experts=(),
+)
 
 
 @dataclass(frozen=True)
@@ -82,41 +96,89 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family(
-        "deepseek_v3", "DeepSeek-V2/V3/R1/V3.1/V3.2, Kimi-K2",
+        "deepseek_v3",
+        "DeepSeek-V2/V3/R1/V3.1/V3.2, Kimi-K2",
         ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2"),
-        hub=HUB_MLP, router_bias=("gate.e_score_correction_bias",), shared_expert="shared_experts",
+        hub=HUB_MLP,
+        router_bias=("gate.e_score_correction_bias",),
+        shared_expert="shared_experts",
     ),
     Family(
-        "deepseek_v4", "DeepSeek-V4",
+        "deepseek_v4",
+        "DeepSeek-V4",
         ("deepseek_v4",),
         hub=ExpertLayout("per-expert", "ffn", {"gate": "w1", "up": "w3", "down": "w2"}),
         layer_prefixes=("layers.{L}.", "model.layers.{L}."),
-        router_bias=("gate.bias", "gate.tid2eid"), shared_expert="shared_experts",
+        router_bias=("gate.bias", "gate.tid2eid"),
+        shared_expert="shared_experts",
         fields=ConfigFields(first_dense=()),
     ),
-    Family("qwen2_moe", "Qwen2-MoE", ("qwen2_moe",), hub=HUB_MLP, shared_expert="shared_expert",
-           fields=QWEN_FIELDS),
-    Family("qwen3_moe", "Qwen3-MoE", ("qwen3_moe",), hub=HUB_MLP, fields=QWEN_FIELDS),
-    Family("qwen3_next", "Qwen3-Next", ("qwen3_next",), hub=HUB_MLP, shared_expert="shared_expert",
-           fields=QWEN_FIELDS),
     Family(
-        "qwen3_5_moe", "Qwen3.5-MoE", ("qwen3_5_moe", "qwen3_5_moe_text"),
-        hub=HUB_MLP, layer_prefixes=("model.language_model.layers.{L}.", "model.layers.{L}."),
-        shared_expert="shared_expert", fields=QWEN_FIELDS,
+        "qwen2_moe",
+        "Qwen2-MoE",
+        ("qwen2_moe",),
+        hub=HUB_MLP,
+        shared_expert="shared_expert",
+        fields=QWEN_FIELDS,
     ),
-    Family("glm4_moe", "GLM-4.5/4.6/4.7", ("glm4_moe", "glm4_moe_lite"), hub=HUB_MLP,
-           router_bias=("gate.e_score_correction_bias",), shared_expert="shared_experts"),
-    Family("glm_moe_dsa", "GLM-5/5.1", ("glm_moe_dsa",), hub=HUB_MLP,
-           router_bias=("gate.e_score_correction_bias",), shared_expert="shared_experts"),
-    Family("minimax_m2", "MiniMax-M2/M2.1/M2.5", ("minimax_m2", "minimax"), hub=HUB_W123,
-           router_bias=("e_score_correction_bias",), fields=MIXTRAL_FIELDS),
+    Family("qwen3_moe", "Qwen3-MoE", ("qwen3_moe",), hub=HUB_MLP, fields=QWEN_FIELDS),
+    Family(
+        "qwen3_next",
+        "Qwen3-Next",
+        ("qwen3_next",),
+        hub=HUB_MLP,
+        shared_expert="shared_expert",
+        fields=QWEN_FIELDS,
+    ),
+    Family(
+        "qwen3_5_moe",
+        "Qwen3.5-MoE",
+        ("qwen3_5_moe", "qwen3_5_moe_text"),
+        hub=HUB_MLP,
+        layer_prefixes=("model.language_model.layers.{L}.", "model.layers.{L}."),
+        shared_expert="shared_expert",
+        fields=QWEN_FIELDS,
+    ),
+    Family(
+        "glm4_moe",
+        "GLM-4.5/4.6/4.7",
+        ("glm4_moe", "glm4_moe_lite"),
+        hub=HUB_MLP,
+        router_bias=("gate.e_score_correction_bias",),
+        shared_expert="shared_experts",
+    ),
+    Family(
+        "glm_moe_dsa",
+        "GLM-5/5.1",
+        ("glm_moe_dsa",),
+        hub=HUB_MLP,
+        router_bias=("gate.e_score_correction_bias",),
+        shared_expert="shared_experts",
+    ),
+    Family(
+        "minimax_m2",
+        "MiniMax-M2/M2.1/M2.5",
+        ("minimax_m2", "minimax"),
+        hub=HUB_W123,
+        router_bias=("e_score_correction_bias",),
+        fields=MIXTRAL_FIELDS,
+    ),
     Family("mixtral", "Mixtral", ("mixtral",), hub=HUB_W123, fields=MIXTRAL_FIELDS),
     Family(
-        "gpt_oss", "GPT-OSS", ("gpt_oss",),
-        hub=GPT_OSS_EXPERTS, fused=GPT_OSS_EXPERTS,
-        router=("router.weight",), router_bias=("router.bias",),
-        fields=ConfigFields(num_experts=("num_local_experts",), expert_intermediate=("intermediate_size",),
-                            first_dense=(), mtp_layers=(), shared_experts=()),
+        "gpt_oss",
+        "GPT-OSS",
+        ("gpt_oss",),
+        hub=GPT_OSS_EXPERTS,
+        fused=GPT_OSS_EXPERTS,
+        router=("router.weight",),
+        router_bias=("router.bias",),
+        fields=ConfigFields(
+            num_experts=("num_local_experts",),
+            expert_intermediate=("intermediate_size",),
+            first_dense=(),
+            mtp_layers=(),
+            shared_experts=(),
+        ),
     ),
 )
 

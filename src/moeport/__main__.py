@@ -1,0 +1,3 @@
+from moeport.cli.app import main
+
+main()

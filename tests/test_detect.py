@@ -1,0 +1,89 @@
+"""Detection on real transformers checkpoints of every fixture family, compared with their configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures import FAMILY_CONFIGS, tiny_config
+from typer.testing import CliRunner
+
+from moeport.cli.app import app
+from moeport.zoo import family_for_model_type
+
+runner = CliRunner()
+
+
+def inspect_json(path) -> dict:
+    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8-block"])
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+@pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
+def test_inspect_matches_model_config(checkpoint, model_type: str, layout: str, fmt: str) -> None:
+    report = inspect_json(checkpoint(model_type, layout, fmt))
+    cfg = tiny_config(model_type)
+    family = family_for_model_type(model_type)
+
+    assert report["family"] == family.name
+    assert report["model_type"] == model_type
+    n_experts = next(
+        getattr(cfg, f)
+        for f in ("n_routed_experts", "num_experts", "num_local_experts")
+        if getattr(cfg, f, None) is not None
+    )
+    assert report["experts"]["per_layer"] == n_experts
+    assert report["experts"]["per_token"] == cfg.num_experts_per_tok
+    assert report["experts"]["hidden_size"] == cfg.hidden_size
+
+    first_dense = (
+        getattr(cfg, "first_k_dense_replace", 0) if model_type not in ("qwen2_moe", "qwen3_moe") else 0
+    )
+    assert report["layers"]["num_hidden_layers"] == cfg.num_hidden_layers
+    assert report["layers"]["dense"] == list(range(first_dense))
+    assert report["layers"]["moe"] == list(range(first_dense, cfg.num_hidden_layers))
+    assert report["layers"]["mtp"] == []
+    shared = getattr(cfg, "n_shared_experts", None) or (
+        1 if getattr(cfg, "shared_expert_intermediate_size", 0) else 0
+    )
+    assert report["experts"]["shared"] == (shared if family.shared_expert else 0)
+
+    expected_layout = family.hub if layout == "hub" else family.fused
+    assert report["experts"]["layout"] == expected_layout.kind
+    assert report["experts"]["gate_up_interleaved"] == (model_type == "gpt_oss")
+    fmt_report = report["expert_format"]
+    assert fmt_report["name"] == fmt
+    if fmt == "fp8-block":
+        assert fmt_report["block"] == [32, 32] and fmt_report["scale"] == "weight_scale_inv"
+        assert any(t.endswith("scale_inv") for t in report["expert_tensors"])
+    assert report["warnings"] == []
+
+    by = report["bytes"]
+    assert by["experts"] + by["non_expert"] == by["total"]
+    assert sum(v["experts"] for v in by["per_layer"].values()) == by["experts"]
+    assert all(by["per_layer"][str(L)]["experts"] > 0 for L in report["layers"]["moe"])
+
+
+def test_expert_bytes_match_the_model_parameters(checkpoint) -> None:
+    """Bytes reported for experts equal what transformers' module holds for them."""
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoint("qwen3_moe", "fused")
+    report = inspect_json(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    assert report["bytes"]["experts"] == expert_bytes
+
+
+def test_zoo_fused_layout_is_what_transformers_holds() -> None:
+    """Every fixture family's declared fused layout names the parameters of transformers' own modules."""
+    from transformers import AutoModelForCausalLM
+
+    for model_type in FAMILY_CONFIGS:
+        family = family_for_model_type(model_type)
+        names = set(AutoModelForCausalLM.from_config(tiny_config(model_type)).state_dict())
+        for template in family.fused.templates(family.layer_prefixes[0]):
+            assert template.replace("{L}", "1") in names, (model_type, template)
