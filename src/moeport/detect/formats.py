@@ -84,7 +84,7 @@ def _fp8(
     params: dict[str, Any] = {"scale": scale_name, "scale_dtype": scale.dtype}
     if method == "compressed-tensors":
         params["container"] = "compressed-tensors"
-    if math.prod(s_shape) == 1:
+    if len(s_shape) <= 1 and math.prod(s_shape) == 1:  # 0-d or [1]; a [1, 1] grid is one block
         return ExpertFormat("fp8-tensor", params)
     if tuple(s_shape) in ((n,), (n, 1)):
         return ExpertFormat("fp8-channel", params)
