@@ -57,6 +57,29 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "glm4_moe": DEEPSEEK_LIKE,
     "glm_moe_dsa": {**DEEPSEEK_LIKE, **MLA, "index_n_heads": 2, "index_head_dim": 16},
     "gpt_oss": dict(num_local_experts=4, intermediate_size=32),
+    # multimodal wrapper: these go into text_config (see tiny_config)
+    "qwen3_5_moe": dict(
+        num_experts=4,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        layer_types=["linear_attention", "linear_attention", "full_attention"],
+    ),
+}
+MULTIMODAL = {
+    "qwen3_5_moe": dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
 }
 FP8_BLOCK = [32, 32]
 
@@ -64,15 +87,24 @@ FP8_BLOCK = [32, 32]
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, **COMMON, **FAMILY_CONFIGS[model_type])
+    text = {**COMMON, **FAMILY_CONFIGS[model_type]}
+    if model_type in MULTIMODAL:
+        return AutoConfig.for_model(model_type, text_config=text, vision_config=MULTIMODAL[model_type])
+    return AutoConfig.for_model(model_type, **text)
+
+
+def tiny_model(model_type: str):
+    """A tiny random model of `model_type` built by transformers' own class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if model_type in MULTIMODAL else AutoModelForCausalLM
+    return auto.from_config(tiny_config(model_type))
 
 
 def build_transformers_checkpoint(model_type: str, layout: str, out: Path, seed: int = 0) -> Path:
     """Save a tiny random model; layout 'hub' (per-expert names) or 'fused' (transformers v5 layout)."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).to(torch.bfloat16)
+    model = tiny_model(model_type).to(torch.bfloat16)
     with torch.no_grad():  # transformers' init leaves some parameters at zero; tests want random data
         for p in model.parameters():
             if torch.count_nonzero(p) == 0:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures import FAMILY_CONFIGS, tiny_config
+import torch
+from fixtures import FAMILY_CONFIGS, tiny_config, tiny_model
 from typer.testing import CliRunner
 
 from moeport.cli.app import app
@@ -25,7 +26,7 @@ def inspect_json(path) -> dict:
 @pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
 def test_inspect_matches_model_config(checkpoint, model_type: str, layout: str, fmt: str) -> None:
     report = inspect_json(checkpoint(model_type, layout, fmt))
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type).get_text_config()
     family = family_for_model_type(model_type)
 
     assert report["family"] == family.name
@@ -80,10 +81,35 @@ def test_expert_bytes_match_the_model_parameters(checkpoint) -> None:
 
 def test_zoo_fused_layout_is_what_transformers_holds() -> None:
     """Every fixture family's declared fused layout names the parameters of transformers' own modules."""
-    from transformers import AutoModelForCausalLM
-
     for model_type in FAMILY_CONFIGS:
         family = family_for_model_type(model_type)
-        names = set(AutoModelForCausalLM.from_config(tiny_config(model_type)).state_dict())
+        names = set(tiny_model(model_type).state_dict())
         for template in family.fused.templates(family.layer_prefixes[0]):
             assert template.replace("{L}", "1") in names, (model_type, template)
+
+
+def test_mtp_layer_after_the_last_layer_is_reported_as_mtp(checkpoint, tmp_path) -> None:
+    """DeepSeek-V3 ships its MTP module as layer num_hidden_layers (with extra enorm/hnorm/eh_proj)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = checkpoint("deepseek_v3", "hub", "fp8-block"), tmp_path / "with-mtp"
+    dst.mkdir()
+    with safe_open(str(src / "model.safetensors"), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    last = tiny_config("deepseek_v3").num_hidden_layers
+    mtp = {
+        k.replace(f"layers.{last - 1}.", f"layers.{last}."): v.clone()
+        for k, v in tensors.items()
+        if f"layers.{last - 1}." in k
+    }
+    g = torch.Generator().manual_seed(3)
+    mtp[f"model.layers.{last}.enorm.weight"] = torch.randn(64, generator=g).bfloat16()
+    mtp[f"model.layers.{last}.eh_proj.weight"] = torch.randn(64, 128, generator=g).bfloat16()
+    save_file({**tensors, **mtp}, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text((src / "config.json").read_text())
+
+    report = inspect_json(dst)
+    assert report["layers"]["mtp"] == [last]
+    assert report["layers"]["moe"] == list(range(1, last))
+    assert report["bytes"]["per_layer"][str(last)]["experts"] == report["bytes"]["per_layer"]["1"]["experts"]

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from test_detect import inspect_json
 
 G = torch.Generator().manual_seed(7)
@@ -33,21 +32,29 @@ def _f(*shape: int, dtype=torch.float32) -> torch.Tensor:
 
 
 def gptq(n: int, k: int, g: int = 16) -> dict[str, torch.Tensor]:
-    return {"qweight": torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=G, dtype=torch.int32),
-            "qzeros": torch.full((k // g, n // 8), 0x77777777, dtype=torch.int32),
-            "scales": _f(k // g, n, dtype=torch.float16),
-            "g_idx": (torch.arange(k) // g).to(torch.int32)}
+    return {
+        "qweight": torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=G, dtype=torch.int32),
+        "qzeros": torch.full((k // g, n // 8), 0x77777777, dtype=torch.int32),
+        "scales": _f(k // g, n, dtype=torch.float16),
+        "g_idx": (torch.arange(k) // g).to(torch.int32),
+    }
 
 
 def ct_packed(n: int, k: int, g: int = 16) -> dict[str, torch.Tensor]:
-    return {"weight_packed": torch.randint(-(2**31), 2**31 - 1, (n, k // 8), generator=G, dtype=torch.int32),
-            "weight_scale": _f(n, k // g, dtype=torch.bfloat16),
-            "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+    return {
+        "weight_packed": torch.randint(-(2**31), 2**31 - 1, (n, k // 8), generator=G, dtype=torch.int32),
+        "weight_scale": _f(n, k // g, dtype=torch.bfloat16),
+        "weight_shape": torch.tensor([n, k], dtype=torch.int64),
+    }
 
 
 def nvfp4(n: int, k: int) -> dict[str, torch.Tensor]:
-    return {"weight": _u8(n, k // 2), "weight_scale": _f(n, k // 16).to(torch.float8_e4m3fn),
-            "weight_scale_2": _f(), "input_scale": _f()}
+    return {
+        "weight": _u8(n, k // 2),
+        "weight_scale": _f(n, k // 16).to(torch.float8_e4m3fn),
+        "weight_scale_2": _f(),
+        "input_scale": _f(),
+    }
 
 
 def dsv4_fp4(n: int, k: int) -> dict[str, torch.Tensor]:
@@ -63,19 +70,39 @@ def fp8_tensor(n: int, k: int) -> dict[str, torch.Tensor]:
 
 
 def fp8_block_e8m0(n: int, k: int) -> dict[str, torch.Tensor]:
-    return {"weight": _f(n, k).to(torch.float8_e4m3fn),
-            "weight_scale_inv": _e8m0(math.ceil(n / 128), math.ceil(k / 128))}
+    return {
+        "weight": _f(n, k).to(torch.float8_e4m3fn),
+        "weight_scale_inv": _e8m0(math.ceil(n / 128), math.ceil(k / 128)),
+    }
 
 
-CT_W4A16 = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-                "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 16}}}}
+CT_W4A16 = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 16,
+            },
+        }
+    },
+}
 GPTQ_CFG = {"quant_method": "gptq", "bits": 4, "group_size": 16, "sym": True, "desc_act": False}
 FP8_UE8M0 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
 
 CASES = [
     ("gptq", gptq, GPTQ_CFG, {"bits": 4, "group_size": 16, "sym": True}),
-    ("awq", gptq, {"quant_method": "awq", "bits": 4, "group_size": 16, "version": "gemm"}, {"version": "gemm"}),
+    (
+        "awq",
+        gptq,
+        {"quant_method": "awq", "bits": 4, "group_size": 16, "version": "gemm"},
+        {"version": "gemm"},
+    ),
     ("ct-pack-quantized", ct_packed, CT_W4A16, {"num_bits": 4, "group_size": 16}),
     ("nvfp4", nvfp4, {"quant_method": "modelopt", "quant_algo": "NVFP4"}, {"group_size": 16}),
     ("mxfp4", dsv4_fp4, {"quant_method": "fp8"}, {"variant": "deepseek-v4"}),
