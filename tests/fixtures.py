@@ -57,6 +57,19 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "glm4_moe": DEEPSEEK_LIKE,
     "glm_moe_dsa": {**DEEPSEEK_LIKE, **MLA, "index_n_heads": 2, "index_head_dim": 16},
     "gpt_oss": dict(num_local_experts=4, intermediate_size=32),
+    "deepseek_v4": dict(
+        n_routed_experts=4,
+        moe_intermediate_size=32,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        o_lora_rank=32,
+        o_groups=2,
+        index_n_heads=2,
+        index_head_dim=16,
+        hc_mult=2,
+        **MLA,
+    ),
     # multimodal wrapper: these go into text_config (see tiny_config)
     "qwen3_5_moe": dict(
         num_experts=4,

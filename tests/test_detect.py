@@ -40,9 +40,7 @@ def test_inspect_matches_model_config(checkpoint, model_type: str, layout: str, 
     assert report["experts"]["per_token"] == cfg.num_experts_per_tok
     assert report["experts"]["hidden_size"] == cfg.hidden_size
 
-    first_dense = (
-        getattr(cfg, "first_k_dense_replace", 0) if model_type not in ("qwen2_moe", "qwen3_moe") else 0
-    )
+    first_dense = cfg.first_k_dense_replace if family.fields.first_dense else 0
     assert report["layers"]["num_hidden_layers"] == cfg.num_hidden_layers
     assert report["layers"]["dense"] == list(range(first_dense))
     assert report["layers"]["moe"] == list(range(first_dense, cfg.num_hidden_layers))
@@ -84,8 +82,12 @@ def test_zoo_fused_layout_is_what_transformers_holds() -> None:
     for model_type in FAMILY_CONFIGS:
         family = family_for_model_type(model_type)
         names = set(tiny_model(model_type).state_dict())
-        for template in family.fused.templates(family.layer_prefixes[0]):
-            assert template.replace("{L}", "1") in names, (model_type, template)
+        held = [
+            p
+            for p in family.layer_prefixes
+            if all(t.replace("{L}", "1") in names for t in family.fused.templates(p))
+        ]
+        assert held, (model_type, family.fused.templates(family.layer_prefixes[-1]))
 
 
 def test_mtp_layer_after_the_last_layer_is_reported_as_mtp(checkpoint, tmp_path) -> None:
@@ -113,3 +115,19 @@ def test_mtp_layer_after_the_last_layer_is_reported_as_mtp(checkpoint, tmp_path)
     assert report["layers"]["mtp"] == [last]
     assert report["layers"]["moe"] == list(range(1, last))
     assert report["bytes"]["per_layer"][str(last)]["experts"] == report["bytes"]["per_layer"]["1"]["experts"]
+
+
+def test_deepseek_v4_raw_names_without_model_prefix(checkpoint, tmp_path) -> None:
+    """DeepSeek-V4 hub checkpoints use DeepSeek's own names: `layers.{L}.ffn.experts.{E}.w1.weight`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = checkpoint("deepseek_v4", "hub"), tmp_path / "dsv4-raw"
+    dst.mkdir()
+    with safe_open(str(src / "model.safetensors"), "pt") as h:
+        tensors = {k.removeprefix("model."): h.get_tensor(k) for k in h.keys()}
+    save_file(tensors, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    report = inspect_json(dst)
+    assert report["expert_tensors"][0] == "layers.{L}.ffn.experts.{E}.w1.weight"
+    assert report["layers"]["moe"] == [0, 1, 2] and report["experts"]["shared"] == 1
