@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from moeport.detect.formats import ExpertFormat, Part, classify
-from moeport.detect.layout import LayerExperts, LayoutMatch, match_layout
+from moeport.detect.layout import LayerExperts, LayoutMatch, layer_prefix_pattern, match_layout
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.families import ExpertLayout, Family, family_for_model_type, known_model_types
@@ -52,6 +52,7 @@ def detect(ck: Checkpoint) -> Detection:
     match = _match_experts(ck, family)
     layers = match.layers
     first = min(layers)
+    counts = {L: _expert_count(ck, match, L) for L in layers}
     ref_expert = 0 if match.layout.kind == "per-expert" else -1
     proj = match.layout.projs["gate"] if match.layout.kind == "per-expert" else match.layout.projs["gate_up"]
     ref_parts = layers[first].parts.get((ref_expert, proj))
@@ -62,7 +63,6 @@ def detect(ck: Checkpoint) -> Detection:
 
     quant = cfg.quantization_config
     fmt = _format_of(ck, ref_parts, quant)
-    counts = {L: _expert_count(ck, match, L) for L in layers}
     _check_complete(ck, match, ref_parts, counts, fmt, quant)
 
     experts = counts[first]
@@ -74,13 +74,7 @@ def detect(ck: Checkpoint) -> Detection:
         warnings.append(f"config says {n_cfg} experts per layer, checkpoint has {experts}")
 
     num_layers = cfg.first_int(family.fields.num_layers)
-    layer_re = re.compile("^" + re.escape(match.layer_prefix).replace(re.escape("{L}"), r"(\d+)"))
-    layer_bytes: dict[int, int] = {}
-    for key in ck.keys():
-        m = layer_re.match(key)
-        if m:
-            L = int(m.group(1))
-            layer_bytes[L] = layer_bytes.get(L, 0) + ck.info(key).nbytes
+    layer_bytes = _bytes_per_layer(ck, match.layer_prefix)
     limit = num_layers if num_layers is not None else max(layer_bytes) + 1
     mtp = sorted(L for L in layer_bytes if L >= limit)
     moe = sorted(L for L in layers if L < limit)
@@ -116,6 +110,17 @@ def detect(ck: Checkpoint) -> Detection:
         total_bytes=ck.total_bytes,
         warnings=warnings,
     )
+
+
+def _bytes_per_layer(ck: Checkpoint, layer_prefix: str) -> dict[int, int]:
+    """Bytes of all tensors (experts or not) under each layer index."""
+    layer_re = re.compile("^" + layer_prefix_pattern(layer_prefix))
+    out: dict[int, int] = {}
+    for key in ck.keys():
+        m = layer_re.match(key)
+        if m:
+            out[int(m["L"])] = out.get(int(m["L"]), 0) + ck.info(key).nbytes
+    return out
 
 
 def _family(cfg: ModelConfig, ck: Checkpoint) -> tuple[Family, str]:

@@ -26,8 +26,13 @@ class LayoutMatch:
     layers: dict[int, LayerExperts]
 
 
+def layer_prefix_pattern(layer_prefix: str) -> str:
+    """Regex source for a layer prefix template: '{L}' becomes the named group L."""
+    return re.escape(layer_prefix).replace(re.escape("{L}"), r"(?P<L>\d+)")
+
+
 def _expert_regex(layout: ExpertLayout, layer_prefix: str) -> re.Pattern[str]:
-    prefix = re.escape(layer_prefix).replace(re.escape("{L}"), r"(?P<L>\d+)")
+    prefix = layer_prefix_pattern(layer_prefix)
     block = re.escape(layout.block)
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     if layout.kind == "per-expert":
