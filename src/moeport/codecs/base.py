@@ -1,0 +1,56 @@
+"""The codec contract and the checks every codec shares.
+
+A codec turns the companion tensors of one weight ("parts": `weight` + `weight_scale_inv`,
+`qweight`/`scales`/`qzeros`, ...) into a float32 tensor [..., N, K] (`decode`) and back
+(`encode`). Bad parts raise MoeportError naming the tensor and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from moeport.errors import MoeportError
+
+Parts = Mapping[str, torch.Tensor]
+
+
+class Codec(Protocol):
+    name: str
+    required: tuple[str, ...]  # parts that must be present to decode
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor: ...
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def need(parts: Parts, names: tuple[str, ...], where: str, codec: str) -> None:
+    missing = [n for n in names if n not in parts]
+    if missing:
+        raise MoeportError(f"{where}: {codec} needs tensor(s) {missing}; found {sorted(parts)}")
+
+
+def check_dtype(t: torch.Tensor, allowed: tuple[torch.dtype, ...], where: str, part: str) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise MoeportError(f"{where}.{part}: dtype {str(t.dtype).removeprefix('torch.')}, expected {names}")
+
+
+def check_shape(t: torch.Tensor, shape: tuple[int, ...], where: str, part: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise MoeportError(f"{where}.{part}: shape {list(t.shape)}, expected {list(shape)}")
+
+
+def check_finite(scale: torch.Tensor, where: str, part: str) -> torch.Tensor:
+    """Scales as float32; NaN/Inf (or E8M0's NaN byte 255) is corrupt data, not a value."""
+    s = scale.float()
+    if not torch.isfinite(s).all():
+        bad = int((~torch.isfinite(s)).sum())
+        raise MoeportError(f"{where}.{part}: {bad} scale value(s) are NaN or Inf")
+    return s
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,74 @@
+"""compressed-tensors checkpoints as vLLM/SGLang load them: `pack-quantized` int weights (W4A16/W8A16)
+and `float-quantized` FP8.
+
+pack-quantized: `weight_packed` I32 [N, ceil(K*b/32)] holding q + 2^(b-1) densely LSB-first along K,
+`weight_scale` [N, G] (G = 1 for channel), asymmetric adds `weight_zero_point` I32
+[ceil(N*b/32), G] (signed zero + 2^(b-1), packed along N), and `weight_shape` I64 [2] = [N, K].
+Quantization math: int_rtn (compressed-tensors conventions). Scale dtype = the source dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, need
+from moeport.codecs.fp8 import Fp8ScaledCodec
+from moeport.codecs.int_rtn import rtn_dequantize, rtn_quantize
+from moeport.codecs.packing import pack_int32, unpack_int32
+from moeport.errors import MoeportError
+
+
+@dataclass(frozen=True)
+class PackQuantizedCodec:
+    bits: int = 4
+    group_size: int | None = 128  # None = per channel
+    symmetric: bool = True
+    scale_dtype: torch.dtype = torch.bfloat16
+    name: str = "ct-pack-quantized"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        base = ("weight_packed", "weight_scale", "weight_shape")
+        return base if self.symmetric else (*base, "weight_zero_point")
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        need(parts, self.required, where, self.name)
+        packed, scale, shape = parts["weight_packed"], parts["weight_scale"], parts["weight_shape"]
+        check_dtype(packed, (torch.int32,), where, "weight_packed")
+        if shape.numel() != 2:
+            raise MoeportError(f"{where}.weight_shape: expected [N, K], got {shape.tolist()}")
+        n, k = (int(v) for v in shape.tolist())
+        check_shape(packed, (n, -(-k * self.bits // 32)), where, "weight_packed")
+        groups = scale.shape[-1]
+        check_shape(scale, (n, groups), where, "weight_scale")
+        offset = 2 ** (self.bits - 1)
+        codes = unpack_int32(packed, self.bits, k) - offset
+        zero = None
+        if not self.symmetric:
+            zp = parts["weight_zero_point"]
+            check_shape(zp, (-(-n * self.bits // 32), groups), where, "weight_zero_point")
+            zero = unpack_int32(zp, self.bits, n, dim=0) - offset
+        check_finite(scale, where, "weight_scale")
+        return rtn_dequantize(codes, scale, zero)
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, k = weight.shape
+        q = rtn_quantize(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
+        offset = 2 ** (self.bits - 1)
+        out = {
+            "weight_packed": pack_int32(q.codes.to(torch.int32) + offset, self.bits),
+            "weight_scale": q.scale,
+            "weight_shape": torch.tensor([n, k], dtype=torch.int64),
+        }
+        if q.zero is not None:
+            out["weight_zero_point"] = pack_int32(q.zero.to(torch.int32) + offset, self.bits, dim=0)
+        return out
+
+
+def float_quantized_codec(
+    strategy: str = "channel", scale_dtype: torch.dtype = torch.bfloat16
+) -> Fp8ScaledCodec:
+    """compressed-tensors FP8 (`float-quantized`): E4M3 `weight` + `weight_scale` [N, 1] or [1]."""
+    return Fp8ScaledCodec(strategy=strategy, scale_dtype=scale_dtype, name="ct-float-quantized")

@@ -1,0 +1,115 @@
+"""FP8 E4M3 weights with block-wise (DeepSeek `weight_scale_inv`), per-channel or per-tensor scales.
+
+Scales are dequant multipliers: W = fp32(weight) * scale. Block grids are ceil-divided and the
+edge blocks are zero-padded before taking amax (DeepSeek README_WEIGHTS.md). Encoding clamps to
+±448 before the cast (the cast itself is round-to-nearest-even); all-zero blocks get scale 1.
+ue8m0 scales are powers of two rounded up, computed explicitly (a cast to E8M0 rounds to nearest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeport.codecs.base import Parts, cdiv, check_dtype, check_finite, check_shape, need
+from moeport.errors import MoeportError
+
+FP8_MAX = 448.0
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu, torch.uint8)
+
+
+def e8m0_from_bytes(scale: torch.Tensor) -> torch.Tensor:
+    """Producers ship E8M0 scales as F8_E8M0 or as raw U8 bytes; both mean 2^(b-127)."""
+    return scale.view(torch.float8_e8m0fnu) if scale.dtype == torch.uint8 else scale
+
+
+def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= x (x > 0), exactly, via frexp."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.ones_like(x), exponent - (mantissa == 0.5).to(exponent.dtype))
+
+
+def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(x / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+@dataclass(frozen=True)
+class Fp8BlockCodec:
+    block: tuple[int, int] = (128, 128)
+    ue8m0: bool = False
+    scale_dtype: torch.dtype = torch.float32  # ue8m0 producers use float8_e8m0fnu
+    scale_name: str = "weight_scale_inv"
+    name: str = "fp8-block"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return ("weight", self.scale_name)
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        need(parts, self.required, where, self.name)
+        w, s = parts["weight"], parts[self.scale_name]
+        check_dtype(w, (torch.float8_e4m3fn,), where, "weight")
+        check_dtype(s, SCALE_DTYPES, where, self.scale_name)
+        n, k = w.shape[-2:]
+        bn, bk = self.block
+        check_shape(s, (*w.shape[:-2], cdiv(n, bn), cdiv(k, bk)), where, self.scale_name)
+        scale = check_finite(e8m0_from_bytes(s), where, self.scale_name)
+        full = scale.repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
+        return w.float() * full
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = weight.float()
+        n, k = x.shape[-2:]
+        bn, bk = self.block
+        lead = x.shape[:-2]
+        gn, gk = cdiv(n, bn), cdiv(k, bk)
+        padded = torch.nn.functional.pad(x, (0, gk * bk - k, 0, gn * bn - n))
+        tiles = padded.reshape(*lead, gn, bn, gk, bk)
+        amax = tiles.abs().amax(dim=(-3, -1))
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        if self.ue8m0:
+            scale = pow2_ceil(scale)
+        stored = scale.to(self.scale_dtype)
+        used = stored.float()  # quantize with exactly the scale a reader will multiply by
+        q = quantize_e4m3(tiles, used[..., :, None, :, None]).reshape(padded.shape)[..., :n, :k]
+        return {"weight": q.contiguous(), self.scale_name: stored}
+
+
+@dataclass(frozen=True)
+class Fp8ScaledCodec:
+    """Per-channel (`weight_scale` [N, 1] or [N]) or per-tensor (0-d or [1]) FP8 scales."""
+
+    strategy: str = "channel"  # "channel" | "tensor"
+    scale_dtype: torch.dtype = torch.float32
+    scale_name: str = "weight_scale"
+    name: str = "fp8"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return ("weight", self.scale_name)
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        need(parts, self.required, where, self.name)
+        w, s = parts["weight"], parts[self.scale_name]
+        check_dtype(w, (torch.float8_e4m3fn,), where, "weight")
+        check_dtype(s, SCALE_DTYPES[:3], where, self.scale_name)
+        scale = check_finite(s, where, self.scale_name)
+        n = w.shape[-2]
+        lead = tuple(w.shape[:-2])
+        if scale.numel() == 1:
+            return w.float() * scale.reshape(())
+        if tuple(scale.shape) in ((*lead, n), (*lead, n, 1)):
+            return w.float() * scale.reshape(*lead, n, 1)
+        raise MoeportError(
+            f"{where}.{self.scale_name}: shape {list(s.shape)}, expected [{n}, 1], [{n}] or a single value"
+        )
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = weight.float()
+        if self.strategy == "tensor":
+            amax = x.abs().amax().reshape(1)
+        else:
+            amax = x.abs().amax(dim=-1, keepdim=True)
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(self.scale_dtype)
+        return {"weight": quantize_e4m3(x, scale.float()), self.scale_name: scale}

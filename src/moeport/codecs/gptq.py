@@ -1,0 +1,128 @@
+"""GPTQ (AutoGPTQ/GPTQModel, v1 and v2 zero storage) and AWQ GEMM int4 weights.
+
+GPTQ: `qweight` I32 [K/8, N] packed along K, `qzeros` I32 [G, N/8] packed along N, `scales` F16
+[G, N], `g_idx` I32 [K] (act-order honoured: row k uses group g_idx[k]); v1 stores zero-1.
+AWQ GEMM: `qweight` I32 [K, N/8] and `qzeros` I32 [G, N/8] packed along N in the 0,2,4,6,1,3,5,7
+nibble order, `scales` F16 [G, N], no +1. Both are [K, N] (transposed vs nn.Linear); we return [N, K].
+Encoding is RTN with AutoGPTQ's parameter rule (0 always representable; scale=(max-min)/15).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeport.codecs.base import Parts, cdiv, check_dtype, check_finite, check_shape, need
+from moeport.codecs.packing import deinterleave_awq, interleave_awq, pack_int32, unpack_int32
+from moeport.errors import MoeportError
+
+BITS = 4
+MAXQ = 2**BITS - 1
+
+
+def _rtn_unsigned(
+    w: torch.Tensor, group: int, sym: bool, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] -> codes [N, K] in 0..15, scales fp16 [N, G], zeros [N, G] (true zero points >= min_zero)."""
+    n, k = w.shape
+    if k % group:
+        raise MoeportError(f"input dim {k} is not a multiple of group size {group}")
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = torch.where(lo < 0, -hi, lo)
+    both_zero = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(both_zero, -1.0, lo), torch.where(both_zero, 1.0, hi)
+    scale = ((hi - lo) / MAXQ).to(torch.float16)
+    zero = (
+        torch.full_like(lo, (MAXQ + 1) // 2)
+        if sym
+        else torch.round(-lo / scale.float()).clamp(min_zero, MAXQ)
+    )
+    codes = torch.round(g / scale.float().unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, MAXQ)
+    return codes.reshape(n, k).to(torch.int32), scale, zero.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class GptqCodec:
+    group_size: int = 128
+    sym: bool = True
+    checkpoint_format: str = "gptq"  # "gptq" (v1: zero-1 stored) | "gptq_v2"
+    name: str = "gptq"
+    required: tuple[str, ...] = ("qweight", "qzeros", "scales")
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        need(parts, self.required, where, self.name)
+        qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+        for name in self.required:
+            check_dtype(
+                parts[name],
+                (torch.int32,) if name != "scales" else (torch.float16, torch.bfloat16, torch.float32),
+                where,
+                name,
+            )
+        k, n = qweight.shape[0] * 32 // BITS, qweight.shape[1]
+        groups = scales.shape[0]
+        check_shape(scales, (groups, n), where, "scales")
+        check_shape(qzeros, (groups, cdiv(n * BITS, 32)), where, "qzeros")
+        g_idx = parts.get("g_idx")
+        if g_idx is None:
+            g_idx = torch.arange(k) // cdiv(k, groups)
+        else:
+            check_shape(g_idx, (k,), where, "g_idx")
+            if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+                raise MoeportError(f"{where}.g_idx: group ids outside 0..{groups - 1}")
+        q = unpack_int32(qweight, BITS, k, dim=0)  # [K, N]
+        z = unpack_int32(qzeros, BITS, n, dim=-1)  # [G, N]
+        if self.checkpoint_format == "gptq":
+            z = z + 1
+        s = check_finite(scales, where, "scales")
+        g = g_idx.long()
+        return ((q - z[g]).float() * s[g]).T.contiguous()
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, k = weight.shape
+        group = k if self.group_size == -1 else self.group_size
+        v1 = self.checkpoint_format == "gptq"
+        # v1 stores zero-1: a true zero of 0 would wrap to 15 (read back as 16), so zeros start at 1
+        codes, scale, zero = _rtn_unsigned(weight, group, self.sym, min_zero=1 if v1 else 0)
+        stored_zero = zero - 1 if v1 else zero
+        return {
+            "qweight": pack_int32(codes.T, BITS, dim=0),
+            "qzeros": pack_int32(stored_zero.T, BITS, dim=-1),
+            "scales": scale.T.contiguous(),
+            "g_idx": (torch.arange(k) // group).to(torch.int32),
+        }
+
+
+@dataclass(frozen=True)
+class AwqCodec:
+    group_size: int = 128
+    name: str = "awq"
+    required: tuple[str, ...] = ("qweight", "qzeros", "scales")
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        need(parts, self.required, where, self.name)
+        qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+        check_dtype(qweight, (torch.int32,), where, "qweight")
+        check_dtype(qzeros, (torch.int32,), where, "qzeros")
+        k, n = qweight.shape[0], qweight.shape[1] * 32 // BITS
+        groups = scales.shape[0]
+        check_shape(scales, (groups, n), where, "scales")
+        check_shape(qzeros, (groups, n // 8), where, "qzeros")
+        q = deinterleave_awq(unpack_int32(qweight, BITS, n))
+        z = deinterleave_awq(unpack_int32(qzeros, BITS, n))
+        s = check_finite(scales, where, "scales")
+        g = torch.arange(k) // (k // groups)
+        return ((q - z[g]).float() * s[g]).T.contiguous()
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, k = weight.shape
+        codes, scale, zero = _rtn_unsigned(weight, self.group_size, sym=False)
+        return {
+            "qweight": pack_int32(interleave_awq(codes.T), BITS),
+            "qzeros": pack_int32(interleave_awq(zero.T), BITS),
+            "scales": scale.T.contiguous(),
+        }
