@@ -47,8 +47,11 @@ def run_writer(mode: str, n: int, out: Path, shard_bytes: int) -> dict:
     else:
         from safetensors.torch import save_file
 
-        save_file({name: tensor(i) for i, name in enumerate(names)}, str(out / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {name: tensor(i) for i, name in enumerate(names)},
+            str(out / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"seconds": seconds, "peak_rss": peak, "baseline_rss": baseline}
@@ -62,7 +65,9 @@ def verify(out: Path, n: int) -> None:
         with safe_open(str(f), "pt") as h:
             for name in h.keys():
                 L, E = int(name.split(".")[2]), int(name.split(".")[5])
-                if not torch.equal(h.get_tensor(name).view(torch.int16), tensor(L * 96 + E).view(torch.int16)):
+                if not torch.equal(
+                    h.get_tensor(name).view(torch.int16), tensor(L * 96 + E).view(torch.int16)
+                ):
                     raise SystemExit(f"MISMATCH in {name}")
                 seen += 1
     if seen != n:
@@ -87,19 +92,33 @@ def main() -> None:
     for mode in ("moeport", "safetensors"):
         out = args.out / mode
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, __file__, "--child", mode, "--gb", str(args.gb), "--out", str(out),
-               "--shard-gb", str(args.shard_gb)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--gb",
+            str(args.gb),
+            "--out",
+            str(out),
+            "--shard-gb",
+            str(args.shard_gb),
+        ]
         rows[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         verify(out, n)
         shutil.rmtree(out)
     print(f"streamed {total / 1e9:.2f} GB ({n} BF16 tensors of {SHAPE}); outputs read back bit-exactly\n")
     print(f"{'writer':<14}{'GB/s':>8}{'peak RSS':>12}{'RSS - import':>14}")
     for mode, r in rows.items():
-        print(f"{mode:<14}{total / r['seconds'] / 1e9:>8.2f}{r['peak_rss'] / 1e9:>10.2f}GB"
-              f"{(r['peak_rss'] - r['baseline_rss']) / 1e9:>12.2f}GB")
+        print(
+            f"{mode:<14}{total / r['seconds'] / 1e9:>8.2f}{r['peak_rss'] / 1e9:>10.2f}GB"
+            f"{(r['peak_rss'] - r['baseline_rss']) / 1e9:>12.2f}GB"
+        )
     m, s = rows["moeport"], rows["safetensors"]
-    print(f"\nmoeport / save_file: peak RSS {m['peak_rss'] / s['peak_rss']:.2f}x, "
-          f"throughput {s['seconds'] / m['seconds']:.2f}x")
+    print(
+        f"\nmoeport / save_file: peak RSS {m['peak_rss'] / s['peak_rss']:.2f}x, "
+        f"throughput {s['seconds'] / m['seconds']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeport.codecs import cpu_kernels
 from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, need
 from moeport.codecs.fp8 import Fp8ScaledCodec
 from moeport.codecs.int_rtn import rtn_dequantize, rtn_quantize
@@ -55,15 +56,17 @@ class PackQuantizedCodec:
 
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         n, k = weight.shape
-        q = rtn_quantize(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
         offset = 2 ** (self.bits - 1)
-        out = {
-            "weight_packed": pack_int32(q.codes.to(torch.int32) + offset, self.bits),
-            "weight_scale": q.scale,
-            "weight_shape": torch.tensor([n, k], dtype=torch.int64),
-        }
-        if q.zero is not None:
-            out["weight_zero_point"] = pack_int32(q.zero.to(torch.int32) + offset, self.bits, dim=0)
+        if cpu_kernels.rtn_pack_supported(weight, self.bits, self.group_size, self.scale_dtype):
+            packed, scale, zero = cpu_kernels.rtn_pack(
+                weight, self.bits, self.group_size, self.symmetric, self.scale_dtype
+            )
+        else:
+            q = rtn_quantize(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
+            packed, scale, zero = pack_int32(q.codes.to(torch.int32) + offset, self.bits), q.scale, q.zero
+        out = {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor([n, k])}
+        if zero is not None:
+            out["weight_zero_point"] = pack_int32(zero.to(torch.int32) + offset, self.bits, dim=0)
         return out
 
 

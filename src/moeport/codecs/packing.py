@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble slot i of an AWQ word holds column 8c + AWQ_ORDER[i]
@@ -10,6 +12,8 @@ AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     """Unsigned values < 2^bits -> int32 words along `dim`, dense LSB-first (padded with zeros)."""
+    if bits in (4, 8) and values.shape[dim] % (32 // bits) == 0 and sys.byteorder == "little":
+        return _pack_bytes(values.movedim(dim, -1), bits).movedim(-1, dim)
     v = values.movedim(dim, -1).to(torch.int64)
     n = v.shape[-1]
     words = -(-n * bits // 32)
@@ -26,6 +30,8 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
 
 def unpack_int32(words: torch.Tensor, bits: int, count: int, dim: int = -1) -> torch.Tensor:
     """Inverse of pack_int32: `count` unsigned values of `bits` bits along `dim` (int32 result)."""
+    if bits in (4, 8) and sys.byteorder == "little":
+        return _unpack_bytes(words.movedim(dim, -1), bits)[..., :count].movedim(-1, dim)
     w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     w = torch.nn.functional.pad(w, (0, 1))
     pos = torch.arange(count) * bits
@@ -43,3 +49,18 @@ def interleave_awq(values: torch.Tensor) -> torch.Tensor:
 def deinterleave_awq(values: torch.Tensor) -> torch.Tensor:
     v = values.reshape(*values.shape[:-1], -1, 8)
     return v[..., list(AWQ_REVERSE)].reshape(values.shape)
+
+
+def _pack_bytes(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fast path: on a little-endian host LSB-first int32 words are just the packed bytes in order."""
+    b = v.to(torch.uint8)
+    if bits == 4:
+        b = b[..., 0::2] | (b[..., 1::2] << 4)
+    return b.contiguous().view(torch.int32)
+
+
+def _unpack_bytes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    b = words.contiguous().view(torch.uint8)
+    if bits == 4:
+        b = torch.stack((b & 0x0F, b >> 4), dim=-1).flatten(-2)
+    return b.to(torch.int32)
