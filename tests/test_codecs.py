@@ -318,3 +318,25 @@ def test_bad_parts_are_clear_errors_naming_the_tensor(codec, damage, message) ->
     with pytest.raises(MoeportError, match=message) as err:
         codec.decode(parts, where="model.layers.3.mlp.experts.7.up_proj")
     assert "model.layers.3.mlp.experts.7.up_proj" in str(err.value)
+
+
+# ---------------------------------------------------------------- CPU kernels vs the torch path
+@pytest.mark.parametrize(("bits", "group", "sym", "scale_dtype"),
+                         [(4, 128, True, torch.bfloat16), (4, 32, False, torch.float32), (8, 64, True, torch.bfloat16),
+                          (8, 128, False, torch.float32)])
+def test_numba_kernels_are_byte_identical_to_the_torch_path(monkeypatch, bits, group, sym, scale_dtype) -> None:
+    from moeport.codecs import cpu_kernels
+
+    assert cpu_kernels.AVAILABLE
+    w = randn(96, 256, seed=14).bfloat16()
+    w[5] = 0  # an all-zero group takes the eps scale
+    codec = PackQuantizedCodec(bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype)
+    fp8 = Fp8BlockCodec()
+    fast, fp8_parts = codec.encode(w), fp8.encode(randn(200, 300, seed=15))
+    fast_decode = fp8.decode(fp8_parts)
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+    slow = codec.encode(w)
+    assert slow.keys() == fast.keys()
+    for name in fast:
+        assert fast[name].dtype == slow[name].dtype and torch.equal(fast[name], slow[name]), name
+    assert torch.equal(fp8.decode(fp8_parts), fast_decode)
