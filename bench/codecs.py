@@ -167,14 +167,30 @@ def rtn_errors(weights: list[torch.Tensor], llmc_python: str | None) -> list[tup
     return rows
 
 
+def same_bytes_on_cpu_and_cuda() -> None:
+    """Every codec must give the same bytes on CUDA as on the CPU (decode: the same floats)."""
+    w = expert_weights(16, "cpu")[0]
+    for name, codec in CODECS.items():
+        cpu, gpu = codec.encode(w), codec.encode(w.cuda())
+        same = all(torch.equal(cpu[k], gpu[k].cpu()) for k in cpu)
+        decoded = torch.equal(codec.decode(cpu), codec.decode({k: v.cuda() for k, v in cpu.items()}).cpu())
+        print(f"{name:<40} encode bytes identical: {same}, decode identical: {decoded}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=256)
     ap.add_argument("--llmc-python", help="python of a venv with llmcompressor installed")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-rtn", action="store_true")
+    ap.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped when absent")
     args = ap.parse_args()
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [
+        d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())
+    ]
+    if "cuda" in devices:
+        same_bytes_on_cpu_and_cuda()
     if not args.skip_throughput:
         for device in devices:
             threads = [1, torch.get_num_threads()] if device == "cpu" else [None]
@@ -187,7 +203,8 @@ def main() -> None:
                 print(f"{'codec':<40}{'encode GB/s':>12}{'decode GB/s':>12}")
                 for name, enc, dec in throughput(weights):
                     print(f"{name:<40}{enc:>12.2f}{dec:>12.2f}")
-    torch.set_num_threads(torch.get_num_threads())
+    if args.skip_rtn:
+        return
     weights = expert_weights(min(args.mb, 64), "cpu")
     print("\nRTN error (relative L2 vs BF16 source, mean over tensors)")
     print(f"{'scheme':<20}{'moeport':>10}{'llmcompressor':>15}{'ratio':>8}")
