@@ -63,3 +63,12 @@ def row_chunks(n_rows: int, row_len: int, multiple: int = 1) -> list[slice]:
     """Row slices of about CHUNK_ELEMENTS elements each, sizes a multiple of `multiple` (e.g. a block)."""
     rows = max(multiple, (CHUNK_ELEMENTS // max(row_len, 1)) // multiple * multiple)
     return [slice(i, min(i + rows, n_rows)) for i in range(0, n_rows, rows)]
+
+
+def divide(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """t / divisor, correctly rounded on every device.
+
+    CUDA turns a Python-scalar divisor into a multiply by its reciprocal (off by an ULP at times),
+    which would make GPU output differ from CPU output; a 0-d tensor divisor keeps true division.
+    """
+    return t / torch.tensor(divisor, dtype=t.dtype, device=t.device)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, need
+from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, divide, need
 from moeport.codecs.fp8 import FP8_MAX
 
 E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
@@ -25,12 +25,12 @@ _TIES_UP = torch.tensor([0.75, 1.75, 3.5])
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """float -> uint8 codes 0..15 (RNE on the E2M1 grid, saturating at ±6)."""
     a = x.abs().unsqueeze(-1)
-    magnitude = (a > _TIES_DOWN).sum(-1) + (a >= _TIES_UP).sum(-1)
+    magnitude = (a > _TIES_DOWN.to(x.device)).sum(-1) + (a >= _TIES_UP.to(x.device)).sum(-1)
     return (magnitude + 8 * (x < 0)).to(torch.uint8)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    return E2M1_VALUES[codes.long()]
+    return E2M1_VALUES.to(codes.device)[codes.long()]
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ class Nvfp4Codec:
         x = weight.float()
         g = x.reshape(*x.shape[:-1], -1, 16)
         amax = x.abs().amax()
-        ws2 = amax / (6 * FP8_MAX) if amax > 0 else torch.tensor(1.0)
+        ws2 = divide(amax, 6 * FP8_MAX) if amax > 0 else torch.ones((), device=x.device)
         bs = g.abs().amax(-1) / (6 * ws2)
         bs = torch.where(bs > 0, bs, torch.ones_like(bs)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
         codes = e2m1_encode(g / (bs.float() * ws2).unsqueeze(-1)).flatten(-2)

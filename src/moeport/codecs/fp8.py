@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moeport.codecs import cpu_kernels
-from moeport.codecs.base import Parts, cdiv, check_dtype, check_finite, check_shape, need, row_chunks
+from moeport.codecs.base import Parts, cdiv, check_dtype, check_finite, check_shape, divide, need, row_chunks
 from moeport.errors import MoeportError
 
 FP8_MAX = 448.0
@@ -83,7 +83,7 @@ class Fp8BlockCodec:
         scale2 = scale2 * E4M3_VIA_F16_FACTOR
         out = torch.empty(w2.shape, dtype=torch.float32, device=w.device)
         for e in range(w2.shape[0]):
-            for rows in row_chunks(n, k, multiple=bn):
+            for rows in row_chunks(n, k, multiple=bn) if w.device.type == "cpu" else [slice(0, n)]:
                 sc = scale2[e, rows.start // bn : -(-rows.stop // bn)]
                 full = sc.repeat_interleave(bn, dim=0)[: rows.stop - rows.start].repeat_interleave(bk, dim=1)[
                     :, :k
@@ -101,7 +101,7 @@ class Fp8BlockCodec:
         padded = torch.nn.functional.pad(x, (0, gk * bk - k, 0, gn * bn - n))
         tiles = padded.reshape(*lead, gn, bn, gk, bk)
         amax = tiles.abs().amax(dim=(-3, -1))
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        scale = torch.where(amax > 0, divide(amax, FP8_MAX), torch.ones_like(amax))
         if self.ue8m0:
             scale = pow2_ceil(scale)
         stored = scale.to(self.scale_dtype)
@@ -145,5 +145,5 @@ class Fp8ScaledCodec:
             amax = x.abs().amax().reshape(1)
         else:
             amax = x.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(self.scale_dtype)
+        scale = torch.where(amax > 0, divide(amax, FP8_MAX), torch.ones_like(amax)).to(self.scale_dtype)
         return {"weight": quantize_e4m3(x, scale.float()), self.scale_name: scale}

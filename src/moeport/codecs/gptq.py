@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeport.codecs.base import Parts, cdiv, check_dtype, check_finite, check_shape, need
+from moeport.codecs.base import Parts, cdiv, check_dtype, check_finite, check_shape, divide, need
 from moeport.codecs.packing import deinterleave_awq, interleave_awq, pack_int32, unpack_int32
 from moeport.errors import MoeportError
 
@@ -35,7 +35,7 @@ def _rtn_unsigned(
         lo = torch.where(lo < 0, -hi, lo)
     both_zero = (lo == 0) & (hi == 0)
     lo, hi = torch.where(both_zero, -1.0, lo), torch.where(both_zero, 1.0, hi)
-    scale = ((hi - lo) / MAXQ).to(torch.float16)
+    scale = divide(hi - lo, MAXQ).to(torch.float16)
     zero = (
         torch.full_like(lo, (MAXQ + 1) // 2)
         if sym

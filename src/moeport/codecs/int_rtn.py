@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeport.codecs.base import divide
 from moeport.errors import MoeportError
 
 
@@ -50,9 +51,9 @@ def rtn_quantize(
     lo = g.amin(-1).clamp(max=0)
     hi = g.amax(-1).clamp(min=0)
     if symmetric:
-        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+        scale = divide(torch.maximum(-lo, hi), (qmax - qmin) / 2)
     else:
-        scale = (hi - lo) / (qmax - qmin)
+        scale = divide(hi - lo, qmax - qmin)
     eps = torch.finfo(scale_dtype).eps if scale_dtype.is_floating_point else 1e-8
     stored = torch.where(scale == 0, torch.full_like(scale, eps), scale).to(scale_dtype)
     s = stored.float()
