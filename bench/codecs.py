@@ -4,9 +4,11 @@
     python bench/codecs.py --mb 64 --llmc-python /tmp/llmc/bin/python   # + llmcompressor's RTN, same tensors
 
 Throughput is GB/s of BF16 source bytes (for decode: of the bytes the encode consumed), median of 3
-runs, on one thread and on all threads. The llmcompressor comparison writes the same tensors as a
-checkpoint, runs its model-free PTQ (RTN) in the given interpreter (a separate venv: it pins its own
-compressed-tensors), decodes its output with compressed-tensors' layout and reports both errors.
+runs, on one thread and on all threads; the FP8-block -> INT4 rows count FP8 input bytes (weight +
+scales), once as decode-then-encode and once through `transcode` (fused kernel on CPU).
+The llmcompressor comparison writes the same tensors as a checkpoint, runs its model-free PTQ
+(RTN) in the given interpreter (a separate venv: it pins its own compressed-tensors), decodes its
+output with compressed-tensors' layout and reports both errors.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from moeport.codecs import (
     Nvfp4Codec,
     PackQuantizedCodec,
 )
+from moeport.codecs.transcode import transcode
 
 SHAPE = (2048, 4096)  # one expert projection, [N, K]
 
@@ -78,8 +81,10 @@ def throughput(weights: list[torch.Tensor]) -> list[tuple[str, float, float]]:
     fp8, int4 = Fp8BlockCodec(), PackQuantizedCodec(bits=4, group_size=128)
     sources = [fp8.encode(w) for w in weights]
     fp8_bytes = sum(p["weight"].numel() + p["weight_scale_inv"].numel() * 4 for p in sources)
-    t = timed(lambda: [int4.encode(fp8.decode(p).bfloat16()) for p in sources])
-    rows.append(("FP8-block -> INT4 g128 (fp8 bytes in)", fp8_bytes / t / 1e9, float("nan")))
+    t = timed(lambda: [int4.encode(fp8.decode(p)) for p in sources])
+    rows.append(("FP8-block -> INT4 g128, decode+encode", fp8_bytes / t / 1e9, float("nan")))
+    t = timed(lambda: [transcode(fp8, p, int4) for p in sources])
+    rows.append(("FP8-block -> INT4 g128, transcode", fp8_bytes / t / 1e9, float("nan")))
     return rows
 
 

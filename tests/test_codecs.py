@@ -321,10 +321,18 @@ def test_bad_parts_are_clear_errors_naming_the_tensor(codec, damage, message) ->
 
 
 # ---------------------------------------------------------------- CPU kernels vs the torch path
-@pytest.mark.parametrize(("bits", "group", "sym", "scale_dtype"),
-                         [(4, 128, True, torch.bfloat16), (4, 32, False, torch.float32), (8, 64, True, torch.bfloat16),
-                          (8, 128, False, torch.float32)])
-def test_numba_kernels_are_byte_identical_to_the_torch_path(monkeypatch, bits, group, sym, scale_dtype) -> None:
+@pytest.mark.parametrize(
+    ("bits", "group", "sym", "scale_dtype"),
+    [
+        (4, 128, True, torch.bfloat16),
+        (4, 32, False, torch.float32),
+        (8, 64, True, torch.bfloat16),
+        (8, 128, False, torch.float32),
+    ],
+)
+def test_numba_kernels_are_byte_identical_to_the_torch_path(
+    monkeypatch, bits, group, sym, scale_dtype
+) -> None:
     from moeport.codecs import cpu_kernels
 
     assert cpu_kernels.AVAILABLE
@@ -340,3 +348,25 @@ def test_numba_kernels_are_byte_identical_to_the_torch_path(monkeypatch, bits, g
     for name in fast:
         assert fast[name].dtype == slow[name].dtype and torch.equal(fast[name], slow[name]), name
     assert torch.equal(fp8.decode(fp8_parts), fast_decode)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "sym", "scale_dtype"),
+    [(4, 128, True, torch.bfloat16), (4, 32, False, torch.float32), (8, 64, False, torch.bfloat16)],
+)
+def test_fused_fp8_block_transcode_equals_decode_then_encode(bits, group, sym, scale_dtype) -> None:
+    from moeport.codecs.transcode import transcode
+
+    w = randn(256, 384, seed=16, scale=0.02)
+    w[:128, :128] = -w[:128, :128].abs()  # a block with no positive value
+    w[130, :] = 0  # an all-zero row
+    fp8 = Fp8BlockCodec()
+    parts = fp8.encode(w)
+    dst = PackQuantizedCodec(bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype)
+    fused, plain = transcode(fp8, parts, dst), dst.encode(fp8.decode(parts))
+    assert fused.keys() == plain.keys()
+    for name in plain:
+        assert torch.equal(fused[name], plain[name]), name
+    parts["weight"].view(torch.uint8)[3, 5] = 0x7F
+    with pytest.raises(MoeportError, match="experts.1.down_proj.weight: FP8 weight contains NaN codes"):
+        transcode(fp8, parts, dst, where="experts.1.down_proj")

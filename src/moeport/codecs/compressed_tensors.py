@@ -16,7 +16,7 @@ import torch
 from moeport.codecs import cpu_kernels
 from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, need
 from moeport.codecs.fp8 import Fp8ScaledCodec
-from moeport.codecs.int_rtn import rtn_dequantize, rtn_quantize
+from moeport.codecs.int_rtn import group_size_of, rtn_codes, rtn_dequantize, rtn_params
 from moeport.codecs.packing import pack_int32, unpack_int32
 from moeport.errors import MoeportError
 
@@ -57,15 +57,21 @@ class PackQuantizedCodec:
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         n, k = weight.shape
         offset = 2 ** (self.bits - 1)
-        if cpu_kernels.rtn_pack_supported(weight, self.bits, self.group_size, self.scale_dtype):
-            packed, scale, zero = cpu_kernels.rtn_pack(
-                weight, self.bits, self.group_size, self.symmetric, self.scale_dtype
-            )
+        scale, zero = rtn_params(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
+        group = group_size_of(k, self.group_size)
+        if cpu_kernels.quantize_pack_supported(weight, self.bits, group):
+            packed = cpu_kernels.quantize_pack(weight, scale, zero, self.bits, group)
         else:
-            q = rtn_quantize(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
-            packed, scale, zero = pack_int32(q.codes.to(torch.int32) + offset, self.bits), q.scale, q.zero
+            packed = pack_int32(rtn_codes(weight, self.bits, scale, zero).to(torch.int32) + offset, self.bits)
+        return self.assemble(n, k, packed, scale, zero)
+
+    def assemble(
+        self, n: int, k: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The compressed-tensors parts from packed codes, stored scales and (float) zero points."""
         out = {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor([n, k])}
         if zero is not None:
+            offset = 2 ** (self.bits - 1)
             out["weight_zero_point"] = pack_int32(zero.to(torch.int32) + offset, self.bits, dim=0)
         return out
 

@@ -64,7 +64,8 @@ class Fp8BlockCodec:
     def required(self) -> tuple[str, ...]:
         return ("weight", self.scale_name)
 
-    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+    def checked(self, parts: Parts, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and its float32 block scales, after every check a decode needs."""
         need(parts, self.required, where, self.name)
         w, s = parts["weight"], parts[self.scale_name]
         check_dtype(w, (torch.float8_e4m3fn,), where, "weight")
@@ -72,7 +73,12 @@ class Fp8BlockCodec:
         n, k = w.shape[-2:]
         bn, bk = self.block
         check_shape(s, (*w.shape[:-2], cdiv(n, bn), cdiv(k, bk)), where, self.scale_name)
-        scale = check_finite(e8m0_from_bytes(s), where, self.scale_name)
+        return w, check_finite(e8m0_from_bytes(s), where, self.scale_name)
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        w, scale = self.checked(parts, where)
+        n, k = w.shape[-2:]
+        bn, bk = self.block
         w2, scale2 = w.reshape(-1, n, k), scale.reshape(-1, *scale.shape[-2:])
         if cpu_kernels.AVAILABLE and w.device.type == "cpu":
             check_no_nan_codes(w, where)

@@ -39,13 +39,14 @@ def _groups(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], k // g, g)
 
 
-def rtn_quantize(
-    weight: torch.Tensor,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    scale_dtype: torch.dtype = torch.float32,
-) -> IntQuantized:
+def group_size_of(k: int, group_size: int | None) -> int:
+    return k if group_size in (None, -1) else group_size
+
+
+def rtn_params(
+    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group scale (as stored, in scale_dtype) and zero point (float, asymmetric only)."""
     qmin, qmax = int_range(bits)
     g = _groups(weight.float(), group_size)
     lo = g.amin(-1).clamp(max=0)
@@ -56,13 +57,30 @@ def rtn_quantize(
         scale = divide(hi - lo, qmax - qmin)
     eps = torch.finfo(scale_dtype).eps if scale_dtype.is_floating_point else 1e-8
     stored = torch.where(scale == 0, torch.full_like(scale, eps), scale).to(scale_dtype)
-    s = stored.float()
-    zero = None
-    if not symmetric:
-        zero = torch.round((qmin - lo / s).clamp(qmin, qmax))
-    shifted = g / s.unsqueeze(-1) + (0 if zero is None else zero.unsqueeze(-1))
-    codes = torch.round(shifted).clamp(qmin, qmax).to(torch.int8).reshape(weight.shape)
-    return IntQuantized(codes, stored, None if zero is None else zero.to(torch.int8))
+    zero = None if symmetric else torch.round((qmin - lo / stored.float()).clamp(qmin, qmax))
+    return stored, zero
+
+
+def rtn_codes(
+    weight: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor | None
+) -> torch.Tensor:
+    """Signed int8 codes of `weight` for the given per-group scale/zero."""
+    qmin, qmax = int_range(bits)
+    g = weight.float().reshape(*weight.shape[:-1], scale.shape[-1], -1)
+    shifted = g / scale.float().unsqueeze(-1) + (0 if zero is None else zero.unsqueeze(-1))
+    return torch.round(shifted).clamp(qmin, qmax).to(torch.int8).reshape(weight.shape)
+
+
+def rtn_quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float32,
+) -> IntQuantized:
+    scale, zero = rtn_params(weight, bits, group_size, symmetric, scale_dtype)
+    codes = rtn_codes(weight, bits, scale, zero)
+    return IntQuantized(codes, scale, None if zero is None else zero.to(torch.int8))
 
 
 def rtn_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
