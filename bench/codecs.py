@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import torch
 
 from moeport.codecs import (
@@ -202,6 +203,7 @@ def main() -> None:
             for n in threads:
                 if n:
                     torch.set_num_threads(n)
+                    numba.set_num_threads(n)  # the CPU kernels run on numba's threads
                 weights = expert_weights(args.mb, device)
                 where = f"{device}" + (f", {n} thread(s)" if n else f" ({torch.cuda.get_device_name()})")
                 print(f"\nthroughput on {where}, {args.mb} MB of BF16 experts {SHAPE}")

@@ -36,12 +36,35 @@ if AVAILABLE:
                 for j in range(jb * bk, min(k, (jb + 1) * bk)):
                     out[i, j] = lut[w[i, j]] * s
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _round_pack_group(quot, qmin, qmax, offset, bits, packed_row, base):  # pragma: no cover - compiled
+        """Round half to even, clamp, offset and pack one group of quotients (element 2j low nibble).
+
+        Plain loops over the group so LLVM vectorises each (one fused loop ran 3x slower).
+        """
+        for j in range(quot.shape[0]):
+            q = np.rint(quot[j])
+            quot[j] = qmax if q > qmax else (qmin if q < qmin else q)
+        if bits == 4:
+            for j in range(quot.shape[0] // 2):
+                lo_code = np.uint8(np.int32(quot[2 * j]) + offset)
+                hi_code = np.uint8(np.int32(quot[2 * j + 1]) + offset)
+                packed_row[base // 2 + j] = lo_code | (hi_code << np.uint8(4))
+        else:
+            for j in range(quot.shape[0]):
+                packed_row[base + j] = np.uint8(np.int32(quot[j]) + offset)
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _round_bf16(s, bits32, as_u32):  # pragma: no cover - compiled
+        """Round-to-nearest-even to bf16 on the bit pattern, as torch's cast does."""
+        bits32[0] = s
+        u = as_u32[0]
+        as_u32[0] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        return bits32[0]
+
     @njit(cache=True, nogil=True, parallel=True)
     def _quantize_pack(x, scale, zero, bits, group, packed):  # pragma: no cover - compiled
-        """codes = clamp(rint(x / scale + zero)) + offset, packed LSB-first; scales/zeros given per group.
-
-        Three plain loops per group so LLVM vectorises each (one fused loop ran 3x slower).
-        """
+        """codes = clamp(rint(x / scale + zero)) + offset, packed LSB-first; scales/zeros given per group."""
         n, k = x.shape
         qmin = np.float32(-(2 ** (bits - 1)))
         qmax = np.float32(2 ** (bits - 1) - 1)
@@ -54,17 +77,7 @@ if AVAILABLE:
                 base = g * group
                 for j in range(group):
                     quot[j] = x[i, base + j] / s + z
-                for j in range(group):
-                    q = np.rint(quot[j])
-                    quot[j] = qmax if q > qmax else (qmin if q < qmin else q)
-                if bits == 4:
-                    for j in range(group // 2):
-                        lo_code = np.uint8(np.int32(quot[2 * j]) + offset)
-                        hi_code = np.uint8(np.int32(quot[2 * j + 1]) + offset)
-                        packed[i, base // 2 + j] = lo_code | (hi_code << np.uint8(4))
-                else:
-                    for j in range(group):
-                        packed[i, base + j] = np.uint8(np.int32(quot[j]) + offset)
+                _round_pack_group(quot, qmin, qmax, offset, bits, packed[i], base)
 
     @njit(cache=True, nogil=True, parallel=True)
     def _fp8_block_to_int(  # pragma: no cover - compiled
@@ -104,13 +117,8 @@ if AVAILABLE:
                 s = (-lo if -lo > hi else hi) / half_range if symmetric else (hi - lo) / full_range
                 if s == 0:
                     s = eps
-                if bf16_scale:  # round-to-nearest-even to bf16 on the bit pattern, as torch's cast does
-                    bits32[0] = s
-                    u = as_u32[0]
-                    as_u32[0] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(
-                        0xFFFF0000
-                    )
-                    s = bits32[0]
+                if bf16_scale:
+                    s = _round_bf16(s, bits32, as_u32)
                 scale[i, g] = s
                 z = np.float32(0.0)
                 if not symmetric:
@@ -119,17 +127,7 @@ if AVAILABLE:
                     zero[i, g] = z
                 for j in range(group):
                     quot[j] = (lut[w[i, base + j]] * sb) / s + z
-                for j in range(group):
-                    q = np.rint(quot[j])
-                    quot[j] = qmax if q > qmax else (qmin if q < qmin else q)
-                if bits == 4:
-                    for j in range(group // 2):
-                        lo_code = np.uint8(np.int32(quot[2 * j]) + offset)
-                        hi_code = np.uint8(np.int32(quot[2 * j + 1]) + offset)
-                        packed[i, base // 2 + j] = lo_code | (hi_code << np.uint8(4))
-                else:
-                    for j in range(group):
-                        packed[i, base + j] = np.uint8(np.int32(quot[j]) + offset)
+                _round_pack_group(quot, qmin, qmax, offset, bits, packed[i], base)
 
 
 def fp8_block_dequant(
