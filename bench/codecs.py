@@ -3,9 +3,10 @@
     python bench/codecs.py --mb 256                       # throughput + our RTN error table
     python bench/codecs.py --mb 64 --llmc-python /tmp/llmc/bin/python   # + llmcompressor's RTN, same tensors
 
-Throughput is GB/s of BF16 source bytes (for decode: of the bytes the encode consumed), median of 3
-runs, on one thread and on all threads; the FP8-block -> INT4 rows count FP8 input bytes (weight +
-scales), once as decode-then-encode and once through `transcode` (fused kernel on CPU).
+Throughput is GB/s of BF16 source bytes (for decode: of the bytes the encode consumed), median of
+5 runs after a warm-up, on one thread and on all threads; the FP8-block -> INT4 rows count FP8
+input bytes (weight + scales), once as decode-then-encode and once through `transcode` (fused
+kernel on CPU).
 The llmcompressor comparison writes the same tensors as a checkpoint, runs its model-free PTQ
 (RTN) in the given interpreter (a separate venv: it pins its own compressed-tensors), decodes its
 output with compressed-tensors' layout and reports both errors.
@@ -45,7 +46,9 @@ def expert_weights(mb: int, device: str) -> list[torch.Tensor]:
     return [(torch.randn(SHAPE, generator=g) * 0.02).to(torch.bfloat16).to(device) for _ in range(count)]
 
 
-def timed(fn, reps: int = 3) -> float:
+def timed(fn, reps: int = 5) -> float:
+    """Median wall time of `reps` runs after one warm-up run (which also compiles numba kernels)."""
+    fn()
     times = []
     for _ in range(reps):
         if torch.cuda.is_available():
