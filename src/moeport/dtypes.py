@@ -54,10 +54,6 @@ def nbytes_of(name: str, shape: tuple[int, ...] | list[int]) -> int:
     return numel * bits_of(name) // 8
 
 
-def torch_dtype_of(name: str) -> torch.dtype:
-    return _SAFETENSORS_DTYPES[name][0]
-
-
 def safetensors_name_of(dtype: torch.dtype) -> str:
     try:
         return _NAME_BY_TORCH[dtype]
@@ -66,4 +62,3 @@ def safetensors_name_of(dtype: torch.dtype) -> str:
 
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
