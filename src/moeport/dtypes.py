@@ -54,6 +54,14 @@ def nbytes_of(name: str, shape: tuple[int, ...] | list[int]) -> int:
     return numel * bits_of(name) // 8
 
 
+def torch_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype string (sub-byte types have none)."""
+    try:
+        return _SAFETENSORS_DTYPES[name][0]
+    except KeyError:
+        raise ValueError(f"safetensors dtype {name} has no torch equivalent") from None
+
+
 def safetensors_name_of(dtype: torch.dtype) -> str:
     try:
         return _NAME_BY_TORCH[dtype]

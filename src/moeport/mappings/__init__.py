@@ -1,0 +1,1 @@
+"""Declarative, invertible, quantization-aware mappings between tensor layouts."""

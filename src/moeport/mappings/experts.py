@@ -1,0 +1,157 @@
+"""Routed experts of one layer from one zoo layout to another, as a chain of invertible ops.
+
+per-expert -> fused: for each companion part, gate and up rows of every expert are concatenated
+(`Concat`, with the part's RowRule) and the experts stacked (`Stack`); down is stacked.
+fused -> per-expert is literally the inverse of the chain the forward direction would build, so
+the two directions cannot drift apart. Layouts are zoo data; there is no per-model code here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moeport.detect.formats import ExpertFormat
+from moeport.errors import MoeportError
+from moeport.mappings.ops import Chain, Concat, Copy, Op, Stack
+from moeport.mappings.rules import row_rules
+from moeport.zoo.families import ROLES, ExpertLayout
+
+FUSED_ROLES = {"gate": "gate_up", "up": "gate_up", "down": "down"}
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """Names of one layer's expert tensors under a layout (prefix is the layer, e.g. 'model.layers.3.')."""
+
+    layout: ExpertLayout
+    prefix: str
+
+    def per_expert(self, e: int, role: str, part: str) -> str:
+        part = part[1:] if part.startswith("_") else part
+        return f"{self.prefix}{self.layout.block}.experts.{e}.{self.layout.projs[role]}.{part}"
+
+    def fused(self, fused_role: str, part: str) -> str:
+        return f"{self.prefix}{self.layout.block}.experts.{self.layout.projs[fused_role]}{fused_suffix(part)}"
+
+
+def fused_suffix(part: str) -> str:
+    """transformers' fused names: weight -> '', weight_scale_inv -> '_scale_inv', bias -> '_bias'."""
+    if part == "weight":
+        return ""
+    if part.startswith("weight_"):
+        return part[len("weight") :]
+    return part if part.startswith("_") else f"_{part}"
+
+
+# parts: role -> {part: source name}; per-expert roles are (e, "gate"|"up"|"down"),
+# fused roles are (-1, "gate_up"|"down").
+Parts = dict[tuple[int, str], dict[str, str]]
+ShapeOf = Callable[[str], tuple[int, ...]]
+RowsOf = Callable[[dict[str, str]], int]  # logical output rows N of a weight given its parts
+
+
+def relayout_experts(
+    parts: Parts,
+    experts: int,
+    src: LayerNames,
+    dst: LayerNames,
+    fmt: ExpertFormat,
+    shape_of: ShapeOf,
+    rows_of: RowsOf,
+) -> list[Op]:
+    """Ops taking the expert tensors named in `parts` (laid out as `src`) to `dst` names."""
+    kind_src, kind_dst = src.layout.kind, dst.layout.kind
+    if kind_src == kind_dst == "per-expert":
+        return [
+            Copy(name, dst.per_expert(e, role, part))
+            for (e, role), group in parts.items()
+            for part, name in group.items()
+        ]
+    if kind_src == kind_dst == "fused":
+        if src.layout.gate_up_interleaved != dst.layout.gate_up_interleaved:
+            raise MoeportError(f"{src.prefix}: re-ordering interleaved gate/up rows is not supported")
+        return [
+            Copy(name, dst.fused(role, part))
+            for (_, role), group in parts.items()
+            for part, name in group.items()
+        ]
+    if kind_src == "per-expert":
+        _check_companions(parts, experts)
+        return _fuse(parts, experts, src, dst, fmt, shape_of, rows_of)
+    # fused -> per-expert: the inverse of fusing `dst`-named experts into these fused tensors.
+    gate_up = parts.get((-1, "gate_up"))
+    down = parts.get((-1, "down"))
+    if gate_up is None or down is None:
+        raise MoeportError(f"{src.prefix}: fused experts need both gate_up and down tensors")
+    rows = rows_of(gate_up)
+    if rows % 2:
+        raise MoeportError(f"{src.fused('gate_up', 'weight')}: {rows} rows cannot be split into gate and up")
+    per_expert: Parts = {}
+    for e in range(experts):
+        for role in ROLES:
+            group = gate_up if role != "down" else down
+            per_expert[(e, role)] = {part: dst.per_expert(e, role, part) for part in group}
+    # One expert's part has the fused part's shape minus the expert dim (only its rank matters here).
+    per_shape = {
+        name: shape_of(parts[(-1, FUSED_ROLES[role])][part])[1:]
+        for (_, role), group in per_expert.items()
+        for part, name in group.items()
+    }
+    forward = _fuse(per_expert, experts, dst, src, fmt, per_shape.__getitem__, lambda _: rows // 2)
+    return [op.inverse() for op in forward]
+
+
+def _fuse(
+    parts: Parts,
+    experts: int,
+    src: LayerNames,
+    dst: LayerNames,
+    fmt: ExpertFormat,
+    shape_of: ShapeOf,
+    rows_of: RowsOf,
+) -> list[Op]:
+    ref = parts[(0, "gate")]
+    rules = row_rules(fmt, {p: shape_of(n) for p, n in ref.items()}, src.per_expert(0, "gate", "weight"))
+    if src.layout.transposed or dst.layout.transposed:
+        raise MoeportError(f"{src.prefix}: fusing transposed (GPT-OSS) experts is not supported")
+    ops: list[Op] = []
+    for part, rule in rules.items():
+        target = dst.fused("gate_up", part)
+        concats: list[Op] = []
+        for e in range(experts):
+            gate, up = parts[(e, "gate")], parts[(e, "up")]
+            rows = (rows_of(gate), rows_of(up))
+            concats.append(
+                Concat((gate[part], up[part]), f"{target}#{e}", rule, rows, dst.layout.gate_up_interleaved)
+            )
+        stack = Stack(tuple(c.outputs[0] for c in concats), target)
+        ops.append(Chain((*concats, stack)))
+    for part in parts[(0, "down")]:
+        ops.append(Stack(tuple(parts[(e, "down")][part] for e in range(experts)), dst.fused("down", part)))
+    return ops
+
+
+def _check_companions(parts: Parts, experts: int) -> None:
+    """Every expert and role must carry the same companion parts as expert 0's gate."""
+    for role in ROLES:
+        ref = parts.get((0, role))
+        if ref is None:
+            raise MoeportError(f"expert 0 has no {role} projection")
+        for e in range(experts):
+            group = parts.get((e, role))
+            if group is None:
+                raise MoeportError(
+                    f"expert {e} has no {role} projection (expert 0 has {next(iter(ref.values()))})"
+                )
+            missing = set(ref) - set(group)
+            if missing:
+                example = next(iter(group.values()))
+                raise MoeportError(
+                    f"{example}: missing companion tensor(s) {sorted(missing)} that expert 0 has"
+                )
+    if set(parts[(0, "gate")]) != set(parts[(0, "up")]):
+        raise MoeportError(
+            f"{next(iter(parts[(0, 'up')].values()))}: gate and up carry different companions "
+            f"{sorted(parts[(0, 'gate')])} vs {sorted(parts[(0, 'up')])}"
+        )

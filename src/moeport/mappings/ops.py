@@ -1,0 +1,313 @@
+"""Mapping primitives over named tensors; each one knows its inverse.
+
+An op reads named inputs and returns named outputs (lazily, see values.py). Re-laying out experts
+is a chain of them: per expert, gate and up rows are concatenated (`Concat`), then the experts are
+stacked (`Stack`); the inverse chain unstacks and splits. Companion tensors (scales, zero points)
+get the same ops with their own `RowRule`, so block scales split on block boundaries and 0-d scales
+are duplicated on split and must agree on merge.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from moeport.errors import MoeportError
+from moeport.mappings.rules import RowRule
+from moeport.mappings.values import Lazy, Memo, Value, fill_into, is_meta, realize, shape_of
+
+
+class Op(ABC):
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @abstractmethod
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]: ...
+
+    @abstractmethod
+    def inverse(self) -> Op: ...
+
+
+@dataclass(frozen=True)
+class Copy(Op):
+    """A rename of one tensor (the data is passed through untouched)."""
+
+    source: str
+    target: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.source,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.target,)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        return {self.target: values[self.source]}
+
+    def inverse(self) -> Op:
+        return Copy(self.target, self.source)
+
+
+@dataclass(frozen=True)
+class Transpose(Op):
+    source: str
+    target: str
+    dims: tuple[int, int] = (-2, -1)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.source,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.target,)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        v = values[self.source]
+        shape = list(shape_of(v))
+        a, b = self.dims
+        shape[a], shape[b] = shape[b], shape[a]
+        memo = Memo(v)
+        return {
+            self.target: Lazy(
+                tuple(shape), v.dtype, is_meta(v), produce=lambda: memo().transpose(a, b).contiguous()
+            )
+        }
+
+    def inverse(self) -> Op:
+        return Transpose(self.target, self.source, self.dims)
+
+
+@dataclass(frozen=True)
+class Stack(Op):
+    """Experts [N, K] -> [E, N, K] (0-d scales become [E])."""
+
+    sources: tuple[str, ...]
+    target: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.sources
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.target,)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        pieces = [values[s] for s in self.sources]
+        first = pieces[0]
+        for name, p in zip(self.sources, pieces, strict=True):
+            if shape_of(p) != shape_of(first) or p.dtype != first.dtype:
+                raise MoeportError(
+                    f"{name}: {p.dtype}{list(shape_of(p))} cannot be stacked with "
+                    f"{self.sources[0]}: {first.dtype}{list(shape_of(first))}"
+                )
+
+        def fill(out: torch.Tensor) -> None:
+            for i, p in enumerate(pieces):
+                fill_into(p, out[i])
+
+        meta = any(is_meta(p) for p in pieces)
+        return {self.target: Lazy((len(pieces), *shape_of(first)), first.dtype, meta, fill=fill)}
+
+    def inverse(self) -> Op:
+        return Unstack(self.target, self.sources)
+
+
+@dataclass(frozen=True)
+class Unstack(Op):
+    source: str
+    targets: tuple[str, ...]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.source,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.targets
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        v = values[self.source]
+        shape = shape_of(v)
+        if not shape or shape[0] != len(self.targets):
+            raise MoeportError(
+                f"{self.source}: shape {list(shape)}, expected {len(self.targets)} experts along dim 0"
+            )
+        memo = Memo(v)
+        return {
+            t: Lazy(shape[1:], v.dtype, is_meta(v), produce=lambda i=i: memo()[i])
+            for i, t in enumerate(self.targets)
+        }
+
+    def inverse(self) -> Op:
+        return Stack(self.targets, self.source)
+
+
+def _units(rule: RowRule, rows: tuple[int, ...], where: str) -> list[int]:
+    """Stored length of each piece along the rule's axis; every piece but the last must be aligned."""
+    for r in rows[:-1]:
+        if r % rule.per:
+            raise MoeportError(
+                f"{where}: pieces of {list(rows)} rows are not aligned to its {rule.per}-row blocks; "
+                "gate/up cannot be fused or split without re-quantizing"
+            )
+    return [r // rule.per for r in rows[:-1]] + [-(-rows[-1] // rule.per)]
+
+
+@dataclass(frozen=True)
+class Concat(Op):
+    """Rows of gate and up (in weight rows `rows`) into one tensor, along the part's own N axis."""
+
+    sources: tuple[str, ...]
+    target: str
+    rule: RowRule
+    rows: tuple[int, ...]
+    interleave: bool = False  # GPT-OSS: output rows alternate gate, up
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.sources
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.target,)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        pieces = [values[s] for s in self.sources]
+        if self.rule.axis is None:
+            return {self.target: _agree(self.sources, pieces)}
+        axis = self.rule.axis
+        units = _units(self.rule, self.rows, self.target)
+        if self.interleave and (self.rule.per != 1 or len(set(self.rows)) != 1):
+            raise MoeportError(f"{self.target}: interleaved fusing needs equal, unpacked row counts")
+        for name, p, n in zip(self.sources, pieces, units, strict=True):
+            shape = shape_of(p)
+            if len(shape) < -axis or shape[axis] != n:
+                raise MoeportError(f"{name}: shape {list(shape)}, expected {n} along axis {axis}")
+        shape = list(shape_of(pieces[0]))
+        shape[axis] = sum(units)
+
+        def fill(out: torch.Tensor) -> None:
+            if self.interleave:
+                ax = axis % out.ndim
+                grouped = out.unflatten(ax, (units[0], len(pieces)))
+                for i, p in enumerate(pieces):
+                    fill_into(p, grouped.select(ax + 1, i))
+                return
+            start = 0
+            for p, n in zip(pieces, units, strict=True):
+                fill_into(p, out.narrow(axis, start, n))
+                start += n
+
+        meta = any(is_meta(p) for p in pieces)
+        return {self.target: Lazy(tuple(shape), pieces[0].dtype, meta, fill=fill)}
+
+    def inverse(self) -> Op:
+        return Split(self.target, self.sources, self.rule, self.rows, self.interleave)
+
+
+@dataclass(frozen=True)
+class Split(Op):
+    """Inverse of Concat: views of the rows of each piece (0-d parts are duplicated)."""
+
+    source: str
+    targets: tuple[str, ...]
+    rule: RowRule
+    rows: tuple[int, ...]
+    interleave: bool = False
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.source,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.targets
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        v = values[self.source]
+        if self.rule.axis is None:
+            return dict.fromkeys(self.targets, v)
+        axis = self.rule.axis
+        units = _units(self.rule, self.rows, self.source)
+        shape = list(shape_of(v))
+        if len(shape) < -axis or shape[axis] != sum(units):
+            raise MoeportError(
+                f"{self.source}: shape {shape}, expected {sum(units)} along axis {axis} "
+                f"(pieces of {list(self.rows)} rows)"
+            )
+        memo = Memo(v)
+        meta = is_meta(v)
+        out: dict[str, Value] = {}
+        start = 0
+        for i, (t, n) in enumerate(zip(self.targets, units, strict=True)):
+            piece_shape = list(shape)
+            piece_shape[axis] = n
+            if self.interleave:
+                produce = self._interleaved(memo, axis, len(units), i)
+            else:
+                produce = self._narrowed(memo, axis, start, n)
+            out[t] = Lazy(tuple(piece_shape), v.dtype, meta, produce=produce)
+            start += n
+        return out
+
+    @staticmethod
+    def _narrowed(memo: Memo, axis: int, start: int, n: int):
+        return lambda: memo().narrow(axis, start, n)
+
+    @staticmethod
+    def _interleaved(memo: Memo, axis: int, count: int, i: int):
+        def produce() -> torch.Tensor:
+            x = memo()
+            ax = axis % x.ndim
+            return x.unflatten(ax, (x.shape[ax] // count, count)).select(ax + 1, i)
+
+        return produce
+
+    def inverse(self) -> Op:
+        return Concat(self.targets, self.source, self.rule, self.rows, self.interleave)
+
+
+def _agree(names: tuple[str, ...], pieces: list[Value]) -> Value:
+    """Parts without an N axis (0-d scales) must be equal to be merged."""
+    first = pieces[0]
+    if is_meta(first):
+        return first
+    ref = realize(first)
+    for name, p in zip(names[1:], pieces[1:], strict=True):
+        if not is_meta(p) and not torch.equal(realize(p), ref):
+            raise MoeportError(
+                f"{name}: differs from {names[0]} ({realize(p).flatten()[:4].tolist()} vs "
+                f"{ref.flatten()[:4].tolist()}); tensors with one shared scale cannot be merged "
+                "without re-quantizing"
+            )
+    return first
+
+
+@dataclass(frozen=True)
+class Chain(Op):
+    ops: tuple[Op, ...]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        produced = {o for op in self.ops for o in op.outputs}
+        return tuple(i for op in self.ops for i in op.inputs if i not in produced)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        consumed = {i for op in self.ops for i in op.inputs}
+        return tuple(o for op in self.ops for o in op.outputs if o not in consumed)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        env = dict(values)
+        for op in self.ops:
+            env.update(op.apply({n: env.pop(n) for n in op.inputs}))
+        return {o: env[o] for o in self.outputs}
+
+    def inverse(self) -> Op:
+        return Chain(tuple(op.inverse() for op in reversed(self.ops)))

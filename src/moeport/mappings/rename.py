@@ -1,0 +1,71 @@
+"""Renames of tensor keys as data: pairs of dotted name fragments, applied on whole segments.
+
+Substring replacement is not invertible in general ('.attn.' -> '.self_attn.' eats the dot that
+'.attn.norm.' needs), so keys are split on dots and every pair matches whole segments, longest
+fragment first, in one simultaneous pass. The inverse swaps the pairs; `check` proves on the
+actual keys that the rename is one-to-one and that the inverse gives every key back.
+A fragment starting with '^' only matches at the start of a key (e.g. '^head' -> 'lm_head').
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from moeport.errors import MoeportError
+
+
+@dataclass(frozen=True)
+class Rename:
+    pairs: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        sources = [a for a, _ in self.pairs]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"rename has a fragment twice: {sources}")
+
+    def inverse(self) -> Rename:
+        return Rename(tuple((b, a) for a, b in self.pairs))
+
+    def __call__(self, key: str) -> str:
+        if not self.pairs:
+            return key
+        segments = key.split(".")
+        rules = sorted(
+            ((_segments(a), _segments(b), a.startswith("^") or b.startswith("^")) for a, b in self.pairs),
+            key=lambda r: -len(r[0]),
+        )
+        out: list[str] = []
+        i = 0
+        while i < len(segments):
+            for src, dst, anchored in rules:
+                if anchored and i != 0:
+                    continue
+                if segments[i : i + len(src)] == src:
+                    out.extend(dst)
+                    i += len(src)
+                    break
+            else:
+                out.append(segments[i])
+                i += 1
+        return ".".join(out)
+
+    def check(self, keys: Iterable[str], where: str) -> None:
+        """Refuse a rename that merges two keys or does not invert on these keys."""
+        inverse = self.inverse()
+        seen: dict[str, str] = {}
+        for key in keys:
+            new = self(key)
+            if new in seen and seen[new] != key:
+                raise MoeportError(f"{where}: renaming maps both '{seen[new]}' and '{key}' to '{new}'")
+            seen[new] = key
+            back = inverse(new)
+            if back != key:
+                raise MoeportError(f"{where}: renaming '{key}' -> '{new}' does not invert (gives '{back}')")
+
+
+def _segments(fragment: str) -> list[str]:
+    return fragment.removeprefix("^").split(".")
+
+
+IDENTITY = Rename(())

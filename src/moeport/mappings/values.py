@@ -1,0 +1,76 @@
+"""Lazy tensor values, so a chain of mapping ops never holds more than the tensor being written.
+
+A mapping op does not compute its output when applied; it returns a `Lazy` that knows its shape and
+dtype and how to produce itself, or how to fill a slice of a bigger tensor (a stack of experts fills
+each expert's slice directly from its sources, with no temporary per expert). Applying the same ops
+to `meta` sources gives the output plan (names, shapes, dtypes) without reading any data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Lazy:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    meta: bool = False  # planning only: never realised with data
+    produce: Callable[[], torch.Tensor] | None = None  # returns the value (may be a view)
+    fill: Callable[[torch.Tensor], None] | None = None  # writes the value into a given tensor
+
+    def realize(self) -> torch.Tensor:
+        if self.meta:
+            return torch.empty(self.shape, dtype=self.dtype, device="meta")
+        if self.produce is not None:
+            return self.produce()
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self.fill_into(out)
+        return out
+
+    def fill_into(self, out: torch.Tensor) -> None:
+        if self.meta or out.is_meta:
+            return
+        if self.fill is not None:
+            self.fill(out)
+        else:
+            out.copy_(self.produce())
+
+
+Value = torch.Tensor | Lazy
+
+
+def realize(v: Value) -> torch.Tensor:
+    return v.realize() if isinstance(v, Lazy) else v
+
+
+def fill_into(v: Value, out: torch.Tensor) -> None:
+    if isinstance(v, Lazy):
+        v.fill_into(out)
+    elif not out.is_meta and not v.is_meta:
+        out.copy_(v)
+
+
+def shape_of(v: Value) -> tuple[int, ...]:
+    return tuple(v.shape)
+
+
+def is_meta(v: Value) -> bool:
+    return v.meta if isinstance(v, Lazy) else v.is_meta
+
+
+class Memo:
+    """Realise a value once and share it (the outputs of an unstack are views of one tensor)."""
+
+    def __init__(self, value: Value):
+        self._value = value
+        self._tensor: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._tensor is None:
+            self._tensor = realize(self._value)
+            self._value = None  # type: ignore[assignment]
+        return self._tensor
