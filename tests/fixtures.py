@@ -155,5 +155,5 @@ def quantize_fp8_block(src: Path, out: Path) -> Path:
 
 def _is_quantized_linear(key: str, value: torch.Tensor) -> bool:
     """Linear weights of attention and MLPs; router, embeddings, lm_head and norms stay in BF16."""
-    skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "router", "_bias", "shared_expert_gate")
+    skip = ("embed_tokens", "head.weight", "norm", "mlp.gate.", "router", "_bias", "shared_expert_gate")
     return value.ndim >= 2 and value.is_floating_point() and not any(s in key for s in skip)

@@ -78,6 +78,28 @@ def _print_inspect(r: dict) -> None:
 
 
 @app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Source checkpoint folder.")],
+    dst: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
+    to: Annotated[str, typer.Option("--to", help="Target: hf (Hugging Face safetensors).")] = "hf",
+    layout: Annotated[
+        str, typer.Option(help="hub (per-expert names, as on the Hub) or fused (transformers v5).")
+    ] = "hub",
+    dtype: Annotated[
+        str, typer.Option(help="keep (re-layout only, scales carried along), or bf16/fp16/fp32 (dequantize).")
+    ] = "keep",
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty DST.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
+) -> None:
+    """Convert a checkpoint, layer by layer, with memory bounded by one layer."""
+    from moeport.cli.convert import run_convert
+
+    run_convert(src, dst, to, layout, dtype, max_shard_size, dry_run, overwrite, quiet, out)
+
+
+@app.command()
 def demo(
     out_dir: Annotated[Path, typer.Argument(help="Where to write the example checkpoint.")] = Path(
         "demo-out"

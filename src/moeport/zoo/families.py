@@ -88,11 +88,44 @@ class Family:
     router_bias: tuple[str, ...] = ()
     shared_expert: str | None = None  # sub-module name of shared experts, relative to the block
     fields: ConfigFields = field(default_factory=ConfigFields)
+    # Non-expert key renames from the hub layout to transformers' fused layout: pairs of dotted
+    # fragments matched on whole segments (see mappings.rename); the reverse direction swaps them.
+    fused_renames: tuple[tuple[str, str], ...] = ()
 
     @property
     def layouts(self) -> tuple[ExpertLayout, ...]:
         return (self.hub,) if self.hub == self.fused else (self.hub, self.fused)
 
+
+# DeepSeek-V4's reference names vs transformers' (checked against transformers' own save, both ways).
+DSV4_RENAMES: tuple[tuple[str, str], ...] = (
+    ("^head", "lm_head"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("hc_attn_fn", "attn_hc.fn"),
+    ("hc_attn_base", "attn_hc.base"),
+    ("hc_attn_scale", "attn_hc.scale"),
+    ("hc_ffn_fn", "ffn_hc.fn"),
+    ("hc_ffn_base", "ffn_hc.base"),
+    ("hc_ffn_scale", "ffn_hc.scale"),
+    ("attn", "self_attn"),
+    ("attn.attn_sink", "self_attn.sinks"),
+    ("attn.norm", "self_attn.kv_norm"),
+    ("compressor.norm", "compressor.kv_norm"),
+    ("compressor.ape", "compressor.position_bias"),
+    ("wq_a", "q_a_proj"),
+    ("wq_b", "q_b_proj"),
+    ("wkv", "kv_proj"),
+    ("wgate", "gate_proj"),
+    ("wo_a", "o_a_proj"),
+    ("wo_b", "o_b_proj"),
+    ("q_norm", "q_a_norm"),
+    ("ffn", "mlp"),
+    ("gate.bias", "gate.e_score_correction_bias"),
+    ("shared_experts.w1", "shared_experts.gate_proj"),
+    ("shared_experts.w2", "shared_experts.down_proj"),
+    ("shared_experts.w3", "shared_experts.up_proj"),
+)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -112,6 +145,7 @@ FAMILIES: tuple[Family, ...] = (
         router_bias=("gate.bias", "gate.tid2eid"),
         shared_expert="shared_experts",
         fields=ConfigFields(first_dense=()),
+        fused_renames=DSV4_RENAMES,
     ),
     Family(
         "qwen2_moe",
@@ -162,8 +196,16 @@ FAMILIES: tuple[Family, ...] = (
         hub=HUB_W123,
         router_bias=("e_score_correction_bias",),
         fields=MIXTRAL_FIELDS,
+        fused_renames=(("block_sparse_moe", "mlp"),),
     ),
-    Family("mixtral", "Mixtral", ("mixtral",), hub=HUB_W123, fields=MIXTRAL_FIELDS),
+    Family(
+        "mixtral",
+        "Mixtral",
+        ("mixtral",),
+        hub=HUB_W123,
+        fields=MIXTRAL_FIELDS,
+        fused_renames=(("block_sparse_moe", "mlp"),),
+    ),
     Family(
         "gpt_oss",
         "GPT-OSS",

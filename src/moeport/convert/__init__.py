@@ -1,0 +1,1 @@
+"""Conversion recipes: plan (ops per layer, output specs) and streaming execution."""

@@ -1,0 +1,139 @@
+"""Dequantizing as a step of a conversion: `Decode` (parts -> float tensor) and `Cast`.
+
+Both produce lazy values (see mappings.values), so a decoded expert is written straight into its
+slice of a stacked output. A 3-D (stacked experts) weight is decoded one expert at a time: the
+float32 temporary is one expert, never the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeport.codecs.base import Codec
+from moeport.codecs.registry import codec_for
+from moeport.detect.formats import PASSIVE_PARTS, ExpertFormat, Part, classify
+from moeport.errors import MoeportError
+from moeport.mappings.ops import Op
+from moeport.mappings.values import Lazy, Value, is_meta, realize, shape_of
+
+FLOAT_FORMATS = {"bf16", "fp16", "fp32", "fp64"}
+# Parts that mean "this group is quantized" (a float `weight` alone is not).
+QUANTIZED_MARKERS = ("qweight", "weight_packed", "_blocks")
+# Activation-quantization parameters: meaningless once weights are dequantized.
+ACTIVATION_PARTS = frozenset({"input_scale", "input_global_scale", "activation_scale"})
+
+
+def decoded_shape(fmt: ExpertFormat, shapes: dict[str, tuple[int, ...]], where: str) -> tuple[int, ...]:
+    """Logical [.., N, K] of a weight stored as `fmt`, from its parts' shapes (no data read)."""
+    name = fmt.name
+    try:
+        if name in FLOAT_FORMATS or name.startswith("fp8"):
+            return shapes["weight"]
+        if name == "mxfp4" and fmt.params.get("variant") == "gpt-oss":
+            b = shapes["_blocks"]
+            return (*b[:-2], b[-2] * b[-1] * 2)
+        if name in ("mxfp4", "nvfp4"):
+            w = shapes["weight"]
+            return (*w[:-1], w[-1] * 2)
+        if name == "gptq":
+            q = shapes["qweight"]
+            return (*q[:-2], q[-1], q[-2] * 8)
+        if name == "awq":
+            q = shapes["qweight"]
+            return (*q[:-2], q[-1] * 8, q[-2])
+        if name == "ct-pack-quantized":
+            p = shapes["weight_packed"]
+            return (*p[:-1], p[-1] * 32 // int(fmt.params.get("num_bits", 4)))
+    except KeyError as exc:
+        raise MoeportError(f"{where}: {fmt.describe()} weight without its '{exc.args[0]}' tensor") from None
+    raise MoeportError(f"{where}: cannot dequantize format {fmt.describe()}")
+
+
+@dataclass(frozen=True)
+class Decode(Op):
+    """Parts of one weight (2-D, or 3-D stacked experts) -> a float tensor of `dtype`."""
+
+    parts: tuple[tuple[str, str], ...]  # (part, source name)
+    target: str
+    fmt: ExpertFormat
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    transpose: bool = False  # GPT-OSS: unquantized experts are stored [E, K, N]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(name for _, name in self.parts)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.target,)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        named = {part: values[name] for part, name in self.parts}
+        meta = any(is_meta(v) for v in named.values())
+        codec = codec_for(self.fmt)
+        shape = (*self.shape[:-2], self.shape[-1], self.shape[-2]) if self.transpose else self.shape
+
+        def fill(out: torch.Tensor) -> None:
+            tensors = {p: realize(v) for p, v in named.items()}
+            if len(self.shape) == 2:
+                _decode_into(codec, tensors, out, self.transpose, self.target)
+                return
+            experts = self.shape[0]
+            for e in range(experts):
+                one = {p: t[e] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}
+                _decode_into(codec, one, out[e], self.transpose, f"{self.target}[{e}]")
+
+        return {self.target: Lazy(shape, self.dtype, meta, fill=fill)}
+
+    def inverse(self) -> Op:
+        raise MoeportError(f"{self.target}: dequantizing is lossy and has no inverse")
+
+
+def _decode_into(
+    codec: Codec, parts: dict[str, torch.Tensor], out: torch.Tensor, transpose: bool, where: str
+) -> None:
+    w = codec.decode(parts, where)
+    out.copy_(w.transpose(-1, -2) if transpose else w)
+
+
+@dataclass(frozen=True)
+class Cast(Op):
+    source: str
+    target: str
+    dtype: torch.dtype
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.source,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.target,)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        v = values[self.source]
+        return {
+            self.target: Lazy(shape_of(v), self.dtype, is_meta(v), fill=lambda out: out.copy_(realize(v)))
+        }
+
+    def inverse(self) -> Op:
+        raise MoeportError(f"{self.target}: a dtype cast is not inverted (it may be lossy)")
+
+
+def weight_format(parts: dict[str, Part], quant: dict, where: str) -> ExpertFormat | None:
+    """The format of a group of tensors sharing a prefix, or None when it is not a quantized weight."""
+    weight = parts.get("weight")
+    quantized = any(m in parts for m in QUANTIZED_MARKERS) or (
+        weight is not None and weight.dtype not in ("BF16", "F16", "F32", "F64")
+    )
+    if not quantized:
+        return None
+    fmt = classify(parts, quant, where)
+    return None if fmt.name in FLOAT_FORMATS else fmt
+
+
+def active_parts(parts: dict[str, str]) -> dict[str, str]:
+    return {p: n for p, n in parts.items() if p not in PASSIVE_PARTS}

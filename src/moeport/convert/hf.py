@@ -1,0 +1,217 @@
+"""Recipe `--to hf`: a Hugging Face checkpoint in the hub or transformers-fused layout.
+
+Everything model-specific comes from the zoo (expert layouts, non-expert renames); this module only
+strings the mapping ops together, layer by layer: optional dequantize/cast of each weight, then
+the expert re-layout, then renames of the other tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from moeport.convert.dequantize import (
+    ACTIVATION_PARTS,
+    FLOAT_FORMATS,
+    Cast,
+    Decode,
+    active_parts,
+    decoded_shape,
+    weight_format,
+)
+from moeport.convert.plan import Plan, Unit, finalize
+from moeport.detect.detection import Detection
+from moeport.detect.formats import ExpertFormat, Part
+from moeport.detect.layout import layer_prefix_pattern, match_layout
+from moeport.dtypes import safetensors_name_of
+from moeport.errors import MoeportError
+from moeport.mappings.experts import FUSED_ROLES, LayerNames, Parts, relayout_experts
+from moeport.mappings.ops import Chain, Copy, Op
+from moeport.mappings.rename import IDENTITY, Rename
+from moeport.sources.checkpoint import Checkpoint
+from moeport.zoo.model_config import ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def plan_hf(ck: Checkpoint, det: Detection, layout: str, dtype: torch.dtype | None) -> Plan:
+    """Plan the conversion of `ck` to the `layout` ('hub'|'fused') names, in `dtype` (None: keep)."""
+    family = det.family
+    dst_layout = family.hub if layout == "hub" else family.fused
+    rename = _rename_between(det, layout)
+    quant = ModelConfig(ck.config or {}).quantization_config or {}
+    builder = _Builder(ck, quant, dtype)
+
+    match = match_layout(ck.keys(), det.layout, det.layer_prefix)
+    layers = match.layers if match else {}
+    expert_keys = {k for le in layers.values() for k in le.keys}
+    others = [k for k in ck.keys() if k not in expert_keys]
+    rename.check(others, str(ck.root))
+
+    layer_re = re.compile("^" + layer_prefix_pattern(det.layer_prefix))
+    by_layer: dict[int | None, list[str]] = defaultdict(list)
+    for key in others:
+        m = layer_re.match(key)
+        by_layer[int(m["L"]) if m else None].append(key)
+
+    units: list[Unit] = []
+    for layer in sorted(set(by_layer) | set(layers), key=lambda L: -1 if L is None else L):
+        for op in builder.other_tensors(by_layer.get(layer, []), rename):
+            units.append(Unit(layer, op))
+        if layer in layers:
+            prefix = det.layer_prefix.replace("{L}", str(layer))
+            src = LayerNames(det.layout, prefix)
+            dst = LayerNames(dst_layout, prefix)
+            for op in builder.experts(layers[layer].parts, det, src, dst):
+                units.append(Unit(layer, op))
+
+    plan = Plan(units, _output_config(ck.config, builder.dequantized, dtype))
+    if rename is not IDENTITY:
+        plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} zoo rule(s)")
+    if builder.dequantized:
+        plan.notes.append(f"dequantized {builder.dequantized} weight(s); quantization_config removed")
+    return finalize(plan, ck)
+
+
+def _rename_between(det: Detection, layout: str) -> Rename:
+    family = det.family
+    if family.hub == family.fused:
+        return IDENTITY
+    src_is_hub = det.layout == family.hub
+    if src_is_hub == (layout == "hub"):
+        return IDENTITY
+    forward = Rename(family.fused_renames)
+    return forward if src_is_hub else forward.inverse()
+
+
+class _Builder:
+    """Makes the ops of each unit; remembers shapes of intermediate (decoded) tensors."""
+
+    def __init__(self, ck: Checkpoint, quant: dict[str, Any], dtype: torch.dtype | None):
+        self.ck = ck
+        self.quant = quant
+        self.dtype = dtype
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dequantized = 0
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name] if name in self.shapes else self.ck.info(name).shape
+
+    def _part(self, name: str) -> Part:
+        info = self.ck.info(name)
+        return Part(info.dtype, info.shape)
+
+    def _cast_needed(self, name: str) -> bool:
+        info = self.ck.info(name)
+        return (
+            self.dtype is not None
+            and info.dtype in ("BF16", "F16", "F32", "F64")
+            and len(info.shape) >= 2
+            and info.dtype != safetensors_name_of(self.dtype)
+        )
+
+    def other_tensors(self, keys: list[str], rename: Rename) -> list[Op]:
+        """Non-expert tensors: renamed; with a target dtype, quantized weights decoded, floats cast."""
+        groups: dict[str, dict[str, str]] = defaultdict(dict)
+        for key in keys:
+            head, _, last = key.rpartition(".")
+            groups[head][last] = key
+        ops: list[Op] = []
+        done: set[str] = set()
+        if self.dtype is not None:
+            for head, parts in groups.items():
+                fmt = weight_format({p: self._part(n) for p, n in parts.items()}, self.quant, head)
+                if fmt is None:
+                    continue
+                active = active_parts(parts)
+                shape = decoded_shape(fmt, {p: self.shape_of(n) for p, n in active.items()}, head)
+                ops.append(Decode(tuple(active.items()), rename(f"{head}.weight"), fmt, shape, self.dtype))
+                self.dequantized += 1
+                done.update(parts.values())
+                for p, n in parts.items():
+                    if p not in active and p not in ACTIVATION_PARTS:
+                        ops.append(Copy(n, rename(n)))
+        for key in keys:
+            if key in done:
+                continue
+            if self._cast_needed(key):
+                ops.append(Cast(key, rename(key), self.dtype))
+            else:
+                ops.append(Copy(key, rename(key)))
+        return ops
+
+    def experts(self, found: dict[tuple[int, str], dict[str, str]], det: Detection, src, dst) -> list[Op]:
+        fmt = det.expert_format
+        parts = _roles(found, det)
+        pre: dict[str, Op] = {}  # decode/cast ops, by the intermediate name they produce
+        if self.dtype is not None and (fmt.name not in FLOAT_FORMATS or fmt.name != _fmt_name(self.dtype)):
+            parts, fmt = self._decode_experts(parts, fmt, det, pre)
+        experts = det.experts_per_layer
+
+        def rows_of(group: dict[str, str]) -> int:
+            shapes = {p: self.shape_of(n) for p, n in active_parts(group).items()}
+            return decoded_shape(fmt, shapes, next(iter(group.values())))[-2]
+
+        ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, rows_of)
+        if not pre:
+            return ops
+        return [Chain((*(pre[i] for i in op.inputs if i in pre), op)) for op in ops]
+
+    def _decode_experts(
+        self, parts: Parts, fmt: ExpertFormat, det: Detection, pre: dict[str, Op]
+    ) -> tuple[Parts, ExpertFormat]:
+        out: Parts = {}
+        transposed = det.layout.transposed and fmt.name not in FLOAT_FORMATS
+        for role, group in parts.items():
+            active = active_parts(group)
+            weight = next(iter(active.values()))
+            target = f"{weight}#decoded"
+            if fmt.name in FLOAT_FORMATS:
+                pre[target] = Cast(active["weight"], target, self.dtype)
+                self.shapes[target] = self.shape_of(active["weight"])
+            else:
+                shape = decoded_shape(fmt, {p: self.shape_of(n) for p, n in active.items()}, weight)
+                pre[target] = Decode(tuple(active.items()), target, fmt, shape, self.dtype, transposed)
+                self.shapes[target] = (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
+                self.dequantized += 1
+            out[role] = {"weight": target} | {
+                p: n for p, n in group.items() if p not in active and p not in ACTIVATION_PARTS
+            }
+        return out, ExpertFormat(_fmt_name(self.dtype))
+
+
+def _fmt_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, "")
+
+
+def _roles(found: dict[tuple[int, str], dict[str, str]], det: Detection) -> Parts:
+    """(expert, proj name) -> (expert, role): gate/up/down per expert, gate_up/down when fused."""
+    role_of = {proj: role for role, proj in det.layout.projs.items()}
+    out: Parts = {}
+    for (e, proj), group in found.items():
+        role = role_of[proj]
+        if det.layout.kind == "fused" and role not in FUSED_ROLES.values():
+            raise MoeportError(f"{next(iter(group.values()))}: unexpected fused expert tensor")
+        out[(e, role)] = dict(group)
+    return out
+
+
+def _output_config(config: dict[str, Any] | None, dequantized: int, dtype: torch.dtype | None) -> Any:
+    if config is None:
+        return None
+    cfg = copy.deepcopy(config)
+    if dtype is not None:
+        for c in (cfg, cfg.get("text_config")):
+            if not isinstance(c, dict):
+                continue
+            if dequantized:
+                c.pop("quantization_config", None)
+            for key in ("dtype", "torch_dtype"):
+                if key in c or (key == "dtype" and c is cfg):
+                    c[key] = _CONFIG_DTYPE[dtype]
+    return cfg
