@@ -33,7 +33,7 @@ DEEPSEEK_LIKE = dict(
     n_group=1,
     topk_group=1,
 )
-MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
 
 # model_type -> config overrides (on top of COMMON)
 FAMILY_CONFIGS: dict[str, dict] = {

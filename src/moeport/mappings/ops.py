@@ -295,13 +295,23 @@ class Chain(Op):
 
     @property
     def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        produced = {o for op in self.ops for o in op.outputs}
-        return tuple(i for op in self.ops for i in op.inputs if i not in produced)
+        """Names read before any op of the chain produced them (a name may be both: in and out)."""
+        produced: set[str] = set()
+        needed: list[str] = []
+        for op in self.ops:
+            needed += [i for i in op.inputs if i not in produced]
+            produced.update(op.outputs)
+        return tuple(needed)
 
     @property
     def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        consumed = {i for op in self.ops for i in op.inputs}
-        return tuple(o for op in self.ops for o in op.outputs if o not in consumed)
+        """Names produced and not consumed by a later op of the chain."""
+        out: list[str] = []
+        later: set[str] = set()
+        for op in reversed(self.ops):
+            out += [o for o in reversed(op.outputs) if o not in later]
+            later.update(op.inputs)
+        return tuple(reversed(out))
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         env = dict(values)
