@@ -1,19 +1,22 @@
 """A checkpoint on disk: a folder of safetensors shards (+ index.json) or a single file.
 
-Only headers are read when opening; tensor data is memory-mapped on `read` and file handles are
-dropped by `release()` (call it after each layer so mapped pages do not pile up).
+Only headers are read when opening; `read` copies one tensor's bytes with `pread` into a buffer we
+own. Why not safetensors' `safe_open`: it memory-maps whole shards, and every mapped page it touches
+stays resident (and counts in RSS) until the handle is dropped, so a layer's worth of source pages
+piles up on top of what we compute. With pread, memory is exactly the tensors we still hold.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
+from moeport.dtypes import torch_dtype_of
 from moeport.errors import MoeportError
 from moeport.sources.safetensors_header import SafetensorsHeader, read_header
 
@@ -26,6 +29,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     file: Path
     nbytes: int
+    offset: int = 0  # absolute file offset of the tensor's bytes
 
 
 class Checkpoint:
@@ -40,8 +44,10 @@ class Checkpoint:
             for name, e in h.entries.items():
                 if name in self._info:
                     raise MoeportError(f"{h.path}: tensor '{name}' also stored in {self._info[name].file}")
-                self._info[name] = TensorInfo(e.dtype, e.shape, h.path, e.end - e.begin)
-        self._handles: dict[Path, Any] = {}
+                self._info[name] = TensorInfo(
+                    e.dtype, e.shape, h.path, e.end - e.begin, h.data_start + e.begin
+                )
+        self._fds: dict[Path, int] = {}
 
     def keys(self) -> list[str]:
         return list(self._info)
@@ -56,20 +62,36 @@ class Checkpoint:
             raise MoeportError(f"{self.root}: no tensor named '{key}'") from None
 
     def read(self, key: str) -> torch.Tensor:
-        """Load one tensor (memory-mapped read of just its bytes)."""
-        file = self.info(key).file
-        handle = self._handles.get(file)
-        if handle is None:
+        """Load one tensor (just its bytes, into a fresh buffer)."""
+        info = self.info(key)
+        try:
+            dtype = torch_dtype_of(info.dtype)
+        except ValueError:
+            raise MoeportError(
+                f"{info.file}: tensor '{key}' has dtype {info.dtype}, which torch cannot hold"
+            ) from None
+        fd = self._fds.get(info.file)
+        if fd is None:
             try:
-                handle = safe_open(str(file), framework="pt")
-            except Exception as exc:  # the Rust reader raises its own exception types
-                raise MoeportError(f"{file}: cannot open ({exc})") from None
-            self._handles[file] = handle
-        return handle.get_tensor(key)
+                fd = os.open(info.file, os.O_RDONLY)
+            except OSError as exc:
+                raise MoeportError(f"{info.file}: cannot open ({exc.strerror})") from None
+            self._fds[info.file] = fd
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n <= 0:
+                raise MoeportError(f"{info.file}: ends inside tensor '{key}' (file truncated?)")
+            done += n
+        return buf.view(dtype).reshape(info.shape)
 
     def release(self) -> None:
-        """Drop open file handles and their memory maps."""
-        self._handles.clear()
+        """Close open files."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     @property
     def total_bytes(self) -> int:
