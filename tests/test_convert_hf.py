@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moeport.cli.convert import run_convert
-from moeport.codecs import Fp8BlockCodec, Fp8ScaledCodec
+from moeport.codecs import Fp8BlockCodec, Fp8ScaledCodec, GptOssMxfp4Codec
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 
@@ -241,3 +241,25 @@ def test_non_empty_destination_is_refused(checkpoint, tmp_path) -> None:
     result = convert_cli(str(checkpoint("qwen3_moe", "hub", "bf16")), str(out))
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_gpt_oss_mxfp4_dequantized_equals_transformers_own_dequantization(checkpoint, tmp_path) -> None:
+    """MXFP4 experts (`_blocks`/`_scales`, [E, N, K] rows) -> bf16 in transformers' transposed layout."""
+    codec = GptOssMxfp4Codec()
+
+    def to_mxfp4(t: dict[str, torch.Tensor]) -> None:
+        for name in [k for k in t if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            parts = codec.encode(t.pop(name).float().transpose(-1, -2).contiguous())
+            t[name + "_blocks"], t[name + "_scales"] = parts["_blocks"], parts["_scales"]
+
+    def quant(cfg: dict) -> None:
+        skip = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+        cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": skip}
+
+    src = _rewrite(checkpoint("gpt_oss", "hub", "bf16"), tmp_path / "src", to_mxfp4, quant)
+    reference, info = _load_model(src, "gpt_oss")  # transformers dequantizes MXFP4 itself on CPU
+    _assert_loads_cleanly(info, src)
+    convert(src, tmp_path / "out", "hub", dtype="bf16")
+    model, info = _load_model(tmp_path / "out", "gpt_oss")
+    _assert_loads_cleanly(info, tmp_path / "out")
+    assert torch.equal(_logits(model), _logits(reference))
