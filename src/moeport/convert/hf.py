@@ -41,11 +41,22 @@ _CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.flo
 
 def plan_hf(ck: Checkpoint, det: Detection, layout: str, dtype: torch.dtype | None) -> Plan:
     """Plan the conversion of `ck` to the `layout` ('hub'|'fused') names, in `dtype` (None: keep)."""
+    plan, _ = build_hf(ck, det, layout, dtype)
+    return finalize(plan, ck)
+
+
+def build_hf(
+    ck: Checkpoint, det: Detection, layout: str, dtype: torch.dtype | None, cast_floats: bool = True
+) -> tuple[Plan, set[str]]:
+    """Units of the hf recipe (not yet finalized) and the names of outputs that were dequantized.
+
+    cast_floats False: only quantized weights are decoded to `dtype`; float tensors keep theirs.
+    """
     family = det.family
     dst_layout = family.hub if layout == "hub" else family.fused
     rename = _rename_between(det, layout)
     quant = ModelConfig(ck.config or {}).quantization_config or {}
-    builder = _Builder(ck, quant, dtype)
+    builder = _Builder(ck, quant, dtype, cast_floats)
 
     match = match_layout(ck.keys(), det.layout, det.layer_prefix)
     layers = match.layers if match else {}
@@ -75,7 +86,17 @@ def plan_hf(ck: Checkpoint, det: Detection, layout: str, dtype: torch.dtype | No
         plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} zoo rule(s)")
     if builder.dequantized:
         plan.notes.append(f"dequantized {builder.dequantized} weight(s); quantization_config removed")
-    return finalize(plan, ck)
+    decoded = {o for u in units for o in u.op.outputs if _came_from_decode(u.op, o)}
+    return plan, decoded
+
+
+def _came_from_decode(op: Op, name: str) -> bool:
+    """Whether output `name` of `op` is (a re-layout of) decoded data."""
+    if isinstance(op, Decode):
+        return True
+    if isinstance(op, Chain):
+        return any(isinstance(o, Decode) for o in op.ops)
+    return False
 
 
 def _rename_between(det: Detection, layout: str) -> Rename:
@@ -92,10 +113,11 @@ def _rename_between(det: Detection, layout: str) -> Rename:
 class _Builder:
     """Makes the ops of each unit; remembers shapes of intermediate (decoded) tensors."""
 
-    def __init__(self, ck: Checkpoint, quant: dict[str, Any], dtype: torch.dtype | None):
+    def __init__(self, ck: Checkpoint, quant: dict[str, Any], dtype: torch.dtype | None, cast_floats: bool):
         self.ck = ck
         self.quant = quant
         self.dtype = dtype
+        self.cast_floats = cast_floats
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dequantized = 0
 
@@ -110,6 +132,7 @@ class _Builder:
         info = self.ck.info(name)
         return (
             self.dtype is not None
+            and self.cast_floats
             and info.dtype in ("BF16", "F16", "F32", "F64")
             and len(info.shape) >= 2
             and info.dtype != safetensors_name_of(self.dtype)
@@ -149,7 +172,10 @@ class _Builder:
         fmt = det.expert_format
         parts = _roles(found, det)
         pre: dict[str, Op] = {}  # decode/cast ops, by the intermediate name they produce
-        if self.dtype is not None and (fmt.name not in FLOAT_FORMATS or fmt.name != _fmt_name(self.dtype)):
+        is_float = fmt.name in FLOAT_FORMATS
+        if self.dtype is not None and (
+            not is_float or (self.cast_floats and fmt.name != _fmt_name(self.dtype))
+        ):
             parts, fmt = self._decode_experts(parts, fmt, det, pre)
         experts = det.experts_per_layer
 

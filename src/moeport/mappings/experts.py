@@ -98,7 +98,17 @@ def relayout_experts(
         for (_, role), group in per_expert.items()
         for part, name in group.items()
     }
-    forward = _fuse(per_expert, experts, dst, src, fmt, per_shape.__getitem__, lambda _: rows // 2)
+    # the fused names are the actual inputs (they may be intermediates, e.g. decoded tensors)
+    forward = _fuse(
+        per_expert,
+        experts,
+        dst,
+        src,
+        fmt,
+        per_shape.__getitem__,
+        lambda _: rows // 2,
+        fused_name=lambda role, part: parts[(-1, role)][part],
+    )
     return [op.inverse() for op in forward]
 
 
@@ -110,14 +120,16 @@ def _fuse(
     fmt: ExpertFormat,
     shape_of: ShapeOf,
     rows_of: RowsOf,
+    fused_name: Callable[[str, str], str] | None = None,
 ) -> list[Op]:
+    name = fused_name or dst.fused
     ref = parts[(0, "gate")]
     rules = row_rules(fmt, {p: shape_of(n) for p, n in ref.items()}, src.per_expert(0, "gate", "weight"))
     if src.layout.transposed or dst.layout.transposed:
         raise MoeportError(f"{src.prefix}: fusing transposed (GPT-OSS) experts is not supported")
     ops: list[Op] = []
     for part, rule in rules.items():
-        target = dst.fused("gate_up", part)
+        target = name("gate_up", part)
         concats: list[Op] = []
         for e in range(experts):
             gate, up = parts[(e, "gate")], parts[(e, "up")]
@@ -128,7 +140,7 @@ def _fuse(
         stack = Stack(tuple(c.outputs[0] for c in concats), target)
         ops.append(Chain((*concats, stack)))
     for part in parts[(0, "down")]:
-        ops.append(Stack(tuple(parts[(e, "down")][part] for e in range(experts)), dst.fused("down", part)))
+        ops.append(Stack(tuple(parts[(e, "down")][part] for e in range(experts)), name("down", part)))
     return ops
 
 
