@@ -48,9 +48,10 @@ def rtn_params(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group scale (as stored, in scale_dtype) and zero point (float, asymmetric only)."""
     qmin, qmax = int_range(bits)
-    g = _groups(weight.float(), group_size)
-    lo = g.amin(-1).clamp(max=0)
-    hi = g.amax(-1).clamp(min=0)
+    # min/max are exact in any float dtype: reduce in the weight's own dtype, in one pass
+    src = weight if weight.is_floating_point() else weight.float()
+    lo, hi = torch.aminmax(_groups(src, group_size), dim=-1)
+    lo, hi = lo.float().clamp(max=0), hi.float().clamp(min=0)
     if symmetric:
         scale = divide(torch.maximum(-lo, hi), (qmax - qmin) / 2)
     else:

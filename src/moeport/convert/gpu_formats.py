@@ -88,7 +88,7 @@ class Encode(Op):
         }
 
     def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = self.codec.encode(w.float())
+        parts = self.codec.encode(w)  # codecs compute in float32 themselves
         for part, dtype, shape in self.part_specs:
             got = parts[part]
             if got.dtype != dtype or tuple(got.shape) != shape:
