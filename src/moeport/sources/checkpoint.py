@@ -39,6 +39,7 @@ class Checkpoint:
         self.root = root
         self.config = config
         self.files = [h.path for h in headers]
+        self.metadata = {h.path: h.metadata for h in headers}  # each shard's __metadata__
         self._info: dict[str, TensorInfo] = {}
         for h in headers:
             for name, e in h.entries.items():

@@ -1,0 +1,1 @@
+"""`moeport verify`: check a conversion against its source, tensor by tensor, streaming."""

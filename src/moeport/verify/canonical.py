@@ -1,0 +1,44 @@
+"""Any checkpoint as its canonical form: float32 tensors under hub-layout names, layer by layer.
+
+Two checkpoints correspond when their canonical forms share names: the hf recipe (hub layout,
+decoded to float32) maps transformers-fused, FP8, MXFP4, GPTQ and compressed-tensors checkpoints
+onto the same names as their source, so `verify` compares like with like without per-format code.
+kt-kernel CPU outputs are mapped by `verify.kt` (if present) through the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from moeport.convert.hf import plan_hf
+from moeport.convert.plan import run_unit
+from moeport.detect import detect
+from moeport.sources.checkpoint import Checkpoint
+
+
+@dataclass
+class CanonicalLayer:
+    layer: int | None  # None: tensors outside the layers
+    tensors: dict[str, torch.Tensor]  # float32 (or the stored dtype for non-float tensors)
+    stored: dict[str, str]  # name -> how it was stored (format), for the report
+
+
+def hf_layers(ck: Checkpoint) -> Iterator[CanonicalLayer]:
+    """Decode every tensor of an HF checkpoint to float32 under hub names, one layer at a time."""
+    det = detect(ck)
+    plan = plan_hf(ck, det, "hub", torch.float32)
+    current: CanonicalLayer | None = None
+    for unit in plan.units:
+        if current is None or unit.layer != current.layer:
+            if current is not None:
+                yield current
+            current = CanonicalLayer(unit.layer, {}, {})
+        sources = {ck.info(n).dtype for n in unit.op.inputs}
+        for name, tensor in run_unit(unit, ck):
+            current.tensors[name] = tensor.float() if tensor.is_floating_point() else tensor
+            current.stored[name] = "+".join(sorted(sources))
+    if current is not None:
+        yield current

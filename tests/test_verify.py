@@ -1,0 +1,129 @@
+"""`moeport verify` catches planted faults, naming the tensor, in lossless and lossy conversions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moeport.cli.convert import run_convert
+from moeport.convert.execute import execute
+from moeport.convert.gpu_formats import Recipe, plan_gpu
+from moeport.detect import detect
+from moeport.sources import open_checkpoint
+from moeport.verify.run import verify
+
+L1 = "model.layers.1.mlp.experts."
+
+
+def hf(src: Path, out: Path, layout: str) -> Path:
+    from rich.console import Console
+
+    run_convert(src, out, "hf", layout, "keep", "5GB", False, True, True, Console(quiet=True))
+    return out
+
+
+def plant(folder: Path, edit) -> Path:
+    """Change tensors of an output in place (keeping its metadata), as a faulty converter would."""
+    shard = folder / "model.safetensors"
+    with safe_open(str(shard), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(shard), metadata=meta)
+    return folder
+
+
+@pytest.fixture()
+def fused_fp8(checkpoint, tmp_path) -> tuple[Path, Path]:
+    src = checkpoint("qwen3_moe", "hub", "fp8-block")
+    return src, hf(src, tmp_path / "fused", "fused")
+
+
+def test_clean_lossless_conversion_passes(fused_fp8) -> None:
+    report = verify(*fused_fp8)
+    assert report.lossless and report.ok
+    assert all(t.exact for t in report.tensors) and len(report.tensors) > 40
+
+
+def _flagged(report) -> set[str]:
+    return {t.name for t in report.flagged}
+
+
+def test_flipped_scale_is_caught(fused_fp8) -> None:
+    def flip(t):
+        t[L1 + "gate_up_proj_scale_inv"][2, 1, 0] *= -1  # expert 2, rows 32..63 = up
+
+    report = verify(fused_fp8[0], plant(fused_fp8[1], flip))
+    assert not report.ok and _flagged(report) == {L1 + "2.up_proj.weight"}
+
+
+def test_swapped_experts_are_caught(fused_fp8) -> None:
+    def swap(t):
+        for name in (L1 + "down_proj", L1 + "down_proj_scale_inv"):
+            t[name] = t[name][[0, 3, 2, 1]].contiguous()
+
+    report = verify(fused_fp8[0], plant(fused_fp8[1], swap))
+    assert _flagged(report) == {L1 + "1.down_proj.weight", L1 + "3.down_proj.weight"}
+
+
+def test_missing_tensor_is_caught(fused_fp8) -> None:
+    victim = "model.layers.0.self_attn.o_proj"
+    report = verify(
+        fused_fp8[0],
+        plant(fused_fp8[1], lambda t: [t.pop(victim + s) for s in (".weight", ".weight_scale_inv")]),
+    )
+    assert report.missing == [victim + ".weight"] and not report.ok
+
+
+def test_transposed_weight_is_caught(checkpoint, tmp_path) -> None:
+    src = checkpoint("qwen3_moe", "hub", "bf16")
+    out = hf(src, tmp_path / "fused", "fused")
+    name = "model.layers.2.self_attn.o_proj.weight"  # square [64, 64]: shapes alone do not tell
+    report = verify(src, plant(out, lambda t: t.__setitem__(name, t[name].t().contiguous())))
+    assert _flagged(report) == {name}
+
+
+def test_lossy_conversion_passes_and_a_corrupted_scale_is_an_outlier(checkpoint, tmp_path) -> None:
+    src = checkpoint("qwen3_moe", "hub", "bf16")
+    out = tmp_path / "w4a16"
+    with open_checkpoint(src) as ck:
+        execute(plan_gpu(ck, detect(ck), Recipe("w4a16", group_size=32)), ck, out, 5 * 10**9, {})
+    clean = verify(src, out)
+    assert not clean.lossless and clean.ok
+    errors = [t.rel_l2 for t in clean.tensors if ".experts." in t.name]
+    assert 0.05 < max(errors) < 0.2  # INT4 g32 RTN on gaussian weights
+
+    def corrupt(t):
+        t[L1 + "3.gate_proj.weight_scale"][5, 1] *= 16
+
+    report = verify(src, plant(out, corrupt))
+    assert _flagged(report) == {L1 + "3.gate_proj.weight"}
+
+
+def test_cli_json_plot_and_exit_codes(fused_fp8, tmp_path) -> None:
+    src, out = fused_fp8
+    cmd = [sys.executable, "-m", "moeport", "verify", str(src), str(out)]
+    ok = subprocess.run([*cmd, "--json", "--plot", str(tmp_path / "ok.png")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    doc = json.loads(ok.stdout)
+    assert doc["verdict"] == "ok" and doc["lossless"] and doc["per_layer"]["1"]["tensors"] > 10
+    assert (tmp_path / "ok.png").stat().st_size > 1000
+    plant(out, lambda t: t.pop("model.norm.weight"))
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == 1 and "model.norm.weight" in bad.stdout
+
+
+def test_verify_copies_are_not_needed(fused_fp8, tmp_path) -> None:
+    """verify reads both checkpoints in place and writes nothing next to them."""
+    src, out = fused_fp8
+    before = sorted(p.name for p in out.iterdir())
+    verify(src, out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    shutil.rmtree(out)
