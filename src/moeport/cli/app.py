@@ -81,7 +81,12 @@ def _print_inspect(r: dict) -> None:
 def convert(
     src: Annotated[Path, typer.Argument(help="Source checkpoint folder.")],
     dst: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
-    to: Annotated[str, typer.Option("--to", help="Target: hf (Hugging Face safetensors).")] = "hf",
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to", help="Target: hf (Hugging Face safetensors), kt-int4 or kt-int8 (kt-kernel AMX)."
+        ),
+    ] = "hf",
     layout: Annotated[
         str, typer.Option(help="hub (per-expert names, as on the Hub) or fused (transformers v5).")
     ] = "hub",
@@ -92,11 +97,22 @@ def convert(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty DST.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
+    numa: Annotated[
+        int, typer.Option("--numa", help="kt targets: NUMA slices T (kt's threadpool_count).")
+    ] = 1,
+    kt_layout: Annotated[
+        str, typer.Option("--kt-layout", help="kt targets: merged (safetensors) or folders (_layer_L/*.kt).")
+    ] = "merged",
+    max_memory: Annotated[
+        str | None,
+        typer.Option("--max-memory", help="kt targets: refuse if the estimated peak exceeds this."),
+    ] = None,
 ) -> None:
     """Convert a checkpoint, layer by layer, with memory bounded by one layer."""
     from moeport.cli.convert import run_convert
 
-    run_convert(src, dst, to, layout, dtype, max_shard_size, dry_run, overwrite, quiet, out)
+    kt = dict(numa=numa, kt_layout=kt_layout, max_memory=max_memory)
+    run_convert(src, dst, to, layout, dtype, max_shard_size, dry_run, overwrite, quiet, out, **kt)
 
 
 @app.command()

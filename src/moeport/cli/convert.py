@@ -34,7 +34,15 @@ def run_convert(
     overwrite: bool,
     quiet: bool,
     console: Console,
+    numa: int = 1,
+    kt_layout: str = "merged",
+    max_memory: str | None = None,
 ) -> None:
+    from moeport.cli.convert_kt import KT_TARGETS, run_convert_kt
+
+    if to in KT_TARGETS:
+        run_convert_kt(src, dst, to, numa, kt_layout, max_memory, dry_run, overwrite, quiet, console)
+        return
     from moeport.convert.execute import describe_recipe, execute, prepare_destination
     from moeport.convert.hf import DTYPES, plan_hf
     from moeport.detect import detect

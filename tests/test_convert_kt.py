@@ -1,0 +1,486 @@
+"""`moeport convert --to kt-int4|kt-int8`: kt-kernel loads and runs our output; bytes, resume, errors.
+
+Fixtures are real transformers checkpoints (tiny_config's families) made large enough for kt's AMX
+alignment: hidden 256, expert intermediate 256, 4 experts, 2 MoE layers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import COMMON, FAMILY_CONFIGS
+from kt_support import _reset_cpu_infer, import_kt, no_pin_memory
+from safetensors import safe_open
+
+from moeport.codecs import kt_amx as K
+from moeport.convert.kt import JOURNAL_NAME, MANIFEST_NAME
+from moeport.sinks.sharded import INDEX_NAME
+
+H = 256
+I_SIZE = 256
+E = 4
+TOPK = 2
+# family -> (config overrides, layout, per-expert names (gate, up, down) or None for fused, block)
+FAMILIES = {
+    "deepseek_v3": (dict(moe_intermediate_size=I_SIZE), "hub", ("gate_proj", "up_proj", "down_proj"), "mlp"),
+    "qwen3_moe": (dict(moe_intermediate_size=I_SIZE, num_hidden_layers=2), "fused", None, "mlp"),
+    "minimax_m2": (
+        dict(intermediate_size=I_SIZE, num_hidden_layers=2),
+        "hub",
+        ("w1", "w3", "w2"),
+        "block_sparse_moe",
+    ),
+    "glm_moe_dsa": (dict(moe_intermediate_size=I_SIZE), "hub", ("gate_proj", "up_proj", "down_proj"), "mlp"),
+}
+
+
+def _build(model_type: str, out: Path, fp8_block: list[int] | None = None) -> Path:
+    """A transformers checkpoint of `model_type` with kt-sized experts (optionally FP8-block)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    over, layout, _, _ = FAMILIES[model_type]
+    cfg = AutoConfig.for_model(
+        model_type, **{**COMMON, **FAMILY_CONFIGS[model_type], "hidden_size": H, **over}
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.02)
+    src = out if fp8_block is None else out.with_name(out.name + "-bf16")
+    model.save_pretrained(src, save_original_format=(layout == "hub"))
+    if fp8_block is None:
+        return out
+    import fixtures
+
+    old = fixtures.FP8_BLOCK
+    fixtures.FP8_BLOCK = fp8_block
+    try:
+        return fixtures.quantize_fp8_block(src, out)
+    finally:
+        fixtures.FP8_BLOCK = old
+
+
+@pytest.fixture(scope="module")
+def kt_checkpoint(tmp_path_factory):
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("kt-checkpoints")
+
+    def make(model_type: str, fp8_block: tuple[int, int] | None = None) -> Path:
+        key = (model_type, fp8_block)
+        if key not in cache:
+            name = model_type + ("" if fp8_block is None else f"-fp8-{fp8_block[0]}x{fp8_block[1]}")
+            cache[key] = _build(model_type, root / name, list(fp8_block) if fp8_block else None)
+        return cache[key]
+
+    return make
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess (for signals and resource limits)."""
+    return subprocess.run(
+        [sys.executable, "-m", "moeport", *args], capture_output=True, text=True, timeout=300, **kw
+    )
+
+
+@pytest.fixture
+def main(monkeypatch, capsys):
+    """The CLI in this process (saves torch's import per call): main(*args) -> (exit code, out, err)."""
+    from moeport.cli.app import main as cli_main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["moeport", *args])
+        try:
+            cli_main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        cap = capsys.readouterr()
+        return code, " ".join(cap.out.split()), " ".join(cap.err.split())
+
+    return run
+
+
+def convert(main, src: Path, dst: Path, *extra: str) -> str:
+    code, out, err = main("convert", str(src), str(dst), *extra)
+    assert code == 0, err
+    return out
+
+
+def _source_experts(src: Path, model_type: str, layer: int) -> list[tuple[torch.Tensor, ...]]:
+    """bf16 gate [I, H], up [I, H], down [H, I] per expert, read straight from the files (no moeport)."""
+    _, _, names, block = FAMILIES[model_type]
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        base = f"model.layers.{layer}.{block}.experts"
+        if names is None:  # transformers v5 fused: gate_up [E, 2I, H], gate rows first
+            gu, down = f.get_tensor(f"{base}.gate_up_proj"), f.get_tensor(f"{base}.down_proj")
+            assert gu.shape == (E, 2 * I_SIZE, H) and down.shape == (E, H, I_SIZE)
+            return [(gu[e, :I_SIZE], gu[e, I_SIZE:], down[e]) for e in range(E)]
+        return [tuple(f.get_tensor(f"{base}.{e}.{n}.weight") for n in names) for e in range(E)]
+
+
+def _requantized(gate, up, down, bits: int, tp: int) -> tuple[torch.Tensor, ...]:
+    """The weights kt should hold: each TP slice quantized and dequantized (the spec's rules)."""
+    g, u, d = [], [], []
+    for slices in K.tp_slices(gate, up, down, tp):
+        deq = [K.kt_dequantize(*K.kt_quantize(m, bits), *m.shape, bits) for m in slices]
+        g.append(deq[0])
+        u.append(deq[1])
+        d.append(deq[2])
+    return torch.cat(g), torch.cat(u), torch.cat(d, dim=1)
+
+
+def _torch_moe(x, ids, weights, experts) -> torch.Tensor:
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    xf = x.float()
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            gate, up, down = experts[int(ids[t, j])]
+            h = torch.nn.functional.silu(gate @ xf[t]) * (up @ xf[t])
+            out[t] += weights[t, j] * (down @ h)
+    return out
+
+
+def _kt_forward(monkeypatch, path: Path, layer: int, method: str, tp: int, x, ids, weights) -> torch.Tensor:
+    KTMoEWrapper, experts_base = import_kt()
+    from kt_kernel.utils.amx import AMXMoEWrapper
+
+    no_pin_memory(monkeypatch)
+    monkeypatch.setenv("KT_FORCE_SYNC_SUBMIT", "1")
+    _reset_cpu_infer(monkeypatch, experts_base._MoEBase)
+    monkeypatch.setattr(AMXMoEWrapper, "_safetensor_loader_instance", None)
+    monkeypatch.setattr(experts_base.KExpertsCPUBuffer, "temp_bs", 0)
+    wrapper = KTMoEWrapper(
+        layer_idx=layer,
+        num_experts=E,
+        num_experts_per_tok=TOPK,
+        hidden_size=H,
+        moe_intermediate_size=I_SIZE,
+        gpu_experts_mask=torch.zeros(E, dtype=torch.bool),
+        cpuinfer_threads=tp,
+        threadpool_count=tp,
+        weight_path=str(path),
+        chunked_prefill_size=32,
+        cpu_save=False,
+        method=method,
+    )
+    wrapper.load_weights(torch.arange(E, dtype=torch.int64))
+    out = wrapper.forward(x, ids, weights, 0).float().clone()
+    del wrapper
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+FORWARD_CASES = [  # model_type, --to, T, kt layout
+    ("deepseek_v3", "kt-int4", 2, "merged"),
+    ("qwen3_moe", "kt-int8", 2, "merged"),
+    ("minimax_m2", "kt-int4", 1, "folders"),
+    ("glm_moe_dsa", "kt-int8", 1, "merged"),
+    ("qwen3_moe", "kt-int4", 2, "folders"),
+]
+
+
+@pytest.mark.parametrize("model_type,to,tp,kt_layout", FORWARD_CASES)
+def test_kt_kernel_forward_matches_torch(
+    monkeypatch, main, kt_checkpoint, tmp_path, model_type, to, tp, kt_layout
+):
+    import_kt()
+    src = kt_checkpoint(model_type)
+    dst = tmp_path / "kt"
+    convert(main, src, dst, "--to", to, "--numa", str(tp), "--kt-layout", kt_layout)
+    bits = 4 if to == "kt-int4" else 8
+    method = K.method_name(bits)
+    if kt_layout == "merged":
+        assert (dst / INDEX_NAME).exists() and not list(dst.glob("_layer_*"))
+    else:
+        assert (dst / MANIFEST_NAME).exists() and not list(dst.glob("*.safetensors"))
+    layers = json.loads((src / "config.json").read_text())
+    first = layers.get("first_k_dense_replace", 0)
+    moe_layers = list(range(first, layers["num_hidden_layers"]))
+    assert len(moe_layers) == 2
+    g = torch.Generator().manual_seed(1)
+    for layer in moe_layers:
+        x = torch.randn(8, H, generator=g).bfloat16()
+        ids = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(8)])
+        weights = torch.rand(8, TOPK, generator=g)
+        got = _kt_forward(monkeypatch, dst, layer, method, tp, x, ids, weights)
+        experts = [_requantized(*m, bits, tp) for m in _source_experts(src, model_type, layer)]
+        want = _torch_moe(x, ids, weights, experts)
+        err = _rel(got, want)
+        assert err < 0.05, f"layer {layer}: relative L2 error {err:.3f}"
+
+
+def _read_merged(dst: Path, key: str) -> torch.Tensor:
+    index = json.loads((dst / INDEX_NAME).read_text())
+    with safe_open(str(dst / index["weight_map"][key]), "pt") as f:
+        return f.get_tensor(key)
+
+
+@pytest.mark.parametrize("to", ["kt-int4", "kt-int8"])
+def test_bytes_equal_kt_quantize_of_source(main, kt_checkpoint, tmp_path, to):
+    src = kt_checkpoint("deepseek_v3")
+    dst = tmp_path / "kt"
+    convert(main, src, dst, "--to", to, "--numa", "2")
+    bits = 4 if to == "kt-int4" else 8
+    layer, e = 2, 3
+    gate, up, down = _source_experts(src, "deepseek_v3", layer)[e]
+    for t, mats in enumerate(K.tp_slices(gate, up, down, 2)):
+        for proj, m in zip(K.PROJS, mats, strict=True):
+            q, s = K.kt_quantize(m, bits)
+            assert torch.equal(_read_merged(dst, K.merged_key(layer, proj, e, t, "weight")), q)
+            assert torch.equal(_read_merged(dst, K.merged_key(layer, proj, e, t, "scale")), s)
+    index = json.loads((dst / INDEX_NAME).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    total = 0
+    for name in shards:
+        with safe_open(str(dst / name), "pt") as f:
+            meta = f.metadata()
+            total += sum(_nbytes(f, k) for k in f.keys())
+        assert meta["kt_method"] == K.method_name(bits) and meta["kt_threadpool_count"] == "2"
+        assert meta["kt_layout_version"] == "1" and meta["source_family"] == "deepseek_v3"
+        assert meta["source"] == str(src.resolve())
+    assert index["metadata"]["total_size"] == total
+    with safe_open(str(src / "model.safetensors"), "pt") as f:  # non-expert tensors copied unchanged
+        key = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+        assert torch.equal(f.get_tensor(key), _read_merged(dst, key))
+    for side in ("config.json", "generation_config.json"):
+        assert (dst / side).read_bytes() == (src / side).read_bytes()
+
+
+def _nbytes(f, key: str) -> int:
+    t = f.get_tensor(key)
+    return t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("model_type,block", [("deepseek_v3", (128, 64)), ("qwen3_moe", (128, 128))])
+def test_fp8_block_source_bytes(main, kt_checkpoint, tmp_path, model_type, block):
+    """FP8-block experts (any block size; per-expert or fused [E, 2I, H]) decoded, rounded to bf16,
+    quantized: equal to kt_quantize of the independently decoded source."""
+    from moeport.codecs.fp8 import Fp8BlockCodec
+
+    src = kt_checkpoint(model_type, block)
+    dst = tmp_path / "kt"
+    convert(main, src, dst, "--to", "kt-int4", "--numa", "2", "--quiet")
+    layer, e = 1, 2
+    codec = Fp8BlockCodec(block=block, scale_name="weight_scale_inv")
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        base = f"model.layers.{layer}.mlp.experts"
+        if model_type == "qwen3_moe":
+            gu, down = (
+                codec.decode(
+                    {
+                        "weight": f.get_tensor(f"{base}.{n}")[e],
+                        "weight_scale_inv": f.get_tensor(f"{base}.{n}_scale_inv")[e],
+                    }
+                )
+                for n in ("gate_up_proj", "down_proj")
+            )
+            mats = [gu[:I_SIZE].bfloat16(), gu[I_SIZE:].bfloat16(), down.bfloat16()]
+        else:
+            mats = [
+                codec.decode(
+                    {p: f.get_tensor(f"{base}.{e}.{n}.{p}") for p in ("weight", "weight_scale_inv")}
+                ).bfloat16()
+                for n in ("gate_proj", "up_proj", "down_proj")
+            ]
+    for t, slices in enumerate(K.tp_slices(*mats, 2)):
+        for proj, m in zip(K.PROJS, slices, strict=True):
+            q, s = K.kt_quantize(m, 4)
+            assert torch.equal(_read_merged(dst, K.merged_key(layer, proj, e, t, "weight")), q)
+            assert torch.equal(_read_merged(dst, K.merged_key(layer, proj, e, t, "scale")), s)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """A DeepSeek-V3-shaped checkpoint with 5 MoE layers of 8 experts."""
+    from moeport.synthetic import SyntheticSpec, write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic") / "ds"
+    spec = SyntheticSpec(hidden_size=H, moe_intermediate_size=I_SIZE, n_routed_experts=8, num_hidden_layers=6)
+    write_synthetic(out, spec)
+    return out
+
+
+def _steps(dst: Path) -> int | None:
+    journal = dst / JOURNAL_NAME
+    return len(json.loads(journal.read_text())["steps"]) if journal.exists() else None
+
+
+def _kill_when(proc: subprocess.Popen, ready) -> bool:
+    """SIGKILL `proc` as soon as ready() holds (polled every ms); False if it finished first."""
+    while proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.parametrize("kt_layout,kills", [("merged", 3), ("folders", 2)])
+def test_sigkill_and_resume_is_byte_identical(main, synthetic, tmp_path, kt_layout, kills):
+    """Kills land at seeded points of progress (after k finished steps, or inside a layer being
+    written), found by watching DST, so they fall inside the conversion whatever the machine's speed."""
+    args = ("--to", "kt-int8", "--numa", "2", "--kt-layout", kt_layout, "--quiet")
+    ref = tmp_path / "ref"
+    convert(main, synthetic, ref, *args)
+    want = _tree(ref)
+    total = _steps(ref)
+    rng = random.Random(7 if kt_layout == "merged" else 8)
+    dst = tmp_path / "dst"
+    cmd = [sys.executable, "-m", "moeport", "convert", str(synthetic), str(dst), *args]
+    killed = []
+    for target in sorted(rng.sample(range(1, total), kills)):
+        inside = rng.random() < 0.5  # mid-layer: a layer's temporary file/folder exists
+
+        def ready(target=target, inside=inside) -> bool:
+            n = _steps(dst) or 0
+            if inside:
+                return n >= target - 1 and any(
+                    p.name.startswith(("model-kt", "_layer")) for p in dst.glob("*.partial")
+                )
+            return n >= target
+
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if _kill_when(proc, ready):
+            killed.append((target, inside, _steps(dst)))
+    assert killed, "every run finished before its kill point"
+    assert all(n is not None and n < total for _, _, n in killed), killed
+    convert(main, synthetic, dst, *args)
+    assert _tree(dst) == want
+
+
+def test_disk_full_fails_cleanly(main, kt_checkpoint, tmp_path):
+    src = kt_checkpoint("deepseek_v3")
+    dst = tmp_path / "kt"
+    limit = 300_000  # bytes per file: a layer shard (~0.9 MB for INT4 T=1) cannot be written
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = cli("convert", str(src), str(dst), "--quiet", "--to", "kt-int4", preexec_fn=small_files)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "File too large" in lines[0] and "error:" in lines[0], result.stderr
+    assert not (dst / INDEX_NAME).exists()
+    assert not json.loads((dst / JOURNAL_NAME).read_text())["complete"]
+    assert not list(dst.glob("*.partial"))
+    # with room again, the same command finishes the job
+    convert(main, src, dst, "--to", "kt-int4", "--quiet")
+    assert (dst / INDEX_NAME).exists()
+
+
+def test_recipe_mismatch_refused_and_complete_is_noop(main, kt_checkpoint, tmp_path):
+    src = kt_checkpoint("minimax_m2")
+    dst = tmp_path / "kt"
+    convert(main, src, dst, "--to", "kt-int4", "--quiet")
+    before = _tree(dst)
+    assert "already complete" in convert(main, src, dst, "--to", "kt-int4")
+    for extra in (("--to", "kt-int8"), ("--numa", "2"), ("--kt-layout", "folders")):
+        extra = ("--to", "kt-int4", *extra) if extra[0] != "--to" else extra
+        code, _, err = main("convert", str(src), str(dst), *extra)
+        assert code == 2 and "different recipe" in err, err
+    assert _tree(dst) == before
+    convert(main, src, dst, "--quiet", "--to", "kt-int8", "--overwrite")
+    assert json.loads((dst / JOURNAL_NAME).read_text())["recipe"]["method"] == "AMXINT8"
+
+
+def test_misaligned_shape_suggests_tp(main, kt_checkpoint, tmp_path):
+    src = kt_checkpoint("qwen3_moe")  # I = 256: INT4 needs I/T % 128 == 0, so T = 4 fails
+    code, _, err = main("convert", str(src), str(tmp_path / "kt"), "--to", "kt-int4", "--numa", "4")
+    assert code == 2
+    assert "AMXINT4 with tp=4" in err and "use tp=2" in err, err
+    assert not (tmp_path / "kt").exists()
+
+
+def test_preflight_disk_and_memory(kt_checkpoint, tmp_path, monkeypatch):
+    from moeport.convert import kt as kt_mod
+    from moeport.detect import detect
+    from moeport.errors import MoeportError
+    from moeport.sources import open_checkpoint
+
+    src = kt_checkpoint("glm_moe_dsa")
+    with open_checkpoint(src) as ck:
+        plan = kt_mod.plan_kt(ck, detect(ck), "kt-int4", 1, "merged", str(src))
+        monkeypatch.setattr(kt_mod, "_free_space", lambda p: (1000, p))
+        with pytest.raises(MoeportError, match=r"not enough disk space: the output needs .* GB"):
+            kt_mod.convert_kt(plan, tmp_path / "kt")
+        monkeypatch.undo()
+        with pytest.raises(MoeportError, match=r"--max-memory"):
+            kt_mod.convert_kt(plan, tmp_path / "kt2", max_memory=10**6)
+    assert not (tmp_path / "kt2" / INDEX_NAME).exists()
+
+
+def test_fused_gate_up_shape_is_checked(main, kt_checkpoint, tmp_path):
+    """A transposed fused gate_up [E, H, 2I] is refused (kt's own script converts it to garbage)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "bad"
+    shutil.copytree(kt_checkpoint("qwen3_moe"), src)
+    tensors = load_file(str(src / "model.safetensors"))
+    for key in [k for k in tensors if k.endswith("experts.gate_up_proj")]:
+        tensors[key] = tensors[key].transpose(1, 2).contiguous()
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = main("convert", str(src), str(tmp_path / "kt"), "--to", "kt-int8")
+    assert code == 2 and "expected [E, 2I, H] = [4, 512, 256]" in err, err
+    assert not (tmp_path / "kt").exists()
+
+
+def test_dry_run_writes_nothing(main, kt_checkpoint, tmp_path):
+    code, out, err = main(
+        "convert", str(kt_checkpoint("glm_moe_dsa")), str(tmp_path / "kt"), "--to", "kt-int4", "--dry-run"
+    )
+    assert code == 0, err
+    assert "AMXINT4 T=1 merged: 2 MoE layers x 4 experts, H=256 I=256" in out
+    assert not (tmp_path / "kt").exists()
+
+
+def test_destination_may_not_hold_the_source(main, kt_checkpoint):
+    src = kt_checkpoint("minimax_m2")
+    for dst in (src, src.parent):
+        code, _, err = main("convert", str(src), str(dst), "--to", "kt-int4", "--overwrite")
+        assert code == 2 and "contains) the source" in err, err
+    assert (src / "model.safetensors").exists()
+
+
+def test_mtp_layer_experts_are_converted(main, kt_checkpoint, tmp_path):
+    """DeepSeek's MTP layer (index num_hidden_layers) has routed experts: they are converted as well."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "mtp"
+    shutil.copytree(kt_checkpoint("deepseek_v3"), src)
+    tensors = load_file(str(src / "model.safetensors"))
+    mtp = {k.replace("layers.2.", "layers.3."): v.clone() for k, v in tensors.items() if "layers.2." in k}
+    tensors.update(mtp)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    dst = tmp_path / "kt"
+    convert(main, src, dst, "--to", "kt-int4", "--quiet")
+    weight_map = json.loads((dst / INDEX_NAME).read_text())["weight_map"]
+    assert weight_map[K.merged_key(3, "down", 3, 0, "scale")] == "model-kt-layer-00003.safetensors"
+    assert not [k for k in weight_map if k.startswith("model.layers.3.mlp.experts.")]
+    assert torch.equal(
+        _read_merged(dst, K.merged_key(3, "up", 1, 0, "weight")),
+        _read_merged(dst, K.merged_key(2, "up", 1, 0, "weight")),
+    )
