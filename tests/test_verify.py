@@ -127,3 +127,42 @@ def test_verify_copies_are_not_needed(fused_fp8, tmp_path) -> None:
     verify(src, out)
     assert sorted(p.name for p in out.iterdir()) == before
     shutil.rmtree(out)
+
+
+def test_kt_output_is_verified_against_its_source(tmp_path) -> None:
+    """kt merged INT4 (T=2) from a transformers-fused source (2 layers): experts found under hub names."""
+    from test_convert_kt import _build
+
+    src = _build("qwen3_moe", tmp_path / "src")
+    out = tmp_path / "kt"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeport",
+            "convert",
+            str(src),
+            str(out),
+            "--to",
+            "kt-int4",
+            "--numa",
+            "2",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    report = verify(src, out)
+    assert report.ok and not report.lossless, [(t.name, t.problem) for t in report.flagged]
+    experts = [t for t in report.tensors if ".experts." in t.name]
+    assert len(experts) == 2 * 4 * 3 and all(0.05 < t.rel_l2 < 0.2 for t in experts)
+
+    shard = out / "model-kt-layer-00001.safetensors"
+    with safe_open(str(shard), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    a, b = "blk.1.ffn_down_exps.0.numa.1.weight", "blk.1.ffn_down_exps.2.numa.1.weight"
+    tensors[a], tensors[b] = tensors[b], tensors[a]  # half of two experts' down columns swapped
+    save_file(tensors, str(shard), metadata=meta)
+    flagged = {t.name for t in verify(src, out).flagged}
+    assert flagged == {L1 + "0.down_proj.weight", L1 + "2.down_proj.weight"}

@@ -84,7 +84,9 @@ def convert(
     to: Annotated[
         str,
         typer.Option(
-            "--to", help="Target: hf (Hugging Face safetensors), kt-int4 or kt-int8 (kt-kernel AMX)."
+            "--to",
+            help="Target: hf (Hugging Face safetensors), w4a16/w8a16/fp8 (compressed-tensors), "
+            "fp8-block (DeepSeek FP8), kt-int4/kt-int8 (kt-kernel AMX CPU experts).",
         ),
     ] = "hf",
     layout: Annotated[
@@ -107,12 +109,50 @@ def convert(
         str | None,
         typer.Option("--max-memory", help="kt targets: refuse if the estimated peak exceeds this."),
     ] = None,
+    group_size: Annotated[
+        int, typer.Option(help="w4a16/w8a16: RTN group size along the input dim; 0 = per channel.")
+    ] = 128,
+    targets: Annotated[
+        str, typer.Option(help="w4a16/w8a16/fp8/fp8-block: quantize 'experts' or 'all-linear'.")
+    ] = "experts",
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Regex of weights to keep unquantized (repeatable); routers, norms, "
+            "embeddings and lm_head are always kept."
+        ),
+    ] = None,
 ) -> None:
     """Convert a checkpoint, layer by layer, with memory bounded by one layer."""
     from moeport.cli.convert import run_convert
 
     kt = dict(numa=numa, kt_layout=kt_layout, max_memory=max_memory)
-    run_convert(src, dst, to, layout, dtype, max_shard_size, dry_run, overwrite, quiet, out, **kt)
+    gpu = dict(group_size=group_size, targets=targets, ignore=tuple(ignore or ()))
+    run_convert(src, dst, to, layout, dtype, max_shard_size, dry_run, overwrite, quiet, out, **kt, **gpu)
+
+
+@app.command()
+def verify(
+    src: Annotated[Path, typer.Argument(help="The source checkpoint.")],
+    output: Annotated[
+        Path, typer.Argument(help="The converted checkpoint (hf, fused, ct, FP8 or kt merged).")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full JSON report.")] = False,
+    plot_file: Annotated[
+        Path | None, typer.Option("--plot", help="Write a per-layer error chart (PNG).")
+    ] = None,
+    lossless: Annotated[
+        bool | None,
+        typer.Option(
+            "--lossless/--lossy", help="Expect bit-exact tensors (default: from the output's recipe)."
+        ),
+    ] = None,
+    max_rel_error: Annotated[float, typer.Option(help="Flag tensors above this relative L2 error.")] = 0.25,
+) -> None:
+    """Check a conversion against its source, tensor by tensor; exit code 1 when it fails."""
+    from moeport.cli.verify import run_verify
+
+    run_verify(src, output, as_json, plot_file, lossless, max_rel_error, out)
 
 
 @app.command()
@@ -132,7 +172,9 @@ def demo(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns (not raises) the code of typer.Exit here
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except MoeportError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

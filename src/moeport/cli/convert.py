@@ -11,7 +11,8 @@ from rich.table import Table
 
 from moeport.errors import MoeportError
 
-TARGETS = ("hf",)
+TARGETS = ("hf", "w4a16", "w8a16", "fp8", "fp8-block", "kt-int4", "kt-int8")
+GPU_TARGETS = ("w4a16", "w8a16", "fp8", "fp8-block")
 LAYOUTS = ("hub", "fused")
 
 
@@ -37,6 +38,9 @@ def run_convert(
     numa: int = 1,
     kt_layout: str = "merged",
     max_memory: str | None = None,
+    group_size: int = 128,
+    targets: str = "experts",
+    ignore: tuple[str, ...] = (),
 ) -> None:
     from moeport.cli.convert_kt import KT_TARGETS, run_convert_kt
 
@@ -54,17 +58,26 @@ def run_convert(
         raise MoeportError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
     if dtype != "keep" and dtype not in DTYPES:
         raise MoeportError(f"--dtype {dtype}: expected keep or one of {', '.join(DTYPES)}")
+    recipe = _gpu_recipe(to, layout, group_size, targets, ignore) if to in GPU_TARGETS else None
     shard_bytes = parse_size(max_shard_size)
     if not dry_run:
         prepare_destination(dst, overwrite)
     with open_checkpoint(src) as ck:
         det = detect(ck)
-        plan = plan_hf(ck, det, layout, DTYPES.get(dtype))
+        if recipe is not None:
+            from moeport.convert.gpu_formats import plan_gpu
+
+            plan = plan_gpu(ck, det, recipe)
+        else:
+            plan = plan_hf(ck, det, layout, DTYPES.get(dtype))
         if dry_run:
-            _print_plan(console, plan, ck, det, layout, dtype)
+            _print_plan(console, plan, ck, det, layout, dtype if recipe is None else to)
             return
         total = sum(s.nbytes for s in plan.specs)
-        meta = describe_recipe(to=to, layout=layout, dtype=dtype, source=str(src), family=det.family.name)
+        fields = dict(to=to, layout=layout, dtype=dtype, source=str(src), family=det.family.name)
+        if recipe is not None:
+            fields.update(group_size=recipe.group_size, targets=targets, ignore=list(ignore))
+        meta = describe_recipe(**fields)
         with Progress(
             TextColumn("[cyan]{task.description}"),
             BarColumn(),
@@ -87,9 +100,28 @@ def run_convert(
         )
 
 
+def _gpu_recipe(to: str, layout: str, group_size: int, targets: str, ignore: tuple[str, ...]):
+    from moeport.convert.gpu_formats import Recipe
+
+    if layout != "hub":
+        raise MoeportError(
+            f"--to {to} writes per-expert (hub) names, as vLLM/SGLang load them; drop --layout"
+        )
+    if targets not in ("experts", "all-linear"):
+        raise MoeportError(f"--targets {targets}: expected experts or all-linear")
+    if group_size < 0:
+        raise MoeportError(f"--group-size {group_size}: expected a positive size, or 0 for per channel")
+    for pattern in ignore:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise MoeportError(f"--ignore {pattern!r}: not a regular expression ({exc})") from None
+    return Recipe(to, group_size or None, targets, tuple(ignore))
+
+
 def _print_plan(console: Console, plan, ck, det, layout: str, dtype: str) -> None:
     stats = plan.layer_stats(ck)
-    t = Table(title=f"plan: {ck.root} -> --to hf --layout {layout} --dtype {dtype}", title_justify="left")
+    t = Table(title=f"plan: {ck.root} -> layout {layout}, {dtype}", title_justify="left")
     for col in ("layer", "tensors in", "bytes in", "tensors out", "bytes out"):
         t.add_column(col, justify="right")
     for layer in sorted(stats, key=lambda L: -1 if L is None else L):

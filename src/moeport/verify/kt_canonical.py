@@ -46,7 +46,7 @@ def kt_layers(ck: Checkpoint) -> Iterator[CanonicalLayer]:
         raise MoeportError(f"{ck.root}: kt output without a known kt_method in its metadata ({method!r})")
     bits = 4 if method == "AMXINT4" else 8
     cfg = ModelConfig(ck.config or {})
-    family = family_for_model_type(str(cfg.model_type)) if ck.config else None
+    family = next((f for f in map(family_for_model_type, cfg.model_types) if f is not None), None)
     if family is None:
         raise MoeportError(f"{ck.root}: kt output needs the source config.json to name its tensors")
     experts: dict[int, dict[tuple[int, str], dict[int, dict[str, str]]]] = defaultdict(
