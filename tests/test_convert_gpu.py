@@ -166,3 +166,26 @@ def test_unsuitable_group_size_is_a_clear_error(checkpoint) -> None:
     src = checkpoint("qwen3_moe", "hub", "bf16")
     with open_checkpoint(src) as ck, pytest.raises(MoeportError, match="down_proj.weight: .*group size 48"):
         plan_gpu(ck, detect(ck), Recipe("w4a16", group_size=48))
+
+
+def test_cli_writes_w8a16_per_channel_and_refuses_bad_options(checkpoint, tmp_path) -> None:
+    import sys
+
+    src = checkpoint("qwen3_moe", "hub", "bf16")
+    base = [sys.executable, "-m", "moeport", "convert", str(src)]
+    args = ["--to", "w8a16", "--group-size", "0", "--targets", "all-linear", "--ignore", r"o_proj", "--quiet"]
+    ok = subprocess.run([*base, str(tmp_path / "w8"), *args], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    config = json.loads((tmp_path / "w8" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    names = tensors(tmp_path / "w8")
+    assert "model.layers.1.mlp.experts.0.up_proj.weight_packed" in names
+    assert "model.layers.1.self_attn.q_proj.weight_packed" in names
+    assert names["model.layers.1.self_attn.o_proj.weight"].dtype == torch.bfloat16  # --ignore kept it
+    assert "model.layers.1.self_attn.o_proj" in config["ignore"]
+    reference = logits(load(checkpoint("qwen3_moe", "hub", "bf16")))
+    assert rel(logits(load(tmp_path / "w8")), reference) < 0.01
+    bad = subprocess.run(
+        [*base, str(tmp_path / "x"), "--to", "w4a16", "--layout", "fused"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "hub" in bad.stderr and not (tmp_path / "x").exists()
