@@ -161,13 +161,33 @@ def demo(
         "demo-out"
     ),
 ) -> None:
-    """Write a small built-in DeepSeek-V3-style checkpoint (random BF16) and inspect it."""
+    """Write a small built-in DeepSeek-V3-style checkpoint, inspect it, convert it four ways, verify each."""
+    from moeport.cli.convert import run_convert
     from moeport.synthetic import SyntheticSpec, write_synthetic
+    from moeport.verify.run import verify as verify_outputs
 
     src = out_dir / "deepseek-v3-tiny"
     write_synthetic(src, SyntheticSpec.tiny())
     out.print(f"wrote built-in example to {src}")
     inspect(src, as_json=False)
+    jobs = [  # (name, --to, extra options)
+        ("fused-bf16", "hf", dict(layout="fused")),
+        ("fp8-block", "fp8-block", {}),
+        ("w4a16", "w4a16", {}),
+        ("kt-int4", "kt-int4", {}),
+    ]
+    for name, to, extra in jobs:
+        dst = out_dir / f"deepseek-v3-tiny-{name}"
+        layout = extra.get("layout", "hub")
+        run_convert(src, dst, to, layout, "keep", "5GB", False, True, True, out)
+        report = verify_outputs(src, dst)
+        worst = max((t.rel_l2 for t in report.tensors), default=0.0)
+        exact = sum(t.exact for t in report.tensors)
+        verdict = "[green]verified[/]" if report.ok else "[red]FAILED verification[/]"
+        out.print(
+            f"{name:>11}: {dst}  {verdict}: {len(report.tensors)} tensors, {exact} bit-exact, "
+            f"max relative error {worst:.3g}"
+        )
 
 
 def main() -> None:
