@@ -115,6 +115,9 @@ def convert(
     targets: Annotated[
         str, typer.Option(help="w4a16/w8a16/fp8/fp8-block: quantize 'experts' or 'all-linear'.")
     ] = "experts",
+    device: Annotated[
+        str, typer.Option(help="Where decode/quantize math runs: auto (CUDA if present), cpu, cuda[:N].")
+    ] = "auto",
     ignore: Annotated[
         list[str] | None,
         typer.Option(
@@ -127,7 +130,7 @@ def convert(
     from moeport.cli.convert import run_convert
 
     kt = dict(numa=numa, kt_layout=kt_layout, max_memory=max_memory)
-    gpu = dict(group_size=group_size, targets=targets, ignore=tuple(ignore or ()))
+    gpu = dict(group_size=group_size, targets=targets, ignore=tuple(ignore or ()), device=device)
     run_convert(src, dst, to, layout, dtype, max_shard_size, dry_run, overwrite, quiet, out, **kt, **gpu)
 
 

@@ -41,11 +41,14 @@ def run_convert(
     group_size: int = 128,
     targets: str = "experts",
     ignore: tuple[str, ...] = (),
+    device: str = "cpu",
 ) -> None:
     from moeport.cli.convert_kt import KT_TARGETS, run_convert_kt
+    from moeport.device import resolve_device
 
+    device = resolve_device(device)
     if to in KT_TARGETS:
-        run_convert_kt(src, dst, to, numa, kt_layout, max_memory, dry_run, overwrite, quiet, console)
+        run_convert_kt(src, dst, to, numa, kt_layout, max_memory, dry_run, overwrite, quiet, console, device)
         return
     from moeport.convert.execute import describe_recipe, execute, prepare_destination
     from moeport.convert.hf import DTYPES, plan_hf
@@ -67,9 +70,9 @@ def run_convert(
         if recipe is not None:
             from moeport.convert.gpu_formats import plan_gpu
 
-            plan = plan_gpu(ck, det, recipe)
+            plan = plan_gpu(ck, det, recipe, device)
         else:
-            plan = plan_hf(ck, det, layout, DTYPES.get(dtype))
+            plan = plan_hf(ck, det, layout, DTYPES.get(dtype), device)
         if dry_run:
             _print_plan(console, plan, ck, det, layout, dtype if recipe is None else to)
             return
@@ -92,7 +95,7 @@ def run_convert(
                 label = f"layer {layer}" if layer is not None else "other tensors"
                 progress.update(task, advance=nbytes, description=label)
 
-            result = execute(plan, ck, dst, shard_bytes, meta, on_layer)
+            result = execute(plan, ck, dst, shard_bytes, meta, on_layer, pin=device.startswith("cuda"))
     if not quiet:
         console.print(
             f"wrote {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) to {dst} "

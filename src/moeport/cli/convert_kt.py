@@ -51,6 +51,7 @@ def run_convert_kt(
     overwrite: bool,
     quiet: bool,
     console: Console,
+    device: str = "cpu",
 ) -> None:
     from moeport.convert.kt import plan_kt, preflight, prepare_kt, run_kt, source_label, summary
     from moeport.detect import detect
@@ -64,6 +65,7 @@ def run_convert_kt(
     with open_checkpoint(src) as ck:
         det = detect(ck)
         plan = plan_kt(ck, det, to, numa, kt_layout, source_label(src))
+        plan.device = device  # not part of the recipe: CPU and CUDA write the same bytes
         if dry_run:
             console.print(summary(plan))
             preflight(plan, dst, None, limit)

@@ -183,7 +183,7 @@ def _tile_views(rows: torch.Tensor, flat: torch.Tensor, k: int, bits: int):
 def to_tile_order(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Row-major code bytes [n, kb] (kb = k*bits/8) -> kt's BufferB image, int8 1-D."""
     n, kb = q.shape
-    out = torch.empty(n * kb, dtype=torch.int8)
+    out = torch.empty(n * kb, dtype=torch.int8, device=q.device)
     rows = q.contiguous().view(torch.int32)
     flat = out.view(torch.int32)
     for src, dst in _tile_views(rows, flat, kb * 8 // bits, bits):
@@ -290,7 +290,7 @@ def _as_bf16(w: torch.Tensor, where: str) -> torch.Tensor:
         raise MoeportError(f"{where}: shape {list(w.shape)}, expected a 2-D [n, k] matrix")
     if not w.dtype.is_floating_point:
         raise MoeportError(f"{where}: dtype {str(w.dtype).removeprefix('torch.')}, expected bfloat16/float32")
-    return w.detach().to("cpu", torch.bfloat16).contiguous()
+    return w.detach().to(dtype=torch.bfloat16).contiguous()  # stays on its device (CPU or CUDA)
 
 
 def check_matrix(n: int, k: int, bits: int, where: str = "weight") -> None:
@@ -308,8 +308,8 @@ def kt_codes(w: torch.Tensor, bits: int, where: str = "weight", use_numba: bool 
     wb = _as_bf16(w, where)
     n, k = wb.shape
     check_matrix(n, k, bits, where)
-    if use_numba is None:
-        use_numba = njit is not None
+    if use_numba is None or wb.device.type != "cpu":
+        use_numba = njit is not None and wb.device.type == "cpu"
     if use_numba:
         q = torch.empty(n, row_bytes(k, bits), dtype=torch.int8)
         scale = torch.zeros(n, dtype=torch.float32)
@@ -318,8 +318,8 @@ def kt_codes(w: torch.Tensor, bits: int, where: str = "weight", use_numba: bool 
         if bad.any():
             raise MoeportError(f"{where}: row {int(bad.nonzero()[0])} contains NaN or Inf")
         return q, scale
-    q = torch.empty(n, row_bytes(k, bits), dtype=torch.int8)
-    scale = torch.empty(n, dtype=torch.float32)
+    q = torch.empty(n, row_bytes(k, bits), dtype=torch.int8, device=wb.device)
+    scale = torch.empty(n, dtype=torch.float32, device=wb.device)
     for rs in row_chunks(n, k):
         x = wb[rs].float()
         if not torch.isfinite(x).all():

@@ -14,6 +14,7 @@ import torch
 from moeport.codecs.base import Codec
 from moeport.codecs.registry import codec_for
 from moeport.detect.formats import PASSIVE_PARTS, ExpertFormat, Part, classify
+from moeport.device import to_device
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Op
 from moeport.mappings.values import Lazy, Value, is_meta, realize, shape_of
@@ -61,6 +62,7 @@ class Decode(Op):
     shape: tuple[int, ...]
     dtype: torch.dtype
     transpose: bool = False  # GPT-OSS: unquantized experts are stored [E, K, N]
+    device: str = "cpu"
 
     @property
     def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -77,7 +79,7 @@ class Decode(Op):
         shape = (*self.shape[:-2], self.shape[-1], self.shape[-2]) if self.transpose else self.shape
 
         def fill(out: torch.Tensor) -> None:
-            tensors = {p: realize(v) for p, v in named.items()}
+            tensors = {p: to_device(realize(v), self.device) for p, v in named.items()}
             if len(self.shape) == 2:
                 _decode_into(codec, tensors, out, self.transpose, self.target)
                 return

@@ -19,6 +19,7 @@ from moeport.convert.plan import Plan, run_unit
 from moeport.errors import MoeportError
 from moeport.sinks.sharded import INDEX_NAME, ShardedWriter, write_json_atomic
 from moeport.sources.checkpoint import Checkpoint
+from moeport.sources.prefetch import Prefetcher
 
 STAGING_SUFFIX = ".moeport-partial"
 # Files of a checkpoint folder that the plan rewrites (everything else at top level is carried over).
@@ -45,6 +46,7 @@ def execute(
     max_shard_bytes: int,
     metadata: dict[str, str],
     on_layer: Callable[[int | None, int], None] | None = None,
+    pin: bool = False,
 ) -> Result:
     """Write the plan's outputs to `dst` (see module doc); `on_layer(layer, bytes)` reports progress."""
     start = time.perf_counter()
@@ -53,6 +55,7 @@ def execute(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     written = 0
+    prefetch = Prefetcher(ck, (n for u in plan.units for n in u.op.inputs), pin=pin)
     try:
         copy_side_files(ck.root, staging)
         if plan.config is not None:
@@ -64,9 +67,8 @@ def execute(
                 if unit.layer != layer:
                     if on_layer:
                         on_layer(layer, layer_bytes)
-                    ck.release()  # drop the memory maps of the finished layer
                     layer, layer_bytes = unit.layer, 0
-                for name, tensor in run_unit(unit, ck):
+                for name, tensor in run_unit(unit, ck, prefetch.get):
                     writer.write(name, tensor)
                     n = tensor.numel() * tensor.element_size()
                     written += n
@@ -76,8 +78,10 @@ def execute(
                 on_layer(layer, layer_bytes)
         _publish(staging, dst)
     except BaseException:
+        prefetch.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    prefetch.close()
     return Result(dst, len(plan.specs), written, time.perf_counter() - start)
 
 

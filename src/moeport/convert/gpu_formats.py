@@ -23,6 +23,7 @@ from moeport.convert.dequantize import Cast
 from moeport.convert.hf import build_hf
 from moeport.convert.plan import Plan, Unit, finalize
 from moeport.detect.detection import Detection
+from moeport.device import to_device
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Op
 from moeport.mappings.values import Lazy, Memo, Value, is_meta, realize
@@ -70,6 +71,7 @@ class Encode(Op):
     base: str  # target name prefix, e.g. 'model.layers.1.mlp.experts.0.up_proj.'
     codec: Codec
     part_specs: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+    device: str = "cpu"
 
     @property
     def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -88,7 +90,8 @@ class Encode(Op):
         }
 
     def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = self.codec.encode(w)  # codecs compute in float32 themselves
+        parts = self.codec.encode(to_device(w, self.device))  # codecs compute in float32 themselves
+        parts = {p: t.cpu() for p, t in parts.items()}
         for part, dtype, shape in self.part_specs:
             got = parts[part]
             if got.dtype != dtype or tuple(got.shape) != shape:
@@ -101,9 +104,9 @@ class Encode(Op):
         raise MoeportError(f"{self.source}: quantizing is lossy and has no inverse")
 
 
-def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe) -> Plan:
+def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu") -> Plan:
     codec = recipe.codec()
-    base, decoded = build_hf(ck, det, "hub", torch.float32, cast_floats=False)
+    base, decoded = build_hf(ck, det, "hub", torch.float32, cast_floats=False, device=device)
     base = finalize(base, ck)  # specs of the float plan tell which outputs are 2-D weights
     spec_of = {s.name: s for s in base.specs}
     expert_re = _expert_regex(det)
@@ -126,7 +129,7 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe) -> Plan:
                 shape = spec_of[name].shape
                 if shape not in part_cache:
                     part_cache[shape] = _part_specs(codec, shape, name)
-                extra.append(Encode(name, name.removesuffix("weight"), codec, part_cache[shape]))
+                extra.append(Encode(name, name.removesuffix("weight"), codec, part_cache[shape], device))
                 quantized.append(name)
             else:
                 if name in decoded:

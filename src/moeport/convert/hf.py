@@ -39,14 +39,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-def plan_hf(ck: Checkpoint, det: Detection, layout: str, dtype: torch.dtype | None) -> Plan:
+def plan_hf(
+    ck: Checkpoint, det: Detection, layout: str, dtype: torch.dtype | None, device: str = "cpu"
+) -> Plan:
     """Plan the conversion of `ck` to the `layout` ('hub'|'fused') names, in `dtype` (None: keep)."""
-    plan, _ = build_hf(ck, det, layout, dtype)
+    plan, _ = build_hf(ck, det, layout, dtype, device=device)
     return finalize(plan, ck)
 
 
 def build_hf(
-    ck: Checkpoint, det: Detection, layout: str, dtype: torch.dtype | None, cast_floats: bool = True
+    ck: Checkpoint,
+    det: Detection,
+    layout: str,
+    dtype: torch.dtype | None,
+    cast_floats: bool = True,
+    device: str = "cpu",
 ) -> tuple[Plan, set[str]]:
     """Units of the hf recipe (not yet finalized) and the names of outputs that were dequantized.
 
@@ -56,7 +63,7 @@ def build_hf(
     dst_layout = family.hub if layout == "hub" else family.fused
     rename = _rename_between(det, layout)
     quant = ModelConfig(ck.config or {}).quantization_config or {}
-    builder = _Builder(ck, quant, dtype, cast_floats)
+    builder = _Builder(ck, quant, dtype, cast_floats, device)
 
     match = match_layout(ck.keys(), det.layout, det.layer_prefix)
     layers = match.layers if match else {}
@@ -113,8 +120,16 @@ def _rename_between(det: Detection, layout: str) -> Rename:
 class _Builder:
     """Makes the ops of each unit; remembers shapes of intermediate (decoded) tensors."""
 
-    def __init__(self, ck: Checkpoint, quant: dict[str, Any], dtype: torch.dtype | None, cast_floats: bool):
+    def __init__(
+        self,
+        ck: Checkpoint,
+        quant: dict[str, Any],
+        dtype: torch.dtype | None,
+        cast_floats: bool,
+        device: str = "cpu",
+    ):
         self.ck = ck
+        self.device = device
         self.quant = quant
         self.dtype = dtype
         self.cast_floats = cast_floats
@@ -153,7 +168,8 @@ class _Builder:
                     continue
                 active = active_parts(parts)
                 shape = decoded_shape(fmt, {p: self.shape_of(n) for p, n in active.items()}, head)
-                ops.append(Decode(tuple(active.items()), rename(f"{head}.weight"), fmt, shape, self.dtype))
+                target = rename(f"{head}.weight")
+                ops.append(Decode(tuple(active.items()), target, fmt, shape, self.dtype, device=self.device))
                 self.dequantized += 1
                 done.update(parts.values())
                 for p, n in parts.items():
@@ -202,7 +218,9 @@ class _Builder:
                 self.shapes[target] = self.shape_of(active["weight"])
             else:
                 shape = decoded_shape(fmt, {p: self.shape_of(n) for p, n in active.items()}, weight)
-                pre[target] = Decode(tuple(active.items()), target, fmt, shape, self.dtype, transposed)
+                pre[target] = Decode(
+                    tuple(active.items()), target, fmt, shape, self.dtype, transposed, self.device
+                )
                 self.shapes[target] = (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
                 self.dequantized += 1
             out[role] = {"weight": target} | {

@@ -40,6 +40,7 @@ from moeport.convert.execute import copy_side_files
 from moeport.convert.journal import Journal, recipe_diff
 from moeport.detect.detection import Detection
 from moeport.detect.layout import match_layout
+from moeport.device import to_device
 from moeport.errors import MoeportError
 from moeport.sinks.safetensors_file import PARTIAL_SUFFIX, TensorSpec, build_header
 from moeport.sinks.sharded import INDEX_NAME, plan_shards, write_json_atomic
@@ -86,6 +87,7 @@ class KtPlan:
     recipe: dict[str, Any]
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    device: str = "cpu"  # where decode + quantize run (moeport.device); bytes are the same
 
     @property
     def method(self) -> str:
@@ -297,12 +299,20 @@ class _Reader:
         self._handles.clear()
 
 
-def _decode(reader: _Reader, codec, group: dict[str, str], expert: int | None, experts: int, where: str):
+def _decode(
+    reader: _Reader,
+    codec,
+    group: dict[str, str],
+    expert: int | None,
+    experts: int,
+    where: str,
+    device: str = "cpu",
+):
     parts = {}
     for part, key in group.items():
         shape = reader.ck.info(key).shape
         stacked = expert is not None and len(shape) >= 2 and shape[0] == experts
-        parts[part] = reader.read(key, expert if stacked else None)
+        parts[part] = to_device(reader.read(key, expert if stacked else None), device)
     w = parts.get("weight")
     if codec.name == "bf16" and w is not None and w.dtype == torch.bfloat16:
         return w  # decode (exact, to float32) then rounding to bf16 would give back these very values
@@ -317,14 +327,16 @@ def expert_matrices(
     h, i = plan.hidden, plan.inter
     where = f"layer {src.layer} expert {e}"
     if src.fused:
-        gu = _decode(reader, codec, src.groups[(-1, "gate_up")], e, src.experts, f"{where} gate_up")
-        down = _decode(reader, codec, src.groups[(-1, "down")], e, src.experts, f"{where} down")
+        gu = _decode(
+            reader, codec, src.groups[(-1, "gate_up")], e, src.experts, f"{where} gate_up", plan.device
+        )
+        down = _decode(reader, codec, src.groups[(-1, "down")], e, src.experts, f"{where} down", plan.device)
         if tuple(gu.shape) != (2 * i, h):
             raise MoeportError(f"{where}: gate_up decoded to {list(gu.shape)}, expected {[2 * i, h]}")
         gate, up = gu[:i], gu[i:]
     else:
         gate, up, down = (
-            _decode(reader, codec, src.groups[(e, role)], None, src.experts, f"{where} {role}")
+            _decode(reader, codec, src.groups[(e, role)], None, src.experts, f"{where} {role}", plan.device)
             for role in ("gate", "up", "down")
         )
     for name, m, want in (("gate", gate, (i, h)), ("up", up, (i, h)), ("down", down, (h, i))):
@@ -340,7 +352,7 @@ def expert_outputs(plan: KtPlan, mats, layer: int, e: int):
     for t, slices in enumerate(K.tp_slices(gate, up, down, plan.tp, where)):
         for (proj, n, k), m in zip(plan.mats(), slices, strict=True):
             q, s = K.kt_quantize(m, plan.bits, where=f"{where} {proj} numa {t}")
-            yield t, proj, n, k, q, s
+            yield t, proj, n, k, q.cpu(), s.cpu()
 
 
 # --------------------------------------------------------------------------- writing

@@ -9,8 +9,11 @@ refused at planning time too.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from torch import Tensor
 
 from moeport.dtypes import safetensors_name_of, torch_dtype_of
 from moeport.mappings.ops import Op
@@ -66,14 +69,17 @@ def _fp32_bytes_per_expert(spec: TensorSpec) -> int:
     return 4 * n
 
 
-def source_value(ck: Checkpoint, name: str, meta: bool) -> Value:
+def source_value(
+    ck: Checkpoint, name: str, meta: bool, fetch: Callable[[str], Tensor] | None = None
+) -> Value:
     info = ck.info(name)
     numel = 1
     for d in info.shape:
         numel *= d
     if meta and numel > TINY_ELEMENTS:
         return Lazy(info.shape, torch_dtype_of(info.dtype), meta=True)
-    return Lazy(info.shape, torch_dtype_of(info.dtype), produce=lambda: ck.read(name))
+    read = fetch or ck.read
+    return Lazy(info.shape, torch_dtype_of(info.dtype), produce=lambda: read(name))
 
 
 def finalize(plan: Plan, ck: Checkpoint) -> Plan:
@@ -94,9 +100,9 @@ def _dtype_name(v: Value) -> str:
     return safetensors_name_of(v.dtype)
 
 
-def run_unit(unit: Unit, ck: Checkpoint):
+def run_unit(unit: Unit, ck: Checkpoint, fetch: Callable[[str], Tensor] | None = None):
     """Yield (name, tensor) for each output of one unit, computed one at a time."""
-    outs = unit.op.apply({n: source_value(ck, n, meta=False) for n in unit.op.inputs})
+    outs = unit.op.apply({n: source_value(ck, n, meta=False, fetch=fetch) for n in unit.op.inputs})
     for name in list(outs):
         value = outs.pop(name)
         yield name, realize(value)

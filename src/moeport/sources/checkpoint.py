@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class Checkpoint:
                     e.dtype, e.shape, h.path, e.end - e.begin, h.data_start + e.begin
                 )
         self._fds: dict[Path, int] = {}
+        self._fd_lock = threading.Lock()  # reads may come from a prefetch thread too
 
     def keys(self) -> list[str]:
         return list(self._info)
@@ -71,13 +73,14 @@ class Checkpoint:
             raise MoeportError(
                 f"{info.file}: tensor '{key}' has dtype {info.dtype}, which torch cannot hold"
             ) from None
-        fd = self._fds.get(info.file)
-        if fd is None:
-            try:
-                fd = os.open(info.file, os.O_RDONLY)
-            except OSError as exc:
-                raise MoeportError(f"{info.file}: cannot open ({exc.strerror})") from None
-            self._fds[info.file] = fd
+        with self._fd_lock:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                try:
+                    fd = os.open(info.file, os.O_RDONLY)
+                except OSError as exc:
+                    raise MoeportError(f"{info.file}: cannot open ({exc.strerror})") from None
+                self._fds[info.file] = fd
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
@@ -90,9 +93,10 @@ class Checkpoint:
 
     def release(self) -> None:
         """Close open files."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     @property
     def total_bytes(self) -> int:
