@@ -1,0 +1,110 @@
+"""GPU fast path: `--device cuda` vs `--device cpu` on the same checkpoint, against the I/O bounds.
+
+    python bench/gpu_path.py --gb 4 [--work DIR]
+
+Builds a seeded synthetic DeepSeek-V3-shaped BF16 checkpoint and its FP8-block copy, then times
+each job on CPU and on CUDA (each a fresh process, output byte-compared between the two) and
+prints GB/s of source bytes next to two bounds measured in the same run: reading the source
+(`cat` to /dev/null, warm page cache) and a pinned host-to-device copy (PCIe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moeport.sources import open_checkpoint
+from moeport.synthetic import SyntheticSpec, write_synthetic
+
+JOBS = [  # (name, source, convert arguments)
+    ("FP8 -> BF16 (hf)", "fp8", ["--to", "hf", "--dtype", "bf16"]),
+    ("BF16 -> W4A16 experts", "bf16", ["--to", "w4a16"]),
+    ("FP8 -> W4A16 experts", "fp8", ["--to", "w4a16"]),
+    ("BF16 -> kt INT4", "bf16", ["--to", "kt-int4"]),
+    ("FP8 -> kt INT4", "fp8", ["--to", "kt-int4"]),
+]
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd)}:\n{r.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def same_output(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    return names == sorted(p.name for p in b.glob("*.safetensors")) and all(
+        filecmp.cmp(a / n, b / n, shallow=False) for n in names
+    )
+
+
+def pcie_gbps(nbytes: int = 2 * 2**30) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return 3 * nbytes / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gb", type=float, default=4.0)
+    ap.add_argument("--work", type=Path, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device")
+    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-gpu-"))
+    src = {"bf16": work / "bf16", "fp8": work / "fp8"}
+    moeport = [sys.executable, "-m", "moeport", "convert", "--quiet", "--overwrite"]
+    if not (src["bf16"] / "config.json").exists():
+        write_synthetic(src["bf16"], SyntheticSpec.of_size(args.gb))
+    if not (src["fp8"] / "config.json").exists():
+        timed([*moeport, str(src["bf16"]), str(src["fp8"]), "--to", "fp8-block", "--device", "cuda"])
+    size = {k: open_checkpoint(v).total_bytes for k, v in src.items()}
+    read = {}
+    for k, v in src.items():
+        files = [str(f) for f in sorted(v.glob("*.safetensors"))]
+        cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]
+        timed(cat)  # warm the page cache, as it is for the jobs
+        read[k] = size[k] / timed(cat) / 1e9
+    pcie = pcie_gbps()
+    print(
+        f"{torch.cuda.get_device_name()}; source {size['bf16'] / 1e9:.2f} GB BF16, "
+        f"{size['fp8'] / 1e9:.2f} GB FP8"
+    )
+    print(
+        f"bounds: read (warm cache) BF16 {read['bf16']:.2f} GB/s, FP8 {read['fp8']:.2f} GB/s; "
+        f"PCIe H2D {pcie:.1f} GB/s"
+    )
+    print("| job | CPU s | CUDA s | CPU GB/s | CUDA GB/s | CUDA / CPU | CUDA / read bound | bytes equal |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, kind, extra in JOBS:
+        out = {d: work / f"out-{d}" for d in ("cpu", "cuda")}
+        secs = {}
+        for d in ("cpu", "cuda"):
+            shutil.rmtree(out[d], ignore_errors=True)
+            secs[d] = timed([*moeport, str(src[kind]), str(out[d]), *extra, "--device", d])
+        gb = {d: size[kind] / secs[d] / 1e9 for d in secs}
+        equal = same_output(out["cpu"], out["cuda"])
+        print(
+            f"| {name} | {secs['cpu']:.1f} | {secs['cuda']:.1f} | {gb['cpu']:.2f} | {gb['cuda']:.2f} "
+            f"| {secs['cpu'] / secs['cuda']:.2f}× | {gb['cuda'] / read[kind]:.2f} | {equal} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

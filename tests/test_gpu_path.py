@@ -1,0 +1,55 @@
+"""The CUDA path writes the same bytes as the CPU path (runs where CUDA is present; skips elsewhere)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+JOBS = [  # (source format, --to and options)
+    ("fp8-block", ["--to", "hf", "--dtype", "bf16"]),
+    ("fp8-block", ["--to", "hf", "--layout", "fused", "--dtype", "bf16"]),
+    ("bf16", ["--to", "w4a16", "--group-size", "32"]),
+    ("fp8-block", ["--to", "w8a16", "--group-size", "32", "--targets", "all-linear"]),
+    ("bf16", ["--to", "fp8-block"]),
+    ("bf16", ["--to", "fp8"]),
+]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"}
+
+
+def run(*args: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "moeport", "convert", *args, "--quiet"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(("fmt", "args"), JOBS)
+def test_cuda_output_is_byte_identical_to_cpu(checkpoint, tmp_path, fmt, args) -> None:
+    src = checkpoint("qwen3_moe", "hub", fmt)
+    run(str(src), str(tmp_path / "cpu"), *args, "--device", "cpu")
+    run(str(src), str(tmp_path / "cuda"), *args, "--device", "cuda")
+    cpu, cuda = files(tmp_path / "cpu"), files(tmp_path / "cuda")
+    assert cpu.keys() == cuda.keys() and cpu == cuda
+
+
+@pytest.mark.parametrize("to", ["kt-int4", "kt-int8"])
+def test_cuda_kt_output_is_byte_identical_to_cpu(tmp_path, to) -> None:
+    from moeport.synthetic import SyntheticSpec, write_synthetic
+
+    src = tmp_path / "src"
+    write_synthetic(src, SyntheticSpec.tiny())
+    fp8 = tmp_path / "fp8"
+    run(str(src), str(fp8), "--to", "fp8-block", "--device", "cpu")
+    for source in (src, fp8):
+        run(str(source), str(tmp_path / f"{source.name}-cpu"), "--to", to, "--numa", "1", "--device", "cpu")
+        run(str(source), str(tmp_path / f"{source.name}-cuda"), "--to", to, "--numa", "1", "--device", "cuda")
+        assert files(tmp_path / f"{source.name}-cpu") == files(tmp_path / f"{source.name}-cuda")
