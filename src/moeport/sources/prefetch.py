@@ -1,7 +1,8 @@
 """Read source tensors ahead, in plan order, on a background thread, within a byte budget.
 
 Disk reads (pread releases the GIL) then overlap with decode/quantize on the CPU or the GPU.
-The budget bounds what is read but not yet used, so memory stays one layer + budget. Tensors are
+The budget bounds what is read but not yet used, so memory stays one layer + budget (a tensor
+bigger than the budget is never read ahead). Tensors are
 read into pinned memory when the math runs on CUDA, so host-to-device copies are asynchronous.
 A tensor asked for before the reader got to it is read directly (never a wait on the budget).
 """
@@ -15,7 +16,7 @@ import torch
 
 from moeport.sources.checkpoint import Checkpoint
 
-DEFAULT_BUDGET = 256 * 2**20
+DEFAULT_BUDGET = 64 * 2**20  # bytes read ahead; a fixed overhead, whatever the model size
 
 
 class Prefetcher:
@@ -37,6 +38,8 @@ class Prefetcher:
         try:
             for name in self._names:
                 size = self.ck.info(name).nbytes
+                if size > self._budget:
+                    continue  # never hold a whole big tensor early: the consumer reads it itself
                 with self._cv:
                     self._cv.wait_for(lambda size=size: self._room_for(size))
                     if self._stop:
@@ -56,7 +59,7 @@ class Prefetcher:
                 self._cv.notify_all()
 
     def _room_for(self, size: int) -> bool:
-        return self._stop or self._held == 0 or self._held + size <= self._budget
+        return self._stop or self._held + size <= self._budget
 
     def _read(self, name: str) -> torch.Tensor:
         t = self.ck.read(name)
