@@ -13,16 +13,16 @@ from moeport.errors import MoeportError
 
 def resolve_device(name: str) -> str:
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device("cuda") if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise MoeportError(f"--device {name}: this torch build sees no CUDA device")
         try:
-            torch.device(name)
-        except RuntimeError:
-            raise MoeportError(f"--device {name}: expected cpu, cuda, cuda:N or auto") from None
+            torch.zeros(1, device=name)  # initialise CUDA now, not inside the first layer
+        except (RuntimeError, AssertionError) as exc:
+            raise MoeportError(f"--device {name}: {exc}") from None
         return name
     raise MoeportError(f"--device {name}: expected cpu, cuda, cuda:N or auto")
 

@@ -116,8 +116,12 @@ def convert(
         str, typer.Option(help="w4a16/w8a16/fp8/fp8-block: quantize 'experts' or 'all-linear'.")
     ] = "experts",
     device: Annotated[
-        str, typer.Option(help="Where decode/quantize math runs: auto (CUDA if present), cpu, cuda[:N].")
-    ] = "auto",
+        str,
+        typer.Option(
+            help="Where decode/quantize math runs: cpu, cuda[:N], or auto (CUDA if present). Same bytes "
+            "either way; cpu is the default because the CUDA path is not faster yet (bench/RESULTS.md)."
+        ),
+    ] = "cpu",
     ignore: Annotated[
         list[str] | None,
         typer.Option(

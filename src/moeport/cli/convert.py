@@ -95,7 +95,9 @@ def run_convert(
                 label = f"layer {layer}" if layer is not None else "other tensors"
                 progress.update(task, advance=nbytes, description=label)
 
-            result = execute(plan, ck, dst, shard_bytes, meta, on_layer, pin=device.startswith("cuda"))
+            # no pinned reads: pinning copies every tensor once more, which cost more than the
+            # asynchronous host-to-device copies saved (measured on an H200, bench/RESULTS.md)
+            result = execute(plan, ck, dst, shard_bytes, meta, on_layer)
     if not quiet:
         console.print(
             f"wrote {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) to {dst} "

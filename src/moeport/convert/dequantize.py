@@ -98,7 +98,9 @@ def _decode_into(
     codec: Codec, parts: dict[str, torch.Tensor], out: torch.Tensor, transpose: bool, where: str
 ) -> None:
     w = codec.decode(parts, where)
-    out.copy_(w.transpose(-1, -2) if transpose else w)
+    w = w.transpose(-1, -2) if transpose else w
+    # cast where the math ran (fewer bytes over PCIe), then one copy into the output
+    out.copy_(w.to(out.dtype) if w.device != out.device else w)
 
 
 @dataclass(frozen=True)
