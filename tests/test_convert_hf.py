@@ -239,6 +239,16 @@ def test_disagreeing_per_tensor_scales_are_refused(checkpoint, tmp_path) -> None
     assert "model.layers.0.mlp.experts.gate_up_proj" in load_tensors(tmp_path / "bf16")
 
 
+def test_source_as_destination_is_refused_even_with_overwrite(checkpoint, tmp_path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("qwen3_moe", "hub", "bf16"), src)
+    before = load_tensors(src)
+    for dst in (src, tmp_path):
+        result = convert_cli(str(src), str(dst), "--overwrite")
+        assert result.returncode == 2 and "source checkpoint" in result.stderr
+    assert_identical(before, load_tensors(src))
+
+
 def test_non_empty_destination_is_refused(checkpoint, tmp_path) -> None:
     out = tmp_path / "out"
     out.mkdir()

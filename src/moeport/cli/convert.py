@@ -64,7 +64,7 @@ def run_convert(
     recipe = _gpu_recipe(to, layout, group_size, targets, ignore) if to in GPU_TARGETS else None
     shard_bytes = parse_size(max_shard_size)
     if not dry_run:
-        prepare_destination(dst, overwrite)
+        prepare_destination(dst, overwrite, src)
     with open_checkpoint(src) as ck:
         det = detect(ck)
         if recipe is not None:

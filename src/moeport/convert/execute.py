@@ -34,7 +34,11 @@ class Result:
     seconds: float
 
 
-def prepare_destination(dst: Path, overwrite: bool) -> None:
+def prepare_destination(dst: Path, overwrite: bool, src: Path | None = None) -> None:
+    if src is not None:
+        root, out = src.resolve(), dst.resolve()
+        if root == out or out in root.parents:
+            raise MoeportError(f"{dst}: is (or contains) the source checkpoint {src}; choose another DST")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise MoeportError(f"{dst}: already exists and is not empty (use --overwrite to replace it)")
 
