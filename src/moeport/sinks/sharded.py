@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -60,6 +61,10 @@ class ShardedWriter:
         self._open: dict[int, SafetensorsFileWriter] = {}
         self._closed: set[int] = set()
         self.total_size = sum(s.nbytes for shard in self._plan for s in shard)
+        # A finished shard is fsynced and renamed on a background thread, so the flush to disk of
+        # one shard overlaps the computing of the next; the index waits for all of them.
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-shard-close")
+        self._finishing: list[Future] = []
 
     @property
     def files(self) -> list[Path]:
@@ -80,12 +85,16 @@ class ShardedWriter:
             self._open[index] = writer
         writer.write(name, tensor)
         if writer.done:
-            writer.close()
             del self._open[index]
             self._closed.add(index)
+            self._finishing.append(self._finisher.submit(writer.close))
+            for f in [f for f in self._finishing if f.done()]:
+                f.result()  # a failed flush surfaces at the next write
+                self._finishing.remove(f)
 
     def close(self) -> None:
-        """Finish: every shard must be complete; the index is written last, atomically."""
+        """Finish: every shard must be complete and flushed; the index is written last, atomically."""
+        self._wait_finishing()
         for index, shard in enumerate(self._plan):
             if index not in self._closed:
                 if not shard:  # an empty plan still produces a valid (empty) file
@@ -101,9 +110,26 @@ class ShardedWriter:
             write_json_atomic(self.out_dir / INDEX_NAME, index_doc)
 
     def abort(self) -> None:
+        try:
+            self._wait_finishing()
+        except Exception:  # noqa: BLE001 - already failing; the first error is the one reported
+            pass
         for writer in self._open.values():
             writer.abort()
         self._open.clear()
+
+    def _wait_finishing(self) -> None:
+        pending, self._finishing = self._finishing, []
+        errors = []
+        for f in pending:
+            try:
+                f.result()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after every flush ended
+                errors.append(exc)
+        self._finisher.shutdown(wait=True)
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-shard-close")
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> ShardedWriter:
         return self
