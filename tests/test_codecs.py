@@ -370,3 +370,32 @@ def test_fused_fp8_block_transcode_equals_decode_then_encode(bits, group, sym, s
     parts["weight"].view(torch.uint8)[3, 5] = 0x7F
     with pytest.raises(MoeportError, match="experts.1.down_proj.weight: FP8 weight contains NaN codes"):
         transcode(fp8, parts, dst, where="experts.1.down_proj")
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "sym", "scale_dtype"),
+    [(4, 128, True, torch.bfloat16), (4, 64, False, torch.float32), (8, 128, True, torch.float32)],
+)
+def test_fused_fp8_block_transcode_every_e4m3_byte(bits, group, sym, scale_dtype) -> None:
+    """The fused kernel decodes E4M3 bytes arithmetically: every non-NaN byte (subnormals, -0 among
+    them) in random groups, groups of subnormals only, of one sign only, and all-zero groups."""
+    from moeport.codecs.transcode import transcode
+
+    g = torch.Generator().manual_seed(17)
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    raw = codes[torch.randint(len(codes), (256, 512), generator=g)]
+    raw[0] = codes[torch.arange(512) % len(codes)]
+    raw[1:9] = torch.randint(8, (8, 512), generator=g, dtype=torch.uint8)  # subnormals and +0
+    raw[9:17] = raw[1:9] | 0x80  # negative subnormals and -0
+    raw[17:25] &= 0x7F  # positive only
+    raw[25:33] |= 0x80  # negative only
+    raw[33] = 0x80
+    raw[34] = 0
+    block_scale = torch.rand(2, 4, generator=g) * 1e-3 + 1e-5
+    parts = {"weight": raw.view(torch.float8_e4m3fn), "weight_scale_inv": block_scale}
+    fp8 = Fp8BlockCodec()
+    dst = PackQuantizedCodec(bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype)
+    fused, plain = transcode(fp8, parts, dst), dst.encode(fp8.decode(parts))
+    assert fused.keys() == plain.keys()
+    for name in plain:
+        assert fused[name].dtype == plain[name].dtype and torch.equal(fused[name], plain[name]), name

@@ -79,37 +79,49 @@ if AVAILABLE:
                     quot[j] = x[i, base + j] / s + z
                 _round_pack_group(quot, qmin, qmax, offset, bits, packed[i], base)
 
-    @njit(cache=True, nogil=True, parallel=True)
+    @njit(cache=True, nogil=True, parallel=True, boundscheck=False)
     def _fp8_block_to_int(  # pragma: no cover - compiled
         w, bscale, lut, bn, bk, bits, group, symmetric, bf16_scale, eps, packed, scale, zero, nan
     ):
         """FP8-block weight -> INT RTN codes in one pass, never materialising the float weight.
 
-        A group's min/max come from its largest positive and negative E4M3 magnitudes (integer
-        maxima, which vectorise): multiplying by the positive block scale is monotonic, so this
-        equals min/max of the decoded floats exactly. Then the same float32 steps as int_rtn.
+        A group's min/max come from its largest positive and negative E4M3 magnitudes (byte maxima,
+        which vectorise): multiplying by the positive block scale is monotonic, so this equals
+        min/max of the decoded floats exactly. Then the same float32 steps as int_rtn.
+
+        Per group, every loop is simple enough for LLVM to vectorise (~3x the scalar version):
+        no table lookup (a gather, which LLVM keeps scalar): each E4M3 byte is decoded by moving
+        its bits into a float32 (exponent rebiased by +120, exact for normals; E4M3 subnormals
+        land on 2^-7 * (1 + f/8) and are corrected exactly with (v - 2^-7) * 2), written as uint32
+        and read back as float32 through a view of the same small buffer.
         """
         n, k = w.shape
         qmin = np.float32(-(2 ** (bits - 1)))
         qmax = np.float32(2 ** (bits - 1) - 1)
-        offset = 2 ** (bits - 1)
+        offset = np.float32(2 ** (bits - 1))
         half_range = np.float32((qmax - qmin) / 2)
         full_range = np.float32(qmax - qmin)
+        two_m7 = np.float32(2.0**-7)
         for i in prange(n):
-            quot = np.empty(group, dtype=np.float32)
+            as_bits = np.empty(group, dtype=np.uint32)
+            as_float = as_bits.view(np.float32)
+            codes = np.empty(group, dtype=np.uint8)
+            code_pairs = codes.view(np.uint16)
             bits32 = np.empty(1, dtype=np.float32)
             as_u32 = bits32.view(np.uint32)
+            wrow = w[i]
+            wrow_signed = wrow.view(np.int8)
+            prow = packed[i]
             for g in range(k // group):
                 base = g * group
                 sb = bscale[i // bn, base // bk]
-                pos = np.uint8(0)
-                neg = np.uint8(0)
-                for j in range(group):  # branch-free so it vectorises
-                    b = w[i, base + j]
-                    m = b & np.uint8(0x7F)
-                    sign = b >> np.uint8(7)
-                    pos = max(pos, m * (np.uint8(1) - sign))
-                    neg = max(neg, m * sign)
+                smax = np.int8(0)  # largest positive byte (as int8: negatives are < 0)
+                umax = np.uint8(0)  # largest byte: 0x80 + the largest negative magnitude, if any
+                for j in range(group):
+                    smax = max(smax, wrow_signed[base + j])
+                    umax = max(umax, wrow[base + j])
+                pos = np.uint8(smax)
+                neg = np.uint8(umax - np.uint8(0x80)) if umax >= np.uint8(0x80) else np.uint8(0)
                 if pos == np.uint8(0x7F) or neg == np.uint8(0x7F):  # E4M3 NaN code
                     nan[i] = True
                 hi = lut[pos] * sb
@@ -126,8 +138,23 @@ if AVAILABLE:
                     z = np.float32(np.rint(qmax if z > qmax else (qmin if z < qmin else z)))
                     zero[i, g] = z
                 for j in range(group):
-                    quot[j] = (lut[w[i, base + j]] * sb) / s + z
-                _round_pack_group(quot, qmin, qmax, offset, bits, packed[i], base)
+                    b = np.uint32(wrow[base + j])
+                    as_bits[j] = (((b & np.uint32(0x7F)) << np.uint32(20)) + np.uint32(120 << 23)) | (
+                        (b & np.uint32(0x80)) << np.uint32(24)
+                    )
+                for j in range(group):
+                    v = as_float[j]
+                    if (wrow[base + j] & np.uint8(0x78)) == 0:  # subnormal (0x80 gives +0: same code as -0)
+                        v = (v - (two_m7 if v > 0 else -two_m7)) * np.float32(2.0)
+                    q = min(max(np.rint((v * sb) / s + z), qmin), qmax)
+                    codes[j] = np.uint8(np.int32(q + offset))
+                if bits == 4:  # two codes (< 16) as one little-endian uint16 lo | hi << 8 -> lo | hi << 4
+                    for j in range(group // 2):
+                        u = code_pairs[j]
+                        prow[base // 2 + j] = np.uint8(u | (u >> np.uint16(4)))
+                else:
+                    for j in range(group):
+                        prow[base + j] = codes[j]
 
 
 def fp8_block_dequant(
@@ -185,13 +212,17 @@ def fp8_block_to_int(
     scale_dtype: torch.dtype,
     where: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """FP8-block [N, K] -> (packed int32 [N, K*bits/32], scale [N, K/group] in scale_dtype, zero or None)."""
+    """FP8-block [N, K] -> (packed int32 [N, K*bits/32], scale [N, K/group] in scale_dtype, zero or None).
+
+    Outputs are allocated and converted with numpy, not torch: a torch op over the [N, K/group]
+    scales is big enough to wake torch's OpenMP pool, whose spinning threads then compete with
+    numba's (a separate OpenMP runtime) for the cores (measured: 2 threads at a third of the speed).
+    """
     n, k = weight.shape
-    packed = torch.empty(n, k * bits // 8, dtype=torch.uint8)
-    scale = torch.empty(n, k // group, dtype=torch.float32)
-    zero = torch.zeros(n, k // group, dtype=torch.float32)
-    eps = np.float32(torch.finfo(scale_dtype).eps)
-    nan = torch.zeros(n, dtype=torch.bool)
+    packed = np.empty((n, k * bits // 8), dtype=np.uint8)
+    scale = np.empty((n, k // group), dtype=np.float32)
+    zero = np.zeros((n, k // group) if not symmetric else (0, 0), dtype=np.float32)
+    nan = np.zeros(n, dtype=np.bool_)
     _fp8_block_to_int(
         weight.contiguous().view(torch.uint8).numpy(),
         block_scale.float().contiguous().numpy(),
@@ -202,15 +233,20 @@ def fp8_block_to_int(
         group,
         symmetric,
         scale_dtype == torch.bfloat16,
-        eps,
-        packed.numpy(),
-        scale.numpy(),
-        zero.numpy(),
-        nan.numpy(),
+        np.float32(torch.finfo(scale_dtype).eps),
+        packed,
+        scale,
+        zero,
+        nan,
     )
     if nan.any():
-        raise MoeportError(f"{where}.weight: FP8 weight contains NaN codes (row {int(nan.nonzero()[0])})")
-    return packed.view(torch.int32), scale.to(scale_dtype), None if symmetric else zero
+        raise MoeportError(f"{where}.weight: FP8 weight contains NaN codes (row {int(nan.nonzero()[0][0])})")
+    if scale_dtype == torch.bfloat16:  # already rounded to bf16 in the kernel: keep the top half
+        stored = torch.from_numpy((scale.view(np.uint32) >> np.uint32(16)).astype(np.uint16).view(np.int16))
+        stored = stored.view(torch.bfloat16)
+    else:
+        stored = torch.from_numpy(scale)
+    return torch.from_numpy(packed).view(torch.int32), stored, None if symmetric else torch.from_numpy(zero)
 
 
 def fp8_block_to_int_supported(
