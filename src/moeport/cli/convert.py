@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from moeport.cli.progress import conversion_progress
 from moeport.errors import MoeportError
 
 TARGETS = ("hf", "w4a16", "w8a16", "fp8", "fp8-block", "kt-int4", "kt-int8")
@@ -81,14 +81,7 @@ def run_convert(
         if recipe is not None:
             fields.update(group_size=recipe.group_size, targets=targets, ignore=list(ignore))
         meta = describe_recipe(**fields)
-        with Progress(
-            TextColumn("[cyan]{task.description}"),
-            BarColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=quiet,
-        ) as progress:
+        with conversion_progress(console, quiet) as progress:
             task = progress.add_task("converting", total=total)
 
             def on_layer(layer: int | None, nbytes: int) -> None:

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from moeport.cli.progress import conversion_progress
 from moeport.errors import MoeportError
 
 KT_TARGETS = ("kt-int4", "kt-int8")
@@ -81,14 +81,7 @@ def run_convert_kt(
                 )
             return
         total = sum(plan.in_bytes(s) for s in plan.steps())
-        with Progress(
-            TextColumn("[cyan]{task.description}"),
-            BarColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=quiet,
-        ) as progress:
+        with conversion_progress(console, quiet) as progress:
             task = progress.add_task("starting", total=total)
 
             def on_progress(label: str, nbytes: int) -> None:
