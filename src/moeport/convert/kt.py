@@ -42,7 +42,7 @@ from moeport.detect.detection import Detection
 from moeport.detect.layout import match_layout
 from moeport.device import to_device
 from moeport.errors import MoeportError
-from moeport.sinks.safetensors_file import PARTIAL_SUFFIX, TensorSpec, build_header
+from moeport.sinks.safetensors_file import PARTIAL_SUFFIX, PartialFile, TensorSpec, build_header
 from moeport.sinks.sharded import INDEX_NAME, plan_shards, write_json_atomic
 from moeport.sources.checkpoint import Checkpoint
 
@@ -358,55 +358,30 @@ def expert_outputs(plan: KtPlan, mats, layer: int, e: int):
 # --------------------------------------------------------------------------- writing
 
 
-def _write_all(fd: int, data: memoryview, path: Path) -> None:
-    data = data.cast("B")
-    while len(data):
-        try:
-            n = os.write(fd, data)
-        except OSError as exc:
-            raise MoeportError(f"{path}: write failed ({exc.strerror})") from None
-        data = data[n:]
-
-
 def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 class _SeqFile:
-    """A file written front to back under `name.partial`, hashed as written; close() renames it."""
+    """A PartialFile written front to back and hashed as written; close() publishes it."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
         self.sha = hashlib.sha256()
         self.size = 0
-        try:
-            self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as exc:
-            raise MoeportError(f"{self.partial}: cannot create ({exc.strerror})") from None
+        self._file = PartialFile(path)
 
     def write(self, data: memoryview) -> None:
-        _write_all(self._fd, data, self.partial)
+        self._file.pwrite_all(data, self.size)
         self.sha.update(data)
         self.size += len(data)
 
     def close(self, fsync: bool = True) -> str:
-        try:
-            if fsync:
-                os.fsync(self._fd)
-        except OSError as exc:
-            self.abort()
-            raise MoeportError(f"{self.partial}: cannot flush ({exc.strerror})") from None
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self.partial, self.path)
+        self._file.publish(fsync)
         return self.sha.hexdigest()
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.partial.unlink(missing_ok=True)
+        self._file.abort()
 
 
 class _SeqSafetensors:

@@ -56,22 +56,63 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[byt
     return len(raw).to_bytes(8, "little") + raw, offsets
 
 
+class PartialFile:
+    """A file written under `name.partial`: `publish()` fsyncs and renames it into place,
+    `abort()` removes it, so nothing half-written ever carries the final name."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        try:
+            self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise MoeportError(f"{self.partial}: cannot create ({exc.strerror})") from None
+
+    def pwrite_all(self, buf: memoryview, offset: int) -> None:
+        buf = buf.cast("B")
+        while len(buf):
+            try:
+                n = os.pwrite(self._fd, buf, offset)
+            except OSError as exc:
+                raise MoeportError(f"{self.partial}: write failed ({exc.strerror})") from None
+            buf, offset = buf[n:], offset + n
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+
+    def publish(self, fsync: bool = True) -> None:
+        try:
+            if fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise MoeportError(f"{self.partial}: cannot flush ({exc.strerror})") from None
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.partial.unlink(missing_ok=True)
+
+
 class SafetensorsFileWriter:
     """Writes the tensors of `specs` into `path` in any order; `close()` publishes the file."""
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self._specs = {s.name: s for s in specs}
         header, offsets = build_header(specs, metadata or {})
         self._data_start = len(header)
         self._offsets = offsets
         self._pending = set(self._specs)
         total = self._data_start + sum(s.nbytes for s in specs)
-        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._file = PartialFile(self.path)
         try:
-            self._pwrite_all(memoryview(header), 0)
-            os.ftruncate(self._fd, total)
+            self._file.pwrite_all(memoryview(header), 0)
+            self._file.truncate(total)
         except BaseException:
             self.abort()
             raise
@@ -94,7 +135,7 @@ class SafetensorsFileWriter:
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
-            self._pwrite_all(
+            self._file.pwrite_all(
                 memoryview(data.view(torch.uint8).numpy()), self._data_start + self._offsets[name]
             )
         self._pending.discard(name)
@@ -106,27 +147,8 @@ class SafetensorsFileWriter:
             raise ValueError(
                 f"{self.path.name}: {len(self._pending)} planned tensors not written, e.g. {missing}"
             )
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            self.abort()
-            raise MoeportError(f"{self.partial}: cannot flush ({exc.strerror})") from None
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self.partial, self.path)
+        self._file.publish()
 
     def abort(self) -> None:
         """Remove the partial file; nothing half-written is left under the final name."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.partial.unlink(missing_ok=True)
-
-    def _pwrite_all(self, buf: memoryview, offset: int) -> None:
-        buf = buf.cast("B")
-        while len(buf):
-            try:
-                n = os.pwrite(self._fd, buf, offset)
-            except OSError as exc:
-                raise MoeportError(f"{self.partial}: write failed ({exc.strerror})") from None
-            buf, offset = buf[n:], offset + n
+        self._file.abort()
