@@ -16,7 +16,7 @@ from moeport.codecs.registry import codec_for
 from moeport.detect.formats import PASSIVE_PARTS, ExpertFormat, Part, classify
 from moeport.device import to_device
 from moeport.errors import MoeportError
-from moeport.mappings.ops import Op
+from moeport.mappings.ops import OneToOne, Op
 from moeport.mappings.values import Lazy, Value, is_meta, realize, shape_of
 
 FLOAT_FORMATS = {"bf16", "fp16", "fp32", "fp64"}
@@ -104,18 +104,10 @@ def _decode_into(
 
 
 @dataclass(frozen=True)
-class Cast(Op):
+class Cast(OneToOne):
     source: str
     target: str
     dtype: torch.dtype
-
-    @property
-    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.source,)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.target,)
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         v = values[self.source]

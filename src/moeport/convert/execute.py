@@ -50,7 +50,6 @@ def execute(
     max_shard_bytes: int,
     metadata: dict[str, str],
     on_layer: Callable[[int | None, int], None] | None = None,
-    pin: bool = False,
 ) -> Result:
     """Write the plan's outputs to `dst` (see module doc); `on_layer(layer, bytes)` reports progress."""
     start = time.perf_counter()
@@ -59,7 +58,7 @@ def execute(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     written = 0
-    prefetch = Prefetcher(ck, (n for u in plan.units for n in u.op.inputs), pin=pin)
+    prefetch = Prefetcher(ck, (n for u in plan.units for n in u.op.inputs))
     try:
         copy_side_files(ck.root, staging)
         if plan.config is not None:

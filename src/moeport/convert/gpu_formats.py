@@ -11,6 +11,7 @@ one checkpoint holds one quantization scheme).
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from moeport.detect.detection import Detection
 from moeport.device import to_device
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Op
-from moeport.mappings.values import Lazy, Memo, Value, is_meta, realize
+from moeport.mappings.values import Lazy, Value, is_meta, realize
 from moeport.sources.checkpoint import Checkpoint
 
 SCHEMES = ("w4a16", "w8a16", "fp8", "fp8-block")
@@ -83,7 +84,7 @@ class Encode(Op):
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         v = values[self.source]
-        encoded = Memo(Lazy((), torch.float32, is_meta(v), produce=lambda: self._encode(realize(v))))
+        encoded = functools.cache(lambda: self._encode(realize(v)))  # one encode serves every part
         return {
             self.base + part: Lazy(shape, dtype, is_meta(v), produce=lambda p=part: encoded()[p])
             for part, dtype, shape in self.part_specs

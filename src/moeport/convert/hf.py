@@ -93,12 +93,12 @@ def build_hf(
         plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} zoo rule(s)")
     if builder.dequantized:
         plan.notes.append(f"dequantized {builder.dequantized} weight(s); quantization_config removed")
-    decoded = {o for u in units for o in u.op.outputs if _came_from_decode(u.op, o)}
+    decoded = {o for u in units if _decodes(u.op) for o in u.op.outputs}
     return plan, decoded
 
 
-def _came_from_decode(op: Op, name: str) -> bool:
-    """Whether output `name` of `op` is (a re-layout of) decoded data."""
+def _decodes(op: Op) -> bool:
+    """Whether the outputs of `op` are (a re-layout of) decoded data."""
     if isinstance(op, Decode):
         return True
     if isinstance(op, Chain):

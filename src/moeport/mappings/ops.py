@@ -30,9 +30,8 @@ class Op(ABC):
     def inverse(self) -> Op: ...
 
 
-@dataclass(frozen=True)
-class Copy(Op):
-    """A rename of one tensor (the data is passed through untouched)."""
+class OneToOne(Op):
+    """An op from one named tensor (`source`) to one (`target`); subclasses declare both fields."""
 
     source: str
     target: str
@@ -44,6 +43,14 @@ class Copy(Op):
     @property
     def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
         return (self.target,)
+
+
+@dataclass(frozen=True)
+class Copy(OneToOne):
+    """A rename of one tensor (the data is passed through untouched)."""
+
+    source: str
+    target: str
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         return {self.target: values[self.source]}
@@ -53,18 +60,10 @@ class Copy(Op):
 
 
 @dataclass(frozen=True)
-class Transpose(Op):
+class Transpose(OneToOne):
     source: str
     target: str
     dims: tuple[int, int] = (-2, -1)
-
-    @property
-    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.source,)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.target,)
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         v = values[self.source]

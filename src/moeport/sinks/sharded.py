@@ -94,7 +94,10 @@ class ShardedWriter:
 
     def close(self) -> None:
         """Finish: every shard must be complete and flushed; the index is written last, atomically."""
-        self._wait_finishing()
+        try:
+            self._wait_finishing()
+        finally:
+            self._finisher.shutdown()
         for index, shard in enumerate(self._plan):
             if index not in self._closed:
                 if not shard:  # an empty plan still produces a valid (empty) file
@@ -114,6 +117,7 @@ class ShardedWriter:
             self._wait_finishing()
         except Exception:  # noqa: BLE001 - already failing; the first error is the one reported
             pass
+        self._finisher.shutdown()
         for writer in self._open.values():
             writer.abort()
         self._open.clear()
@@ -126,8 +130,6 @@ class ShardedWriter:
                 f.result()
             except Exception as exc:  # noqa: BLE001 - re-raised below, after every flush ended
                 errors.append(exc)
-        self._finisher.shutdown(wait=True)
-        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-shard-close")
         if errors:
             raise errors[0]
 

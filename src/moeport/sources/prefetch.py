@@ -2,8 +2,7 @@
 
 Disk reads (pread releases the GIL) then overlap with decode/quantize on the CPU or the GPU.
 The budget bounds what is read but not yet used, so memory stays one layer + budget (a tensor
-bigger than the budget is never read ahead). Tensors are
-read into pinned memory when the math runs on CUDA, so host-to-device copies are asynchronous.
+bigger than the budget is never read ahead).
 A tensor asked for before the reader got to it is read directly (never a wait on the budget).
 """
 
@@ -20,11 +19,10 @@ DEFAULT_BUDGET = 64 * 2**20  # bytes read ahead; a fixed overhead, whatever the 
 
 
 class Prefetcher:
-    def __init__(self, ck: Checkpoint, names: Iterable[str], budget: int = DEFAULT_BUDGET, pin: bool = False):
+    def __init__(self, ck: Checkpoint, names: Iterable[str], budget: int = DEFAULT_BUDGET):
         self.ck = ck
         self._names = list(dict.fromkeys(names))
         self._budget = budget
-        self._pin = pin
         self._ready: dict[str, torch.Tensor] = {}
         self._taken: set[str] = set()  # asked for before the reader got there
         self._held = 0
@@ -46,7 +44,7 @@ class Prefetcher:
                         return
                     if name in self._taken:
                         continue
-                t = self._read(name)
+                t = self.ck.read(name)
                 with self._cv:
                     if name in self._taken:
                         continue
@@ -61,10 +59,6 @@ class Prefetcher:
     def _room_for(self, size: int) -> bool:
         return self._stop or self._held + size <= self._budget
 
-    def _read(self, name: str) -> torch.Tensor:
-        t = self.ck.read(name)
-        return t.pin_memory() if self._pin and t.numel() else t
-
     def get(self, name: str) -> torch.Tensor:
         with self._cv:
             if self._error is not None:
@@ -75,7 +69,7 @@ class Prefetcher:
                 self._cv.notify_all()
                 return t
             self._taken.add(name)
-        return self._read(name)
+        return self.ck.read(name)
 
     def close(self) -> None:
         with self._cv:

@@ -23,7 +23,6 @@ from moeport.sources.checkpoint import Checkpoint
 class CanonicalLayer:
     layer: int | None  # None: tensors outside the layers
     tensors: dict[str, torch.Tensor]  # float32 (or the stored dtype for non-float tensors)
-    stored: dict[str, str]  # name -> how it was stored (format), for the report
 
 
 def hf_layers(ck: Checkpoint) -> Iterator[CanonicalLayer]:
@@ -35,10 +34,8 @@ def hf_layers(ck: Checkpoint) -> Iterator[CanonicalLayer]:
         if current is None or unit.layer != current.layer:
             if current is not None:
                 yield current
-            current = CanonicalLayer(unit.layer, {}, {})
-        sources = {ck.info(n).dtype for n in unit.op.inputs}
+            current = CanonicalLayer(unit.layer, {})
         for name, tensor in run_unit(unit, ck):
             current.tensors[name] = tensor.float() if tensor.is_floating_point() else tensor
-            current.stored[name] = "+".join(sorted(sources))
     if current is not None:
         yield current

@@ -69,17 +69,14 @@ def kt_layers(ck: Checkpoint) -> Iterator[CanonicalLayer]:
     builder = _Builder(ck, cfg.quantization_config or {}, torch.float32, True)
     for layer in sorted(set(by_layer) | set(experts), key=lambda L: -1 if L is None else L):
         tensors: dict[str, torch.Tensor] = {}
-        stored: dict[str, str] = {}
         for op in builder.other_tensors(by_layer.get(layer, []), rename):
             for name, t in run_unit(Unit(layer, op), ck):
                 tensors[name] = t.float() if t.is_floating_point() else t
-                stored[name] = "kt-copy"
         for (e, proj), slices in sorted(experts.get(layer, {}).items()):
             block = f"{prefix.replace('{L}', str(layer))}{family.hub.block}"
             name = f"{block}.experts.{e}.{family.hub.projs[proj]}.weight"
             tensors[name] = _expert(ck, slices, bits, proj, name)
-            stored[name] = method
-        yield CanonicalLayer(layer, tensors, stored)
+        yield CanonicalLayer(layer, tensors)
 
 
 def _expert(ck: Checkpoint, slices: dict[int, dict[str, str]], bits: int, proj: str, where: str):
