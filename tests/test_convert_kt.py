@@ -484,3 +484,26 @@ def test_mtp_layer_experts_are_converted(main, kt_checkpoint, tmp_path):
         _read_merged(dst, K.merged_key(3, "up", 1, 0, "weight")),
         _read_merged(dst, K.merged_key(2, "up", 1, 0, "weight")),
     )
+
+
+@pytest.mark.parametrize(
+    "model_type,block,to,kt_layout",
+    [("deepseek_v3", None, "kt-int4", "merged"), ("qwen3_moe", (128, 128), "kt-int8", "folders")],
+)
+def test_batched_experts_write_the_same_bytes(kt_checkpoint, tmp_path, model_type, block, to, kt_layout):
+    """The GPU path's way (a stack of experts decoded and quantized together, torch kernels), run
+    here on the CPU with 3 experts per batch, equals the one-expert-at-a-time path byte for byte."""
+    from moeport.convert.kt import convert_kt, plan_kt
+    from moeport.detect import detect
+    from moeport.sources import open_checkpoint
+
+    src = kt_checkpoint(model_type, block)
+    trees = []
+    for batch in (0, 3):
+        with open_checkpoint(src) as ck:
+            plan = plan_kt(ck, detect(ck), to, 2, kt_layout, str(src))
+            plan.batch_experts = batch
+            assert plan.experts_per_batch() == (batch or 1)
+            convert_kt(plan, tmp_path / f"batch-{batch}")
+        trees.append(_tree(tmp_path / f"batch-{batch}"))
+    assert trees[0] and trees[0] == trees[1]

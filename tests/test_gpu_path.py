@@ -11,13 +11,15 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-JOBS = [  # (source format, --to and options)
-    ("fp8-block", ["--to", "hf", "--dtype", "bf16"]),
-    ("fp8-block", ["--to", "hf", "--layout", "fused", "--dtype", "bf16"]),
-    ("bf16", ["--to", "w4a16", "--group-size", "32"]),
-    ("fp8-block", ["--to", "w8a16", "--group-size", "32", "--targets", "all-linear"]),
-    ("bf16", ["--to", "fp8-block"]),
-    ("bf16", ["--to", "fp8"]),
+JOBS = [  # (source layout, source format, --to and options)
+    ("hub", "fp8-block", ["--to", "hf", "--dtype", "bf16"]),
+    ("hub", "fp8-block", ["--to", "hf", "--layout", "fused", "--dtype", "bf16"]),
+    ("fused", "fp8-block", ["--to", "hf", "--dtype", "bf16"]),
+    ("hub", "bf16", ["--to", "w4a16", "--group-size", "32"]),
+    ("hub", "fp8-block", ["--to", "w8a16", "--group-size", "32", "--targets", "all-linear"]),
+    ("fused", "fp8-block", ["--to", "w4a16", "--group-size", "32"]),
+    ("hub", "bf16", ["--to", "fp8-block"]),
+    ("hub", "bf16", ["--to", "fp8"]),
 ]
 
 
@@ -32,9 +34,9 @@ def run(*args: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize(("fmt", "args"), JOBS)
-def test_cuda_output_is_byte_identical_to_cpu(checkpoint, tmp_path, fmt, args) -> None:
-    src = checkpoint("qwen3_moe", "hub", fmt)
+@pytest.mark.parametrize(("layout", "fmt", "args"), JOBS)
+def test_cuda_output_is_byte_identical_to_cpu(checkpoint, tmp_path, layout, fmt, args) -> None:
+    src = checkpoint("qwen3_moe", layout, fmt)
     run(str(src), str(tmp_path / "cpu"), *args, "--device", "cpu")
     run(str(src), str(tmp_path / "cuda"), *args, "--device", "cuda")
     cpu, cuda = files(tmp_path / "cpu"), files(tmp_path / "cuda")

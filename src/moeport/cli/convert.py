@@ -50,6 +50,7 @@ def run_convert(
     if to in KT_TARGETS:
         run_convert_kt(src, dst, to, numa, kt_layout, max_memory, dry_run, overwrite, quiet, console, device)
         return
+    from moeport.convert.batching import Batcher
     from moeport.convert.execute import describe_recipe, execute, prepare_destination
     from moeport.convert.hf import DTYPES, plan_hf
     from moeport.detect import detect
@@ -88,9 +89,10 @@ def run_convert(
                 label = f"layer {layer}" if layer is not None else "other tensors"
                 progress.update(task, advance=nbytes, description=label)
 
-            # no pinned reads: pinning copies every tensor once more, which cost more than the
-            # asynchronous host-to-device copies saved (measured on an H200, bench/RESULTS.md)
-            result = execute(plan, ck, dst, shard_bytes, meta, on_layer)
+            # On a GPU, same-shape weights of a layer are decoded/encoded in batches: one transfer
+            # and one kernel sequence per batch instead of per expert (convert.batching).
+            batcher = Batcher(device) if device != "cpu" else None
+            result = execute(plan, ck, dst, shard_bytes, meta, on_layer, batcher)
     if not quiet:
         console.print(
             f"wrote {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) to {dst} "

@@ -55,7 +55,8 @@ class PackQuantizedCodec:
         return rtn_dequantize(codes, scale, zero)
 
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        n, k = weight.shape
+        """[N, K] -> parts; [B, N, K] (a batch of same-shape weights) -> the parts stacked."""
+        n, k = weight.shape[-2:]
         offset = 2 ** (self.bits - 1)
         scale, zero = rtn_params(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
         group = group_size_of(k, self.group_size)
@@ -69,10 +70,11 @@ class PackQuantizedCodec:
         self, n: int, k: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         """The compressed-tensors parts from packed codes, stored scales and (float) zero points."""
-        out = {"weight_packed": packed, "weight_scale": scale, "weight_shape": torch.tensor([n, k])}
+        shape = torch.tensor([n, k]).expand(*packed.shape[:-2], 2).contiguous()
+        out = {"weight_packed": packed, "weight_scale": scale, "weight_shape": shape}
         if zero is not None:
             offset = 2 ** (self.bits - 1)
-            out["weight_zero_point"] = pack_int32(zero.to(torch.int32) + offset, self.bits, dim=0)
+            out["weight_zero_point"] = pack_int32(zero.to(torch.int32) + offset, self.bits, dim=-2)
         return out
 
 

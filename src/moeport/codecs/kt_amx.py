@@ -339,6 +339,28 @@ def kt_quantize(
     return to_tile_order(q, bits), scale
 
 
+def kt_quantize_many(
+    ws: torch.Tensor, bits: int, where: str = "weights"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stack of same-shape matrices [B, n, k] -> (int8 images [B, bytes], float32 scales [B, n]).
+
+    The GPU path: one kernel sequence for the whole stack (rows are independent, so each image
+    is exactly what `kt_quantize` gives for its matrix).
+    """
+    _check_bits(bits)
+    b, n, k = ws.shape
+    check_matrix(n, k, bits, where)
+    x = ws.to(torch.bfloat16).float().reshape(b * n, k)
+    finite = torch.isfinite(x).all(1)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0])
+        raise MoeportError(f"{where}[{row // n}]: row {row % n} contains NaN or Inf")
+    c, d = _codes_torch(x, bits)
+    q = (c if bits == 8 else _pack_int4(c)).reshape(b, n, -1)
+    images = torch.stack([to_tile_order(q[i], bits) for i in range(b)])
+    return images, d.reshape(b, n)
+
+
 def kt_dequantize(
     qweight: torch.Tensor, scale: torch.Tensor, n: int, k: int, bits: int, where: str = "weight"
 ) -> torch.Tensor:

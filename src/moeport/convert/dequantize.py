@@ -7,19 +7,25 @@ float32 temporary is one expert, never the layer.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from moeport.codecs.base import Codec
+from moeport.codecs.fp8 import Fp8BlockCodec
 from moeport.codecs.registry import codec_for
+from moeport.convert.batching import DEFAULT_MAX_ELEMENTS, Batcher, active_batcher, stack_on
 from moeport.detect.formats import PASSIVE_PARTS, ExpertFormat, Part, classify
 from moeport.device import to_device
 from moeport.errors import MoeportError
 from moeport.mappings.ops import OneToOne, Op
-from moeport.mappings.values import Lazy, Value, is_meta, realize, shape_of
+from moeport.mappings.values import DeviceLazy, Lazy, Value, is_meta, realize, realize_on, shape_of
 
 FLOAT_FORMATS = {"bf16", "fp16", "fp32", "fp64"}
+# Codecs whose decode takes a stack of weights [B, ...] at once (the others decode one by one).
+STACKABLE_DECODE = (Fp8BlockCodec,)
 # Parts that mean "this group is quantized" (a float `weight` alone is not).
 QUANTIZED_MARKERS = ("qweight", "weight_packed", "_blocks")
 # Activation-quantization parameters: meaningless once weights are dequantized.
@@ -78,20 +84,82 @@ class Decode(Op):
         codec = codec_for(self.fmt)
         shape = (*self.shape[:-2], self.shape[-1], self.shape[-2]) if self.transpose else self.shape
 
+        batcher = active_batcher()
+        if batcher is not None and not meta and len(self.shape) == 2:
+            return {self.target: self._batched(batcher, named, codec, shape)}
+
         def fill(out: torch.Tensor) -> None:
             tensors = {p: to_device(realize(v), self.device) for p, v in named.items()}
             if len(self.shape) == 2:
                 _decode_into(codec, tensors, out, self.transpose, self.target)
                 return
             experts = self.shape[0]
+            if self.device != "cpu" and isinstance(codec, STACKABLE_DECODE):
+                # a GPU decodes a chunk of experts per call, with one copy back per chunk
+                step = max(1, DEFAULT_MAX_ELEMENTS // max(1, math.prod(self.shape[1:])))
+                for e in range(0, experts, step):
+                    chunk = slice(e, min(e + step, experts))
+                    one = {p: t[chunk] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}
+                    _decode_into(codec, one, out[chunk], self.transpose, f"{self.target}[{chunk.start}:]")
+                return
             for e in range(experts):
                 one = {p: t[e] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}
                 _decode_into(codec, one, out[e], self.transpose, f"{self.target}[{e}]")
 
         return {self.target: Lazy(shape, self.dtype, meta, fill=fill)}
 
+    def _batched(self, batcher: Batcher, named: dict[str, Value], codec: Codec, shape) -> DeviceLazy:
+        """Submit this decode to the batcher (see convert.batching); the value stays on the device
+        for a consumer that computes there, and comes to the host in one copy per batch."""
+        key = ("decode", self.fmt.describe(), tuple((p, shape_of(v)) for p, v in named.items()))
+        key += (self.dtype, self.transpose)
+        where = self.target
+        run = functools.partial(_decode_batch, codec, self.dtype, self.transpose, batcher.device, where)
+        get = batcher.submit(key, named, math.prod(shape), run)
+        return DeviceLazy(shape, self.dtype, produce=lambda: get().host(), on_device=lambda: get().device())
+
     def inverse(self) -> Op:
         raise MoeportError(f"{self.target}: dequantizing is lossy and has no inverse")
+
+
+class BatchItem:
+    """Item `index` of a batch computed on the device; the host copy is made once per batch."""
+
+    def __init__(self, batch: BatchResult, index: int):
+        self._batch, self._index = batch, index
+
+    def device(self) -> torch.Tensor:
+        return self._batch.on_device[self._index]
+
+    def host(self) -> torch.Tensor:
+        return self._batch.host()[self._index]
+
+
+class BatchResult:
+    def __init__(self, on_device: torch.Tensor):
+        self.on_device = on_device
+        self._host: torch.Tensor | None = None
+
+    def host(self) -> torch.Tensor:
+        if self._host is None:
+            self._host = self.on_device.cpu()
+        return self._host
+
+    def items(self) -> list[BatchItem]:
+        return [BatchItem(self, i) for i in range(self.on_device.shape[0])]
+
+
+def _decode_batch(
+    codec: Codec, dtype: torch.dtype, transpose: bool, device: str, where: str, batch: list[dict]
+) -> list[BatchItem]:
+    stacked = {p: stack_on(device, [realize_on(named[p], device) for named in batch]) for p in batch[0]}
+    if isinstance(codec, STACKABLE_DECODE):
+        w = codec.decode(stacked, f"{where} (batch of {len(batch)})")
+    else:
+        one = [{p: t[i] for p, t in stacked.items()} for i in range(len(batch))]
+        w = torch.stack([codec.decode(parts, where) for parts in one])
+    w = w.transpose(-1, -2) if transpose else w
+    return BatchResult(w.to(dtype).contiguous()).items()
 
 
 def _decode_into(

@@ -13,17 +13,21 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
-from moeport.convert.plan import Plan, run_unit
+from moeport.convert.batching import Batcher, batching
+from moeport.convert.plan import Plan, apply_unit, realize_outputs
 from moeport.errors import MoeportError
 from moeport.sinks.sharded import INDEX_NAME, ShardedWriter, write_json_atomic
 from moeport.sources.checkpoint import Checkpoint
-from moeport.sources.prefetch import Prefetcher
+from moeport.sources.prefetch import DEFAULT_BUDGET, Prefetcher
 
 STAGING_SUFFIX = ".moeport-partial"
 # Files of a checkpoint folder that the plan rewrites (everything else at top level is carried over).
 _REWRITTEN = ("config.json", INDEX_NAME)
+# Read-ahead when batching: a batch asks for up to a few hundred MB of sources at once.
+BATCHED_PREFETCH_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -50,35 +54,41 @@ def execute(
     max_shard_bytes: int,
     metadata: dict[str, str],
     on_layer: Callable[[int | None, int], None] | None = None,
+    batcher: Batcher | None = None,
 ) -> Result:
-    """Write the plan's outputs to `dst` (see module doc); `on_layer(layer, bytes)` reports progress."""
+    """Write the plan's outputs to `dst` (see module doc); `on_layer(layer, bytes)` reports progress.
+
+    With a `batcher` (the GPU path), all units of a layer are applied before any is realised, so
+    the layer's same-shape weights can be decoded/encoded together (convert.batching).
+    """
     start = time.perf_counter()
     staging = dst.with_name(dst.name + STAGING_SUFFIX)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     written = 0
-    prefetch = Prefetcher(ck, (n for u in plan.units for n in u.op.inputs))
+    budget = BATCHED_PREFETCH_BYTES if batcher is not None else DEFAULT_BUDGET
+    prefetch = Prefetcher(ck, (n for u in plan.units for n in u.op.inputs), budget)
     try:
         copy_side_files(ck.root, staging)
         if plan.config is not None:
             write_json_atomic(staging / "config.json", plan.config)
-        with ShardedWriter(staging, plan.specs, max_shard_bytes, metadata) as writer:
-            layer = None
-            layer_bytes = 0
-            for unit in plan.units:
-                if unit.layer != layer:
-                    if on_layer:
-                        on_layer(layer, layer_bytes)
-                    layer, layer_bytes = unit.layer, 0
-                for name, tensor in run_unit(unit, ck, prefetch.get):
-                    writer.write(name, tensor)
-                    n = tensor.numel() * tensor.element_size()
-                    written += n
-                    layer_bytes += n
-                    del tensor
-            if on_layer:
-                on_layer(layer, layer_bytes)
+        with ShardedWriter(staging, plan.specs, max_shard_bytes, metadata) as writer, batching(batcher):
+            for layer, units in groupby(plan.units, key=lambda u: u.layer):
+                layer_bytes = 0
+                applied = [apply_unit(unit, ck, prefetch.get) for unit in units]
+                for outs in applied:
+                    for name, tensor in realize_outputs(outs):
+                        writer.write(name, tensor)
+                        n = tensor.numel() * tensor.element_size()
+                        written += n
+                        layer_bytes += n
+                        del tensor
+                del applied
+                if batcher is not None:
+                    batcher.clear()
+                if on_layer:
+                    on_layer(layer, layer_bytes)
         _publish(staging, dst)
     except BaseException:
         prefetch.close()

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from moeport.codecs import Fp8BlockCodec, PackQuantizedCodec, float_quantized_codec
+from moeport.codecs import Fp8BlockCodec, Fp8ScaledCodec, PackQuantizedCodec, float_quantized_codec
 from moeport.codecs.base import Codec
+from moeport.convert.batching import active_batcher, stack_on
 from moeport.convert.dequantize import Cast
 from moeport.convert.hf import build_hf
 from moeport.convert.plan import Plan, Unit, finalize
@@ -27,7 +29,7 @@ from moeport.detect.detection import Detection
 from moeport.device import to_device
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Op
-from moeport.mappings.values import Lazy, Value, is_meta, realize
+from moeport.mappings.values import Lazy, Value, is_meta, realize, realize_on, shape_of
 from moeport.sources.checkpoint import Checkpoint
 
 SCHEMES = ("w4a16", "w8a16", "fp8", "fp8-block")
@@ -84,7 +86,13 @@ class Encode(Op):
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         v = values[self.source]
-        encoded = functools.cache(lambda: self._encode(realize(v)))  # one encode serves every part
+        batcher = active_batcher()
+        if batcher is not None and not is_meta(v):
+            key = ("encode", self.codec, self.part_specs)
+            run = functools.partial(_encode_batch, self.codec, self.part_specs, batcher.device, self.base)
+            encoded = batcher.submit(key, v, math.prod(shape_of(v)), run)
+        else:
+            encoded = functools.cache(lambda: self._encode(realize(v)))  # one encode serves every part
         return {
             self.base + part: Lazy(shape, dtype, is_meta(v), produce=lambda p=part: encoded()[p])
             for part, dtype, shape in self.part_specs
@@ -103,6 +111,29 @@ class Encode(Op):
 
     def inverse(self) -> Op:
         raise MoeportError(f"{self.source}: quantizing is lossy and has no inverse")
+
+
+def _encode_batch(codec: Codec, part_specs, device: str, where: str, batch: list[Value]) -> list[dict]:
+    """Encode same-shape weights together: stacked on the device, one encode, one copy back per part."""
+    w = stack_on(device, [realize_on(v, device) for v in batch])
+    if _stackable(codec):
+        parts = codec.encode(w)
+    else:
+        each = [codec.encode(w[i]) for i in range(len(batch))]
+        parts = {p: torch.stack([e[p] for e in each]) for p in each[0]}
+    host = {p: t.cpu() for p, t in parts.items()}
+    for part, dtype, shape in part_specs:
+        got = host[part]
+        if got.dtype != dtype or tuple(got.shape) != (len(batch), *shape):
+            raise MoeportError(f"{where}{part}: encoded {got.dtype}{list(got.shape[1:])}, planned {shape}")
+    return [{p: t[i] for p, t in host.items()} for i in range(len(batch))]
+
+
+def _stackable(codec: Codec) -> bool:
+    """Whether `codec.encode` takes a stack [B, N, K] and returns every part stacked."""
+    if isinstance(codec, Fp8ScaledCodec):
+        return codec.strategy == "channel"
+    return isinstance(codec, PackQuantizedCodec | Fp8BlockCodec)
 
 
 def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu") -> Plan:

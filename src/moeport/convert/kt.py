@@ -35,7 +35,8 @@ from safetensors import safe_open
 
 from moeport.codecs import kt_amx as K
 from moeport.codecs.registry import codec_for
-from moeport.convert.dequantize import active_parts, decoded_shape
+from moeport.convert.batching import DEFAULT_MAX_ELEMENTS, stack_on
+from moeport.convert.dequantize import STACKABLE_DECODE, active_parts, decoded_shape
 from moeport.convert.execute import copy_side_files
 from moeport.convert.journal import Journal, recipe_diff
 from moeport.detect.detection import Detection
@@ -88,6 +89,13 @@ class KtPlan:
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"  # where decode + quantize run (moeport.device); bytes are the same
+    # experts decoded and quantized together: 0 = one at a time on the CPU, a batch on a GPU
+    batch_experts: int = 0
+
+    def experts_per_batch(self) -> int:
+        if self.batch_experts:
+            return self.batch_experts
+        return 1 if self.device == "cpu" else max(1, DEFAULT_MAX_ELEMENTS // (3 * self.inter * self.hidden))
 
     @property
     def method(self) -> str:
@@ -299,6 +307,16 @@ class _Reader:
         self._handles.clear()
 
 
+def _read_parts(reader: _Reader, group: dict[str, str], expert: int | None, experts: int) -> dict:
+    """The host tensors of one weight (expert `expert` of a stacked source, or a whole tensor)."""
+    parts = {}
+    for part, key in group.items():
+        shape = reader.ck.info(key).shape
+        stacked = expert is not None and len(shape) >= 2 and shape[0] == experts
+        parts[part] = reader.read(key, expert if stacked else None)
+    return parts
+
+
 def _decode(
     reader: _Reader,
     codec,
@@ -308,15 +326,33 @@ def _decode(
     where: str,
     device: str = "cpu",
 ):
-    parts = {}
-    for part, key in group.items():
-        shape = reader.ck.info(key).shape
-        stacked = expert is not None and len(shape) >= 2 and shape[0] == experts
-        parts[part] = to_device(reader.read(key, expert if stacked else None), device)
+    parts = {p: to_device(t, device) for p, t in _read_parts(reader, group, expert, experts).items()}
     w = parts.get("weight")
     if codec.name == "bf16" and w is not None and w.dtype == torch.bfloat16:
         return w  # decode (exact, to float32) then rounding to bf16 would give back these very values
     return codec.decode(parts, where).to(torch.bfloat16)
+
+
+def _decode_stack(
+    reader: _Reader,
+    codec,
+    groups: list[tuple[dict[str, str], int | None]],
+    experts: int,
+    where: str,
+    device: str,
+) -> torch.Tensor:
+    """bf16 [B, n, k] on `device` of several same-shape weights: their parts stacked on the host,
+    one copy each to the device, one decode (per weight for codecs that take no stack)."""
+    reads = [_read_parts(reader, group, e, experts) for group, e in groups]
+    stacked = {p: stack_on(device, [r[p] for r in reads]) for p in reads[0]}
+    w = stacked.get("weight")
+    if codec.name == "bf16" and w is not None and w.dtype == torch.bfloat16:
+        return w
+    if isinstance(codec, STACKABLE_DECODE):
+        return codec.decode(stacked, where).to(torch.bfloat16)
+    return torch.stack(
+        [codec.decode({p: t[i] for p, t in stacked.items()}, where) for i in range(len(reads))]
+    ).to(torch.bfloat16)
 
 
 def expert_matrices(
@@ -324,25 +360,34 @@ def expert_matrices(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """bf16 gate [I, H], up [I, H], down [H, I] of expert e (decoded -> float32 -> bf16)."""
     codec = codec_for(plan.det.expert_format)
-    h, i = plan.hidden, plan.inter
     where = f"layer {src.layer} expert {e}"
     if src.fused:
         gu = _decode(
             reader, codec, src.groups[(-1, "gate_up")], e, src.experts, f"{where} gate_up", plan.device
         )
         down = _decode(reader, codec, src.groups[(-1, "down")], e, src.experts, f"{where} down", plan.device)
-        if tuple(gu.shape) != (2 * i, h):
-            raise MoeportError(f"{where}: gate_up decoded to {list(gu.shape)}, expected {[2 * i, h]}")
-        gate, up = gu[:i], gu[i:]
+        gate, up = _split_gate_up(plan, gu, where)
     else:
         gate, up, down = (
             _decode(reader, codec, src.groups[(e, role)], None, src.experts, f"{where} {role}", plan.device)
             for role in ("gate", "up", "down")
         )
-    for name, m, want in (("gate", gate, (i, h)), ("up", up, (i, h)), ("down", down, (h, i))):
-        if tuple(m.shape) != want:
-            raise MoeportError(f"{where} {name}: decoded to {list(m.shape)}, expected {list(want)}")
+    _check_matrices(plan, gate, up, down, where)
     return gate, up, down
+
+
+def _split_gate_up(plan: KtPlan, gu: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    i, h = plan.inter, plan.hidden
+    if tuple(gu.shape[-2:]) != (2 * i, h):
+        raise MoeportError(f"{where}: gate_up decoded to {list(gu.shape[-2:])}, expected {[2 * i, h]}")
+    return gu[..., :i, :], gu[..., i:, :]
+
+
+def _check_matrices(plan: KtPlan, gate, up, down, where: str) -> None:
+    i, h = plan.inter, plan.hidden
+    for name, m, want in (("gate", gate, (i, h)), ("up", up, (i, h)), ("down", down, (h, i))):
+        if tuple(m.shape[-2:]) != want:
+            raise MoeportError(f"{where} {name}: decoded to {list(m.shape[-2:])}, expected {list(want)}")
 
 
 def expert_outputs(plan: KtPlan, mats, layer: int, e: int):
@@ -353,6 +398,65 @@ def expert_outputs(plan: KtPlan, mats, layer: int, e: int):
         for (proj, n, k), m in zip(plan.mats(), slices, strict=True):
             q, s = K.kt_quantize(m, plan.bits, where=f"{where} {proj} numa {t}")
             yield t, proj, n, k, q.cpu(), s.cpu()
+
+
+def layer_outputs(plan: KtPlan, reader: _Reader, src: LayerSource):
+    """(e, [(t, proj, n, k, image, scale), ...]) for each expert of a layer, in output order.
+
+    On the CPU one expert at a time; on a GPU a chunk of experts at once (one transfer per part,
+    one decode, one quantize per projection and slice, one copy back), as convert.batching does.
+    """
+    step = plan.experts_per_batch()
+    if step == 1:
+        for e in range(src.experts):
+            yield e, list(expert_outputs(plan, expert_matrices(plan, reader, src, e), src.layer, e))
+        return
+    for first in range(0, src.experts, step):
+        chunk = range(first, min(first + step, src.experts))
+        gate, up, down = _chunk_matrices(plan, reader, src, chunk)
+        s = plan.inter // plan.tp
+        results = []
+        for t in range(plan.tp):
+            rows = slice(t * s, (t + 1) * s)
+            slices = (gate[:, rows], up[:, rows], down[:, :, rows])
+            for (proj, n, k), m in zip(plan.mats(), slices, strict=True):
+                where = f"blk.{src.layer} experts {chunk.start}-{chunk.stop - 1} {proj} numa {t}"
+                images, scales = K.kt_quantize_many(m, plan.bits, where)
+                results.append((t, proj, n, k, images.cpu(), scales.cpu()))
+        for i, e in enumerate(chunk):
+            yield e, [(t, proj, n, k, q[i], sc[i]) for t, proj, n, k, q, sc in results]
+
+
+def _chunk_matrices(plan: KtPlan, reader: _Reader, src: LayerSource, chunk: range):
+    codec = codec_for(plan.det.expert_format)
+    where = f"layer {src.layer} experts {chunk.start}-{chunk.stop - 1}"
+    if src.fused:
+        gu, down = (
+            _decode_stack(
+                reader,
+                codec,
+                [(src.groups[(-1, role)], e) for e in chunk],
+                src.experts,
+                f"{where} {role}",
+                plan.device,
+            )
+            for role in ("gate_up", "down")
+        )
+        gate, up = _split_gate_up(plan, gu, where)
+    else:
+        gate, up, down = (
+            _decode_stack(
+                reader,
+                codec,
+                [(src.groups[(e, role)], None) for e in chunk],
+                src.experts,
+                f"{where} {role}",
+                plan.device,
+            )
+            for role in ("gate", "up", "down")
+        )
+    _check_matrices(plan, gate, up, down, where)
+    return gate, up, down
 
 
 # --------------------------------------------------------------------------- writing
@@ -443,12 +547,11 @@ def _write_layer_merged(
     w = _SeqSafetensors(out / name, plan.layer_specs(src), plan.metadata | {"kt_layer": str(src.layer)})
     per_expert = src.in_bytes // max(src.experts, 1)
     try:
-        for e in range(src.experts):
-            mats = expert_matrices(plan, reader, src, e)
-            for t, proj, _n, _k, q, s in expert_outputs(plan, mats, src.layer, e):
+        for e, outputs in layer_outputs(plan, reader, src):
+            for t, proj, _n, _k, q, s in outputs:
                 w.write(K.merged_key(src.layer, proj, e, t, "weight"), q)
                 w.write(K.merged_key(src.layer, proj, e, t, "scale"), s)
-            del mats
+            del outputs
             progress(f"layer {src.layer}", per_expert)
         digest = w.close()
     except BaseException:
@@ -470,9 +573,8 @@ def _write_layer_folders(
     try:
         for t in range(plan.tp):
             (tmp / f"_numa_{t}").mkdir(parents=True)
-        for e in range(src.experts):
-            mats = expert_matrices(plan, reader, src, e)
-            for t, proj, n, k, q, s in expert_outputs(plan, mats, src.layer, e):
+        for e, outputs in layer_outputs(plan, reader, src):
+            for t, proj, n, k, q, s in outputs:
                 for rel, data in zip(
                     K.folder_paths(src.layer, proj, e, t, n, k, plan.bits), (q, s), strict=True
                 ):
@@ -486,7 +588,7 @@ def _write_layer_folders(
                         raise
                     listing.update(f"{rel} {digest}\n".encode())
                     count += 1
-            del mats
+            del outputs
             progress(f"layer {src.layer}", per_expert)
         os.sync()  # one flush for the whole layer (an fsync per small file is much slower)
         if final.exists():

@@ -100,10 +100,19 @@ def _dtype_name(v: Value) -> str:
     return safetensors_name_of(v.dtype)
 
 
-def run_unit(unit: Unit, ck: Checkpoint, fetch: Callable[[str], Tensor] | None = None):
-    """Yield (name, tensor) for each output of one unit, computed one at a time."""
-    outs = unit.op.apply({n: source_value(ck, n, meta=False, fetch=fetch) for n in unit.op.inputs})
+def apply_unit(unit: Unit, ck: Checkpoint, fetch: Callable[[str], Tensor] | None = None) -> dict[str, Value]:
+    """The lazy outputs of one unit (nothing is read or computed yet)."""
+    return unit.op.apply({n: source_value(ck, n, meta=False, fetch=fetch) for n in unit.op.inputs})
+
+
+def realize_outputs(outs: dict[str, Value]):
+    """Yield (name, tensor) for each lazy output, computed one at a time, in order."""
     for name in list(outs):
         value = outs.pop(name)
         yield name, realize(value)
         del value
+
+
+def run_unit(unit: Unit, ck: Checkpoint, fetch: Callable[[str], Tensor] | None = None):
+    """Yield (name, tensor) for each output of one unit, computed one at a time."""
+    yield from realize_outputs(apply_unit(unit, ck, fetch))

@@ -40,7 +40,22 @@ class Lazy:
             out.copy_(self.produce())
 
 
+@dataclass
+class DeviceLazy(Lazy):
+    """A value computed on an accelerator: `on_device` hands it over without a trip to the host
+    (a decode feeding an encode), `realize` gives the host copy."""
+
+    on_device: Callable[[], torch.Tensor] | None = None
+
+
 Value = torch.Tensor | Lazy
+
+
+def realize_on(v: Value, device: str) -> torch.Tensor:
+    """The value where the math runs: a device-resident one as it is, others realised on the host."""
+    if isinstance(v, DeviceLazy) and v.on_device is not None and not v.meta:
+        return v.on_device()
+    return realize(v)
 
 
 def realize(v: Value) -> torch.Tensor:

@@ -107,7 +107,8 @@ class SafetensorsFileWriter:
         header, offsets = build_header(specs, metadata or {})
         self._data_start = len(header)
         self._offsets = offsets
-        self._pending = set(self._specs)
+        self._pending = set(self._specs)  # not yet on disk
+        self._unaccepted = set(self._specs)  # not yet handed to write (a write may run on a thread)
         total = self._data_start + sum(s.nbytes for s in specs)
         self._file = PartialFile(self.path)
         try:
@@ -121,11 +122,13 @@ class SafetensorsFileWriter:
     def done(self) -> bool:
         return not self._pending
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def accept(self, name: str, tensor: torch.Tensor) -> None:
+        """Claim `name` for this tensor, refusing one this file does not plan (name, dtype, shape)
+        or already has; `write` then puts the bytes on disk (possibly from another thread)."""
         spec = self._specs.get(name)
         if spec is None:
             raise ValueError(f"{self.path.name}: tensor '{name}' is not planned for this file")
-        if name not in self._pending:
+        if name not in self._unaccepted:
             raise ValueError(f"{self.path.name}: tensor '{name}' written twice")
         got = TensorSpec.of(name, tensor)
         if got != spec:
@@ -133,6 +136,11 @@ class SafetensorsFileWriter:
                 f"{self.path.name}: tensor '{name}' is {got.dtype}{list(got.shape)}, "
                 f"planned {spec.dtype}{list(spec.shape)}"
             )
+        self._unaccepted.discard(name)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._unaccepted or name not in self._pending:
+            self.accept(name, tensor)
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
             self._file.pwrite_all(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,8 @@ from moeport.sinks.safetensors_file import PARTIAL_SUFFIX, SafetensorsFileWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# Bytes handed to the write-behind thread and not yet on disk: bounds the extra memory it costs.
+WRITE_BEHIND_BYTES = 256 * 2**20
 
 
 def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -59,10 +62,16 @@ class ShardedWriter:
         self._write_index = always_index or len(self._plan) > 1
         self._shard_of = {s.name: i for i, shard in enumerate(self._plan) for s in shard}
         self._open: dict[int, SafetensorsFileWriter] = {}
+        self._left = [len(shard) for shard in self._plan]  # tensors each shard still waits for
         self._closed: set[int] = set()
         self.total_size = sum(s.nbytes for shard in self._plan for s in shard)
-        # A finished shard is fsynced and renamed on a background thread, so the flush to disk of
-        # one shard overlaps the computing of the next; the index waits for all of them.
+        # Writes run on a background thread (pwrite releases the GIL), in order, so the disk works
+        # while the next tensors are computed; at most WRITE_BEHIND_BYTES wait for it. A finished
+        # shard is fsynced and renamed on a second thread, overlapping the next shard's writes.
+        # The index waits for all of them.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-write")
+        self._writes: deque[tuple[Future, int]] = deque()
+        self._queued_bytes = 0
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-shard-close")
         self._finishing: list[Future] = []
 
@@ -83,20 +92,41 @@ class ShardedWriter:
                 self.out_dir / self._names[index], self._plan[index], self._metadata
             )
             self._open[index] = writer
-        writer.write(name, tensor)
-        if writer.done:
+        writer.accept(name, tensor)  # a wrong tensor fails here, in the caller, not later
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        size = tensor.numel() * tensor.element_size()
+        written = self._io.submit(writer.write, name, tensor)
+        self._writes.append((written, size))
+        self._queued_bytes += size
+        self._left[index] -= 1
+        if not self._left[index]:
             del self._open[index]
             self._closed.add(index)
-            self._finishing.append(self._finisher.submit(writer.close))
-            for f in [f for f in self._finishing if f.done()]:
-                f.result()  # a failed flush surfaces at the next write
-                self._finishing.remove(f)
+            self._finishing.append(self._finisher.submit(_close_after, written, writer))
+        for f in [f for f in self._finishing if f.done()]:
+            f.result()  # a failed flush surfaces at the next write
+            self._finishing.remove(f)
+        self._settle_writes(WRITE_BEHIND_BYTES)
+
+    def _settle_writes(self, keep_bytes: int) -> None:
+        """Wait for the oldest writes until at most `keep_bytes` are pending; raise their errors."""
+        while self._writes and (self._queued_bytes > keep_bytes or self._writes[0][0].done()):
+            done, size = self._writes.popleft()
+            self._queued_bytes -= size
+            done.result()
+
+    def drain(self) -> None:
+        """Wait until every tensor handed over so far is on disk and every full shard published."""
+        self._settle_writes(0)
+        self._wait_finishing()
 
     def close(self) -> None:
         """Finish: every shard must be complete and flushed; the index is written last, atomically."""
         try:
-            self._wait_finishing()
+            self.drain()
         finally:
+            self._io.shutdown()
             self._finisher.shutdown()
         for index, shard in enumerate(self._plan):
             if index not in self._closed:
@@ -113,6 +143,11 @@ class ShardedWriter:
             write_json_atomic(self.out_dir / INDEX_NAME, index_doc)
 
     def abort(self) -> None:
+        self._io.shutdown(cancel_futures=True)
+        try:
+            self._settle_writes(0)
+        except Exception:  # noqa: BLE001 - already failing; the first error is the one reported
+            pass
         try:
             self._wait_finishing()
         except Exception:  # noqa: BLE001 - already failing; the first error is the one reported
@@ -141,6 +176,11 @@ class ShardedWriter:
             self.close()
         else:
             self.abort()
+
+
+def _close_after(last_write: Future, writer: SafetensorsFileWriter) -> None:
+    last_write.result()  # the shard's writes all ran (the write thread keeps order) and succeeded
+    writer.close()
 
 
 def write_json_atomic(path: Path, doc: object) -> None:

@@ -1,0 +1,54 @@
+"""Batched execution (the GPU path's way of running the math) writes exactly the bytes of the
+one-by-one path. Run here on the CPU with small batches, so every batch boundary is crossed; the
+CUDA runs of the same comparison are in test_gpu_path.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moeport.convert.batching import Batcher
+from moeport.convert.execute import execute
+from moeport.convert.gpu_formats import Recipe, plan_gpu
+from moeport.convert.hf import DTYPES, plan_hf
+from moeport.detect import detect
+from moeport.sources import open_checkpoint
+
+JOBS = [  # (model type, source layout, source format, recipe or (layout, dtype))
+    ("qwen3_moe", "hub", "fp8-block", ("hub", "bf16")),
+    ("qwen3_moe", "fused", "fp8-block", ("hub", "bf16")),
+    ("deepseek_v3", "hub", "fp8-block", ("fused", "bf16")),
+    ("qwen3_moe", "hub", "bf16", Recipe("w4a16", group_size=32)),
+    ("mixtral", "hub", "bf16", Recipe("w8a16", group_size=None)),
+    ("qwen3_moe", "hub", "fp8-block", Recipe("w4a16", group_size=32, targets="all-linear")),
+    ("deepseek_v3", "hub", "fp8-block", Recipe("fp8")),
+    ("qwen3_moe", "hub", "bf16", Recipe("fp8-block")),
+]
+
+
+def convert(src: Path, out: Path, job, batcher: Batcher | None) -> None:
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+        if isinstance(job, Recipe):
+            plan = plan_gpu(ck, det, job)
+        else:
+            plan = plan_hf(ck, det, job[0], DTYPES[job[1]])
+        execute(plan, ck, out, 5 * 10**9, {}, batcher=batcher)
+
+
+def shards(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize(("model_type", "layout", "fmt", "job"), JOBS)
+def test_batched_output_is_byte_identical(checkpoint, tmp_path, model_type, layout, fmt, job) -> None:
+    src = checkpoint(model_type, layout, fmt)
+    convert(src, tmp_path / "one-by-one", job, None)
+    batcher = Batcher("cpu", max_elements=3 * 64 * 64)  # a few experts per batch: partial batches too
+    convert(src, tmp_path / "batched", job, batcher)
+    assert batcher.jobs_run > batcher.batches_run > 0  # it did batch
+    plain, batched = shards(tmp_path / "one-by-one"), shards(tmp_path / "batched")
+    assert plain and plain.keys() == batched.keys()
+    for name in plain:
+        assert plain[name] == batched[name], name
