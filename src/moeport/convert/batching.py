@@ -20,8 +20,6 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 DEFAULT_MAX_ELEMENTS = 64 * 2**20  # 256 MB as float32 per batch on the device
 
 RunBatch = Callable[[list[Any]], list[Any]]
@@ -89,10 +87,3 @@ def batching(batcher: Batcher | None) -> Iterator[Batcher | None]:
         yield batcher
     finally:
         _active.reset(token)
-
-
-def stack_on(device: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack same-shape tensors on `device`: host ones in one host copy and one transfer."""
-    if all(t.device.type == "cpu" for t in tensors):
-        return torch.stack(tensors).to(device)
-    return torch.stack([t.to(device) for t in tensors])

@@ -16,9 +16,9 @@ import torch
 from moeport.codecs.base import Codec
 from moeport.codecs.fp8 import Fp8BlockCodec
 from moeport.codecs.registry import codec_for
-from moeport.convert.batching import DEFAULT_MAX_ELEMENTS, Batcher, active_batcher, stack_on
+from moeport.convert.batching import DEFAULT_MAX_ELEMENTS, Batcher, active_batcher
 from moeport.detect.formats import PASSIVE_PARTS, ExpertFormat, Part, classify
-from moeport.device import to_device
+from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import OneToOne, Op
 from moeport.mappings.values import DeviceLazy, Lazy, Value, is_meta, realize, realize_on, shape_of
@@ -142,7 +142,7 @@ class BatchResult:
 
     def host(self) -> torch.Tensor:
         if self._host is None:
-            self._host = self.on_device.cpu()
+            self._host = to_host(self.on_device)
         return self._host
 
     def items(self) -> list[BatchItem]:
@@ -152,7 +152,7 @@ class BatchResult:
 def _decode_batch(
     codec: Codec, dtype: torch.dtype, transpose: bool, device: str, where: str, batch: list[dict]
 ) -> list[BatchItem]:
-    stacked = {p: stack_on(device, [realize_on(named[p], device) for named in batch]) for p in batch[0]}
+    stacked = {p: stack_to(device, [realize_on(named[p], device) for named in batch]) for p in batch[0]}
     if isinstance(codec, STACKABLE_DECODE):
         w = codec.decode(stacked, f"{where} (batch of {len(batch)})")
     else:
@@ -168,7 +168,7 @@ def _decode_into(
     w = codec.decode(parts, where)
     w = w.transpose(-1, -2) if transpose else w
     # cast where the math ran (fewer bytes over PCIe), then one copy into the output
-    out.copy_(w.to(out.dtype) if w.device != out.device else w)
+    out.copy_(to_host(w.to(out.dtype)) if w.device != out.device else w)
 
 
 @dataclass(frozen=True)

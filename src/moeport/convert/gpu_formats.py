@@ -21,12 +21,12 @@ import torch
 
 from moeport.codecs import Fp8BlockCodec, Fp8ScaledCodec, PackQuantizedCodec, float_quantized_codec
 from moeport.codecs.base import Codec
-from moeport.convert.batching import active_batcher, stack_on
+from moeport.convert.batching import active_batcher
 from moeport.convert.dequantize import Cast
 from moeport.convert.hf import build_hf
 from moeport.convert.plan import Plan, Unit, finalize
 from moeport.detect.detection import Detection
-from moeport.device import to_device
+from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Op
 from moeport.mappings.values import Lazy, Value, is_meta, realize, realize_on, shape_of
@@ -115,13 +115,13 @@ class Encode(Op):
 
 def _encode_batch(codec: Codec, part_specs, device: str, where: str, batch: list[Value]) -> list[dict]:
     """Encode same-shape weights together: stacked on the device, one encode, one copy back per part."""
-    w = stack_on(device, [realize_on(v, device) for v in batch])
+    w = stack_to(device, [realize_on(v, device) for v in batch])
     if _stackable(codec):
         parts = codec.encode(w)
     else:
         each = [codec.encode(w[i]) for i in range(len(batch))]
         parts = {p: torch.stack([e[p] for e in each]) for p in each[0]}
-    host = {p: t.cpu() for p, t in parts.items()}
+    host = {p: to_host(t) for p, t in parts.items()}
     for part, dtype, shape in part_specs:
         got = host[part]
         if got.dtype != dtype or tuple(got.shape) != (len(batch), *shape):

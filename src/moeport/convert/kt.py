@@ -35,13 +35,13 @@ from safetensors import safe_open
 
 from moeport.codecs import kt_amx as K
 from moeport.codecs.registry import codec_for
-from moeport.convert.batching import DEFAULT_MAX_ELEMENTS, stack_on
+from moeport.convert.batching import DEFAULT_MAX_ELEMENTS
 from moeport.convert.dequantize import STACKABLE_DECODE, active_parts, decoded_shape
 from moeport.convert.execute import copy_side_files
 from moeport.convert.journal import Journal, recipe_diff
 from moeport.detect.detection import Detection
 from moeport.detect.layout import match_layout
-from moeport.device import to_device
+from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.sinks.safetensors_file import PARTIAL_SUFFIX, PartialFile, TensorSpec, build_header
 from moeport.sinks.sharded import INDEX_NAME, plan_shards, write_json_atomic
@@ -344,7 +344,7 @@ def _decode_stack(
     """bf16 [B, n, k] on `device` of several same-shape weights: their parts stacked on the host,
     one copy each to the device, one decode (per weight for codecs that take no stack)."""
     reads = [_read_parts(reader, group, e, experts) for group, e in groups]
-    stacked = {p: stack_on(device, [r[p] for r in reads]) for p in reads[0]}
+    stacked = {p: stack_to(device, [r[p] for r in reads]) for p in reads[0]}
     w = stacked.get("weight")
     if codec.name == "bf16" and w is not None and w.dtype == torch.bfloat16:
         return w
@@ -422,7 +422,7 @@ def layer_outputs(plan: KtPlan, reader: _Reader, src: LayerSource):
             for (proj, n, k), m in zip(plan.mats(), slices, strict=True):
                 where = f"blk.{src.layer} experts {chunk.start}-{chunk.stop - 1} {proj} numa {t}"
                 images, scales = K.kt_quantize_many(m, plan.bits, where)
-                results.append((t, proj, n, k, images.cpu(), scales.cpu()))
+                results.append((t, proj, n, k, to_host(images), to_host(scales)))
         for i, e in enumerate(chunk):
             yield e, [(t, proj, n, k, q[i], sc[i]) for t, proj, n, k, q, sc in results]
 
