@@ -4,8 +4,10 @@
 
 Builds a seeded synthetic DeepSeek-V3-shaped BF16 checkpoint and its FP8-block copy, then times
 each job on CPU and on CUDA (each a fresh process, output byte-compared between the two) and
-prints GB/s of source bytes next to two bounds measured in the same run: reading the source
-(`cat` to /dev/null, warm page cache) and a pinned host-to-device copy (PCIe).
+prints GB/s of source bytes next to three bounds measured in the same run: reading the source
+(`cat` to /dev/null, warm page cache), writing to the work folder's disk (write + fsync) and a
+pinned host-to-device copy (PCIe). "out GB/s" is the CUDA run's output bytes over its time, to
+hold against the write bound.
 """
 
 from __future__ import annotations
@@ -57,6 +59,27 @@ def same_output(a: Path, b: Path) -> bool:
     )
 
 
+def write_gbps(folder: Path, nbytes: int = 2 * 2**30) -> float:
+    """Writing `nbytes` to a file in `folder` and fsyncing it, as a conversion's output is."""
+    block = os.urandom(64 * 2**20)
+    path = folder / "write-bound.tmp"
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(nbytes // len(block)):
+            os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return nbytes / seconds / 1e9
+
+
+def output_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def pcie_gbps(nbytes: int = 2 * 2**30) -> float:
     host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -91,17 +114,21 @@ def main() -> None:
         timed(cat)  # warm the page cache, as it is for the jobs
         read[k] = size[k] / timed(cat) / 1e9
     pcie = pcie_gbps()
+    write = write_gbps(work)
     print(
         f"{torch.cuda.get_device_name()}; source {size['bf16'] / 1e9:.2f} GB BF16, "
         f"{size['fp8'] / 1e9:.2f} GB FP8"
     )
     print(
         f"bounds: read (warm cache) BF16 {read['bf16']:.2f} GB/s, FP8 {read['fp8']:.2f} GB/s; "
-        f"PCIe H2D {pcie:.1f} GB/s"
+        f"write + fsync {write:.2f} GB/s; PCIe H2D {pcie:.1f} GB/s"
     )
     print("wall: whole process; conv: the conversion itself (no start-up, no CUDA initialisation)")
-    print("| job | CPU wall s | CUDA wall s | CPU conv GB/s | CUDA conv GB/s | CUDA / CPU | bytes equal |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| job | CPU wall s | CUDA wall s | CPU conv GB/s | CUDA conv GB/s | CUDA / CPU "
+        "| CUDA out GB/s | bytes equal |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, kind, extra in JOBS:
         out = {d: work / f"out-{d}" for d in ("cpu", "cuda")}
         wall, conv = {}, {}
@@ -110,9 +137,10 @@ def main() -> None:
             wall[d], conv[d] = run([*moeport, str(src[kind]), str(out[d]), *extra, "--device", d])
         gb = {d: size[kind] / conv[d] / 1e9 if conv[d] else float("nan") for d in conv}
         equal = same_output(out["cpu"], out["cuda"])
+        out_gbps = output_bytes(out["cuda"]) / conv["cuda"] / 1e9 if conv["cuda"] else float("nan")
         print(
             f"| {name} | {wall['cpu']:.1f} | {wall['cuda']:.1f} | {gb['cpu']:.2f} | {gb['cuda']:.2f} "
-            f"| {gb['cuda'] / gb['cpu']:.2f}× | {equal} |"
+            f"| {gb['cuda'] / gb['cpu']:.2f}× | {out_gbps:.2f} | {equal} |"
         )
 
 

@@ -1,4 +1,4 @@
-"""Where decode/quantize math runs: `cpu`, `cuda` (or `cuda:N`), or `auto` (CUDA when present).
+"""Where decode/quantize math runs: `cpu`, `cuda` (or `cuda:N`), or `auto` (CUDA when usable).
 
 Reads and writes stay on the host; only the math moves. Every codec gives the same bytes on both
 (tests compare them), so the device is a speed choice, never a format choice.
@@ -12,8 +12,13 @@ from moeport.errors import MoeportError
 
 
 def resolve_device(name: str) -> str:
-    if name == "auto":
-        return resolve_device("cuda") if torch.cuda.is_available() else "cpu"
+    if name == "auto":  # best effort: a CUDA that is present but cannot start leaves the CPU
+        if not torch.cuda.is_available():
+            return "cpu"
+        try:
+            return resolve_device("cuda")
+        except MoeportError:
+            return "cpu"
     if name == "cpu":
         return "cpu"
     if name.startswith("cuda"):
