@@ -37,7 +37,7 @@ from moeport.codecs import kt_amx as K
 from moeport.codecs.registry import codec_for
 from moeport.convert.batching import DEFAULT_MAX_ELEMENTS
 from moeport.convert.dequantize import STACKABLE_DECODE, active_parts, decoded_shape
-from moeport.convert.execute import copy_side_files
+from moeport.convert.execute import BATCHED_PREFETCH_BYTES, copy_side_files
 from moeport.convert.journal import Journal, recipe_diff
 from moeport.detect.detection import Detection
 from moeport.detect.layout import match_layout
@@ -45,7 +45,9 @@ from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.sinks.safetensors_file import PARTIAL_SUFFIX, PartialFile, TensorSpec, build_header
 from moeport.sinks.sharded import INDEX_NAME, plan_shards, write_json_atomic
+from moeport.sinks.write_behind import WriteBehind
 from moeport.sources.checkpoint import Checkpoint
+from moeport.sources.prefetch import DEFAULT_BUDGET, Prefetcher
 
 TARGETS = {"kt-int4": 4, "kt-int8": 8}
 KT_LAYOUTS = ("merged", "folders")
@@ -284,13 +286,22 @@ def _layer_shape(ck: Checkpoint, src: LayerSource, fmt, det: Detection) -> tuple
 
 
 class _Reader:
-    """Reads source tensors, or one expert slice of a stacked tensor, from memory maps."""
+    """Reads source tensors (read ahead on background threads, in the order given), or one expert
+    slice of a stacked tensor (from a memory map)."""
 
-    def __init__(self, ck: Checkpoint):
+    def __init__(self, ck: Checkpoint, ahead: list[str] | None = None, budget: int = DEFAULT_BUDGET):
         self.ck = ck
         self._handles: dict[Path, Any] = {}
+        self._prefetch = Prefetcher(ck, ahead, budget) if ahead else None
+
+    def close(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+        self.release()
 
     def read(self, key: str, expert: int | None = None) -> torch.Tensor:
+        if expert is None:
+            return self._prefetch.get(key) if self._prefetch is not None else self.ck.read(key)
         info = self.ck.info(key)
         handle = self._handles.get(info.file)
         if handle is None:
@@ -299,8 +310,6 @@ class _Reader:
             except Exception as exc:  # the Rust reader raises its own exception types
                 raise MoeportError(f"{info.file}: cannot open ({exc})") from None
             self._handles[info.file] = handle
-        if expert is None:
-            return handle.get_tensor(key)
         return handle.get_slice(key)[expert : expert + 1][0]
 
     def release(self) -> None:
@@ -400,6 +409,24 @@ def expert_outputs(plan: KtPlan, mats, layer: int, e: int):
             yield t, proj, n, k, q.cpu(), s.cpu()
 
 
+def read_order(plan: KtPlan, src: LayerSource) -> list[str]:
+    """Whole source tensors of a layer in the order `layer_outputs` reads them (for read-ahead;
+    a stacked source is read one expert slice at a time instead)."""
+    if src.fused:
+        return []
+    step = plan.experts_per_batch()
+    names: list[str] = []
+    for first in range(0, src.experts, step):
+        chunk = range(first, min(first + step, src.experts))
+        if step == 1:
+            order = [(e, role) for e in chunk for role in ("gate", "up", "down")]
+        else:
+            order = [(e, role) for role in ("gate", "up", "down") for e in chunk]
+        for key in order:
+            names += src.groups[key].values()
+    return names
+
+
 def layer_outputs(plan: KtPlan, reader: _Reader, src: LayerSource):
     """(e, [(t, proj, n, k, image, scale), ...]) for each expert of a layer, in output order.
 
@@ -467,24 +494,38 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 
 class _SeqFile:
-    """A PartialFile written front to back and hashed as written; close() publishes it."""
+    """A PartialFile written front to back and hashed as written; close() publishes it.
 
-    def __init__(self, path: Path):
+    With `behind`, writing and hashing run on that background thread (in order)."""
+
+    def __init__(self, path: Path, behind: WriteBehind | None = None):
         self.path = path
         self.sha = hashlib.sha256()
         self.size = 0
         self._file = PartialFile(path)
+        self._behind = behind
 
     def write(self, data: memoryview) -> None:
-        self._file.pwrite_all(data, self.size)
-        self.sha.update(data)
+        offset = self.size
         self.size += len(data)
+        if self._behind is None:
+            self._write_at(data, offset)
+        else:
+            self._behind.submit(len(data), self._write_at, data, offset)
+
+    def _write_at(self, data: memoryview, offset: int) -> None:
+        self._file.pwrite_all(data, offset)
+        self.sha.update(data)
 
     def close(self, fsync: bool = True) -> str:
+        if self._behind is not None:
+            self._behind.drain()
         self._file.publish(fsync)
         return self.sha.hexdigest()
 
     def abort(self) -> None:
+        if self._behind is not None:
+            self._behind.abort()
         self._file.abort()
 
 
@@ -495,7 +536,8 @@ class _SeqSafetensors:
         header, _ = build_header(specs, metadata)
         self._specs = specs
         self._next = 0
-        self.file = _SeqFile(path)
+        self._behind = WriteBehind(name="moeport-kt-write")
+        self.file = _SeqFile(path, self._behind)
         try:
             self.file.write(memoryview(header))
         except BaseException:
@@ -516,7 +558,10 @@ class _SeqSafetensors:
             raise ValueError(
                 f"{self.file.path.name}: {len(self._specs) - self._next} planned tensors missing"
             )
-        return self.file.close()
+        try:
+            return self.file.close()
+        finally:
+            self._behind.close()
 
     def abort(self) -> None:
         self.file.abort()
@@ -751,7 +796,15 @@ def run_kt(plan: KtPlan, dst: Path, journal: Journal, progress: ProgressFn | Non
     """Every step the journal lacks, in order; then the completion marker (index or manifest)."""
     start = time.perf_counter()
     report = progress or (lambda _label, _n: None)
-    reader = _Reader(plan.ck)
+    ahead: list[str] = []
+    for step in plan.steps():
+        if journal.done(step) is None:
+            if step == BASE_STEP:
+                ahead += [spec.name for shard in plan.base_shards for spec in shard]
+            else:
+                ahead += read_order(plan, plan._layer(step))
+    budget = DEFAULT_BUDGET if plan.experts_per_batch() == 1 else BATCHED_PREFETCH_BYTES
+    reader = _Reader(plan.ck, ahead, budget)
     done = skipped = 0
     bytes_in = 0
     order = plan.steps()
@@ -785,7 +838,7 @@ def run_kt(plan: KtPlan, dst: Path, journal: Journal, progress: ProgressFn | Non
         raise MoeportError(f"{where}: {exc.strerror or exc}") from None
     finally:
         torch.set_num_threads(threads)
-        reader.release()
+        reader.close()
     return KtResult(dst, done, skipped, bytes_in, time.perf_counter() - start)
 
 

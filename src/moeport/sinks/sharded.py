@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,11 +16,10 @@ from pathlib import Path
 import torch
 
 from moeport.sinks.safetensors_file import PARTIAL_SUFFIX, SafetensorsFileWriter, TensorSpec
+from moeport.sinks.write_behind import WriteBehind
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-# Bytes handed to the write-behind thread and not yet on disk: bounds the extra memory it costs.
-WRITE_BEHIND_BYTES = 256 * 2**20
 
 
 def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -65,13 +63,10 @@ class ShardedWriter:
         self._left = [len(shard) for shard in self._plan]  # tensors each shard still waits for
         self._closed: set[int] = set()
         self.total_size = sum(s.nbytes for shard in self._plan for s in shard)
-        # Writes run on a background thread (pwrite releases the GIL), in order, so the disk works
-        # while the next tensors are computed; at most WRITE_BEHIND_BYTES wait for it. A finished
-        # shard is fsynced and renamed on a second thread, overlapping the next shard's writes.
+        # Writes run on a background thread (sinks.write_behind). A finished shard is fsynced and
+        # renamed on a second thread, overlapping the next shard's writes.
         # The index waits for all of them.
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-write")
-        self._writes: deque[tuple[Future, int]] = deque()
-        self._queued_bytes = 0
+        self._io = WriteBehind()
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-shard-close")
         self._finishing: list[Future] = []
 
@@ -95,10 +90,7 @@ class ShardedWriter:
         writer.accept(name, tensor)  # a wrong tensor fails here, in the caller, not later
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        size = tensor.numel() * tensor.element_size()
-        written = self._io.submit(writer.write, name, tensor)
-        self._writes.append((written, size))
-        self._queued_bytes += size
+        written = self._io.submit(tensor.numel() * tensor.element_size(), writer.write, name, tensor)
         self._left[index] -= 1
         if not self._left[index]:
             del self._open[index]
@@ -107,18 +99,10 @@ class ShardedWriter:
         for f in [f for f in self._finishing if f.done()]:
             f.result()  # a failed flush surfaces at the next write
             self._finishing.remove(f)
-        self._settle_writes(WRITE_BEHIND_BYTES)
-
-    def _settle_writes(self, keep_bytes: int) -> None:
-        """Wait for the oldest writes until at most `keep_bytes` are pending; raise their errors."""
-        while self._writes and (self._queued_bytes > keep_bytes or self._writes[0][0].done()):
-            done, size = self._writes.popleft()
-            self._queued_bytes -= size
-            done.result()
 
     def drain(self) -> None:
         """Wait until every tensor handed over so far is on disk and every full shard published."""
-        self._settle_writes(0)
+        self._io.drain()
         self._wait_finishing()
 
     def close(self) -> None:
@@ -126,7 +110,7 @@ class ShardedWriter:
         try:
             self.drain()
         finally:
-            self._io.shutdown()
+            self._io.close()
             self._finisher.shutdown()
         for index, shard in enumerate(self._plan):
             if index not in self._closed:
@@ -143,11 +127,7 @@ class ShardedWriter:
             write_json_atomic(self.out_dir / INDEX_NAME, index_doc)
 
     def abort(self) -> None:
-        self._io.shutdown(cancel_futures=True)
-        try:
-            self._settle_writes(0)
-        except Exception:  # noqa: BLE001 - already failing; the first error is the one reported
-            pass
+        self._io.abort()
         try:
             self._wait_finishing()
         except Exception:  # noqa: BLE001 - already failing; the first error is the one reported
