@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-WRITE_BEHIND_BYTES = 256 * 2**20
+WRITE_BEHIND_BYTES = 64 * 2**20  # like the read-ahead: a fixed overhead, whatever the model size
 
 
 class WriteBehind:
