@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from moeport.convert.batching import Batcher
 from moeport.convert.execute import execute
@@ -52,3 +53,27 @@ def test_batched_output_is_byte_identical(checkpoint, tmp_path, model_type, layo
     assert plain and plain.keys() == batched.keys()
     for name in plain:
         assert plain[name] == batched[name], name
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_bad_weight_is_named(checkpoint, tmp_path, batched) -> None:
+    """A NaN code in one FP8 expert fails the conversion, batched or not, with that tensor's name,
+    and leaves no output."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moeport.errors import MoeportError
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("qwen3_moe", "hub", "fp8-block"), src)
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    bad = "model.layers.1.mlp.experts.2.up_proj.weight"
+    tensors[bad].view(torch.uint8)[3, 5] = 0x7F
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    batcher = Batcher("cpu", max_elements=4 * 64 * 64) if batched else None
+    with pytest.raises(MoeportError, match=rf"^{re.escape(bad)}: FP8 weight contains NaN codes"):
+        convert(src, tmp_path / "out", ("hub", "bf16"), batcher)
+    assert not (tmp_path / "out").exists()

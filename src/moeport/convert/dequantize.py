@@ -78,6 +78,12 @@ class Decode(Op):
     def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
         return (self.target,)
 
+    @property
+    def where(self) -> str:
+        """The source weight's name for errors: its parts' common prefix ('...up_proj')."""
+        part, name = self.parts[0]
+        return name.removesuffix(part).rstrip(".")
+
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         named = {part: values[name] for part, name in self.parts}
         meta = any(is_meta(v) for v in named.values())
@@ -91,7 +97,7 @@ class Decode(Op):
         def fill(out: torch.Tensor) -> None:
             tensors = {p: to_device(realize(v), self.device) for p, v in named.items()}
             if len(self.shape) == 2:
-                _decode_into(codec, tensors, out, self.transpose, self.target)
+                _decode_into(codec, tensors, out, self.transpose, self.where)
                 return
             experts = self.shape[0]
             if self.device != "cpu" and isinstance(codec, STACKABLE_DECODE):
@@ -100,11 +106,12 @@ class Decode(Op):
                 for e in range(0, experts, step):
                     chunk = slice(e, min(e + step, experts))
                     one = {p: t[chunk] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}
-                    _decode_into(codec, one, out[chunk], self.transpose, f"{self.target}[{chunk.start}:]")
+                    where = f"{self.where}[{chunk.start}:{chunk.stop}]"
+                    _decode_into(codec, one, out[chunk], self.transpose, where)
                 return
             for e in range(experts):
                 one = {p: t[e] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}
-                _decode_into(codec, one, out[e], self.transpose, f"{self.target}[{e}]")
+                _decode_into(codec, one, out[e], self.transpose, f"{self.where}[{e}]")
 
         return {self.target: Lazy(shape, self.dtype, meta, fill=fill)}
 
@@ -113,9 +120,8 @@ class Decode(Op):
         for a consumer that computes there, and comes to the host in one copy per batch."""
         key = ("decode", self.fmt.describe(), tuple((p, shape_of(v)) for p, v in named.items()))
         key += (self.dtype, self.transpose)
-        where = self.target
-        run = functools.partial(_decode_batch, codec, self.dtype, self.transpose, batcher.device, where)
-        get = batcher.submit(key, named, math.prod(shape), run)
+        run = functools.partial(_decode_batch, codec, self.dtype, self.transpose, batcher.device)
+        get = batcher.submit(key, (named, self.where), math.prod(shape), run)
         return DeviceLazy(shape, self.dtype, produce=lambda: get().host(), on_device=lambda: get().device())
 
     def inverse(self) -> Op:
@@ -150,14 +156,19 @@ class BatchResult:
 
 
 def _decode_batch(
-    codec: Codec, dtype: torch.dtype, transpose: bool, device: str, where: str, batch: list[dict]
+    codec: Codec, dtype: torch.dtype, transpose: bool, device: str, batch: list[tuple[dict, str]]
 ) -> list[BatchItem]:
-    stacked = {p: stack_to(device, [realize_on(named[p], device) for named in batch]) for p in batch[0]}
+    names = [where for _, where in batch]
+    stacked = {p: stack_to(device, [realize_on(named[p], device) for named, _ in batch]) for p in batch[0][0]}
+    one = [{p: t[i] for p, t in stacked.items()} for i in range(len(batch))]
+    w = None
     if isinstance(codec, STACKABLE_DECODE):
-        w = codec.decode(stacked, f"{where} (batch of {len(batch)})")
-    else:
-        one = [{p: t[i] for p, t in stacked.items()} for i in range(len(batch))]
-        w = torch.stack([codec.decode(parts, where) for parts in one])
+        try:
+            w = codec.decode(stacked, names[0])
+        except MoeportError:
+            pass  # decoded one by one below, so the error names the weight at fault
+    if w is None:
+        w = torch.stack([codec.decode(parts, where) for parts, where in zip(one, names, strict=True)])
     w = w.transpose(-1, -2) if transpose else w
     return BatchResult(w.to(dtype).contiguous()).items()
 
