@@ -41,7 +41,7 @@ def run_convert(
     group_size: int = 128,
     targets: str = "experts",
     ignore: tuple[str, ...] = (),
-    device: str = "cpu",
+    device: str = "auto",
 ) -> None:
     from moeport.cli.convert_kt import KT_TARGETS, run_convert_kt
     from moeport.device import resolve_device
