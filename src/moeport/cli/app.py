@@ -119,7 +119,7 @@ def convert(
         str,
         typer.Option(
             help="Where decode/quantize math runs: cpu, cuda[:N], or auto (CUDA when it is usable, "
-            "else the CPU). Same bytes either way; on an H200 CUDA converts 1.5-2.6x faster "
+            "else the CPU). Same bytes either way; on an H200 CUDA converts 1.2-2.6x faster "
             "(bench/RESULTS.md)."
         ),
     ] = "auto",
