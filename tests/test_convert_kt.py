@@ -507,3 +507,29 @@ def test_batched_experts_write_the_same_bytes(kt_checkpoint, tmp_path, model_typ
             convert_kt(plan, tmp_path / f"batch-{batch}")
         trees.append(_tree(tmp_path / f"batch-{batch}"))
     assert trees[0] and trees[0] == trees[1]
+
+
+@pytest.mark.parametrize("batch", [0, 3])
+def test_nan_in_one_expert_is_named(kt_checkpoint, tmp_path, batch):
+    """A NaN in one expert stops the conversion, one at a time or batched, naming that expert."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moeport.convert.kt import convert_kt, plan_kt
+    from moeport.detect import detect
+    from moeport.errors import MoeportError
+    from moeport.sources import open_checkpoint
+
+    src = tmp_path / "src"
+    shutil.copytree(kt_checkpoint("deepseek_v3"), src)
+    key = "model.layers.1.mlp.experts.2.up_proj.weight"
+    shard = next(f for f in sorted(src.glob("*.safetensors")) if key in load_file(str(f)))
+    tensors = load_file(str(shard))
+    tensors[key][7, 3] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with open_checkpoint(src) as ck:
+        plan = plan_kt(ck, detect(ck), "kt-int4", 1, "merged", str(src))
+        plan.batch_experts = batch
+        with pytest.raises(MoeportError, match=r"^blk\.1 expert 2 up numa 0: row 7 contains NaN or Inf$"):
+            convert_kt(plan, tmp_path / "out")

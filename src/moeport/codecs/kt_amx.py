@@ -354,7 +354,7 @@ def kt_quantize_many(
     finite = torch.isfinite(x).all(1)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0])
-        raise MoeportError(f"{where}[{row // n}]: row {row % n} contains NaN or Inf")
+        raise MoeportError(f"{where}: matrix {row // n} of {b}: row {row % n} contains NaN or Inf")
     c, d = _codes_torch(x, bits)
     q = (c if bits == 8 else _pack_int4(c)).reshape(b, n, -1)
     images = torch.stack([to_tile_order(q[i], bits) for i in range(b)])

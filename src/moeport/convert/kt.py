@@ -347,7 +347,7 @@ def _decode_stack(
     codec,
     groups: list[tuple[dict[str, str], int | None]],
     experts: int,
-    where: str,
+    where: list[str],
     device: str,
 ) -> torch.Tensor:
     """bf16 [B, n, k] on `device` of several same-shape weights: their parts stacked on the host,
@@ -358,9 +358,12 @@ def _decode_stack(
     if codec.name == "bf16" and w is not None and w.dtype == torch.bfloat16:
         return w
     if isinstance(codec, STACKABLE_DECODE):
-        return codec.decode(stacked, where).to(torch.bfloat16)
+        try:
+            return codec.decode(stacked, where[0]).to(torch.bfloat16)
+        except MoeportError:
+            pass  # decoded one by one below, so the error names the expert at fault
     return torch.stack(
-        [codec.decode({p: t[i] for p, t in stacked.items()}, where) for i in range(len(reads))]
+        [codec.decode({p: t[i] for p, t in stacked.items()}, where[i]) for i in range(len(reads))]
     ).to(torch.bfloat16)
 
 
@@ -447,8 +450,12 @@ def layer_outputs(plan: KtPlan, reader: _Reader, src: LayerSource):
             rows = slice(t * s, (t + 1) * s)
             slices = (gate[:, rows], up[:, rows], down[:, :, rows])
             for (proj, n, k), m in zip(plan.mats(), slices, strict=True):
-                where = f"blk.{src.layer} experts {chunk.start}-{chunk.stop - 1} {proj} numa {t}"
-                images, scales = K.kt_quantize_many(m, plan.bits, where)
+                try:
+                    images, scales = K.kt_quantize_many(m, plan.bits)
+                except MoeportError:  # quantized one by one, so the error names the expert at fault
+                    for i, e in enumerate(chunk):
+                        K.kt_quantize(m[i], plan.bits, where=f"blk.{src.layer} expert {e} {proj} numa {t}")
+                    raise
                 results.append((t, proj, n, k, to_host(images), to_host(scales)))
         for i, e in enumerate(chunk):
             yield e, [(t, proj, n, k, q[i], sc[i]) for t, proj, n, k, q, sc in results]
@@ -464,7 +471,7 @@ def _chunk_matrices(plan: KtPlan, reader: _Reader, src: LayerSource, chunk: rang
                 codec,
                 [(src.groups[(-1, role)], e) for e in chunk],
                 src.experts,
-                f"{where} {role}",
+                [f"layer {src.layer} expert {e} {role}" for e in chunk],
                 plan.device,
             )
             for role in ("gate_up", "down")
@@ -477,7 +484,7 @@ def _chunk_matrices(plan: KtPlan, reader: _Reader, src: LayerSource, chunk: rang
                 codec,
                 [(src.groups[(e, role)], None) for e in chunk],
                 src.experts,
-                f"{where} {role}",
+                [f"layer {src.layer} expert {e} {role}" for e in chunk],
                 plan.device,
             )
             for role in ("gate", "up", "down")
