@@ -160,17 +160,23 @@ def _decode_batch(
 ) -> list[BatchItem]:
     names = [where for _, where in batch]
     stacked = {p: stack_to(device, [realize_on(named[p], device) for named, _ in batch]) for p in batch[0][0]}
-    one = [{p: t[i] for p, t in stacked.items()} for i in range(len(batch))]
-    w = None
-    if isinstance(codec, STACKABLE_DECODE):
-        try:
-            w = codec.decode(stacked, names[0])
-        except MoeportError:
-            pass  # decoded one by one below, so the error names the weight at fault
-    if w is None:
-        w = torch.stack([codec.decode(parts, where) for parts, where in zip(one, names, strict=True)])
+    w = decode_stacked(codec, stacked, names)
     w = w.transpose(-1, -2) if transpose else w
     return BatchResult(w.to(dtype).contiguous()).items()
+
+
+def decode_stacked(codec: Codec, stacked: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """Decode a stack of same-shape weights (parts stacked along a new first dim) in one call when
+    the codec takes a stack; otherwise, or when that call fails, one by one, so that an error
+    names the weight at fault (`names`, one per weight)."""
+    if isinstance(codec, STACKABLE_DECODE):
+        try:
+            return codec.decode(stacked, names[0])
+        except MoeportError:
+            pass
+    return torch.stack(
+        [codec.decode({p: t[i] for p, t in stacked.items()}, where) for i, where in enumerate(names)]
+    )
 
 
 def _decode_into(

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from moeport.codecs import kt_amx as K
 from moeport.codecs.registry import codec_for
 from moeport.convert.batching import DEFAULT_MAX_ELEMENTS
-from moeport.convert.dequantize import STACKABLE_DECODE, active_parts, decoded_shape
+from moeport.convert.dequantize import active_parts, decode_stacked, decoded_shape
 from moeport.convert.execute import BATCHED_PREFETCH_BYTES, copy_side_files
 from moeport.convert.journal import Journal, recipe_diff
 from moeport.detect.detection import Detection
@@ -357,14 +357,7 @@ def _decode_stack(
     w = stacked.get("weight")
     if codec.name == "bf16" and w is not None and w.dtype == torch.bfloat16:
         return w
-    if isinstance(codec, STACKABLE_DECODE):
-        try:
-            return codec.decode(stacked, where[0]).to(torch.bfloat16)
-        except MoeportError:
-            pass  # decoded one by one below, so the error names the expert at fault
-    return torch.stack(
-        [codec.decode({p: t[i] for p, t in stacked.items()}, where[i]) for i in range(len(reads))]
-    ).to(torch.bfloat16)
+    return decode_stacked(codec, stacked, where).to(torch.bfloat16)
 
 
 def expert_matrices(
