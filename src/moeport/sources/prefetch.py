@@ -70,11 +70,13 @@ class Prefetcher:
                 name, size = claim
                 try:
                     t = self.ck.read(name)
-                finally:
+                except BaseException:
                     with self._cv:
                         self._reading.discard(name)
-                        self._cv.notify_all()
-                with self._cv:
+                        self._held -= size
+                    raise
+                with self._cv:  # ready before it stops being "in flight": a waiting get finds it
+                    self._reading.discard(name)
                     if self._stop:
                         self._held -= size
                     else:
