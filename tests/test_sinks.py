@@ -91,3 +91,18 @@ def test_shape_or_dtype_other_than_planned_is_refused(tmp_path) -> None:
         writer.close()
     writer.abort()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_failure_mid_write_leaves_no_partial_files(tmp_path) -> None:
+    """An error while shards are still being written (some full and queued to close, one open)
+    leaves no `.partial` file and no index."""
+    tensors = random_tensors(6)
+    specs = [TensorSpec.of(k, v) for k, v in tensors.items()]
+    names = list(tensors)
+    with pytest.raises(RuntimeError, match="stop"):
+        with ShardedWriter(tmp_path, specs, max_shard_bytes=600) as writer:
+            for name in names[:-1]:
+                writer.write(name, tensors[name])
+            raise RuntimeError("stop")
+    assert not list(tmp_path.glob("*.partial"))
+    assert not (tmp_path / "model.safetensors.index.json").exists()

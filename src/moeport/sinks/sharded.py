@@ -75,6 +75,8 @@ class ShardedWriter:
         return [self.out_dir / n for n in self._names]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Hand one planned tensor over; it is written on a background thread, so the caller must
+        not modify it afterwards. A wrong name, dtype or shape raises here."""
         try:
             index = self._shard_of[name]
         except KeyError:
@@ -159,7 +161,11 @@ class ShardedWriter:
 
 
 def _close_after(last_write: Future, writer: SafetensorsFileWriter) -> None:
-    last_write.result()  # the shard's writes all ran (the write thread keeps order) and succeeded
+    try:
+        last_write.result()  # the shard's writes all ran (the write thread keeps order) and succeeded
+    except BaseException:  # failed or cancelled (abort): no half-written shard is left behind
+        writer.abort()
+        raise
     writer.close()
 
 
