@@ -45,6 +45,36 @@ class OneToOne(Op):
         return (self.target,)
 
 
+class ManyToOne(Op):
+    """An op from several named tensors (`sources`) to one (`target`): Stack, Concat."""
+
+    sources: tuple[str, ...]
+    target: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.sources
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.target,)
+
+
+class OneToMany(Op):
+    """An op from one named tensor (`source`) to several (`targets`): Unstack, Split."""
+
+    source: str
+    targets: tuple[str, ...]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.source,)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.targets
+
+
 @dataclass(frozen=True)
 class Copy(OneToOne):
     """A rename of one tensor (the data is passed through untouched)."""
@@ -82,19 +112,11 @@ class Transpose(OneToOne):
 
 
 @dataclass(frozen=True)
-class Stack(Op):
+class Stack(ManyToOne):
     """Experts [N, K] -> [E, N, K] (0-d scales become [E])."""
 
     sources: tuple[str, ...]
     target: str
-
-    @property
-    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.sources
-
-    @property
-    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.target,)
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         pieces = [values[s] for s in self.sources]
@@ -118,17 +140,9 @@ class Stack(Op):
 
 
 @dataclass(frozen=True)
-class Unstack(Op):
+class Unstack(OneToMany):
     source: str
     targets: tuple[str, ...]
-
-    @property
-    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.source,)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.targets
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         v = values[self.source]
@@ -159,7 +173,7 @@ def _units(rule: RowRule, rows: tuple[int, ...], where: str) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Concat(Op):
+class Concat(ManyToOne):
     """Rows of gate and up (in weight rows `rows`) into one tensor, along the part's own N axis."""
 
     sources: tuple[str, ...]
@@ -167,14 +181,6 @@ class Concat(Op):
     rule: RowRule
     rows: tuple[int, ...]
     interleave: bool = False  # GPT-OSS: output rows alternate gate, up
-
-    @property
-    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.sources
-
-    @property
-    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.target,)
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         pieces = [values[s] for s in self.sources]
@@ -211,7 +217,7 @@ class Concat(Op):
 
 
 @dataclass(frozen=True)
-class Split(Op):
+class Split(OneToMany):
     """Inverse of Concat: views of the rows of each piece (0-d parts are duplicated)."""
 
     source: str
@@ -219,14 +225,6 @@ class Split(Op):
     rule: RowRule
     rows: tuple[int, ...]
     interleave: bool = False
-
-    @property
-    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.source,)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.targets
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         v = values[self.source]
