@@ -157,3 +157,14 @@ def _is_quantized_linear(key: str, value: torch.Tensor) -> bool:
     """Linear weights of attention and MLPs; router, embeddings, lm_head and norms stay in BF16."""
     skip = ("embed_tokens", "head.weight", "norm", "mlp.gate.", "router", "_bias", "shared_expert_gate")
     return value.ndim >= 2 and value.is_floating_point() and not any(s in key for s in skip)
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read with safetensors' own reader."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from fixtures import load_tensors
 
 from moeport.codecs import PackQuantizedCodec
 from moeport.convert.execute import execute
@@ -76,14 +76,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 CASES = [  # (scheme, group size, llmcompressor weights args or None)
     ("w4a16", 32, {"type": "int", "num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 32}),
     ("w8a16", 32, {"type": "int", "num_bits": 8, "symmetric": True, "strategy": "group", "group_size": 32}),
@@ -102,7 +94,7 @@ def test_transformers_loads_our_output_with_error_within_llmcompressor_bound(
     convert(src, tmp_path / "ours", Recipe(scheme, group_size=group, targets="experts"))
     ours = rel(logits(load(tmp_path / "ours")), reference)
     config = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]
-    names = tensors(tmp_path / "ours")
+    names = load_tensors(tmp_path / "ours")
     expert = "model.layers.1.mlp.experts.2.up_proj."
     if scheme in ("w4a16", "w8a16"):
         assert config["format"] == "pack-quantized"
@@ -124,7 +116,7 @@ def test_same_packing_and_scales_as_llmcompressor(checkpoint, tmp_path) -> None:
     src = checkpoint("qwen3_moe", "hub", "bf16")
     convert(src, tmp_path / "ours", Recipe("w4a16", group_size=32, targets="experts"))
     llmcompressor(src, tmp_path / "llmc", CASES[0][2], NOT_EXPERTS)
-    ours, theirs = tensors(tmp_path / "ours"), tensors(tmp_path / "llmc")
+    ours, theirs = load_tensors(tmp_path / "ours"), load_tensors(tmp_path / "llmc")
     assert sorted(ours) == sorted(theirs)
     same_codes = total_codes = 0
     for name, t in theirs.items():
@@ -142,7 +134,7 @@ def test_same_packing_and_scales_as_llmcompressor(checkpoint, tmp_path) -> None:
     # where a scale differs by one bf16 step, codes of that group shift: ~1% of codes here
     assert same_codes / total_codes > 0.97, f"{same_codes}/{total_codes} codes equal"
     # and our weights are at least as close to the source as llmcompressor's
-    codec, source = PackQuantizedCodec(bits=4, group_size=32), tensors(src)
+    codec, source = PackQuantizedCodec(bits=4, group_size=32), load_tensors(src)
     for name in [k for k in theirs if k.endswith("weight_packed")]:
         base = name.removesuffix("weight_packed")
         w = source[base + "weight"].float()
@@ -154,7 +146,7 @@ def test_fp8_block_source_to_w4a16_all_linear_without_bf16_copy(checkpoint, tmp_
     """DeepSeek FP8 (block 32) -> W4A16: decoded in float32 per weight, never written as BF16."""
     src = checkpoint("qwen3_moe", "fused", "fp8-block")
     convert(src, tmp_path / "out", Recipe("w4a16", group_size=32, targets="all-linear"))
-    names = tensors(tmp_path / "out")
+    names = load_tensors(tmp_path / "out")
     assert not any(k.endswith("scale_inv") for k in names)
     assert "model.layers.0.self_attn.q_proj.weight_packed" in names
     assert names["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16  # the router is never quantized
@@ -178,7 +170,7 @@ def test_cli_writes_w8a16_per_channel_and_refuses_bad_options(checkpoint, tmp_pa
     assert ok.returncode == 0, ok.stderr
     config = json.loads((tmp_path / "w8" / "config.json").read_text())["quantization_config"]
     assert config["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
-    names = tensors(tmp_path / "w8")
+    names = load_tensors(tmp_path / "w8")
     assert "model.layers.1.mlp.experts.0.up_proj.weight_packed" in names
     assert "model.layers.1.self_attn.q_proj.weight_packed" in names
     assert names["model.layers.1.self_attn.o_proj.weight"].dtype == torch.bfloat16  # --ignore kept it

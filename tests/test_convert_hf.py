@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import FAMILY_CONFIGS, MULTIMODAL
+from fixtures import FAMILY_CONFIGS, MULTIMODAL, load_tensors
 from rich.console import Console
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moeport.cli.convert import run_convert
@@ -29,14 +28,6 @@ def convert_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "moeport", "convert", *args, "--quiet"], capture_output=True, text=True
     )
-
-
-def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def assert_identical(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:

@@ -6,19 +6,12 @@ import json
 
 import pytest
 import torch
+from fixtures import load_tensors
 from safetensors import safe_open
 from test_sources import random_tensors, same_bits
 
 from moeport.sinks import ShardedWriter, TensorSpec, save_sharded
 from moeport.sources import open_checkpoint
-
-
-def read_all_with_safetensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def test_sharded_output_reads_back_bit_exactly_with_the_hf_index(tmp_path) -> None:
@@ -27,7 +20,7 @@ def test_sharded_output_reads_back_bit_exactly_with_the_hf_index(tmp_path) -> No
     assert len(files) > 2 and all(f.exists() for f in files)
     assert files[0].name == f"model-00001-of-{len(files):05d}.safetensors"
 
-    back = read_all_with_safetensors(tmp_path)
+    back = load_tensors(tmp_path)
     assert back.keys() == tensors.keys()
     for name, t in tensors.items():
         assert same_bits(back[name], t), name
@@ -54,7 +47,7 @@ def test_tensors_may_arrive_in_any_order_and_shards_publish_when_full(tmp_path) 
     assert last_shard.exists()  # complete shards are renamed into place before close
     assert not (tmp_path / "model.safetensors.index.json").exists()  # ...but the index only on close
     writer.close()
-    back = read_all_with_safetensors(tmp_path)
+    back = load_tensors(tmp_path)
     assert all(same_bits(back[k], v) for k, v in tensors.items())
 
 
@@ -63,7 +56,7 @@ def test_single_shard_has_no_index_and_empty_or_scalar_tensors_work(tmp_path) ->
     files = save_sharded(tmp_path, tensors)
     assert [f.name for f in files] == ["model.safetensors"]
     assert not (tmp_path / "model.safetensors.index.json").exists()
-    back = read_all_with_safetensors(tmp_path)
+    back = load_tensors(tmp_path)
     assert (
         back["empty"].shape == (0, 4)
         and back["scalar"].item() == 2.5
