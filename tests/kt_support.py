@@ -50,6 +50,40 @@ def _reset_cpu_infer(monkeypatch: pytest.MonkeyPatch, base: type) -> None:
         todo.extend(cls.__subclasses__())
 
 
+def kt_wrapper(
+    monkeypatch: pytest.MonkeyPatch,
+    path: Path,
+    layer: int,
+    experts: int,
+    per_token: int,
+    hidden: int,
+    inter: int,
+    method: str,
+    tp: int,
+    cpu_save: bool,
+):
+    """A fresh KTMoEWrapper on CPU experts only (pin_memory dropped, CPUInfer singleton reset).
+    cpu_save True: it quantizes the tensors it is given and writes them under `path`; False: it
+    loads its weights from `path`."""
+    KTMoEWrapper, experts_base = import_kt()
+    no_pin_memory(monkeypatch)
+    _reset_cpu_infer(monkeypatch, experts_base._MoEBase)
+    return KTMoEWrapper(
+        layer_idx=layer,
+        num_experts=experts,
+        num_experts_per_tok=per_token,
+        hidden_size=hidden,
+        moe_intermediate_size=inter,
+        gpu_experts_mask=torch.zeros(experts, dtype=torch.bool),
+        cpuinfer_threads=tp,
+        threadpool_count=tp,
+        weight_path=str(path),
+        chunked_prefill_size=32,
+        cpu_save=cpu_save,
+        method=method,
+    )
+
+
 def kt_write_folder(
     monkeypatch: pytest.MonkeyPatch,
     out: Path,
@@ -61,24 +95,10 @@ def kt_write_folder(
     layer: int = 0,
 ) -> Path:
     """kt-kernel quantizes bf16 gate/up [E, I, H] and down [E, H, I] and writes its folder form in out."""
-    KTMoEWrapper, experts_base = import_kt()
-    no_pin_memory(monkeypatch)
-    _reset_cpu_infer(monkeypatch, experts_base._MoEBase)
     num_experts, inter, hidden = gate.shape
     out.mkdir(parents=True, exist_ok=True)
-    wrapper = KTMoEWrapper(
-        layer_idx=layer,
-        num_experts=num_experts,
-        num_experts_per_tok=min(2, num_experts),
-        hidden_size=hidden,
-        moe_intermediate_size=inter,
-        gpu_experts_mask=torch.zeros(num_experts, dtype=torch.bool),
-        cpuinfer_threads=tp,
-        threadpool_count=tp,
-        weight_path=str(out),
-        chunked_prefill_size=32,
-        cpu_save=True,
-        method=method,
+    wrapper = kt_wrapper(
+        monkeypatch, out, layer, num_experts, min(2, num_experts), hidden, inter, method, tp, cpu_save=True
     )
     wrapper.load_weights_from_tensors(
         gate.contiguous(), up.contiguous(), down.contiguous(), torch.arange(num_experts, dtype=torch.int64)

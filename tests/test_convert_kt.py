@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import COMMON, FAMILY_CONFIGS
-from kt_support import _reset_cpu_infer, import_kt, no_pin_memory
+from kt_support import import_kt, kt_wrapper
 from safetensors import safe_open
 
 from moeport.codecs import kt_amx as K
@@ -152,28 +152,13 @@ def _torch_moe(x, ids, weights, experts) -> torch.Tensor:
 
 
 def _kt_forward(monkeypatch, path: Path, layer: int, method: str, tp: int, x, ids, weights) -> torch.Tensor:
-    KTMoEWrapper, experts_base = import_kt()
+    _, experts_base = import_kt()
     from kt_kernel.utils.amx import AMXMoEWrapper
 
-    no_pin_memory(monkeypatch)
     monkeypatch.setenv("KT_FORCE_SYNC_SUBMIT", "1")
-    _reset_cpu_infer(monkeypatch, experts_base._MoEBase)
     monkeypatch.setattr(AMXMoEWrapper, "_safetensor_loader_instance", None)
     monkeypatch.setattr(experts_base.KExpertsCPUBuffer, "temp_bs", 0)
-    wrapper = KTMoEWrapper(
-        layer_idx=layer,
-        num_experts=E,
-        num_experts_per_tok=TOPK,
-        hidden_size=H,
-        moe_intermediate_size=I_SIZE,
-        gpu_experts_mask=torch.zeros(E, dtype=torch.bool),
-        cpuinfer_threads=tp,
-        threadpool_count=tp,
-        weight_path=str(path),
-        chunked_prefill_size=32,
-        cpu_save=False,
-        method=method,
-    )
+    wrapper = kt_wrapper(monkeypatch, path, layer, E, TOPK, H, I_SIZE, method, tp, cpu_save=False)
     wrapper.load_weights(torch.arange(E, dtype=torch.int64))
     out = wrapper.forward(x, ids, weights, 0).float().clone()
     del wrapper
