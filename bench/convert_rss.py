@@ -64,6 +64,18 @@ def peak_rss(cmd: list[str]) -> tuple[float, int]:
     return time.perf_counter() - start, peak
 
 
+def synthetic_source(work: Path, gb: float) -> tuple[Path, int, int, int]:
+    """`work/src`, a synthetic checkpoint of about `gb` GB (built once), with its total bytes, the
+    bytes of its largest MoE layer and its number of MoE layers."""
+    src = work / "src"
+    if not (src / "config.json").exists():
+        write_synthetic(src, SyntheticSpec.of_size(gb))
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+        layer = max(det.layer_bytes[L] for L in det.moe_layers)
+        return src, ck.total_bytes, layer, len(det.moe_layers)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=2.2)
@@ -71,13 +83,7 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moeport-rss-"))
-    src = work / "src"
-    if not (src / "config.json").exists():
-        write_synthetic(src, SyntheticSpec.of_size(args.gb))
-    with open_checkpoint(src) as ck:
-        det = detect(ck)
-        total = ck.total_bytes
-        layer = max(det.layer_bytes[L] for L in det.moe_layers)
+    src, total, layer, moe_layers = synthetic_source(work, args.gb)
     py = sys.executable
     rows = []
     _, base = peak_rss([py, "-c", "import torch, moeport.cli.app, moeport.convert.hf"])
@@ -91,7 +97,7 @@ def main() -> None:
         secs, rss = peak_rss([py, "-c", TRANSFORMERS_JOB, str(src), str(work / "tf-fused")])
         rows.append(("transformers load + save fused (peer)", secs, rss))
 
-    print(f"source: {total / 1e9:.2f} GB, {len(det.moe_layers)} MoE layers, largest {layer / 1e9:.3f} GB")
+    print(f"source: {total / 1e9:.2f} GB, {moe_layers} MoE layers, largest {layer / 1e9:.3f} GB")
     print("| job | s | GB/s | peak RSS GB | above overhead GB | × one MoE layer |")
     print("|---|---|---|---|---|---|")
     for name, secs, rss in rows:

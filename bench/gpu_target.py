@@ -16,11 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from convert_rss import peak_rss
-
-from moeport.detect import detect
-from moeport.sources import open_checkpoint
-from moeport.synthetic import SyntheticSpec, write_synthetic
+from convert_rss import peak_rss, synthetic_source
 
 MOEPORT_JOB = """
 import sys
@@ -52,13 +48,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moeport-gpu-"))
-    src = work / "src"
-    if not (src / "config.json").exists():
-        write_synthetic(src, SyntheticSpec.of_size(args.gb))
-    with open_checkpoint(src) as ck:
-        det = detect(ck)
-        total = ck.total_bytes
-        layer = max(det.layer_bytes[L] for L in det.moe_layers)
+    src, total, layer, _ = synthetic_source(work, args.gb)
     g = str(args.group_size)
     _, base = peak_rss([sys.executable, "-c", "import torch, moeport.convert.gpu_formats"])
     rows = [("moeport", *peak_rss([sys.executable, "-c", MOEPORT_JOB, str(src), str(work / "ours"), g]))]
