@@ -25,10 +25,16 @@ DEFAULT_MAX_ELEMENTS = 64 * 2**20  # 256 MB as float32 per batch on the device
 RunBatch = Callable[[list[Any]], list[Any]]
 
 
+def items_per_batch(elements: int, max_elements: int = DEFAULT_MAX_ELEMENTS) -> int:
+    """How many items of `elements` each fit in one batch (at least one)."""
+    return max(1, max_elements // max(elements, 1))
+
+
 @dataclass
 class _Job:
     key: Hashable
     payload: Any
+    elements: int
     run: RunBatch
     result: Any = None
     done: bool = False
@@ -46,22 +52,21 @@ class Batcher:
         """Queue one job; returns a callable giving its result (running its batch when needed).
 
         `run` gets the payloads of a batch, in submission order, and returns their results."""
-        job = _Job((key, elements), payload, run)
+        job = _Job((key, elements), payload, elements, run)
         self._pending.setdefault(job.key, []).append(job)
 
         def result() -> Any:
             if not job.done:
-                self._run_from(job, elements)
+                self._run_from(job)
             return job.result
 
         return result
 
-    def _run_from(self, job: _Job, elements: int) -> None:
+    def _run_from(self, job: _Job) -> None:
         queue = self._pending[job.key]
         start = queue.index(job)
-        count = max(1, self.max_elements // max(elements, 1))
-        batch = queue[start : start + count]
-        del queue[start : start + count]
+        batch = queue[start : start + items_per_batch(job.elements, self.max_elements)]
+        del queue[start : start + len(batch)]
         results = job.run([j.payload for j in batch])
         self.jobs_run += len(batch)
         self.batches_run += 1

@@ -16,7 +16,7 @@ import torch
 from moeport.codecs.base import Codec
 from moeport.codecs.fp8 import Fp8BlockCodec
 from moeport.codecs.registry import codec_for
-from moeport.convert.batching import DEFAULT_MAX_ELEMENTS, Batcher, active_batcher
+from moeport.convert.batching import Batcher, active_batcher, items_per_batch
 from moeport.detect.formats import PASSIVE_PARTS, ExpertFormat, Part, classify
 from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
@@ -102,7 +102,7 @@ class Decode(Op):
             experts = self.shape[0]
             if self.device != "cpu" and isinstance(codec, STACKABLE_DECODE):
                 # a GPU decodes a chunk of experts per call, with one copy back per chunk
-                step = max(1, DEFAULT_MAX_ELEMENTS // max(1, math.prod(self.shape[1:])))
+                step = items_per_batch(math.prod(self.shape[1:]))
                 for e in range(0, experts, step):
                     chunk = slice(e, min(e + step, experts))
                     one = {p: t[chunk] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}

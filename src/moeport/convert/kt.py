@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from moeport.codecs import kt_amx as K
 from moeport.codecs.registry import codec_for
-from moeport.convert.batching import DEFAULT_MAX_ELEMENTS
+from moeport.convert.batching import items_per_batch
 from moeport.convert.dequantize import active_parts, decode_stacked, decoded_shape
 from moeport.convert.execute import BATCHED_PREFETCH_BYTES, copy_side_files
 from moeport.convert.journal import Journal, recipe_diff
@@ -97,7 +97,7 @@ class KtPlan:
     def experts_per_batch(self) -> int:
         if self.batch_experts:
             return self.batch_experts
-        return 1 if self.device == "cpu" else max(1, DEFAULT_MAX_ELEMENTS // (3 * self.inter * self.hidden))
+        return 1 if self.device == "cpu" else items_per_batch(3 * self.inter * self.hidden)
 
     @property
     def method(self) -> str:
