@@ -168,3 +168,8 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(f), "pt") as h:
             out.update({k: h.get_tensor(k) for k in h.keys()})
     return out
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    """The raw bytes of each safetensors file in a folder, by file name (for byte-identity checks)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.safetensors"))}

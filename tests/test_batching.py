@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import shard_bytes
 
 from moeport.convert.batching import Batcher
 from moeport.convert.execute import execute
@@ -38,10 +39,6 @@ def convert(src: Path, out: Path, job, batcher: Batcher | None) -> None:
         execute(plan, ck, out, 5 * 10**9, {}, batcher=batcher)
 
 
-def shards(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
-
-
 @pytest.mark.parametrize(("model_type", "layout", "fmt", "job"), JOBS)
 def test_batched_output_is_byte_identical(checkpoint, tmp_path, model_type, layout, fmt, job) -> None:
     src = checkpoint(model_type, layout, fmt)
@@ -49,7 +46,7 @@ def test_batched_output_is_byte_identical(checkpoint, tmp_path, model_type, layo
     batcher = Batcher("cpu", max_elements=3 * 64 * 64)  # a few experts per batch: partial batches too
     convert(src, tmp_path / "batched", job, batcher)
     assert batcher.jobs_run > batcher.batches_run > 0  # it did batch
-    plain, batched = shards(tmp_path / "one-by-one"), shards(tmp_path / "batched")
+    plain, batched = shard_bytes(tmp_path / "one-by-one"), shard_bytes(tmp_path / "batched")
     assert plain and plain.keys() == batched.keys()
     for name in plain:
         assert plain[name] == batched[name], name

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from fixtures import shard_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -23,10 +23,6 @@ JOBS = [  # (source layout, source format, --to and options)
 ]
 
 
-def files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"}
-
-
 def run(*args: str) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "moeport", "convert", *args, "--quiet"], capture_output=True, text=True
@@ -39,7 +35,7 @@ def test_cuda_output_is_byte_identical_to_cpu(checkpoint, tmp_path, layout, fmt,
     src = checkpoint("qwen3_moe", layout, fmt)
     run(str(src), str(tmp_path / "cpu"), *args, "--device", "cpu")
     run(str(src), str(tmp_path / "cuda"), *args, "--device", "cuda")
-    cpu, cuda = files(tmp_path / "cpu"), files(tmp_path / "cuda")
+    cpu, cuda = shard_bytes(tmp_path / "cpu"), shard_bytes(tmp_path / "cuda")
     assert cpu.keys() == cuda.keys() and cpu == cuda
 
 
@@ -54,4 +50,4 @@ def test_cuda_kt_output_is_byte_identical_to_cpu(tmp_path, to) -> None:
     for source in (src, fp8):
         run(str(source), str(tmp_path / f"{source.name}-cpu"), "--to", to, "--numa", "1", "--device", "cpu")
         run(str(source), str(tmp_path / f"{source.name}-cuda"), "--to", to, "--numa", "1", "--device", "cuda")
-        assert files(tmp_path / f"{source.name}-cpu") == files(tmp_path / f"{source.name}-cuda")
+        assert shard_bytes(tmp_path / f"{source.name}-cpu") == shard_bytes(tmp_path / f"{source.name}-cuda")
