@@ -77,23 +77,23 @@ def _print_inspect(r: dict) -> None:
     out.print(t)
 
 
+def _targets_help() -> str:
+    from moeport.recipes import TARGETS
+
+    return "Target: " + "; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + "."
+
+
 @app.command()
 def convert(
     src: Annotated[Path, typer.Argument(help="Source checkpoint folder.")],
     dst: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
-    to: Annotated[
-        str,
-        typer.Option(
-            "--to",
-            help="Target: hf (Hugging Face safetensors), w4a16/w8a16/fp8 (compressed-tensors), "
-            "fp8-block (DeepSeek FP8), kt-int4/kt-int8 (kt-kernel AMX CPU experts).",
-        ),
-    ] = "hf",
+    to: Annotated[str, typer.Option("--to", help=_targets_help())] = "hf",
     layout: Annotated[
-        str, typer.Option(help="hub (per-expert names, as on the Hub) or fused (transformers v5).")
+        str, typer.Option(help="hf: hub (per-expert names, as on the Hub) or fused (transformers v5).")
     ] = "hub",
     dtype: Annotated[
-        str, typer.Option(help="keep (re-layout only, scales carried along), or bf16/fp16/fp32 (dequantize).")
+        str,
+        typer.Option(help="hf: keep (re-layout only, scales carried along), or bf16/fp16/fp32 (dequantize)."),
     ] = "keep",
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
@@ -107,7 +107,7 @@ def convert(
     ] = "merged",
     max_memory: Annotated[
         str | None,
-        typer.Option("--max-memory", help="kt targets: refuse if the estimated peak exceeds this."),
+        typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this."),
     ] = None,
     group_size: Annotated[
         int, typer.Option(help="w4a16/w8a16: RTN group size along the input dim; 0 = per channel.")
@@ -131,12 +131,26 @@ def convert(
         ),
     ] = None,
 ) -> None:
-    """Convert a checkpoint, layer by layer, with memory bounded by one layer."""
-    from moeport.cli.convert import run_convert
+    """Convert a checkpoint, layer by layer, with memory bounded by one layer; re-running an
+    interrupted conversion continues where it stopped."""
+    from moeport.cli.convert import RunFlags, parse_size, run_convert
+    from moeport.recipes import Options
 
-    kt = dict(numa=numa, kt_layout=kt_layout, max_memory=max_memory)
-    gpu = dict(group_size=group_size, targets=targets, ignore=tuple(ignore or ()), device=device)
-    run_convert(src, dst, to, layout, dtype, max_shard_size, dry_run, overwrite, quiet, out, **kt, **gpu)
+    if group_size < 0:
+        raise MoeportError(f"--group-size {group_size}: expected a positive size, or 0 for per channel")
+    options = Options(
+        layout=layout,
+        dtype=dtype,
+        max_shard_bytes=parse_size(max_shard_size),
+        group_size=group_size or None,
+        targets=targets,
+        ignore=tuple(ignore or ()),
+        numa=numa,
+        kt_layout=kt_layout,
+        device=device,
+    )
+    limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
+    run_convert(src, dst, to, options, RunFlags(dry_run, overwrite, quiet, limit), out)
 
 
 @app.command()
@@ -169,8 +183,9 @@ def demo(
         "demo-out"
     ),
 ) -> None:
-    """Write a small built-in DeepSeek-V3-style checkpoint, inspect it, convert it four ways, verify each."""
-    from moeport.cli.convert import run_convert
+    """Write a tiny built-in DeepSeek-V3-style checkpoint, convert it to every target, verify each."""
+    from moeport.cli.convert import RunFlags, run_convert
+    from moeport.recipes import TARGETS, Options
     from moeport.synthetic import SyntheticSpec, write_synthetic
     from moeport.verify.run import verify as verify_outputs
 
@@ -178,16 +193,11 @@ def demo(
     write_synthetic(src, SyntheticSpec.tiny())
     out.print(f"wrote built-in example to {src}")
     inspect(src, as_json=False)
-    jobs = [  # (name, --to, extra options)
-        ("fused-bf16", "hf", dict(layout="fused")),
-        ("fp8-block", "fp8-block", {}),
-        ("w4a16", "w4a16", {}),
-        ("kt-int4", "kt-int4", {}),
-    ]
-    for name, to, extra in jobs:
+    for to in TARGETS:  # every registered target, with its default options (hf: the fused layout)
+        options = Options(layout="fused" if to == "hf" else "hub", device="auto")
+        name = "fused-bf16" if to == "hf" else to
         dst = out_dir / f"deepseek-v3-tiny-{name}"
-        layout = extra.get("layout", "hub")
-        run_convert(src, dst, to, layout, "keep", "5GB", False, True, True, out)
+        run_convert(src, dst, to, options, RunFlags(overwrite=True, quiet=True), out)
         report = verify_outputs(src, dst)
         worst = max((t.rel_l2 for t in report.tensors), default=0.0)
         exact = sum(t.exact for t in report.tensors)

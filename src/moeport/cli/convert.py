@@ -1,8 +1,15 @@
-"""`moeport convert`: choose the recipe, print the plan (--dry-run) or run it with a progress bar."""
+"""`moeport convert`: pick the target from the registry, print the plan (--dry-run) or run it.
+
+Every target goes the same way: detect, build (plan + sink), check DST, execute with a progress
+bar, resume where an interrupted run of the same command stopped.
+"""
 
 from __future__ import annotations
 
 import re
+import signal
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -10,118 +17,83 @@ from rich.table import Table
 
 from moeport.cli.progress import conversion_progress
 from moeport.errors import MoeportError
-
-TARGETS = ("hf", "w4a16", "w8a16", "fp8", "fp8-block", "kt-int4", "kt-int8")
-GPU_TARGETS = ("w4a16", "w8a16", "fp8", "fp8-block")
-LAYOUTS = ("hub", "fused")
+from moeport.recipes.base import Options
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
     if not m:
-        raise MoeportError(f"--max-shard-size {text!r}: expected a size such as 5GB or 500MB")
+        raise MoeportError(f"{option} {text!r}: expected a size such as 5GB or 500MB")
     base = 1024 if m[3] else 1000
     return int(float(m[1]) * base ** " KMGT".index(m[2] or " "))
 
 
-def run_convert(
-    src: Path,
-    dst: Path,
-    to: str,
-    layout: str,
-    dtype: str,
-    max_shard_size: str,
-    dry_run: bool,
-    overwrite: bool,
-    quiet: bool,
-    console: Console,
-    numa: int = 1,
-    kt_layout: str = "merged",
-    max_memory: str | None = None,
-    group_size: int = 128,
-    targets: str = "experts",
-    ignore: tuple[str, ...] = (),
-    device: str = "auto",
-) -> None:
-    from moeport.cli.convert_kt import KT_TARGETS, run_convert_kt
-    from moeport.device import resolve_device
+@dataclass(frozen=True)
+class RunFlags:
+    """How to run (not what to make): these never change the output's bytes."""
 
-    device = resolve_device(device)
-    if to in KT_TARGETS:
-        run_convert_kt(src, dst, to, numa, kt_layout, max_memory, dry_run, overwrite, quiet, console, device)
-        return
+    dry_run: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    max_memory: int | None = None
+
+
+def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags, console: Console) -> None:
     from moeport.convert.batching import Batcher
-    from moeport.convert.execute import describe_recipe, execute, prepare_destination
-    from moeport.convert.hf import DTYPES, plan_hf
+    from moeport.convert.execute import describe_recipe, execute
     from moeport.detect import detect
+    from moeport.device import resolve_device
+    from moeport.recipes import TARGETS, job_recipe
     from moeport.sources import open_checkpoint
 
-    if to not in TARGETS:
+    target = TARGETS.get(to)
+    if target is None:
         raise MoeportError(f"--to {to}: unknown target; expected one of {', '.join(TARGETS)}")
-    if layout not in LAYOUTS:
-        raise MoeportError(f"--layout {layout}: expected one of {', '.join(LAYOUTS)}")
-    if dtype != "keep" and dtype not in DTYPES:
-        raise MoeportError(f"--dtype {dtype}: expected keep or one of {', '.join(DTYPES)}")
-    recipe = _gpu_recipe(to, layout, group_size, targets, ignore) if to in GPU_TARGETS else None
-    shard_bytes = parse_size(max_shard_size)
-    if not dry_run:
-        prepare_destination(dst, overwrite, src)
+    device = resolve_device(options.device)
+    options = Options(**{**options.__dict__, "device": device, "source_label": str(src.resolve())})
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
+        # past a file-size limit, writes fail with EFBIG (reported) instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     with open_checkpoint(src) as ck:
         det = detect(ck)
-        if recipe is not None:
-            from moeport.convert.gpu_formats import plan_gpu
-
-            plan = plan_gpu(ck, det, recipe, device)
-        else:
-            plan = plan_hf(ck, det, layout, DTYPES.get(dtype), device)
-        if dry_run:
-            _print_plan(console, plan, ck, det, layout, dtype if recipe is None else to)
+        recipe = job_recipe(target, options, ck, det)
+        plan, sink = target.build(ck, det, options, describe_recipe(**recipe))
+        if flags.dry_run:
+            _print_plan(console, plan, ck)
             return
-        total = sum(s.nbytes for s in plan.specs)
-        fields = dict(to=to, layout=layout, dtype=dtype, source=str(src), family=det.family.name)
-        if recipe is not None:
-            fields.update(group_size=recipe.group_size, targets=targets, ignore=list(ignore))
-        meta = describe_recipe(**fields)
-        with conversion_progress(console, quiet) as progress:
-            task = progress.add_task("converting", total=total)
+        total = sum(ck.info(n).nbytes for u in plan.units for n in u.op.inputs)
+        with conversion_progress(console, flags.quiet) as progress:
+            task = progress.add_task("starting", total=total)
 
-            def on_layer(layer: int | None, nbytes: int) -> None:
-                label = f"layer {layer}" if layer is not None else "other tensors"
+            def on_progress(label: str, nbytes: int) -> None:
                 progress.update(task, advance=nbytes, description=label)
 
             # On a GPU, same-shape weights of a layer are decoded/encoded in batches: one transfer
-            # and one kernel sequence per batch instead of per expert (convert.batching).
+            # and one kernel sequence per batch instead of per weight (convert.batching).
             batcher = Batcher(device) if device != "cpu" else None
-            result = execute(plan, ck, dst, shard_bytes, meta, on_layer, batcher)
-    if not quiet:
-        console.print(
-            f"wrote {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) to {dst} "
-            f"in {result.seconds:.1f} s"
-        )
+            result = execute(
+                plan, ck, dst, sink, None, on_progress, batcher,
+                recipe=recipe, overwrite=flags.overwrite, max_memory=flags.max_memory,
+            )  # fmt: skip
+    if flags.quiet:
+        return
+    if result.already_complete:
+        console.print(f"{dst}: already complete ({plan.title}); nothing to do", highlight=False)
+        return
+    resumed = f", {result.pieces_kept} piece(s) kept from an interrupted run" if result.pieces_kept else ""
+    speed = result.bytes_in / result.seconds / 1e9 if result.seconds > 0 else 0.0
+    console.print(
+        f"wrote {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) to {dst} in "
+        f"{result.seconds:.1f} s ({speed:.2f} GB/s of source){resumed}",
+        highlight=False,
+    )
+    for note in plan.notes:
+        console.print(f"- {note}", highlight=False)
 
 
-def _gpu_recipe(to: str, layout: str, group_size: int, targets: str, ignore: tuple[str, ...]):
-    from moeport.convert.gpu_formats import Recipe
-
-    if layout != "hub":
-        raise MoeportError(
-            f"--to {to} writes per-expert (hub) names, as vLLM/SGLang load them; drop --layout"
-        )
-    if targets not in ("experts", "all-linear"):
-        raise MoeportError(f"--targets {targets}: expected experts or all-linear")
-    if group_size < 0:
-        raise MoeportError(f"--group-size {group_size}: expected a positive size, or 0 for per channel")
-    for pattern in ignore:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise MoeportError(f"--ignore {pattern!r}: not a regular expression ({exc})") from None
-    return Recipe(to, group_size or None, targets, tuple(ignore))
-
-
-def _print_plan(console: Console, plan, ck, det, layout: str, dtype: str) -> None:
+def _print_plan(console: Console, plan, ck) -> None:
     stats = plan.layer_stats(ck)
-    t = Table(title=f"plan: {ck.root} -> layout {layout}, {dtype}", title_justify="left")
+    t = Table(title=f"plan: {ck.root}", title_justify="left")
     for col in ("layer", "tensors in", "bytes in", "tensors out", "bytes out"):
         t.add_column(col, justify="right")
     for layer in sorted(stats, key=lambda L: -1 if L is None else L):
@@ -136,12 +108,13 @@ def _print_plan(console: Console, plan, ck, det, layout: str, dtype: str) -> Non
     console.print(t)
     total_in = sum(s["in_bytes"] for s in stats.values())
     total_out = sum(s.nbytes for s in plan.specs)
+    console.print(plan.title, highlight=False)
     console.print(
-        f"{det.family.title}: {det.layout.kind} -> {layout}; {len(plan.specs)} tensors, "
-        f"{_size(total_in)} in, {_size(total_out)} out; peak memory estimate {_size(plan.peak_estimate(ck))}"
+        f"{len(plan.specs)} tensors, {_size(total_in)} in, {_size(total_out)} out; "
+        f"peak memory estimate {_size(plan.peak_estimate(ck))}"
     )
     for note in plan.notes:
-        console.print(f"- {note}")
+        console.print(f"- {note}", highlight=False)
 
 
 def _size(n: int) -> str:

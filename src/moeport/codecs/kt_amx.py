@@ -125,29 +125,6 @@ def tp_slices(
     ]
 
 
-# --------------------------------------------------------------------------- names
-
-
-def merged_key(layer: int, proj: str, expert: int, t: int, part: str) -> str:
-    """Merged-safetensors key, part = 'weight' (int8 1-D) or 'scale' (float32 1-D)."""
-    if proj not in PROJS or part not in ("weight", "scale"):
-        raise MoeportError(f"kt key: proj {proj!r} / part {part!r}, expected one of {PROJS} / weight|scale")
-    return f"blk.{layer}.ffn_{proj}_exps.{expert}.numa.{t}.{part}"
-
-
-def folder_paths(layer: int, proj: str, expert: int, t: int, n: int, k: int, bits: int) -> tuple[str, str]:
-    """Folder-form relative paths (quant, scale) of one [n, k] matrix, as kt-kernel writes them."""
-    _check_bits(bits)
-    if proj not in PROJS:
-        raise MoeportError(f"kt folder path: proj {proj!r}, expected one of {PROJS}")
-    d = f"_layer_{layer}/_numa_{t}"
-    stem = f"INT{bits}_{proj}_{expert}"
-    return (
-        f"{d}/{stem}_{quant_nbytes(n, k, bits)}Byte_quant_.kt",
-        f"{d}/{stem}_{4 * n}Byte_scale_.kt",
-    )
-
-
 # --------------------------------------------------------------------------- tile order
 
 
@@ -297,8 +274,9 @@ def check_matrix(n: int, k: int, bits: int, where: str = "weight") -> None:
     _check_bits(bits)
     a = K_PER_TILE[bits]  # kt rejects rows or columns that are not a multiple of this (= N_BLOCK)
     if n % a or k % a or n == 0 or k == 0:
+        prefix = f"{where}: " if where else ""
         raise MoeportError(
-            f"{where}: shape [{n}, {k}], {METHOD[bits]} needs rows and columns a multiple of {a}"
+            f"{prefix}shape [{n}, {k}], {METHOD[bits]} needs rows and columns a multiple of {a}"
         )
 
 
@@ -310,13 +288,14 @@ def kt_codes(w: torch.Tensor, bits: int, where: str = "weight", use_numba: bool 
     check_matrix(n, k, bits, where)
     if use_numba is None or wb.device.type != "cpu":
         use_numba = njit is not None and wb.device.type == "cpu"
+    prefix = f"{where}: " if where else ""
     if use_numba:
         q = torch.empty(n, row_bytes(k, bits), dtype=torch.int8)
         scale = torch.zeros(n, dtype=torch.float32)
         bad = torch.zeros(n, dtype=torch.bool)
         _kt_quant_rows(wb.view(torch.uint16).numpy(), bits, _INV127, q.numpy(), scale.numpy(), bad.numpy())
         if bad.any():
-            raise MoeportError(f"{where}: row {int(bad.nonzero()[0])} contains NaN or Inf")
+            raise MoeportError(f"{prefix}row {int(bad.nonzero()[0])} contains NaN or Inf")
         return q, scale
     q = torch.empty(n, row_bytes(k, bits), dtype=torch.int8, device=wb.device)
     scale = torch.empty(n, dtype=torch.float32, device=wb.device)
@@ -324,7 +303,7 @@ def kt_codes(w: torch.Tensor, bits: int, where: str = "weight", use_numba: bool 
         x = wb[rs].float()
         if not torch.isfinite(x).all():
             bad_row = rs.start + int((~torch.isfinite(x)).any(1).nonzero()[0])
-            raise MoeportError(f"{where}: row {bad_row} contains NaN or Inf")
+            raise MoeportError(f"{prefix}row {bad_row} contains NaN or Inf")
         c, d = _codes_torch(x, bits)
         q[rs] = c if bits == 8 else _pack_int4(c)
         scale[rs] = d
@@ -354,7 +333,8 @@ def kt_quantize_many(
     finite = torch.isfinite(x).all(1)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0])
-        raise MoeportError(f"{where}: matrix {row // n} of {b}: row {row % n} contains NaN or Inf")
+        prefix = f"{where}: " if where else ""
+        raise MoeportError(f"{prefix}matrix {row // n} of {b}: row {row % n} contains NaN or Inf")
     c, d = _codes_torch(x, bits)
     q = (c if bits == 8 else _pack_int4(c)).reshape(b, n, -1)
     images = torch.stack([to_tile_order(q[i], bits) for i in range(b)])
@@ -384,3 +364,40 @@ def kt_dequantize(
     if bits == 4:
         return (_unpack_int4(q).float() * 16) * s[:, None]
     return q.float() * s[:, None]
+
+
+class KtAmxCodec:
+    """kt-kernel's AMX expert layout as a codec: float [N, K] -> {weight: BufferB image (int8 1-D),
+    scale: float32 [N]}; a stack [B, N, K] encodes in one call (the GPU path). The tile order
+    loses the shape, so decoding takes K from the image size and the bit width."""
+
+    required = ("weight", "scale")
+    stacked_encode = True
+    stacked_decode = False
+
+    def __init__(self, bits: int):
+        _check_bits(bits)
+        self.bits = bits
+        self.name = f"kt-{METHOD[bits].lower()}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KtAmxCodec) and other.bits == self.bits
+
+    def __hash__(self) -> int:
+        return hash(("kt-amx", self.bits))
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        if weight.dim() == 3:
+            images, scales = kt_quantize_many(weight, self.bits, where="")
+            return {"weight": images, "scale": scales}
+        q, scale = kt_quantize(weight, self.bits, where="")
+        return {"weight": q, "scale": scale}
+
+    def decode(self, parts, where: str = "") -> torch.Tensor:
+        for name in self.required:
+            if name not in parts:
+                raise MoeportError(f"{where}: {self.name} needs tensor(s) {list(self.required)}")
+        q, s = parts["weight"], parts["scale"]
+        n = s.numel()
+        k = q.numel() * 8 // self.bits // max(n, 1)
+        return kt_dequantize(q, s, n, k, self.bits, where=where or "weight")

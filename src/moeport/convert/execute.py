@@ -1,33 +1,65 @@
-"""Run a plan: stream every output tensor into a staging folder, then publish it in one rename.
+"""The one executor: run any target's plan into its sink, resumably, and publish DST whole.
 
-DST appears only when complete: shards, index, config and side files are written into
-`DST.moeport-partial/` and the folder is renamed at the end; any error removes the staging folder,
-so a failed run never leaves something that looks like a checkpoint.
+Every target (recipes/) is a plan of units plus a sink (sinks/). The executor checks DST and the
+journal (convert.destination), skips the units whose outputs all lie in pieces already published
+by an interrupted run, streams the rest layer by layer (read-ahead threads, batched math on a GPU,
+write-behind thread), records each published piece with its checksum, then writes side files and
+the sink's completion marker and renames the staging folder to DST. A failure or Ctrl-C keeps the
+staging folder: re-running the same command continues, byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
+from typing import Any, Protocol
+
+import torch
 
 from moeport.convert.batching import Batcher, batching
-from moeport.convert.plan import Plan, apply_unit, realize_outputs
+from moeport.convert.destination import (
+    JOURNAL_NAME,
+    STAGING_SUFFIX,
+    check_destination,
+    open_staging,
+    preflight,
+    publish,
+    recorded_pieces,
+    staging_of,
+)
+from moeport.convert.plan import Plan, apply_unit
 from moeport.errors import MoeportError
-from moeport.sinks.sharded import INDEX_NAME, ShardedWriter, write_json_atomic
+from moeport.mappings.values import realize
+from moeport.sinks.pieces import Piece, PieceFile, PieceWriter
+from moeport.sinks.safetensors_file import TensorSpec
+from moeport.sinks.sharded import INDEX_NAME, HfSink, write_json_atomic
 from moeport.sources.checkpoint import Checkpoint
 from moeport.sources.prefetch import DEFAULT_BUDGET, Prefetcher
 
-STAGING_SUFFIX = ".moeport-partial"
-# Files of a checkpoint folder that the plan rewrites (everything else at top level is carried over).
-_REWRITTEN = ("config.json", INDEX_NAME)
+# Files of a checkpoint folder that the conversion writes itself (the rest at top level is carried).
+_REWRITTEN = ("config.json", INDEX_NAME, JOURNAL_NAME)
 # Read-ahead when batching: a batch asks for up to a few hundred MB of sources at once.
 BATCHED_PREFETCH_BYTES = 512 * 2**20
+
+Progress = Callable[[str, int], None]  # (label, source bytes done)
+
+
+class Sink(Protocol):
+    """Where a plan's tensors go: cut into pieces, written, re-checked on resume, finished."""
+
+    def pieces(self, specs: list[TensorSpec]) -> list[Piece]: ...
+
+    def open_piece(self, out_dir: Path, piece: Piece) -> PieceFile: ...
+
+    def still_valid(self, out_dir: Path, piece: Piece, record: dict[str, Any]) -> bool: ...
+
+    def finish(self, out_dir: Path, pieces: list[Piece]) -> None: ...
 
 
 @dataclass
@@ -36,66 +68,99 @@ class Result:
     tensors: int
     bytes_written: int
     seconds: float
-
-
-def prepare_destination(dst: Path, overwrite: bool, src: Path | None = None) -> None:
-    if src is not None:
-        root, out = src.resolve(), dst.resolve()
-        if root == out or out in root.parents:
-            raise MoeportError(f"{dst}: is (or contains) the source checkpoint {src}; choose another DST")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise MoeportError(f"{dst}: already exists and is not empty (use --overwrite to replace it)")
+    bytes_in: int = 0
+    pieces_kept: int = 0  # published by an earlier, interrupted run
+    already_complete: bool = False
 
 
 def execute(
     plan: Plan,
     ck: Checkpoint,
     dst: Path,
-    max_shard_bytes: int,
-    metadata: dict[str, str],
-    on_layer: Callable[[int | None, int], None] | None = None,
+    sink: Sink | int,
+    metadata: dict[str, str] | None = None,
+    on_progress: Progress | None = None,
     batcher: Batcher | None = None,
+    *,
+    recipe: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    max_memory: int | None = None,
 ) -> Result:
-    """Write the plan's outputs to `dst` (see module doc); `on_layer(layer, bytes)` reports progress.
-
-    With a `batcher` (the GPU path), all units of a layer are applied before any is realised, so
-    the layer's same-shape weights can be decoded/encoded together (convert.batching).
-    """
+    """Write the plan's outputs to `dst` (see module doc). `sink` may be a shard size in bytes
+    (an HF sink with `metadata`); `recipe` (default: the metadata) identifies the job for resume."""
     start = time.perf_counter()
-    staging = dst.with_name(dst.name + STAGING_SUFFIX)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    written = 0
+    if isinstance(sink, int):
+        sink = HfSink(sink, dict(metadata or {}))
+    recipe = recipe if recipe is not None else {"metadata": metadata or {}}
+    if check_destination(dst, ck.root, recipe, overwrite):
+        return Result(dst, len(plan.specs), 0, time.perf_counter() - start, already_complete=True)
+    pieces = sink.pieces(plan.specs)
+    preflight(dst, pieces, recorded_pieces(dst, recipe), plan.peak_estimate(ck), max_memory)
+    journal = open_staging(dst, recipe, pieces, sink.still_valid, overwrite)
+    staging = staging_of(dst)
+    kept = set(journal.steps)
+    piece_of = {s.name: p.name for p in pieces for s in p.specs}
+    todo = [u for u in plan.units if not all(piece_of[o] in kept for o in u.op.outputs)]
+    report = on_progress or (lambda _label, _n: None)
+    report("resuming" if kept else "starting", _in_bytes(plan.units, ck) - _in_bytes(todo, ck))
     budget = BATCHED_PREFETCH_BYTES if batcher is not None else DEFAULT_BUDGET
-    prefetch = Prefetcher(ck, (n for u in plan.units for n in u.op.inputs), budget)
+    reads = (n for u in todo for n in u.op.inputs if n not in u.op.sliced_inputs)
+    prefetch = Prefetcher(ck, reads, budget)
+    written = 0
     try:
+        with (
+            PieceWriter(staging, pieces, sink.open_piece, kept, journal.record) as writer,
+            batching(batcher),
+            _torch_threads(plan.torch_threads),
+        ):
+            for layer, units in groupby(todo, key=lambda u: u.layer):
+                units = list(units)
+                # all units of a layer are applied before any is realised, so a batcher sees the
+                # layer's same-shape weights together (convert.batching)
+                for outs in [apply_unit(unit, ck, prefetch.get) for unit in units]:
+                    for name in list(outs):
+                        value = outs.pop(name)
+                        if writer.skips(name):
+                            continue
+                        tensor = realize(value)
+                        writer.write(name, tensor)
+                        written += tensor.numel() * tensor.element_size()
+                        del tensor, value
+                if batcher is not None:
+                    batcher.clear()
+                report(f"layer {layer}" if layer is not None else "other tensors", _in_bytes(units, ck))
         copy_side_files(ck.root, staging)
         if plan.config is not None:
             write_json_atomic(staging / "config.json", plan.config)
-        with ShardedWriter(staging, plan.specs, max_shard_bytes, metadata) as writer, batching(batcher):
-            for layer, units in groupby(plan.units, key=lambda u: u.layer):
-                layer_bytes = 0
-                applied = [apply_unit(unit, ck, prefetch.get) for unit in units]
-                for outs in applied:
-                    for name, tensor in realize_outputs(outs):
-                        writer.write(name, tensor)
-                        n = tensor.numel() * tensor.element_size()
-                        written += n
-                        layer_bytes += n
-                        del tensor
-                del applied
-                if batcher is not None:
-                    batcher.clear()
-                if on_layer:
-                    on_layer(layer, layer_bytes)
-        _publish(staging, dst)
-    except BaseException:
+        elif (ck.root / "config.json").is_file():
+            shutil.copy2(ck.root / "config.json", staging / "config.json")
+        sink.finish(staging, pieces)
+        journal.finish()
+        publish(staging, dst)
+    except OSError as exc:
+        raise MoeportError(f"{exc.filename or dst}: {exc.strerror or exc}") from None
+    finally:
         prefetch.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    prefetch.close()
-    return Result(dst, len(plan.specs), written, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return Result(dst, len(plan.specs), written, seconds, _in_bytes(todo, ck), len(kept))
+
+
+def _in_bytes(units, ck: Checkpoint) -> int:
+    return sum(ck.info(n).nbytes for u in units for n in u.op.inputs)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with torch on `n` threads (a target whose kernels bring their own parallelism)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -106,15 +171,6 @@ def copy_side_files(src: Path, dst: Path) -> None:
         if path.name.endswith(STAGING_SUFFIX) or path.name.endswith(".partial"):
             continue
         shutil.copy2(path, dst / path.name)
-
-
-def _publish(staging: Path, dst: Path) -> None:
-    if dst.exists():
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        else:
-            dst.unlink()
-    os.replace(staging, dst)
 
 
 def describe_recipe(**fields: object) -> dict[str, str]:

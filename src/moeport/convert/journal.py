@@ -10,6 +10,7 @@ an uninterrupted one.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ class Journal:
         self.recipe = recipe
         self.steps: dict[str, dict[str, Any]] = {}
         self.complete = False
+        self._lock = threading.Lock()  # pieces are recorded from the writer's closing thread
 
     @classmethod
     def load(cls, path: Path) -> Journal | None:
@@ -48,8 +50,9 @@ class Journal:
         return self.steps.get(step)
 
     def record(self, step: str, info: dict[str, Any]) -> None:
-        self.steps[step] = info
-        self.save()
+        with self._lock:
+            self.steps[step] = info
+            self.save()
 
     def finish(self) -> None:
         self.complete = True
@@ -60,7 +63,7 @@ class Journal:
             "version": JOURNAL_VERSION,
             "recipe": self.recipe,
             "complete": self.complete,
-            "steps": self.steps,
+            "steps": dict(sorted(self.steps.items())),  # the same whatever order pieces finished in
         }
         try:
             write_json_atomic(self.path, doc)

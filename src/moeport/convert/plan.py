@@ -37,6 +37,8 @@ class Plan:
     specs: list[TensorSpec] = field(default_factory=list)
     layer_of_output: dict[str, int | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    title: str = ""  # one line saying what this plan makes (dry run, summary)
+    torch_threads: int | None = None  # run torch on this many threads (None: leave it)
 
     def layer_stats(self, ck: Checkpoint) -> dict[int | None, dict[str, int]]:
         """Per layer: tensors and bytes in and out."""
@@ -79,7 +81,12 @@ def source_value(
     if meta and numel > TINY_ELEMENTS:
         return Lazy(info.shape, torch_dtype_of(info.dtype), meta=True)
     read = fetch or ck.read
-    return Lazy(info.shape, torch_dtype_of(info.dtype), produce=lambda: read(name))
+    dtype = torch_dtype_of(info.dtype)
+
+    def select(i: int) -> Lazy:
+        return Lazy(info.shape[1:], dtype, produce=lambda: ck.read_item(name, i))
+
+    return Lazy(info.shape, dtype, produce=lambda: read(name), select=select if info.shape else None)
 
 
 def finalize(plan: Plan, ck: Checkpoint) -> Plan:

@@ -16,7 +16,7 @@ import torch
 
 from moeport.errors import MoeportError
 from moeport.mappings.rules import RowRule
-from moeport.mappings.values import Lazy, Memo, Value, fill_into, is_meta, realize, shape_of
+from moeport.mappings.values import Lazy, Memo, Value, derived, fill_into, is_meta, realize, shape_of
 
 
 class Op(ABC):
@@ -28,6 +28,11 @@ class Op(ABC):
 
     @abstractmethod
     def inverse(self) -> Op: ...
+
+    @property
+    def sliced_inputs(self) -> tuple[str, ...]:
+        """Inputs read one item (expert) at a time, never whole: not worth reading ahead."""
+        return ()
 
 
 class OneToOne(Op):
@@ -151,11 +156,17 @@ class Unstack(OneToMany):
             raise MoeportError(
                 f"{self.source}: shape {list(shape)}, expected {len(self.targets)} experts along dim 0"
             )
+        if isinstance(v, Lazy) and v.select is not None and not v.meta:
+            return {t: v.select(i) for i, t in enumerate(self.targets)}  # read one item at a time
         memo = Memo(v)
         return {
-            t: Lazy(shape[1:], v.dtype, is_meta(v), produce=lambda i=i: memo()[i])
+            t: derived(memo, shape[1:], v.dtype, is_meta(v), lambda x, i=i: x[i])
             for i, t in enumerate(self.targets)
         }
+
+    @property
+    def sliced_inputs(self) -> tuple[str, ...]:
+        return (self.source,)
 
     def inverse(self) -> Op:
         return Stack(self.targets, self.source)
@@ -246,25 +257,24 @@ class Split(OneToMany):
             piece_shape = list(shape)
             piece_shape[axis] = n
             if self.interleave:
-                produce = self._interleaved(memo, axis, len(units), i)
+                piece = self._interleaved(axis, len(units), i)
             else:
-                produce = self._narrowed(memo, axis, start, n)
-            out[t] = Lazy(tuple(piece_shape), v.dtype, meta, produce=produce)
+                piece = self._narrowed(axis, start, n)
+            out[t] = derived(memo, tuple(piece_shape), v.dtype, meta, piece)
             start += n
         return out
 
     @staticmethod
-    def _narrowed(memo: Memo, axis: int, start: int, n: int):
-        return lambda: memo().narrow(axis, start, n)
+    def _narrowed(axis: int, start: int, n: int):
+        return lambda x: x.narrow(axis, start, n)
 
     @staticmethod
-    def _interleaved(memo: Memo, axis: int, count: int, i: int):
-        def produce() -> torch.Tensor:
-            x = memo()
+    def _interleaved(axis: int, count: int, i: int):
+        def piece(x: torch.Tensor) -> torch.Tensor:
             ax = axis % x.ndim
             return x.unflatten(ax, (x.shape[ax] // count, count)).select(ax + 1, i)
 
-        return produce
+        return piece
 
     def inverse(self) -> Op:
         return Concat(self.targets, self.source, self.rule, self.rows, self.interleave)
@@ -310,10 +320,20 @@ class Chain(Op):
             later.update(op.inputs)
         return tuple(reversed(out))
 
+    @property
+    def sliced_inputs(self) -> tuple[str, ...]:
+        inputs = set(self.inputs)
+        return tuple(dict.fromkeys(n for op in self.ops for n in op.sliced_inputs if n in inputs))
+
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         env = dict(values)
-        for op in self.ops:
-            env.update(op.apply({n: env.pop(n) for n in op.inputs}))
+        last_use = {n: i for i, op in enumerate(self.ops) for n in op.inputs}
+        for i, op in enumerate(self.ops):
+            taken = {n: env[n] for n in op.inputs}
+            for n in op.inputs:  # a name read by several ops is kept until its last reader
+                if last_use[n] == i:
+                    del env[n]
+            env.update(op.apply(taken))
         return {o: env[o] for o in self.outputs}
 
     def inverse(self) -> Op:

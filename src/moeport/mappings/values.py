@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeport.device import to_host
+
 
 @dataclass
 class Lazy:
@@ -21,6 +23,8 @@ class Lazy:
     meta: bool = False  # planning only: never realised with data
     produce: Callable[[], torch.Tensor] | None = None  # returns the value (may be a view)
     fill: Callable[[torch.Tensor], None] | None = None  # writes the value into a given tensor
+    # item i along dim 0 without realising the whole (a source stack read one expert at a time)
+    select: Callable[[int], Value] | None = None
 
     def realize(self) -> torch.Tensor:
         if self.meta:
@@ -78,14 +82,37 @@ def is_meta(v: Value) -> bool:
 
 
 class Memo:
-    """Realise a value once and share it (the outputs of an unstack are views of one tensor)."""
+    """Realise a value once and share it (the outputs of an unstack are views of one tensor).
+
+    A value computed on an accelerator can be shared there too (`on_device`), so a decode that
+    feeds a split feeds the encoders of the pieces without a trip to the host."""
 
     def __init__(self, value: Value):
         self._value = value
         self._tensor: torch.Tensor | None = None
+        self._device_tensor: torch.Tensor | None = None
+        self.device_resident = isinstance(value, DeviceLazy) and value.on_device is not None
 
     def __call__(self) -> torch.Tensor:
         if self._tensor is None:
-            self._tensor = realize(self._value)
+            if self._device_tensor is not None:
+                self._tensor = to_host(self._device_tensor)
+            else:
+                self._tensor = realize(self._value)
             self._value = None  # type: ignore[assignment]
         return self._tensor
+
+    def on_device(self) -> torch.Tensor:
+        if self._device_tensor is None:
+            if self._tensor is not None or not self.device_resident:
+                return self()
+            self._device_tensor = self._value.on_device()  # type: ignore[union-attr]
+        return self._device_tensor
+
+
+def derived(memo: Memo, shape: tuple[int, ...], dtype: torch.dtype, meta: bool, fn) -> Lazy:
+    """A value computed by `fn` (a view, usually) from the shared value of `memo`; it stays on the
+    accelerator when the shared value is there."""
+    if memo.device_resident and not meta:
+        return DeviceLazy(shape, dtype, produce=lambda: fn(memo()), on_device=lambda: fn(memo.on_device()))
+    return Lazy(shape, dtype, meta, produce=lambda: fn(memo()))

@@ -8,6 +8,7 @@ The file lives under a temporary name until every tensor is written, then is ren
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ class PartialFile:
 
 
 class SafetensorsFileWriter:
-    """Writes the tensors of `specs` into `path` in any order; `close()` publishes the file."""
+    """Writes the tensors of `specs` into `path` in any order; `close()` publishes the file and
+    returns its size and sha256 (the journal's record of it). Tensors written in planned order,
+    as conversions write them, are hashed as they go; otherwise the file is re-read at close."""
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -110,6 +113,9 @@ class SafetensorsFileWriter:
         self._pending = set(self._specs)  # not yet on disk
         self._unaccepted = set(self._specs)  # not yet handed to write (a write may run on a thread)
         total = self._data_start + sum(s.nbytes for s in specs)
+        self.size = total
+        self._sha = hashlib.sha256(header)
+        self._hashed_to = len(header)  # bytes hashed in order so far; -1 once out of order
         self._file = PartialFile(self.path)
         try:
             self._file.pwrite_all(memoryview(header), 0)
@@ -143,20 +149,37 @@ class SafetensorsFileWriter:
             self.accept(name, tensor)
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
-            self._file.pwrite_all(
-                memoryview(data.view(torch.uint8).numpy()), self._data_start + self._offsets[name]
-            )
+            raw = memoryview(data.view(torch.uint8).numpy())
+            offset = self._data_start + self._offsets[name]
+            self._file.pwrite_all(raw, offset)
+            if offset == self._hashed_to:
+                self._sha.update(raw)
+                self._hashed_to += len(raw)
+            else:
+                self._hashed_to = -1
         self._pending.discard(name)
 
-    def close(self) -> None:
+    def close(self) -> dict[str, object]:
         """Flush, fsync and rename into place; refuses while tensors are missing."""
         if self._pending:
             missing = sorted(self._pending)[:3]
             raise ValueError(
                 f"{self.path.name}: {len(self._pending)} planned tensors not written, e.g. {missing}"
             )
+        in_order = self._hashed_to == self.size
+        digest = self._sha.hexdigest() if in_order else file_sha256(self._file.partial)
         self._file.publish()
+        return {"size": self.size, "sha256": digest}
 
     def abort(self) -> None:
         """Remove the partial file; nothing half-written is left under the final name."""
         self._file.abort()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 16 MiB blocks (checking what a resumed run keeps)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(16 * 2**20):
+            sha.update(block)
+    return sha.hexdigest()

@@ -67,6 +67,17 @@ class Checkpoint:
     def read(self, key: str) -> torch.Tensor:
         """Load one tensor (just its bytes, into a fresh buffer)."""
         info = self.info(key)
+        return self._pread(key, info, info.offset, info.nbytes, info.shape)
+
+    def read_item(self, key: str, index: int) -> torch.Tensor:
+        """Item `index` along dim 0 of a stacked tensor (one expert of [E, ...]): only its bytes."""
+        info = self.info(key)
+        if not info.shape or not 0 <= index < info.shape[0]:
+            raise MoeportError(f"{info.file}: tensor '{key}' {list(info.shape)} has no item {index}")
+        size = info.nbytes // info.shape[0]
+        return self._pread(key, info, info.offset + index * size, size, info.shape[1:])
+
+    def _pread(self, key: str, info: TensorInfo, offset: int, nbytes: int, shape) -> torch.Tensor:
         try:
             dtype = torch_dtype_of(info.dtype)
         except ValueError:
@@ -81,15 +92,15 @@ class Checkpoint:
                 except OSError as exc:
                     raise MoeportError(f"{info.file}: cannot open ({exc.strerror})") from None
                 self._fds[info.file] = fd
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
                 raise MoeportError(f"{info.file}: ends inside tensor '{key}' (file truncated?)")
             done += n
-        return buf.view(dtype).reshape(info.shape)
+        return buf.view(dtype).reshape(shape)
 
     def release(self) -> None:
         """Close open files."""

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moeport.convert.hf import plan_hf
 from moeport.convert.plan import run_unit
 from moeport.detect import detect
+from moeport.recipes.hf import plan_hf
 from moeport.sources.checkpoint import Checkpoint
 
 

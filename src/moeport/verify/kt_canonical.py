@@ -1,95 +1,122 @@
-"""kt-kernel merged outputs (`blk.{L}.ffn_{gate|up|down}_exps.{E}.numa.{t}.weight|scale`) in canonical form.
+"""kt-kernel outputs (merged safetensors or layer folders) in canonical form.
 
-Each expert matrix is dequantized slice by slice (kt_amx.kt_dequantize) and the TP slices are put
-back together (gate/up: rows, down: columns), under the hub names of the source family recorded
-in the shard metadata. Non-expert tensors are decoded like any HF tensor.
+The output's own layout description (sinks.kt_layout: stored in the index metadata, or in
+`moeport-kt.json` for folders) says which slices exist and where; each expert matrix is decoded
+slice by slice with `KtAmxCodec` and the TP slices put back together (gate/up: rows, down:
+columns) under the hub names of the source family. Non-expert tensors (merged form) are decoded
+like any HF tensor. Names are generated from the description, never parsed.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
-from moeport.codecs.kt_amx import kt_dequantize
-from moeport.convert.hf import _Builder
+from moeport.codecs.kt_amx import KtAmxCodec
 from moeport.convert.plan import Unit, run_unit
 from moeport.errors import MoeportError
 from moeport.mappings.rename import IDENTITY, Rename
+from moeport.recipes.hf import canonical_other_tensors
+from moeport.sinks.kt import MANIFEST_NAME
+from moeport.sinks.kt_layout import PROJS, KtLayout, KtSlot
+from moeport.sinks.sharded import INDEX_NAME
 from moeport.sources.checkpoint import Checkpoint
 from moeport.verify.canonical import CanonicalLayer
-from moeport.zoo.families import family_for_model_type
+from moeport.zoo.families import Family, family_for_model_type
 from moeport.zoo.model_config import ModelConfig
 
-KT_KEY = re.compile(
-    r"^blk\.(?P<L>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.(?P<E>\d+)\.numa\.(?P<t>\d+)\.(?P<part>weight|scale)$"
-)
+ReadSlot = Callable[[KtSlot, str], torch.Tensor]
 
 
-def _meta(ck: Checkpoint) -> dict[str, str]:
-    for meta in ck.metadata.values():
-        if "kt_method" in meta:
-            return meta
-    return {}
+def kt_description(out: Path) -> KtLayout | None:
+    """The layout description of a kt output folder, or None when `out` is not one."""
+    for name in (MANIFEST_NAME, INDEX_NAME):
+        path = out / name
+        if path.is_file():
+            try:
+                meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+            except (OSError, ValueError):
+                return None
+            if isinstance(meta, dict) and "kt_method" in meta:
+                return KtLayout.from_metadata(meta, str(path))
+    return None
 
 
-def is_kt(ck: Checkpoint) -> bool:
-    return bool(_meta(ck)) or any(KT_KEY.match(k) for k in ck.keys())
+def folder_layers(out: Path, kt: KtLayout, family: Family, prefix: str) -> Iterator[CanonicalLayer]:
+    """kt's folder form: experts only (it holds nothing else), named as the source names them."""
+    files = {}
+    for layer in kt.layers:
+        for slot in kt.slots(layer):
+            files.update(kt.files(slot))
+
+    def read(slot: KtSlot, part: str) -> torch.Tensor:
+        path = out / files[slot.key(part)]
+        try:
+            data = bytearray(path.read_bytes())
+        except OSError as exc:
+            raise MoeportError(f"{path}: cannot read ({exc.strerror})") from None
+        return torch.frombuffer(data, dtype=torch.int8 if part == "weight" else torch.float32)
+
+    for layer in kt.layers:
+        yield CanonicalLayer(layer, _experts(kt, layer, read, family, prefix))
 
 
-def kt_layers(ck: Checkpoint) -> Iterator[CanonicalLayer]:
-    meta = _meta(ck)
-    method = meta.get("kt_method")
-    if method not in ("AMXINT4", "AMXINT8"):
-        raise MoeportError(f"{ck.root}: kt output without a known kt_method in its metadata ({method!r})")
-    bits = 4 if method == "AMXINT4" else 8
-    cfg = ModelConfig(ck.config or {})
-    family = next((f for f in map(family_for_model_type, cfg.model_types) if f is not None), None)
-    if family is None:
-        raise MoeportError(f"{ck.root}: kt output needs the source config.json to name its tensors")
-    experts: dict[int, dict[tuple[int, str], dict[int, dict[str, str]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(dict))
-    )
-    others: list[str] = []
-    for key in ck.keys():
-        m = KT_KEY.match(key)
-        if m:
-            experts[int(m["L"])][(int(m["E"]), m["proj"])][int(m["t"])][m["part"]] = key
-        else:
-            others.append(key)
+def merged_layers(ck: Checkpoint, kt: KtLayout) -> Iterator[CanonicalLayer]:
+    family = _family(ck.config, ck.root)
+    experts = kt.layer_of_keys()
+    others = [k for k in ck.keys() if k not in experts]
     rename = _to_hub_names(family, others)
     prefix = _layer_prefix(family, others)
-    by_layer: dict[int | None, list[str]] = defaultdict(list)
     layer_re = re.compile("^" + re.escape(prefix).replace(re.escape("{L}"), r"(?P<L>\d+)"))
+    by_layer: dict[int | None, list[str]] = defaultdict(list)
     for key in others:
         m = layer_re.match(key)
         by_layer[int(m["L"]) if m else None].append(key)
-    builder = _Builder(ck, cfg.quantization_config or {}, torch.float32, True)
-    for layer in sorted(set(by_layer) | set(experts), key=lambda L: -1 if L is None else L):
+    for layer in sorted(set(by_layer) | set(kt.layers), key=lambda L: -1 if L is None else L):
         tensors: dict[str, torch.Tensor] = {}
-        for op in builder.other_tensors(by_layer.get(layer, []), rename):
+        for op in canonical_other_tensors(ck, by_layer.get(layer, []), rename):
             for name, t in run_unit(Unit(layer, op), ck):
                 tensors[name] = t.float() if t.is_floating_point() else t
-        for (e, proj), slices in sorted(experts.get(layer, {}).items()):
-            block = f"{prefix.replace('{L}', str(layer))}{family.hub.block}"
-            name = f"{block}.experts.{e}.{family.hub.projs[proj]}.weight"
-            tensors[name] = _expert(ck, slices, bits, proj, name)
+        if layer in kt.layers:
+            tensors.update(_experts(kt, layer, lambda slot, part: ck.read(slot.key(part)), family, prefix))
         yield CanonicalLayer(layer, tensors)
 
 
-def _expert(ck: Checkpoint, slices: dict[int, dict[str, str]], bits: int, proj: str, where: str):
-    parts = []
-    for t in sorted(slices):
-        w, s = ck.read(slices[t]["weight"]), ck.read(slices[t]["scale"])
-        n = s.numel()
-        k = w.numel() * (2 if bits == 4 else 1) // n
-        parts.append(kt_dequantize(w, s, n, k, bits, where=where))
-    return torch.cat(parts, dim=1 if proj == "down" else 0)
+def expert_names(kt: KtLayout, layer: int, family: Family, prefix: str) -> dict[tuple[int, str], str]:
+    block = f"{prefix.replace('{L}', str(layer))}{family.hub.block}"
+    return {
+        (e, proj): f"{block}.experts.{e}.{family.hub.projs[proj]}.weight"
+        for e in range(kt.experts)
+        for proj in PROJS
+    }
 
 
-def _layer_prefix(family, keys: list[str]) -> str:
+def _experts(
+    kt: KtLayout, layer: int, read: ReadSlot, family: Family, prefix: str
+) -> dict[str, torch.Tensor]:
+    codec = KtAmxCodec(kt.bits)
+    slices: dict[tuple[int, str], list[torch.Tensor]] = defaultdict(list)
+    names = expert_names(kt, layer, family, prefix)
+    for slot in kt.slots(layer):
+        parts = {p: read(slot, p) for p in ("weight", "scale")}
+        slices[(slot.expert, slot.proj)].append(codec.decode(parts, where=slot.key("weight")))
+    return {names[key]: torch.cat(s, dim=1 if key[1] == "down" else 0) for key, s in slices.items()}
+
+
+def _family(config: dict | None, where: Path) -> Family:
+    cfg = ModelConfig(config or {})
+    family = next((f for f in map(family_for_model_type, cfg.model_types) if f is not None), None)
+    if family is None:
+        raise MoeportError(f"{where}: kt output needs the source config.json to name its tensors")
+    return family
+
+
+def _layer_prefix(family: Family, keys: list[str]) -> str:
     for prefix in family.layer_prefixes:
         pattern = re.compile("^" + re.escape(prefix).replace(re.escape("{L}"), r"\d+"))
         if any(pattern.match(k) for k in keys):
@@ -97,7 +124,7 @@ def _layer_prefix(family, keys: list[str]) -> str:
     return family.layer_prefixes[0]
 
 
-def _to_hub_names(family, keys: list[str]) -> Rename:
+def _to_hub_names(family: Family, keys: list[str]) -> Rename:
     """kt outputs keep the source's non-expert names; bring fused-layout names back to hub names."""
     if not family.fused_renames:
         return IDENTITY

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moeport.detect import detect
 from moeport.sources import open_checkpoint
 from moeport.sources.checkpoint import Checkpoint
-from moeport.verify.canonical import hf_layers
+from moeport.verify.canonical import CanonicalLayer, hf_layers
 from moeport.verify.compare import Report, compare
 
 
@@ -23,8 +24,12 @@ def recipe_of(ck: Checkpoint) -> dict:
 
 
 def is_lossless(recipe: dict) -> bool:
-    """Re-layouts that keep the storage format are lossless; everything else is not."""
-    return recipe.get("to") == "hf" and recipe.get("dtype") == "keep"
+    """Whether the recorded recipe's target promises bit-exact tensors (a re-layout that keeps the
+    storage format); unknown recipes are treated as lossy."""
+    from moeport.recipes import TARGETS
+
+    target = TARGETS.get(str(recipe.get("to")))
+    return target is not None and target.lossless(recipe)
 
 
 def verify(
@@ -34,14 +39,23 @@ def verify(
     max_rel_error: float = 0.25,
     outlier_factor: float = 4.0,
 ) -> Report:
-    with open_checkpoint(src) as s, open_checkpoint(out) as o:
-        expect_exact = is_lossless(recipe_of(o)) if lossless is None else lossless
-        return compare(hf_layers(s), _layers(o), expect_exact, max_rel_error, outlier_factor)
-
-
-def _layers(ck: Checkpoint):
     from moeport.verify import kt_canonical
 
-    if kt_canonical.is_kt(ck):
-        return kt_canonical.kt_layers(ck)
-    return hf_layers(ck)
+    kt = kt_canonical.kt_description(Path(out))
+    with open_checkpoint(src) as s:
+        if kt is not None and not any(Path(out).glob("*.safetensors")):  # kt's folder form
+            det = detect(s)
+            names = set()
+            for layer in kt.layers:
+                names.update(kt_canonical.expert_names(kt, layer, det.family, det.layer_prefix).values())
+            source = (
+                CanonicalLayer(c.layer, {k: v for k, v in c.tensors.items() if k in names})
+                for c in hf_layers(s)
+            )
+            output = kt_canonical.folder_layers(Path(out), kt, det.family, det.layer_prefix)
+            expect_exact = False if lossless is None else lossless
+            return compare(source, output, expect_exact, max_rel_error, outlier_factor)
+        with open_checkpoint(out) as o:
+            expect_exact = is_lossless(recipe_of(o)) if lossless is None else lossless
+            output = kt_canonical.merged_layers(o, kt) if kt is not None else hf_layers(o)
+            return compare(hf_layers(s), output, expect_exact, max_rel_error, outlier_factor)

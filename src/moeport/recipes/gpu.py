@@ -11,25 +11,23 @@ one checkpoint holds one quantization scheme).
 from __future__ import annotations
 
 import copy
-import functools
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from moeport.codecs import Fp8BlockCodec, Fp8ScaledCodec, PackQuantizedCodec, float_quantized_codec
+from moeport.codecs import Fp8BlockCodec, PackQuantizedCodec, float_quantized_codec
 from moeport.codecs.base import Codec
-from moeport.convert.batching import active_batcher
 from moeport.convert.dequantize import Cast
-from moeport.convert.hf import build_hf
+from moeport.convert.encode import Encode, part_specs
 from moeport.convert.plan import Plan, Unit, finalize
 from moeport.detect.detection import Detection
-from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Op
-from moeport.mappings.values import Lazy, Value, is_meta, realize, realize_on, shape_of
+from moeport.recipes.base import Options, Target
+from moeport.recipes.hf import build_hf
+from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
 
 SCHEMES = ("w4a16", "w8a16", "fp8", "fp8-block")
@@ -66,76 +64,6 @@ class Recipe:
         raise MoeportError(f"--to {self.scheme}: unknown scheme; expected one of {', '.join(SCHEMES)}")
 
 
-@dataclass(frozen=True)
-class Encode(Op):
-    """A float weight -> the parts of `codec` (names: `{base}{part}`), one weight at a time."""
-
-    source: str
-    base: str  # target name prefix, e.g. 'model.layers.1.mlp.experts.0.up_proj.'
-    codec: Codec
-    part_specs: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
-    device: str = "cpu"
-
-    @property
-    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (self.source,)
-
-    @property
-    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(self.base + p for p, _, _ in self.part_specs)
-
-    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
-        v = values[self.source]
-        batcher = active_batcher()
-        if batcher is not None and not is_meta(v):
-            key = ("encode", self.codec, self.part_specs)
-            run = functools.partial(_encode_batch, self.codec, self.part_specs, batcher.device, self.base)
-            encoded = batcher.submit(key, v, math.prod(shape_of(v)), run)
-        else:
-            encoded = functools.cache(lambda: self._encode(realize(v)))  # one encode serves every part
-        return {
-            self.base + part: Lazy(shape, dtype, is_meta(v), produce=lambda p=part: encoded()[p])
-            for part, dtype, shape in self.part_specs
-        }
-
-    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = self.codec.encode(to_device(w, self.device))  # codecs compute in float32 themselves
-        parts = {p: t.cpu() for p, t in parts.items()}
-        for part, dtype, shape in self.part_specs:
-            got = parts[part]
-            if got.dtype != dtype or tuple(got.shape) != shape:
-                raise MoeportError(
-                    f"{self.base}{part}: encoded {got.dtype}{list(got.shape)}, planned {shape}"
-                )
-        return parts
-
-    def inverse(self) -> Op:
-        raise MoeportError(f"{self.source}: quantizing is lossy and has no inverse")
-
-
-def _encode_batch(codec: Codec, part_specs, device: str, where: str, batch: list[Value]) -> list[dict]:
-    """Encode same-shape weights together: stacked on the device, one encode, one copy back per part."""
-    w = stack_to(device, [realize_on(v, device) for v in batch])
-    if _stackable(codec):
-        parts = codec.encode(w)
-    else:
-        each = [codec.encode(w[i]) for i in range(len(batch))]
-        parts = {p: torch.stack([e[p] for e in each]) for p in each[0]}
-    host = {p: to_host(t) for p, t in parts.items()}
-    for part, dtype, shape in part_specs:
-        got = host[part]
-        if got.dtype != dtype or tuple(got.shape) != (len(batch), *shape):
-            raise MoeportError(f"{where}{part}: encoded {got.dtype}{list(got.shape[1:])}, planned {shape}")
-    return [{p: t[i] for p, t in host.items()} for i in range(len(batch))]
-
-
-def _stackable(codec: Codec) -> bool:
-    """Whether `codec.encode` takes a stack [B, N, K] and returns every part stacked."""
-    if isinstance(codec, Fp8ScaledCodec):
-        return codec.strategy == "channel"
-    return isinstance(codec, PackQuantizedCodec | Fp8BlockCodec)
-
-
 def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu") -> Plan:
     codec = recipe.codec()
     base, decoded = build_hf(ck, det, "hub", torch.float32, cast_floats=False, device=device)
@@ -160,7 +88,7 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
             if is_target(name):
                 shape = spec_of[name].shape
                 if shape not in part_cache:
-                    part_cache[shape] = _part_specs(codec, shape, name)
+                    part_cache[shape] = part_specs(codec, shape, name)
                 extra.append(Encode(name, name.removesuffix("weight"), codec, part_cache[shape], device))
                 quantized.append(name)
             else:
@@ -181,15 +109,6 @@ def _expert_regex(det: Detection) -> re.Pattern[str]:
     prefix = re.escape(det.layer_prefix).replace(re.escape("{L}"), r"\d+")
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     return re.compile(rf"^{prefix}{re.escape(layout.block)}\.experts\.\d+\.({projs})\.weight$")
-
-
-def _part_specs(codec: Codec, shape: tuple[int, ...], where: str):
-    """Names, dtypes and shapes of the encoded parts (encode a small stand-in of the same shape)."""
-    try:
-        parts = codec.encode(torch.ones(shape))
-    except MoeportError as exc:
-        raise MoeportError(f"{where}: {exc}") from None
-    return tuple((p, t.dtype, tuple(t.shape)) for p, t in parts.items())
 
 
 def _config(config: dict[str, Any] | None, recipe: Recipe, kept_linear: list[str]) -> dict[str, Any] | None:
@@ -252,3 +171,46 @@ def quantization_config(recipe: Recipe, kept_linear: list[str]) -> dict[str, Any
         "ignore": sorted(kept_linear) + ["lm_head"],
         "kv_cache_scheme": None,
     }
+
+
+def recipe_of(scheme: str, opts: Options) -> Recipe:
+    """The user's options as a GPU recipe, each checked (one line per mistake)."""
+    if opts.layout != "hub":
+        raise MoeportError(
+            f"--to {scheme} writes per-expert (hub) names, as vLLM/SGLang load them; drop --layout"
+        )
+    if opts.targets not in ("experts", "all-linear"):
+        raise MoeportError(f"--targets {opts.targets}: expected experts or all-linear")
+    if opts.group_size is not None and opts.group_size <= 0:
+        raise MoeportError(f"--group-size {opts.group_size}: expected a positive size, or 0 for per channel")
+    for pattern in opts.ignore:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise MoeportError(f"--ignore {pattern!r}: not a regular expression ({exc})") from None
+    return Recipe(scheme, opts.group_size, opts.targets, tuple(opts.ignore))
+
+
+def _target(scheme: str, help: str) -> Target:
+    def build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
+        recipe = recipe_of(scheme, opts)
+        plan = plan_gpu(ck, det, recipe, opts.device)
+        plan.title = f"{det.family.title}: {det.expert_format.name} -> {scheme} ({opts.targets})"
+        return plan, HfSink(opts.max_shard_bytes, metadata)
+
+    def fields(opts: Options) -> dict[str, object]:
+        return {"group_size": opts.group_size, "targets": opts.targets, "ignore": list(opts.ignore)}
+
+    return Target(scheme, help, build, fields)
+
+
+TARGETS = [
+    _target(
+        "w4a16", "compressed-tensors INT4 weights, 16-bit activations (--group-size, --targets, --ignore)"
+    ),
+    _target(
+        "w8a16", "compressed-tensors INT8 weights, 16-bit activations (--group-size, --targets, --ignore)"
+    ),
+    _target("fp8", "compressed-tensors FP8 per-channel weights, dynamic per-token activations"),
+    _target("fp8-block", "DeepSeek-style FP8 with 128x128 weight_scale_inv blocks"),
+]

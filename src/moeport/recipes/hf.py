@@ -32,10 +32,13 @@ from moeport.errors import MoeportError
 from moeport.mappings.experts import FUSED_ROLES, LayerNames, Parts, relayout_experts
 from moeport.mappings.ops import Chain, Copy, Op
 from moeport.mappings.rename import IDENTITY, Rename
+from moeport.recipes.base import Options, Target
+from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.model_config import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYOUTS = ("hub", "fused")
 _CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -95,6 +98,13 @@ def build_hf(
         plan.notes.append(f"dequantized {builder.dequantized} weight(s); quantization_config removed")
     decoded = {o for u in units if _decodes(u.op) for o in u.op.outputs}
     return plan, decoded
+
+
+def canonical_other_tensors(ck: Checkpoint, keys: list[str], rename: Rename) -> list[Op]:
+    """Ops giving non-expert tensors in canonical form (renamed, decoded or cast to float32), for
+    readers of outputs whose experts are not HF tensors (verify of kt outputs)."""
+    quant = ModelConfig(ck.config or {}).quantization_config or {}
+    return _Builder(ck, quant, torch.float32, True).other_tensors(keys, rename)
 
 
 def _decodes(op: Op) -> bool:
@@ -259,3 +269,22 @@ def _output_config(config: dict[str, Any] | None, dequantized: int, dtype: torch
                 if key in c or (key == "dtype" and c is cfg):
                     c[key] = _CONFIG_DTYPE[dtype]
     return cfg
+
+
+def _build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
+    if opts.layout not in LAYOUTS:
+        raise MoeportError(f"--layout {opts.layout}: expected one of {', '.join(LAYOUTS)}")
+    if opts.dtype != "keep" and opts.dtype not in DTYPES:
+        raise MoeportError(f"--dtype {opts.dtype}: expected keep or one of {', '.join(DTYPES)}")
+    plan = plan_hf(ck, det, opts.layout, DTYPES.get(opts.dtype), opts.device)
+    plan.title = f"{det.family.title}: {det.layout.kind} -> {opts.layout}, dtype {opts.dtype}"
+    return plan, HfSink(opts.max_shard_bytes, metadata)
+
+
+TARGET = Target(
+    "hf",
+    "Hugging Face safetensors (--layout hub|fused, --dtype keep|bf16|fp16|fp32)",
+    _build,
+    fields=lambda o: {"layout": o.layout, "dtype": o.dtype},
+    lossless=lambda recipe: recipe.get("dtype") == "keep",
+)

@@ -1,0 +1,112 @@
+"""Quantizing as one more op of the plan: `Encode` (a float weight -> the parts of a codec).
+
+Every target that writes a quantized format (compressed-tensors, FP8, kt-kernel's AMX layout...)
+uses this one op with its codec; under a `Batcher` (the GPU path) same-shape encodes of a layer
+run as one stacked call when the codec takes stacks (`codec.stacked_encode`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moeport.codecs.base import Codec
+from moeport.convert.batching import active_batcher
+from moeport.device import stack_to, to_device, to_host
+from moeport.errors import MoeportError
+from moeport.mappings.ops import OneToOne, Op
+from moeport.mappings.values import Lazy, Value, is_meta, realize, realize_on, shape_of
+
+PartSpecs = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Encode(OneToOne):
+    """A float weight -> the parts of `codec` (names: `{base}{part}`), one weight at a time."""
+
+    source: str
+    base: str  # target name prefix, e.g. 'model.layers.1.mlp.experts.0.up_proj.'
+    codec: Codec
+    part_specs: PartSpecs
+    device: str = "cpu"
+
+    @property
+    def target(self) -> str:  # type: ignore[override]
+        return self.outputs[0]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self.base + p for p, _, _ in self.part_specs)
+
+    @property
+    def where(self) -> str:
+        return self.base.rstrip(".")
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        v = values[self.source]
+        batcher = active_batcher()
+        if batcher is not None and not is_meta(v):
+            key = ("encode", self.codec, self.part_specs)
+            run = functools.partial(_encode_batch, self.codec, self.part_specs, batcher.device)
+            encoded = batcher.submit(key, (v, self.where), math.prod(shape_of(v)), run)
+        else:
+            encoded = functools.cache(lambda: self._encode(realize(v)))  # one encode serves every part
+        return {
+            self.base + part: Lazy(shape, dtype, is_meta(v), produce=lambda p=part: encoded()[p])
+            for part, dtype, shape in self.part_specs
+        }
+
+    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = encode_named(self.codec, to_device(w, self.device), self.where)
+        parts = {p: t.cpu() for p, t in parts.items()}
+        _check_parts(parts, self.part_specs, self.where, ())
+        return parts
+
+    def inverse(self) -> Op:
+        raise MoeportError(f"{self.source}: quantizing is lossy and has no inverse")
+
+
+def encode_named(codec: Codec, w: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
+    """codec.encode, with an error naming the weight it was encoding."""
+    try:
+        return codec.encode(w)
+    except MoeportError as exc:
+        raise MoeportError(f"{where}: {exc}") from None
+
+
+def _check_parts(parts, part_specs: PartSpecs, where: str, lead: tuple[int, ...]) -> None:
+    for part, dtype, shape in part_specs:
+        got = parts[part]
+        if got.dtype != dtype or tuple(got.shape) != (*lead, *shape):
+            raise MoeportError(f"{where}.{part}: encoded {got.dtype}{list(got.shape)}, planned {list(shape)}")
+
+
+def _encode_batch(codec: Codec, part_specs: PartSpecs, device: str, batch: list) -> list[dict]:
+    """Encode same-shape weights together: stacked on the device, one encode, one copy back per
+    part. When that fails, one by one, so the error names the weight at fault."""
+    w = stack_to(device, [realize_on(v, device) for v, _ in batch])
+    if getattr(codec, "stacked_encode", False):
+        try:
+            parts = codec.encode(w)
+        except MoeportError:
+            parts = _one_by_one(codec, w, [where for _, where in batch])
+    else:
+        parts = _one_by_one(codec, w, [where for _, where in batch])
+    host = {p: to_host(t) for p, t in parts.items()}
+    _check_parts(host, part_specs, batch[0][1], (len(batch),))
+    return [{p: t[i] for p, t in host.items()} for i in range(len(batch))]
+
+
+def _one_by_one(codec: Codec, w: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    each = [encode_named(codec, w[i], where) for i, where in enumerate(names)]
+    return {p: torch.stack([e[p] for e in each]) for p in each[0]}
+
+
+def part_specs(codec: Codec, shape: tuple[int, ...], where: str) -> PartSpecs:
+    """Names, dtypes and shapes of the encoded parts (encode a small stand-in of the same shape)."""
+    stand_in = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    parts = encode_named(codec, stand_in, where)
+    return tuple((p, t.dtype, tuple(t.shape)) for p, t in parts.items())

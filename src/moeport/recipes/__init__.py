@@ -1,0 +1,14 @@
+"""Output targets: each is one recipe (a plan of ops over the source) plus one sink.
+
+`TARGETS` is the only list of targets: the CLI's `--to` choices, its help, the demo and the
+README read it. Adding a target is a recipe module and one line here.
+"""
+
+from __future__ import annotations
+
+from moeport.recipes import gpu, hf, kt
+from moeport.recipes.base import Options, Target, job_recipe
+
+TARGETS: dict[str, Target] = {t.name: t for t in (hf.TARGET, *gpu.TARGETS, *kt.TARGETS)}
+
+__all__ = ["TARGETS", "Options", "Target", "job_recipe"]

@@ -1,0 +1,56 @@
+"""What a target is: a name, a help line, and a recipe that turns a detected checkpoint into the
+shared Plan plus the Sink that writes it. `Options` carries every user choice, grouped once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeport.convert.execute import Sink
+from moeport.convert.plan import Plan
+from moeport.detect.detection import Detection
+from moeport.sinks.sharded import DEFAULT_MAX_SHARD_BYTES
+from moeport.sources.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every conversion choice (each target reads the ones it knows; `fields` names them)."""
+
+    layout: str = "hub"  # hf: hub | fused
+    dtype: str = "keep"  # hf: keep | bf16 | fp16 | fp32
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    group_size: int | None = 128  # w4a16/w8a16; None: per channel
+    targets: str = "experts"  # GPU formats: experts | all-linear
+    ignore: tuple[str, ...] = ()  # GPU formats: regexes kept unquantized
+    numa: int = 1  # kt: NUMA slices T (threadpool_count)
+    kt_layout: str = "merged"  # kt: merged | folders
+    device: str = "cpu"  # where the math runs; never changes the bytes
+    source_label: str = ""  # how the source is named in the output's metadata
+
+
+# (checkpoint, detection, options, metadata for the output files) -> the plan and its sink
+Build = Callable[[Checkpoint, Detection, Options, dict[str, str]], tuple[Plan, Sink]]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    help: str
+    build: Build
+    # the options that decide the output's bytes (recorded in the journal and the metadata)
+    fields: Callable[[Options], dict[str, Any]] = field(default=lambda _o: {})
+    # from the recorded recipe: whether every tensor must come out bit-exact (verify)
+    lossless: Callable[[dict[str, Any]], bool] = field(default=lambda _r: False)
+
+
+def job_recipe(target: Target, options: Options, ck: Checkpoint, det: Detection) -> dict[str, Any]:
+    """Everything that identifies a conversion's output: a resumed run must match it exactly."""
+    return {
+        "to": target.name,
+        **target.fields(options),
+        "source": options.source_label or str(ck.root.resolve()),
+        "source_family": det.family.name,
+        "source_files": [[f.name, f.stat().st_size] for f in sorted(ck.files)],
+    }

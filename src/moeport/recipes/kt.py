@@ -1,0 +1,242 @@
+"""Targets `kt-int4|kt-int8`: kt-kernel's AMXINT4/AMXINT8 CPU expert weights.
+
+Per routed expert (MTP layers included, as kt's own converter does) the plan is: decode each of
+gate/up/down from its stored format to bf16 (kt quantizes from bf16; float sources are rounded by
+the codec itself), `Split` it into T NUMA slices of the intermediate dim (gate/up rows, down
+columns), and `Encode` every slice with `KtAmxCodec`. Transformers-fused sources are `Unstack`ed
+first, read one expert at a time. Non-expert tensors are copied unchanged into the merged form's
+base shards; the folder form holds experts only. Sinks: sinks.kt (merged files or layer folders).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moeport.codecs import kt_amx as K
+from moeport.convert.dequantize import FLOAT_FORMATS, Decode, active_parts
+from moeport.convert.encode import Encode, part_specs
+from moeport.convert.plan import Plan, Unit, finalize
+from moeport.detect.detection import Detection
+from moeport.detect.layout import match_layout
+from moeport.errors import MoeportError
+from moeport.mappings.ops import Chain, Copy, Op, Split, Unstack
+from moeport.mappings.rules import ROWS, VECTOR
+from moeport.recipes.base import Options, Target
+from moeport.recipes.kt_shapes import expert_shape
+from moeport.sinks.kt import KtFoldersSink, KtMergedSink
+from moeport.sinks.kt_layout import LAYOUT_VERSION, KtLayout, KtSlot
+from moeport.sources.checkpoint import Checkpoint
+
+KT_LAYOUTS = ("merged", "folders")
+Groups = dict[tuple[int, str], dict[str, str]]  # (expert or -1 when fused, role) -> {part: key}
+
+
+def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[Plan, KtLayout]:
+    """Check everything headers can tell (layout, shapes, alignment), then plan every expert."""
+    if opts.kt_layout not in KT_LAYOUTS:
+        raise MoeportError(f"--kt-layout {opts.kt_layout}: expected one of {', '.join(KT_LAYOUTS)}")
+    if opts.numa < 1:
+        raise MoeportError(
+            f"--numa {opts.numa}: expected a positive number of NUMA slices (kt's threadpool_count)"
+        )
+    layout = det.layout
+    if layout.transposed or layout.gate_up_interleaved:
+        raise MoeportError(
+            f"{ck.root}: {det.family.title} experts (interleaved/transposed gate_up with biases) "
+            "have no kt-kernel AMX equivalent"
+        )
+    match = match_layout(ck.keys(), layout, det.layer_prefix)
+    if match is None:
+        raise MoeportError(f"{ck.root}: no routed-expert tensors found")
+    role_of = {proj: role for role, proj in layout.projs.items()}
+    fused = layout.kind == "fused"
+    layers: dict[int, tuple[Groups, int]] = {}
+    shapes: dict[int, tuple[int, int]] = {}
+    converted: set[str] = set()
+    for number in sorted(set(det.moe_layers) | {L for L in det.mtp_layers if L in match.layers}):
+        found = match.layers[number]
+        groups: Groups = {}
+        for (e, proj), group in found.parts.items():
+            bias = sorted(p for p in group if "bias" in p)
+            if bias:
+                raise MoeportError(f"{group[bias[0]]}: kt-kernel AMX experts have no bias term")
+            groups[(e, role_of[proj])] = active_parts(group)
+        experts = _fused_experts(ck, groups) if fused else det.experts_per_layer
+        shapes[number] = expert_shape(ck, number, groups, experts, det.expert_format, fused)
+        layers[number] = (groups, experts)
+        converted.update(found.keys)
+    if not layers:
+        raise MoeportError(f"{ck.root}: no MoE layers to convert")
+    first = next(iter(layers))
+    hidden, inter = shapes[first]
+    for number, hi in shapes.items():
+        if hi != (hidden, inter):
+            raise MoeportError(
+                f"{ck.root}: layer {number} experts are hidden {hi[0]} x intermediate {hi[1]}, layer "
+                f"{first} {hidden} x {inter}; kt needs one size for all MoE layers"
+            )
+    if det.hidden_size is not None and det.hidden_size != hidden:
+        raise MoeportError(
+            f"{ck.root}: expert tensors have hidden size {hidden}, config.json says {det.hidden_size}"
+        )
+    K.check_alignment(hidden, inter, opts.numa, bits, where=f"{ck.root} experts [I={inter}, H={hidden}]")
+    experts = {e for _, e in layers.values()}
+    if len(experts) != 1:
+        raise MoeportError(f"{ck.root}: MoE layers have {sorted(experts)} experts; kt needs one count")
+    kt = KtLayout(bits, opts.numa, hidden, inter, tuple(layers), experts.pop())
+    builder = _Builder(kt, det, opts.device)
+    units: list[Unit] = []
+    others = [k for k in ck.keys() if k not in converted]
+    if opts.kt_layout == "merged":
+        units += [Unit(None, Copy(k, k)) for k in others]
+    for number, (groups, _) in layers.items():
+        if fused:
+            units.append(Unit(number, Chain(tuple(builder.fused_layer(ck, number, groups)))))
+        else:
+            units += [
+                Unit(number, Chain(tuple(builder.expert(number, e, groups)))) for e in range(kt.experts)
+            ]
+    plan = Plan(units, None, torch_threads=1)
+    fmt = det.expert_format
+    plan.title = (
+        f"{det.family.title} ({fmt.name}, {layout.kind}) -> {kt.method} T={kt.tp} {opts.kt_layout}: "
+        f"{len(kt.layers)} MoE layers x {kt.experts} experts, H={hidden} I={inter}"
+    )
+    if others and opts.kt_layout == "folders":
+        plan.notes.append(f"{len(others)} non-expert tensors not copied: kt's folder form holds experts only")
+    return finalize(plan, ck), kt
+
+
+def _fused_experts(ck: Checkpoint, groups: Groups) -> int:
+    gate_up = groups.get((-1, "gate_up"))
+    if not gate_up:
+        raise MoeportError(f"{ck.root}: fused experts without a gate_up tensor")
+    return ck.info(gate_up.get("weight") or next(iter(gate_up.values()))).shape[0]
+
+
+class _Builder:
+    """The ops of one expert (or one fused layer): decode to bf16, NUMA slices, AMX encode."""
+
+    def __init__(self, kt: KtLayout, det: Detection, device: str):
+        self.kt, self.fmt, self.device = kt, det.expert_format, device
+        self.codec = K.KtAmxCodec(kt.bits)
+        self._specs: dict[tuple[int, int], tuple] = {}
+
+    def _decoded(self, group: dict[str, str], shape: tuple[int, int], ops: list[Op]) -> str:
+        """Name of the weight as bf16 (float sources go as they are: the codec rounds to bf16)."""
+        if self.fmt.name in FLOAT_FORMATS:
+            return group["weight"]
+        weight = next(iter(group.values()))
+        target = f"{weight}#bf16"
+        ops.append(Decode(tuple(group.items()), target, self.fmt, shape, torch.bfloat16, device=self.device))
+        return target
+
+    def _slices(self, layer: int, e: int, mats: dict[str, str], ops: list[Op]) -> None:
+        """Split gate/up rows and down columns into T slices; encode each, in kt's output order."""
+        tp, part = self.kt.tp, self.kt.inter // self.kt.tp
+        for proj, name in mats.items():
+            if proj == "gate_up":  # one decoded [2I, H]: gate's T slices, then up's
+                targets = tuple(f"{name}#{p}{t}" for p in ("gate", "up") for t in range(tp))
+                ops.append(Split(name, targets, ROWS, (part,) * 2 * tp))
+            else:
+                rule = VECTOR if proj == "down" else ROWS  # down [H, I] is cut along its columns
+                ops.append(Split(name, tuple(f"{name}#{proj}{t}" for t in range(tp)), rule, (part,) * tp))
+        for slot in self.kt.slots(layer):
+            if slot.expert != e:
+                continue
+            source = mats.get(slot.proj, mats.get("gate_up"))
+            ops.append(self._encode(f"{source}#{slot.proj}{slot.t}", slot))
+
+    def _encode(self, source: str, slot: KtSlot) -> Encode:
+        shape = (slot.n, slot.k)
+        if shape not in self._specs:
+            self._specs[shape] = part_specs(self.codec, shape, slot.key("weight"))
+        return Encode(
+            source, slot.key("weight").removesuffix("weight"), self.codec, self._specs[shape], self.device
+        )
+
+    def expert(self, layer: int, e: int, groups: Groups) -> list[Op]:
+        ops: list[Op] = []
+        h, i = self.kt.hidden, self.kt.inter
+        shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
+        mats = {role: self._decoded(groups[(e, role)], shapes[role], ops) for role in ("gate", "up", "down")}
+        self._slices(layer, e, mats, ops)
+        return ops
+
+    def fused_layer(self, ck: Checkpoint, layer: int, groups: Groups) -> list[Op]:
+        """Every part with an expert dim is unstacked (read one expert at a time); then per expert."""
+        ops: list[Op] = []
+        experts, h, i = self.kt.experts, self.kt.hidden, self.kt.inter
+        per_expert: dict[str, list[dict[str, str]]] = {}
+        for role in ("gate_up", "down"):
+            per_expert[role] = [{} for _ in range(experts)]
+            for part, key in groups[(-1, role)].items():
+                shape = ck.info(key).shape
+                if shape and shape[0] == experts:
+                    names = tuple(f"{key}#{e}" for e in range(experts))
+                    ops.append(Unstack(key, names))
+                else:  # one value shared by every expert (a per-tensor scale)
+                    names = (key,) * experts
+                for e in range(experts):
+                    per_expert[role][e][part] = names[e]
+        for e in range(experts):
+            mats = {
+                "gate_up": self._decoded(per_expert["gate_up"][e], (2 * i, h), ops),
+                "down": self._decoded(per_expert["down"][e], (h, i), ops),
+            }
+            self._slices(layer, e, mats, ops)
+        return ops
+
+
+def _prefer_workqueue_threads() -> None:
+    """numba's default OpenMP layer keeps its workers spinning between kernel launches; with one
+    launch per expert matrix that steals the cores the rest of the loop needs (measured 2-3x slower
+    on a busy 2-core machine). The workqueue layer sleeps instead. A user's NUMBA_THREADING_LAYER
+    wins, and the setting only matters before the first parallel kernel of the process."""
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    import numba
+
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+def _build(bits: int):
+    def build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
+        _prefer_workqueue_threads()
+        plan, kt = plan_kt(ck, det, bits, opts)
+        meta = {
+            **metadata,
+            "source": opts.source_label or str(ck.root.resolve()),
+            "source_family": det.family.name,
+            "source_format": det.expert_format.name,
+        }
+        sink = KtMergedSink(kt, meta) if opts.kt_layout == "merged" else KtFoldersSink(kt, meta)
+        return plan, sink
+
+    return build
+
+
+def _fields(bits: int):
+    def fields(opts: Options) -> dict[str, object]:
+        method = K.method_name(bits)
+        return {
+            "method": method,
+            "threadpool_count": opts.numa,
+            "kt_layout": opts.kt_layout,
+            "layout_version": LAYOUT_VERSION,
+        }
+
+    return fields
+
+
+TARGETS = [
+    Target(
+        f"kt-int{bits}",
+        f"kt-kernel {K.method_name(bits)} CPU experts (--numa T, --kt-layout merged|folders)",
+        _build(bits),
+        _fields(bits),
+    )
+    for bits in (4, 8)
+]

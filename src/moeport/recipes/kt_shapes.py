@@ -1,0 +1,46 @@
+"""The (hidden, intermediate) size of a layer's experts, from headers, every projection checked.
+
+kt-kernel's loader trusts shapes; a transposed fused gate_up [E, H, 2I] would load as garbage
+(kt's own script converts it silently), so every expert and projection is checked here first.
+"""
+
+from __future__ import annotations
+
+from moeport.convert.dequantize import decoded_shape
+from moeport.detect.formats import ExpertFormat
+from moeport.errors import MoeportError
+from moeport.sources.checkpoint import Checkpoint
+
+Groups = dict[tuple[int, str], dict[str, str]]
+
+
+def expert_shape(
+    ck: Checkpoint, layer: int, groups: Groups, experts: int, fmt: ExpertFormat, fused: bool
+) -> tuple[int, int]:
+    def shape(role: tuple[int, str]) -> tuple[int, ...]:
+        group = groups.get(role)
+        if group is None:
+            raise MoeportError(f"{ck.root}: layer {layer} has no {role[1]} experts tensor")
+        where = next(iter(group.values()))
+        return decoded_shape(fmt, {p: ck.info(n).shape for p, n in group.items()}, where)
+
+    if fused:
+        gu, down = shape((-1, "gate_up")), shape((-1, "down"))
+        gu_key = next(iter(groups[(-1, "gate_up")].values()))
+        if len(gu) != 3 or len(down) != 3:
+            raise MoeportError(f"{gu_key}: fused experts must be 3-D [E, 2I, H] / [E, H, I]")
+        e, h, i = down
+        if tuple(gu) != (e, 2 * i, h):
+            raise MoeportError(
+                f"{gu_key}: shape {list(gu)}, expected [E, 2I, H] = {[e, 2 * i, h]} (from down_proj "
+                f"{list(down)}); gate rows first, then up"
+            )
+        return h, i
+    i, h = shape((0, "gate"))
+    for e in range(experts):
+        for role, want in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
+            got = shape((e, role))
+            if tuple(got) != want:
+                key = next(iter(groups[(e, role)].values()))
+                raise MoeportError(f"{key}: shape {list(got)}, expected {list(want)} (gate is {[i, h]})")
+    return h, i
