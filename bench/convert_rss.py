@@ -86,7 +86,7 @@ def main() -> None:
     src, total, layer, moe_layers = synthetic_source(work, args.gb)
     py = sys.executable
     rows = []
-    _, base = peak_rss([py, "-c", "import torch, moeport.cli.app, moeport.convert.hf"])
+    _, base = peak_rss([py, "-c", "import torch, moeport.cli.app, moeport.recipes.hf"])
     rows.append(("fixed overhead (imports)", None, base))
     moeport = [py, "-m", "moeport", "convert", "--quiet", "--overwrite"]
     secs, rss = peak_rss([*moeport, str(src), str(work / "fused"), "--layout", "fused"])

@@ -22,7 +22,7 @@ MOEPORT_JOB = """
 import sys
 from pathlib import Path
 from moeport.convert.execute import execute
-from moeport.convert.gpu_formats import Recipe, plan_gpu
+from moeport.recipes.gpu import Recipe, plan_gpu
 from moeport.detect import detect
 from moeport.sources import open_checkpoint
 with open_checkpoint(sys.argv[1]) as ck:
@@ -50,7 +50,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="moeport-gpu-"))
     src, total, layer, _ = synthetic_source(work, args.gb)
     g = str(args.group_size)
-    _, base = peak_rss([sys.executable, "-c", "import torch, moeport.convert.gpu_formats"])
+    _, base = peak_rss([sys.executable, "-c", "import torch, moeport.recipes.gpu"])
     rows = [("moeport", *peak_rss([sys.executable, "-c", MOEPORT_JOB, str(src), str(work / "ours"), g]))]
     if Path(args.llmc_python).exists():
         rows.append(

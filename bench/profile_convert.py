@@ -14,8 +14,8 @@ from pathlib import Path
 
 from moeport.convert.batching import Batcher
 from moeport.convert.execute import execute
-from moeport.convert.gpu_formats import Recipe, plan_gpu
-from moeport.convert.hf import DTYPES, plan_hf
+from moeport.recipes.gpu import Recipe, plan_gpu
+from moeport.recipes.hf import DTYPES, plan_hf
 from moeport.detect import detect
 from moeport.sources import open_checkpoint
 

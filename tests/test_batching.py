@@ -12,9 +12,9 @@ from fixtures import shard_bytes
 
 from moeport.convert.batching import Batcher
 from moeport.convert.execute import execute
-from moeport.convert.gpu_formats import Recipe, plan_gpu
-from moeport.convert.hf import DTYPES, plan_hf
 from moeport.detect import detect
+from moeport.recipes.gpu import Recipe, plan_gpu
+from moeport.recipes.hf import DTYPES, plan_hf
 from moeport.sources import open_checkpoint
 
 JOBS = [  # (model type, source layout, source format, recipe or (layout, dtype))

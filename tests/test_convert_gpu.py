@@ -18,9 +18,9 @@ from fixtures import load_tensors
 
 from moeport.codecs import PackQuantizedCodec
 from moeport.convert.execute import execute
-from moeport.convert.gpu_formats import Recipe, plan_gpu
 from moeport.detect import detect
 from moeport.errors import MoeportError
+from moeport.recipes.gpu import Recipe, plan_gpu
 from moeport.sources import open_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,14 +14,22 @@ from fixtures import FAMILY_CONFIGS, MULTIMODAL, load_tensors
 from rich.console import Console
 from safetensors.torch import save_file
 
-from moeport.cli.convert import run_convert
+from moeport.cli.convert import RunFlags, run_convert
 from moeport.codecs import Fp8BlockCodec, Fp8ScaledCodec, GptOssMxfp4Codec
+from moeport.recipes import Options
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 
 
 def convert(src: Path, dst: Path, layout: str = "hub", dtype: str = "keep", dry_run: bool = False) -> None:
-    run_convert(src, dst, "hf", layout, dtype, "5GB", dry_run, True, True, Console(quiet=True))
+    run_convert(
+        src,
+        dst,
+        "hf",
+        Options(layout=layout, dtype=dtype),
+        RunFlags(dry_run, True, True),
+        Console(quiet=True),
+    )
 
 
 def convert_cli(*args: str) -> subprocess.CompletedProcess:

@@ -7,12 +7,10 @@ alignment: hidden 256, expert intermediate 256, 4 experts, 2 MoE layers.
 from __future__ import annotations
 
 import json
-import random
 import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,9 @@ from kt_support import import_kt, kt_wrapper
 from safetensors import safe_open
 
 from moeport.codecs import kt_amx as K
-from moeport.convert.kt import JOURNAL_NAME, MANIFEST_NAME
+from moeport.convert.destination import JOURNAL_NAME, staging_of
+from moeport.sinks import kt_layout as L
+from moeport.sinks.kt import MANIFEST_NAME
 from moeport.sinks.sharded import INDEX_NAME
 
 H = 256
@@ -223,10 +223,10 @@ def test_bytes_equal_kt_quantize_of_source(main, kt_checkpoint, tmp_path, to):
     layer, e = 2, 3
     gate, up, down = _source_experts(src, "deepseek_v3", layer)[e]
     for t, mats in enumerate(K.tp_slices(gate, up, down, 2)):
-        for proj, m in zip(K.PROJS, mats, strict=True):
+        for proj, m in zip(L.PROJS, mats, strict=True):
             q, s = K.kt_quantize(m, bits)
-            assert torch.equal(_read_merged(dst, K.merged_key(layer, proj, e, t, "weight")), q)
-            assert torch.equal(_read_merged(dst, K.merged_key(layer, proj, e, t, "scale")), s)
+            assert torch.equal(_read_merged(dst, L.merged_key(layer, proj, e, t, "weight")), q)
+            assert torch.equal(_read_merged(dst, L.merged_key(layer, proj, e, t, "scale")), s)
     index = json.loads((dst / INDEX_NAME).read_text())
     shards = sorted(set(index["weight_map"].values()))
     total = 0
@@ -282,74 +282,14 @@ def test_fp8_block_source_bytes(main, kt_checkpoint, tmp_path, model_type, block
                 for n in ("gate_proj", "up_proj", "down_proj")
             ]
     for t, slices in enumerate(K.tp_slices(*mats, 2)):
-        for proj, m in zip(K.PROJS, slices, strict=True):
+        for proj, m in zip(L.PROJS, slices, strict=True):
             q, s = K.kt_quantize(m, 4)
-            assert torch.equal(_read_merged(dst, K.merged_key(layer, proj, e, t, "weight")), q)
-            assert torch.equal(_read_merged(dst, K.merged_key(layer, proj, e, t, "scale")), s)
+            assert torch.equal(_read_merged(dst, L.merged_key(layer, proj, e, t, "weight")), q)
+            assert torch.equal(_read_merged(dst, L.merged_key(layer, proj, e, t, "scale")), s)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    """A DeepSeek-V3-shaped checkpoint with 5 MoE layers of 8 experts."""
-    from moeport.synthetic import SyntheticSpec, write_synthetic
-
-    out = tmp_path_factory.mktemp("synthetic") / "ds"
-    spec = SyntheticSpec(hidden_size=H, moe_intermediate_size=I_SIZE, n_routed_experts=8, num_hidden_layers=6)
-    write_synthetic(out, spec)
-    return out
-
-
-def _steps(dst: Path) -> int | None:
-    journal = dst / JOURNAL_NAME
-    return len(json.loads(journal.read_text())["steps"]) if journal.exists() else None
-
-
-def _kill_when(proc: subprocess.Popen, ready) -> bool:
-    """SIGKILL `proc` as soon as ready() holds (polled every ms); False if it finished first."""
-    while proc.poll() is None:
-        if ready():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.001)
-    return False
-
-
-@pytest.mark.parametrize("kt_layout,kills", [("merged", 3), ("folders", 2)])
-def test_sigkill_and_resume_is_byte_identical(main, synthetic, tmp_path, kt_layout, kills):
-    """Kills land at seeded points of progress (after k finished steps, or inside a layer being
-    written), found by watching DST, so they fall inside the conversion whatever the machine's speed."""
-    args = ("--to", "kt-int8", "--numa", "2", "--kt-layout", kt_layout, "--quiet")
-    ref = tmp_path / "ref"
-    convert(main, synthetic, ref, *args)
-    want = _tree(ref)
-    total = _steps(ref)
-    rng = random.Random(7 if kt_layout == "merged" else 8)
-    dst = tmp_path / "dst"
-    cmd = [sys.executable, "-m", "moeport", "convert", str(synthetic), str(dst), *args]
-    killed = []
-    for target in sorted(rng.sample(range(1, total), kills)):
-        inside = rng.random() < 0.5  # mid-layer: a layer's temporary file/folder exists
-
-        def ready(target=target, inside=inside) -> bool:
-            n = _steps(dst) or 0
-            if inside:
-                return n >= target - 1 and any(
-                    p.name.startswith(("model-kt", "_layer")) for p in dst.glob("*.partial")
-                )
-            return n >= target
-
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if _kill_when(proc, ready):
-            killed.append((target, inside, _steps(dst)))
-    assert killed, "every run finished before its kill point"
-    assert all(n is not None and n < total for _, _, n in killed), killed
-    convert(main, synthetic, dst, *args)
-    assert _tree(dst) == want
 
 
 def test_disk_full_fails_cleanly(main, kt_checkpoint, tmp_path):
@@ -365,9 +305,9 @@ def test_disk_full_fails_cleanly(main, kt_checkpoint, tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "File too large" in lines[0] and "error:" in lines[0], result.stderr
-    assert not (dst / INDEX_NAME).exists()
-    assert not json.loads((dst / JOURNAL_NAME).read_text())["complete"]
-    assert not list(dst.glob("*.partial"))
+    assert not dst.exists()  # DST appears only when complete; the staging folder keeps what is done
+    assert not json.loads((staging_of(dst) / JOURNAL_NAME).read_text())["complete"]
+    assert not list(staging_of(dst).glob("*.partial"))
     # with room again, the same command finishes the job
     convert(main, src, dst, "--to", "kt-int4", "--quiet")
     assert (dst / INDEX_NAME).exists()
@@ -396,22 +336,39 @@ def test_misaligned_shape_suggests_tp(main, kt_checkpoint, tmp_path):
     assert not (tmp_path / "kt").exists()
 
 
-def test_preflight_disk_and_memory(kt_checkpoint, tmp_path, monkeypatch):
-    from moeport.convert import kt as kt_mod
+def _kt_run(src: Path, dst: Path, to: str, tp: int, kt_layout: str = "merged", batch: int = 0, **kw):
+    """A kt conversion through the shared executor (API, no CLI); `batch` experts per GPU-style
+    batch, run on the CPU (0: one at a time)."""
+    from moeport.convert.batching import Batcher
+    from moeport.convert.execute import execute
     from moeport.detect import detect
-    from moeport.errors import MoeportError
+    from moeport.recipes import TARGETS, Options, job_recipe
     from moeport.sources import open_checkpoint
 
-    src = kt_checkpoint("glm_moe_dsa")
+    target = TARGETS[to]
+    options = Options(numa=tp, kt_layout=kt_layout)
     with open_checkpoint(src) as ck:
-        plan = kt_mod.plan_kt(ck, detect(ck), "kt-int4", 1, "merged", str(src))
-        monkeypatch.setattr(kt_mod, "_free_space", lambda p: (1000, p))
-        with pytest.raises(MoeportError, match=r"not enough disk space: the output needs .* GB"):
-            kt_mod.convert_kt(plan, tmp_path / "kt")
-        monkeypatch.undo()
-        with pytest.raises(MoeportError, match=r"--max-memory"):
-            kt_mod.convert_kt(plan, tmp_path / "kt2", max_memory=10**6)
-    assert not (tmp_path / "kt2" / INDEX_NAME).exists()
+        det = detect(ck)
+        recipe = job_recipe(target, options, ck, det)
+        plan, sink = target.build(ck, det, options, {})
+        batcher = Batcher("cpu", max_elements=batch * I_SIZE * H) if batch else None
+        execute(plan, ck, dst, sink, batcher=batcher, recipe=recipe, **kw)
+        return batcher
+
+
+def test_preflight_disk_and_memory(kt_checkpoint, tmp_path, monkeypatch):
+    from moeport.convert import destination
+    from moeport.errors import MoeportError
+
+    src = kt_checkpoint("glm_moe_dsa")
+    monkeypatch.setattr(destination, "free_bytes", lambda p: 1000)
+    with pytest.raises(MoeportError, match=r"not enough disk space: the output needs .* GB"):
+        _kt_run(src, tmp_path / "kt", "kt-int4", 1)
+    monkeypatch.undo()
+    with pytest.raises(MoeportError, match=r"--max-memory"):
+        _kt_run(src, tmp_path / "kt2", "kt-int4", 1, max_memory=10**6)
+    assert not (tmp_path / "kt").exists() and not staging_of(tmp_path / "kt").exists()
+    assert not (tmp_path / "kt2").exists() and not staging_of(tmp_path / "kt2").exists()
 
 
 def test_fused_gate_up_shape_is_checked(main, kt_checkpoint, tmp_path):
@@ -463,11 +420,11 @@ def test_mtp_layer_experts_are_converted(main, kt_checkpoint, tmp_path):
     dst = tmp_path / "kt"
     convert(main, src, dst, "--to", "kt-int4", "--quiet")
     weight_map = json.loads((dst / INDEX_NAME).read_text())["weight_map"]
-    assert weight_map[K.merged_key(3, "down", 3, 0, "scale")] == "model-kt-layer-00003.safetensors"
+    assert weight_map[L.merged_key(3, "down", 3, 0, "scale")] == "model-kt-layer-00003.safetensors"
     assert not [k for k in weight_map if k.startswith("model.layers.3.mlp.experts.")]
     assert torch.equal(
-        _read_merged(dst, K.merged_key(3, "up", 1, 0, "weight")),
-        _read_merged(dst, K.merged_key(2, "up", 1, 0, "weight")),
+        _read_merged(dst, L.merged_key(3, "up", 1, 0, "weight")),
+        _read_merged(dst, L.merged_key(2, "up", 1, 0, "weight")),
     )
 
 
@@ -478,18 +435,12 @@ def test_mtp_layer_experts_are_converted(main, kt_checkpoint, tmp_path):
 def test_batched_experts_write_the_same_bytes(kt_checkpoint, tmp_path, model_type, block, to, kt_layout):
     """The GPU path's way (a stack of experts decoded and quantized together, torch kernels), run
     here on the CPU with 3 experts per batch, equals the one-expert-at-a-time path byte for byte."""
-    from moeport.convert.kt import convert_kt, plan_kt
-    from moeport.detect import detect
-    from moeport.sources import open_checkpoint
-
     src = kt_checkpoint(model_type, block)
     trees = []
     for batch in (0, 3):
-        with open_checkpoint(src) as ck:
-            plan = plan_kt(ck, detect(ck), to, 2, kt_layout, str(src))
-            plan.batch_experts = batch
-            assert plan.experts_per_batch() == (batch or 1)
-            convert_kt(plan, tmp_path / f"batch-{batch}")
+        batcher = _kt_run(src, tmp_path / f"batch-{batch}", to, 2, kt_layout, batch)
+        if batch:
+            assert batcher.jobs_run > batcher.batches_run > 0  # it did batch
         trees.append(_tree(tmp_path / f"batch-{batch}"))
     assert trees[0] and trees[0] == trees[1]
 
@@ -501,10 +452,7 @@ def test_nan_in_one_expert_is_named(kt_checkpoint, tmp_path, batch):
 
     from safetensors.torch import load_file, save_file
 
-    from moeport.convert.kt import convert_kt, plan_kt
-    from moeport.detect import detect
     from moeport.errors import MoeportError
-    from moeport.sources import open_checkpoint
 
     src = tmp_path / "src"
     shutil.copytree(kt_checkpoint("deepseek_v3"), src)
@@ -513,8 +461,6 @@ def test_nan_in_one_expert_is_named(kt_checkpoint, tmp_path, batch):
     tensors = load_file(str(shard))
     tensors[key][7, 3] = float("nan")
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    with open_checkpoint(src) as ck:
-        plan = plan_kt(ck, detect(ck), "kt-int4", 1, "merged", str(src))
-        plan.batch_experts = batch
-        with pytest.raises(MoeportError, match=r"^blk\.1 expert 2 up numa 0: row 7 contains NaN or Inf$"):
-            convert_kt(plan, tmp_path / "out")
+    with pytest.raises(MoeportError, match=r"^blk\.1\.ffn_up_exps\.2\.numa\.0: row 7 contains NaN or Inf$"):
+        _kt_run(src, tmp_path / "out", "kt-int4", 1, batch=batch)
+    assert not (tmp_path / "out").exists()

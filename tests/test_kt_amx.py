@@ -11,6 +11,7 @@ from kt_support import kt_write_folder
 
 from moeport.codecs import kt_amx as K
 from moeport.errors import MoeportError
+from moeport.sinks import kt_layout as L
 
 
 def _experts(seed: int, e: int, i: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,9 +43,9 @@ def test_bytes_equal_kt_kernel(monkeypatch, tmp_path: Path, bits, tp, e, i, h):
     expected: set[str] = set()
     for x in range(e):
         for t, mats in enumerate(K.tp_slices(gate[x], up[x], down[x], tp)):
-            for proj, m in zip(K.PROJS, mats, strict=True):
+            for proj, m in zip(L.PROJS, mats, strict=True):
                 q, s = K.kt_quantize(m, bits)
-                qpath, spath = K.folder_paths(0, proj, x, t, *m.shape, bits)
+                qpath, spath = L.folder_paths(0, proj, x, t, *m.shape, bits)
                 expected |= {qpath, spath}
                 assert (out / qpath).read_bytes() == q.numpy().tobytes(), f"{qpath} differs"
                 assert (out / spath).read_bytes() == s.numpy().tobytes(), f"{spath} differs"
@@ -164,8 +165,8 @@ def test_tp_slices_and_names():
     parts = K.tp_slices(gate, up, down, 2)
     assert torch.equal(parts[1][0], gate[128:]) and torch.equal(parts[1][1], up[128:])
     assert torch.equal(parts[1][2], down[:, 128:]) and parts[1][2].is_contiguous()
-    assert K.merged_key(3, "down", 17, 1, "scale") == "blk.3.ffn_down_exps.17.numa.1.scale"
-    assert K.folder_paths(3, "up", 5, 1, 256, 7168, 4) == (
+    assert L.merged_key(3, "down", 17, 1, "scale") == "blk.3.ffn_down_exps.17.numa.1.scale"
+    assert L.folder_paths(3, "up", 5, 1, 256, 7168, 4) == (
         "_layer_3/_numa_1/INT4_up_5_917504Byte_quant_.kt",
         "_layer_3/_numa_1/INT4_up_5_1024Byte_scale_.kt",
     )

@@ -12,10 +12,11 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moeport.cli.convert import run_convert
+from moeport.cli.convert import RunFlags, run_convert
 from moeport.convert.execute import execute
-from moeport.convert.gpu_formats import Recipe, plan_gpu
 from moeport.detect import detect
+from moeport.recipes import Options
+from moeport.recipes.gpu import Recipe, plan_gpu
 from moeport.sources import open_checkpoint
 from moeport.verify.run import verify
 
@@ -25,7 +26,9 @@ L1 = "model.layers.1.mlp.experts."
 def hf(src: Path, out: Path, layout: str) -> Path:
     from rich.console import Console
 
-    run_convert(src, out, "hf", layout, "keep", "5GB", False, True, True, Console(quiet=True))
+    run_convert(
+        src, out, "hf", Options(layout=layout), RunFlags(overwrite=True, quiet=True), Console(quiet=True)
+    )
     return out
 
 

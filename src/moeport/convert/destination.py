@@ -105,7 +105,7 @@ def preflight(dst: Path, pieces: list[Piece], kept: set[str], peak: int, max_mem
     where = dst
     while not where.exists():
         where = where.parent
-    free = shutil.disk_usage(where).free
+    free = free_bytes(where)
     if need > free:
         raise MoeportError(
             f"{dst}: not enough disk space: the output needs {need / 1e9:.2f} GB, {where} has "
@@ -116,6 +116,10 @@ def preflight(dst: Path, pieces: list[Piece], kept: set[str], peak: int, max_mem
             f"--max-memory {max_memory / 1e9:.2f} GB: this conversion needs about "
             f"{(peak + PROCESS_OVERHEAD) / 1e9:.2f} GB (one unit of work at a time)"
         )
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
 
 
 def publish(staging: Path, dst: Path) -> None:
