@@ -10,6 +10,7 @@ Quantization math: int_rtn (compressed-tensors conventions). Scale dtype = the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,8 @@ class PackQuantizedCodec:
     symmetric: bool = True
     scale_dtype: torch.dtype = torch.bfloat16
     name: str = "ct-pack-quantized"
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = True
 
     @property
     def required(self) -> tuple[str, ...]:

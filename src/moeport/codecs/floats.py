@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -15,6 +16,8 @@ FLOAT_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 class FloatCodec:
     name: str = "bf16"
     required: tuple[str, ...] = ("weight",)
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     @property
     def dtype(self) -> torch.dtype:

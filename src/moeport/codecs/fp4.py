@@ -9,6 +9,7 @@ the sign bit (code 8), equal in value to +0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -78,6 +79,8 @@ class GptOssMxfp4Codec:
 
     name: str = "mxfp4-gpt-oss"
     required: tuple[str, ...] = ("_blocks", "_scales")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -99,6 +102,8 @@ class Dsv4Mxfp4Codec:
 
     name: str = "mxfp4-deepseek-v4"
     required: tuple[str, ...] = ("weight", "scale")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -119,6 +124,8 @@ class Nvfp4Codec:
 
     name: str = "nvfp4"
     required: tuple[str, ...] = ("weight", "weight_scale", "weight_scale_2")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)

@@ -9,6 +9,7 @@ ue8m0 scales are powers of two rounded up, computed explicitly (a cast to E8M0 r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -59,6 +60,8 @@ class Fp8BlockCodec:
     scale_dtype: torch.dtype = torch.float32  # ue8m0 producers use float8_e8m0fnu
     scale_name: str = "weight_scale_inv"
     name: str = "fp8-block"
+    stacked_decode: ClassVar[bool] = True
+    stacked_encode: ClassVar[bool] = True
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -127,10 +130,15 @@ class Fp8ScaledCodec:
     scale_dtype: torch.dtype = torch.float32
     scale_name: str = "weight_scale"
     name: str = "fp8"
+    stacked_decode: ClassVar[bool] = False
 
     @property
     def required(self) -> tuple[str, ...]:
         return ("weight", self.scale_name)
+
+    @property
+    def stacked_encode(self) -> bool:
+        return self.strategy == "channel"  # a per-tensor scale would span the whole stack
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)

@@ -10,6 +10,7 @@ Encoding is RTN with AutoGPTQ's parameter rule (0 always representable; scale=(m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -52,6 +53,8 @@ class GptqCodec:
     checkpoint_format: str = "gptq"  # "gptq" (v1: zero-1 stored) | "gptq_v2"
     name: str = "gptq"
     required: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -102,6 +105,8 @@ class AwqCodec:
     group_size: int = 128
     name: str = "awq"
     required: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)

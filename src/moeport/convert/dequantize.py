@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from moeport.codecs.base import Codec
-from moeport.codecs.fp8 import Fp8BlockCodec
 from moeport.codecs.registry import codec_for
 from moeport.convert.batching import Batcher, active_batcher, items_per_batch
 from moeport.detect.formats import PASSIVE_PARTS, ExpertFormat, Part, classify
@@ -24,8 +23,6 @@ from moeport.mappings.ops import OneToOne, Op
 from moeport.mappings.values import DeviceLazy, Lazy, Value, is_meta, realize, realize_on, shape_of
 
 FLOAT_FORMATS = {"bf16", "fp16", "fp32", "fp64"}
-# Codecs whose decode takes a stack of weights [B, ...] at once (the others decode one by one).
-STACKABLE_DECODE = (Fp8BlockCodec,)
 # Parts that mean "this group is quantized" (a float `weight` alone is not).
 QUANTIZED_MARKERS = ("qweight", "weight_packed", "_blocks")
 # Activation-quantization parameters: meaningless once weights are dequantized.
@@ -100,7 +97,7 @@ class Decode(Op):
                 _decode_into(codec, tensors, out, self.transpose, self.where)
                 return
             experts = self.shape[0]
-            if self.device != "cpu" and isinstance(codec, STACKABLE_DECODE):
+            if self.device != "cpu" and codec.stacked_decode:
                 # a GPU decodes a chunk of experts per call, with one copy back per chunk
                 step = items_per_batch(math.prod(self.shape[1:]))
                 for e in range(0, experts, step):
@@ -169,7 +166,7 @@ def decode_stacked(codec: Codec, stacked: dict[str, torch.Tensor], names: list[s
     """Decode a stack of same-shape weights (parts stacked along a new first dim) in one call when
     the codec takes a stack; otherwise, or when that call fails, one by one, so that an error
     names the weight at fault (`names`, one per weight)."""
-    if isinstance(codec, STACKABLE_DECODE):
+    if codec.stacked_decode:
         try:
             return codec.decode(stacked, names[0])
         except MoeportError:

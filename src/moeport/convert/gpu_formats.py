@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moeport.codecs import Fp8BlockCodec, Fp8ScaledCodec, PackQuantizedCodec, float_quantized_codec
+from moeport.codecs import Fp8BlockCodec, PackQuantizedCodec, float_quantized_codec
 from moeport.codecs.base import Codec
 from moeport.convert.batching import active_batcher
 from moeport.convert.dequantize import Cast
@@ -116,7 +116,7 @@ class Encode(Op):
 def _encode_batch(codec: Codec, part_specs, device: str, where: str, batch: list[Value]) -> list[dict]:
     """Encode same-shape weights together: stacked on the device, one encode, one copy back per part."""
     w = stack_to(device, [realize_on(v, device) for v in batch])
-    if _stackable(codec):
+    if codec.stacked_encode:
         parts = codec.encode(w)
     else:
         each = [codec.encode(w[i]) for i in range(len(batch))]
@@ -127,13 +127,6 @@ def _encode_batch(codec: Codec, part_specs, device: str, where: str, batch: list
         if got.dtype != dtype or tuple(got.shape) != (len(batch), *shape):
             raise MoeportError(f"{where}{part}: encoded {got.dtype}{list(got.shape[1:])}, planned {shape}")
     return [{p: t[i] for p, t in host.items()} for i in range(len(batch))]
-
-
-def _stackable(codec: Codec) -> bool:
-    """Whether `codec.encode` takes a stack [B, N, K] and returns every part stacked."""
-    if isinstance(codec, Fp8ScaledCodec):
-        return codec.strategy == "channel"
-    return isinstance(codec, PackQuantizedCodec | Fp8BlockCodec)
 
 
 def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu") -> Plan:
