@@ -5,10 +5,10 @@ from __future__ import annotations
 from moeport.codecs.base import Codec
 from moeport.codecs.compressed_tensors import PackQuantizedCodec
 from moeport.codecs.floats import FloatCodec
+from moeport.codecs.format import ExpertFormat
 from moeport.codecs.fp4 import Dsv4Mxfp4Codec, GptOssMxfp4Codec, Nvfp4Codec
 from moeport.codecs.fp8 import Fp8BlockCodec, Fp8ScaledCodec
 from moeport.codecs.gptq import AwqCodec, GptqCodec
-from moeport.detect.formats import ExpertFormat
 from moeport.errors import MoeportError
 
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from moeport.codecs.base import Codec
+from moeport.codecs.format import PASSIVE_PARTS, ExpertFormat, Part
 from moeport.codecs.registry import codec_for
 from moeport.convert.batching import Batcher, active_batcher, items_per_batch
-from moeport.detect.formats import PASSIVE_PARTS, ExpertFormat, Part, classify
+from moeport.detect.formats import classify
 from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import OneToOne, Op

@@ -3,37 +3,20 @@
 A weight is a group of tensors sharing a prefix: `weight` alone (bf16), `weight` +
 `weight_scale_inv` (FP8 block), `qweight`/`scales`/`qzeros` (GPTQ/AWQ), `_blocks`/`_scales`
 (GPT-OSS MXFP4)... `classify` maps such a group, plus the config's quantization_config, to a
-format name and its parameters. Facts: ../shared/specs/formats.md.
+format name and its parameters. Facts: ../shared/specs/formats.md. ExpertFormat, Part and
+PASSIVE_PARTS live in codecs.format (imported here under their old path).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
+from moeport.codecs.format import PASSIVE_PARTS, ExpertFormat, Part
 from moeport.dtypes import FLOAT_DTYPES
 from moeport.errors import MoeportError
 
 _FLOAT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
-# Companions that travel with a weight but do not decide its format.
-PASSIVE_PARTS = frozenset({"bias", "_bias", "input_scale", "input_global_scale", "activation_scale"})
-
-
-@dataclass(frozen=True)
-class Part:
-    dtype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ExpertFormat:
-    name: str  # "bf16", "fp8-block", "mxfp4", "gptq", ...
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
-        return f"{self.name} ({extra})" if extra else self.name
 
 
 def classify(parts: dict[str, Part], quant: dict[str, Any], where: str) -> ExpertFormat:

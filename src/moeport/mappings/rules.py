@@ -4,31 +4,16 @@ A weight [.., N, K] may be stored as several parts (FP8 codes + block scales, GP
 scales, ...). When gate and up are concatenated along N (or split back), every part must be cut
 along *its* axis that indexes N, in *its* units: block scales hold one row per `block` rows of the
 weight, AWQ/GPTQ zero points pack 8 columns of N into one int32, a 0-d scale holds no N axis at all
-(it is duplicated on split and must agree on merge).
+(it is duplicated on split and must agree on merge). RowRule lives in codecs.format.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from moeport.detect.formats import ExpertFormat
+from moeport.codecs.format import REPLICATED, ROWS, VECTOR, ExpertFormat, RowRule
 from moeport.errors import MoeportError
 
+__all__ = ["REPLICATED", "ROWS", "VECTOR", "RowRule", "row_rules"]
 
-@dataclass(frozen=True)
-class RowRule:
-    """`axis` (negative, from the end) is the part's N axis, one stored index per `per` rows of N.
-
-    axis None: the part does not depend on N (0-d scale, g_idx): replicated, must agree on merge.
-    """
-
-    axis: int | None
-    per: int = 1
-
-
-REPLICATED = RowRule(None)
-ROWS = RowRule(-2)
-VECTOR = RowRule(-1)  # a 1-D per-row part such as a bias or a per-channel scale [N]
 
 # Parts whose shape never depends on N.
 _REPLICATED_PARTS = {"input_scale", "activation_scale", "input_global_scale", "weight_scale_2", "g_idx"}
