@@ -15,45 +15,16 @@ import torch
 
 from moeport.codecs.base import Codec
 from moeport.codecs.format import PASSIVE_PARTS, ExpertFormat, Part
-from moeport.codecs.registry import codec_for
+from moeport.codecs.registry import FLOAT_FORMATS, QUANTIZED_MARKERS, classify, codec_for
+from moeport.codecs.registry import decoded_shape as decoded_shape  # re-exported for hf and kt
 from moeport.convert.batching import Batcher, active_batcher, items_per_batch
-from moeport.detect.formats import classify
 from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import OneToOne, Op
 from moeport.mappings.values import DeviceLazy, Lazy, Value, is_meta, realize, realize_on, shape_of
 
-FLOAT_FORMATS = {"bf16", "fp16", "fp32", "fp64"}
-# Parts that mean "this group is quantized" (a float `weight` alone is not).
-QUANTIZED_MARKERS = ("qweight", "weight_packed", "_blocks")
 # Activation-quantization parameters: meaningless once weights are dequantized.
 ACTIVATION_PARTS = frozenset({"input_scale", "input_global_scale", "activation_scale"})
-
-
-def decoded_shape(fmt: ExpertFormat, shapes: dict[str, tuple[int, ...]], where: str) -> tuple[int, ...]:
-    """Logical [.., N, K] of a weight stored as `fmt`, from its parts' shapes (no data read)."""
-    name = fmt.name
-    try:
-        if name in FLOAT_FORMATS or name.startswith("fp8"):
-            return shapes["weight"]
-        if name == "mxfp4" and fmt.params.get("variant") == "gpt-oss":
-            b = shapes["_blocks"]
-            return (*b[:-2], b[-2] * b[-1] * 2)
-        if name in ("mxfp4", "nvfp4"):
-            w = shapes["weight"]
-            return (*w[:-1], w[-1] * 2)
-        if name == "gptq":
-            q = shapes["qweight"]
-            return (*q[:-2], q[-1], q[-2] * 8)
-        if name == "awq":
-            q = shapes["qweight"]
-            return (*q[:-2], q[-1] * 8, q[-2])
-        if name == "ct-pack-quantized":
-            p = shapes["weight_packed"]
-            return (*p[:-1], p[-1] * 32 // int(fmt.params.get("num_bits", 4)))
-    except KeyError as exc:
-        raise MoeportError(f"{where}: {fmt.describe()} weight without its '{exc.args[0]}' tensor") from None
-    raise MoeportError(f"{where}: cannot dequantize format {fmt.describe()}")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 
 from moeport.codecs.format import ExpertFormat, Part
-from moeport.detect.formats import classify
+from moeport.codecs.registry import classify
 from moeport.detect.layout import LayerExperts, LayoutMatch, layer_prefix_pattern, match_layout
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
