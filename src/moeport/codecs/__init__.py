@@ -1,14 +1,18 @@
 """One module per storage format; every codec decodes its parts to float32 and encodes back.
 
-| format | codec |
-|---|---|
-| bf16 / fp16 / fp32 | floats.FloatCodec |
-| FP8 block (`weight_scale_inv`, DeepSeek) | fp8.Fp8BlockCodec |
-| FP8 per-channel / per-tensor (`weight_scale`) | fp8.Fp8ScaledCodec |
-| MXFP4 GPT-OSS / DeepSeek-V4, NVFP4 (ModelOpt) | fp4 |
-| GPTQ v1/v2, AWQ GEMM | gptq |
-| compressed-tensors pack-quantized / float-quantized | compressed_tensors |
-| RTN INT4/INT8 math | int_rtn |
+Each module also declares its formats (format.StorageFormat: how a weight in it is recognised, its
+decoded shape, its parts' row rules, its codec); registry lists them in recognition order.
+
+| format | declared names | codec |
+|---|---|---|
+| bf16 / fp16 / fp32 (/ fp64, no codec) | bf16 fp16 fp32 fp64 | floats.FloatCodec |
+| FP8 block (`weight_scale_inv`, DeepSeek) | fp8-block | fp8.Fp8BlockCodec |
+| FP8 per-channel / per-tensor (`weight_scale`) | fp8-channel fp8-tensor | fp8.Fp8ScaledCodec |
+| MXFP4 GPT-OSS / DeepSeek-V4, NVFP4 (ModelOpt) | mxfp4 nvfp4 | fp4 |
+| GPTQ v1/v2, AWQ GEMM | gptq awq | gptq |
+| compressed-tensors packed (FP4: no codec) | ct-pack-quantized ct-nvfp4 ct-mxfp4 | compressed_tensors |
+| compressed-tensors float-quantized | fp8-channel fp8-tensor | compressed_tensors.float_quantized_codec |
+| RTN INT4/INT8 math | | int_rtn |
 """
 
 from moeport.codecs.base import Codec

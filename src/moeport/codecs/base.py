@@ -21,6 +21,17 @@ class Codec(Protocol):
     name: str
     required: tuple[str, ...]  # parts that must be present to decode
 
+    @property
+    def stacked_decode(self) -> bool:
+        """Whether `decode` takes a stack of same-shape weights (parts stacked on a new dim 0) in
+        one call; callers decode the others one weight at a time."""
+        ...
+
+    @property
+    def stacked_encode(self) -> bool:
+        """Whether `encode` takes a stack [B, N, K] and returns every part stacked."""
+        ...
+
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor: ...
 
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]: ...

@@ -5,16 +5,21 @@ pack-quantized: `weight_packed` I32 [N, ceil(K*b/32)] holding q + 2^(b-1) densel
 `weight_scale` [N, G] (G = 1 for channel), asymmetric adds `weight_zero_point` I32
 [ceil(N*b/32), G] (signed zero + 2^(b-1), packed along N), and `weight_shape` I64 [2] = [N, K].
 Quantization math: int_rtn (compressed-tensors conventions). Scale dtype = the source dtype.
+
+Formats: a `weight_packed` group is ct-pack-quantized (I32), or ct-nvfp4 / ct-mxfp4 (U8, recognised,
+no codec yet). compressed-tensors FP8 (`float-quantized`) is an fp8 format (codecs.fp8).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from moeport.codecs import cpu_kernels
 from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, need
+from moeport.codecs.format import ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
 from moeport.codecs.fp8 import Fp8ScaledCodec
 from moeport.codecs.int_rtn import group_size_of, rtn_codes, rtn_dequantize, rtn_params
 from moeport.codecs.packing import pack_int32, unpack_int32
@@ -28,6 +33,8 @@ class PackQuantizedCodec:
     symmetric: bool = True
     scale_dtype: torch.dtype = torch.bfloat16
     name: str = "ct-pack-quantized"
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = True
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -83,3 +90,69 @@ def float_quantized_codec(
 ) -> Fp8ScaledCodec:
     """compressed-tensors FP8 (`float-quantized`): E4M3 `weight` + `weight_scale` [N, 1] or [1]."""
     return Fp8ScaledCodec(strategy=strategy, scale_dtype=scale_dtype, name="ct-float-quantized")
+
+
+# --- the formats -------------------------------------------------------------------------------
+
+
+def _params(quant: dict[str, Any]) -> Params:
+    """The weights args of the first config group (enough to describe the expert format)."""
+    weights: dict[str, Any] = {}
+    for group in (quant.get("config_groups") or {}).values():
+        if isinstance(group, dict) and isinstance(group.get("weights"), dict):
+            weights = group["weights"]
+            break
+    return {k: weights[k] for k in ("num_bits", "group_size", "symmetric", "strategy") if k in weights}
+
+
+def _recognize_nvfp4(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    if active["weight_packed"].dtype != "U8" or "weight_global_scale" not in active:
+        return None
+    return ExpertFormat("ct-nvfp4", _params(quant))
+
+
+def _recognize_mxfp4(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    return ExpertFormat("ct-mxfp4", _params(quant)) if active["weight_packed"].dtype == "U8" else None
+
+
+def _recognize_pack_quantized(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    """Last of the `weight_packed` formats: any dtype but I32 (or U8, taken above) is refused."""
+    packed = active["weight_packed"]
+    if packed.dtype != "I32":
+        raise MoeportError(f"{where}: 'weight_packed' has dtype {packed.dtype}, expected I32 or U8")
+    return ExpertFormat("ct-pack-quantized", _params(quant))
+
+
+def _packed_shape(shapes: dict[str, Shape], params: Params) -> Shape:
+    p = shapes["weight_packed"]
+    return (*p[:-1], p[-1] * 32 // int(params.get("num_bits", 4)))
+
+
+def _zero_point_rows(part: str, params: Params) -> RowRule | None:
+    """Asymmetric zero points are packed along N (`weight_zero_point` [N*b/32, G])."""
+    if part != "weight_zero_point":
+        return None
+    return RowRule(-2, 8 if int(params.get("num_bits", 4)) == 4 else 1)
+
+
+CT_NVFP4 = StorageFormat("ct-nvfp4", _recognize_nvfp4, marker="weight_packed")
+CT_MXFP4 = StorageFormat("ct-mxfp4", _recognize_mxfp4, marker="weight_packed")
+CT_PACK_QUANTIZED = StorageFormat(
+    "ct-pack-quantized",
+    _recognize_pack_quantized,
+    _packed_shape,
+    lambda p: PackQuantizedCodec(
+        bits=int(p.get("num_bits", 4)),
+        group_size=p.get("group_size"),
+        symmetric=bool(p.get("symmetric", True)),
+    ),
+    row_rule=_zero_point_rows,
+    marker="weight_packed",
+)
+FORMATS = (CT_NVFP4, CT_MXFP4, CT_PACK_QUANTIZED)  # in recognition order

@@ -4,16 +4,22 @@
 Two codes per byte, element 2j in the low nibble (every HF-side producer agrees). RTN onto the
 E2M1 grid is round-half-to-even with saturation at ±6; negative values that round to zero keep
 the sign bit (code 8), equal in value to +0.
+
+Formats: mxfp4 (variant gpt-oss, recognised first of all by its `_blocks`; variant deepseek-v4, an
+I8/U8 `weight` with E8M0 `scale`) and nvfp4 (a U8 `weight` with `weight_scale` + `weight_scale_2`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, divide, need
+from moeport.codecs.format import ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
 from moeport.codecs.fp8 import FP8_MAX
+from moeport.errors import MoeportError
 
 E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
 # Midpoints between grid values; a tie goes to the even code: down at these...
@@ -78,6 +84,8 @@ class GptOssMxfp4Codec:
 
     name: str = "mxfp4-gpt-oss"
     required: tuple[str, ...] = ("_blocks", "_scales")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -99,6 +107,8 @@ class Dsv4Mxfp4Codec:
 
     name: str = "mxfp4-deepseek-v4"
     required: tuple[str, ...] = ("weight", "scale")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -119,6 +129,8 @@ class Nvfp4Codec:
 
     name: str = "nvfp4"
     required: tuple[str, ...] = ("weight", "weight_scale", "weight_scale_2")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -140,3 +152,74 @@ class Nvfp4Codec:
         bs = torch.where(bs > 0, bs, torch.ones_like(bs)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
         codes = e2m1_encode(g / (bs.float() * ws2).unsqueeze(-1)).flatten(-2)
         return {"weight": pack_nibbles(codes), "weight_scale": bs, "weight_scale_2": ws2.reshape(()).float()}
+
+
+# --- the formats -------------------------------------------------------------------------------
+
+
+def _recognize_gpt_oss(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    if "_scales" not in active:
+        return None
+    return ExpertFormat("mxfp4", {"variant": "gpt-oss", "group_size": 32})
+
+
+def _packed_weight(active: dict[str, Part]) -> Part | None:
+    weight = active.get("weight")
+    return weight if weight is not None and weight.dtype in ("U8", "I8") else None
+
+
+def _recognize_nvfp4(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    if _packed_weight(active) is None or not {"weight_scale", "weight_scale_2"} <= set(active):
+        return None
+    return ExpertFormat("nvfp4", {"producer": "modelopt", "group_size": 16})
+
+
+def _recognize_dsv4(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    """Last of the FP4 formats: a packed I8/U8 weight without a scale it knows fits none of them."""
+    weight = _packed_weight(active)
+    if weight is None:
+        return None
+    n, half_k = weight.shape[-2], weight.shape[-1]
+    scale = active.get("scale", active.get("weight_scale"))
+    if scale is not None and scale.dtype in ("F8_E8M0", "U8") and scale.shape[-1] * 32 == half_k * 2:
+        return ExpertFormat("mxfp4", {"variant": "deepseek-v4", "group_size": 32})
+    raise MoeportError(
+        f"{where}: packed {weight.dtype} weight [{n}, {half_k}] without a recognised FP4 scale "
+        "(expected E8M0 'scale' per 32 or NVFP4 'weight_scale'+'weight_scale_2')"
+    )
+
+
+def _blocks_shape(shapes: dict[str, Shape], params: Params) -> Shape:
+    b = shapes["_blocks"]
+    return (*b[:-2], b[-2] * b[-1] * 2)
+
+
+def _nibbles_shape(shapes: dict[str, Shape], params: Params) -> Shape:
+    w = shapes["weight"]
+    return (*w[:-1], w[-1] * 2)
+
+
+def _blocks_rows(part: str, params: Params) -> RowRule | None:
+    return RowRule(-3) if part == "_blocks" else None  # GPT-OSS blocks [.., N, K/32, 16]
+
+
+MXFP4_GPT_OSS = StorageFormat(
+    "mxfp4",
+    _recognize_gpt_oss,
+    _blocks_shape,
+    lambda p: GptOssMxfp4Codec(),
+    row_rule=_blocks_rows,
+    marker="_blocks",
+    variant="gpt-oss",
+)
+NVFP4 = StorageFormat("nvfp4", _recognize_nvfp4, _nibbles_shape, lambda p: Nvfp4Codec())
+# variant None: an mxfp4 of any other variant is DeepSeek-V4's
+MXFP4_DSV4 = StorageFormat(
+    "mxfp4", _recognize_dsv4, _nibbles_shape, lambda p: Dsv4Mxfp4Codec(), row_rule=_blocks_rows
+)

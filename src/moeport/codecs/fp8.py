@@ -4,16 +4,21 @@ Scales are dequant multipliers: W = fp32(weight) * scale. Block grids are ceil-d
 edge blocks are zero-padded before taking amax (DeepSeek README_WEIGHTS.md). Encoding clamps to
 ±448 before the cast (the cast itself is round-to-nearest-even); all-zero blocks get scale 1.
 ue8m0 scales are powers of two rounded up, computed explicitly (a cast to E8M0 rounds to nearest).
+
+Formats fp8-tensor, fp8-channel and fp8-block: an E4M3 `weight` whose scale's shape says which.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from moeport.codecs import cpu_kernels
 from moeport.codecs.base import Parts, cdiv, check_dtype, check_finite, check_shape, divide, need, row_chunks
+from moeport.codecs.format import ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
 from moeport.errors import MoeportError
 
 FP8_MAX = 448.0
@@ -59,6 +64,8 @@ class Fp8BlockCodec:
     scale_dtype: torch.dtype = torch.float32  # ue8m0 producers use float8_e8m0fnu
     scale_name: str = "weight_scale_inv"
     name: str = "fp8-block"
+    stacked_decode: ClassVar[bool] = True
+    stacked_encode: ClassVar[bool] = True
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -127,10 +134,15 @@ class Fp8ScaledCodec:
     scale_dtype: torch.dtype = torch.float32
     scale_name: str = "weight_scale"
     name: str = "fp8"
+    stacked_decode: ClassVar[bool] = False
 
     @property
     def required(self) -> tuple[str, ...]:
         return ("weight", self.scale_name)
+
+    @property
+    def stacked_encode(self) -> bool:
+        return self.strategy == "channel"  # a per-tensor scale would span the whole stack
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -156,3 +168,116 @@ class Fp8ScaledCodec:
             amax = x.abs().amax(dim=-1, keepdim=True)
         scale = torch.where(amax > 0, divide(amax, FP8_MAX), torch.ones_like(amax)).to(self.scale_dtype)
         return {"weight": quantize_e4m3(x, scale.float()), self.scale_name: scale}
+
+
+# --- the formats -------------------------------------------------------------------------------
+
+_SCALE_NAMES = ("weight_scale_inv", "scale", "weight_scale")
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """The scale of an E4M3 weight as its header says: name, per-weight shape, first params."""
+
+    name: str
+    part: Part
+    shape: Shape  # without the leading expert dim of fused experts
+    n: int
+    k: int
+    params: Params
+
+
+def _scale_of(active: dict[str, Part], method: str, where: str) -> _Scale | None:
+    weight = active.get("weight")
+    if weight is None or weight.dtype != "F8_E4M3":
+        return None
+    scale_name = next((n for n in _SCALE_NAMES if n in active), None)
+    if scale_name is None:
+        raise MoeportError(
+            f"{where}: FP8 weight without a scale tensor (expected weight_scale_inv, weight_scale or scale)"
+        )
+    scale = active[scale_name]
+    n, k = weight.shape[-2], weight.shape[-1]
+    lead = weight.shape[:-2]  # fused experts carry a leading expert dim on both
+    s_shape = scale.shape[len(lead) :] if scale.shape[: len(lead)] == lead else scale.shape
+    params: Params = {"scale": scale_name, "scale_dtype": scale.dtype}
+    if method == "compressed-tensors":
+        params["container"] = "compressed-tensors"
+    return _Scale(scale_name, scale, tuple(s_shape), n, k, params)
+
+
+def _recognize_tensor(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    s = _scale_of(active, method, where)
+    if s is None or not (len(s.shape) <= 1 and math.prod(s.shape) == 1):  # 0-d or [1]; [1, 1] is a block
+        return None
+    return ExpertFormat("fp8-tensor", s.params)
+
+
+def _recognize_channel(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    s = _scale_of(active, method, where)
+    if s is None or s.shape not in ((s.n,), (s.n, 1)):
+        return None
+    return ExpertFormat("fp8-channel", s.params)
+
+
+def _recognize_block(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    """Last of the FP8 formats: an E4M3 weight whose scale is no block grid fits none of them."""
+    s = _scale_of(active, method, where)
+    if s is None:
+        return None
+    if len(s.shape) != 2:
+        raise MoeportError(f"{where}: FP8 scale '{s.name}' shape {list(s.part.shape)} fits no known layout")
+    block = quant.get("weight_block_size") or _guess_block(s.n, s.k, s.shape)
+    if block is None or (math.ceil(s.n / block[0]), math.ceil(s.k / block[1])) != s.shape:
+        raise MoeportError(
+            f"{where}: FP8 scale '{s.name}' has shape {list(s.shape)}, which is no "
+            f"block grid of weight [{s.n}, {s.k}] (block size {block})"
+        )
+    params = {**s.params, "block": list(block)}
+    if s.part.dtype in ("F8_E8M0", "U8") or quant.get("scale_fmt") == "ue8m0":
+        params["ue8m0"] = True
+    return ExpertFormat("fp8-block", params)
+
+
+def _guess_block(n: int, k: int, s_shape: Shape) -> list[int] | None:
+    for b in (128, 64, 256, 32):
+        if (math.ceil(n / b), math.ceil(k / b)) == tuple(s_shape):
+            return [b, b]
+    return None
+
+
+def _weight_shape(shapes: dict[str, Shape], params: Params) -> Shape:
+    return shapes["weight"]
+
+
+def _block_rows(part: str, params: Params) -> RowRule | None:
+    """Block scales hold one row per `block[0]` rows of the weight."""
+    return RowRule(-2, int(params["block"][0])) if part == params.get("scale") else None
+
+
+FP8_TENSOR = StorageFormat(
+    "fp8-tensor",
+    _recognize_tensor,
+    _weight_shape,
+    lambda p: Fp8ScaledCodec(strategy="tensor", scale_name=p["scale"]),
+)
+FP8_CHANNEL = StorageFormat(
+    "fp8-channel",
+    _recognize_channel,
+    _weight_shape,
+    lambda p: Fp8ScaledCodec(strategy="channel", scale_name=p["scale"]),
+)
+FP8_BLOCK = StorageFormat(
+    "fp8-block",
+    _recognize_block,
+    _weight_shape,
+    lambda p: Fp8BlockCodec(block=tuple(p["block"]), ue8m0=bool(p.get("ue8m0")), scale_name=p["scale"]),
+    row_rule=_block_rows,
+)
+FORMATS = (FP8_TENSOR, FP8_CHANNEL, FP8_BLOCK)  # in recognition order: block is the fallback

@@ -5,15 +5,19 @@ GPTQ: `qweight` I32 [K/8, N] packed along K, `qzeros` I32 [G, N/8] packed along 
 AWQ GEMM: `qweight` I32 [K, N/8] and `qzeros` I32 [G, N/8] packed along N in the 0,2,4,6,1,3,5,7
 nibble order, `scales` F16 [G, N], no +1. Both are [K, N] (transposed vs nn.Linear); we return [N, K].
 Encoding is RTN with AutoGPTQ's parameter rule (0 always representable; scale=(max-min)/15).
+
+Formats: a `qweight` group is awq when quant_method says so, gptq otherwise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from moeport.codecs.base import Parts, cdiv, check_dtype, check_finite, check_shape, divide, need
+from moeport.codecs.format import ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
 from moeport.codecs.packing import deinterleave_awq, interleave_awq, pack_int32, unpack_int32
 from moeport.errors import MoeportError
 
@@ -52,6 +56,8 @@ class GptqCodec:
     checkpoint_format: str = "gptq"  # "gptq" (v1: zero-1 stored) | "gptq_v2"
     name: str = "gptq"
     required: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -102,6 +108,8 @@ class AwqCodec:
     group_size: int = 128
     name: str = "awq"
     required: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -126,3 +134,73 @@ class AwqCodec:
             "qzeros": pack_int32(interleave_awq(zero.T), BITS),
             "scales": scale.T.contiguous(),
         }
+
+
+# --- the formats -------------------------------------------------------------------------------
+
+_PARAMS = ("bits", "group_size", "sym", "desc_act", "zero_point", "version")
+
+
+def _params(active: dict[str, Part], quant: dict[str, Any], where: str) -> Params:
+    """The config's parameters of a `qweight` group (which must carry its `scales`)."""
+    if "scales" not in active:
+        raise MoeportError(f"{where}: 'qweight' without 'scales'")
+    return {k: quant[k] for k in _PARAMS if k in quant}
+
+
+def _recognize_awq(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    params = _params(active, quant, where)
+    return ExpertFormat("awq", params) if method == "awq" else None
+
+
+def _recognize_gptq(
+    active: dict[str, Part], quant: dict[str, Any], method: str, where: str
+) -> ExpertFormat | None:
+    params = _params(active, quant, where)
+    if "checkpoint_format" in quant:
+        params["checkpoint_format"] = quant["checkpoint_format"]
+    return ExpertFormat("gptq", params)
+
+
+def _gptq_shape(shapes: dict[str, Shape], params: Params) -> Shape:
+    q = shapes["qweight"]  # [K/8, N]
+    return (*q[:-2], q[-1], q[-2] * 8)
+
+
+def _awq_shape(shapes: dict[str, Shape], params: Params) -> Shape:
+    q = shapes["qweight"]  # [K, N/8]
+    return (*q[:-2], q[-1] * 8, q[-2])
+
+
+# qweight/scales are [K/g, N] (N last); AWQ packs N by 8 in qweight/qzeros, GPTQ in qzeros only.
+def _gptq_rows(part: str, params: Params) -> RowRule:
+    return RowRule(-1, 8 if part == "qzeros" else 1)
+
+
+def _awq_rows(part: str, params: Params) -> RowRule:
+    return RowRule(-1, 8 if part in ("qzeros", "qweight") else 1)
+
+
+AWQ = StorageFormat(
+    "awq",
+    _recognize_awq,
+    _awq_shape,
+    lambda p: AwqCodec(group_size=int(p.get("group_size", 128))),
+    row_rule=_awq_rows,
+    marker="qweight",
+)
+GPTQ = StorageFormat(
+    "gptq",
+    _recognize_gptq,
+    _gptq_shape,
+    lambda p: GptqCodec(
+        group_size=int(p.get("group_size", 128)),
+        sym=bool(p.get("sym", True)),
+        checkpoint_format=str(p.get("checkpoint_format", "gptq")),
+    ),
+    row_rule=_gptq_rows,
+    marker="qweight",
+)
+FORMATS = (AWQ, GPTQ)  # in recognition order: a qweight group is gptq unless quant_method is awq

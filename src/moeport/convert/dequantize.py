@@ -14,48 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from moeport.codecs.base import Codec
-from moeport.codecs.fp8 import Fp8BlockCodec
-from moeport.codecs.registry import codec_for
+from moeport.codecs.format import PASSIVE_PARTS, ExpertFormat, Part
+from moeport.codecs.registry import FLOAT_FORMATS, QUANTIZED_MARKERS, classify, codec_for
+from moeport.codecs.registry import decoded_shape as decoded_shape  # re-exported for hf and kt
 from moeport.convert.batching import Batcher, active_batcher, items_per_batch
-from moeport.detect.formats import PASSIVE_PARTS, ExpertFormat, Part, classify
 from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import OneToOne, Op
 from moeport.mappings.values import DeviceLazy, Lazy, Value, is_meta, realize, realize_on, shape_of
 
-FLOAT_FORMATS = {"bf16", "fp16", "fp32", "fp64"}
-# Codecs whose decode takes a stack of weights [B, ...] at once (the others decode one by one).
-STACKABLE_DECODE = (Fp8BlockCodec,)
-# Parts that mean "this group is quantized" (a float `weight` alone is not).
-QUANTIZED_MARKERS = ("qweight", "weight_packed", "_blocks")
 # Activation-quantization parameters: meaningless once weights are dequantized.
 ACTIVATION_PARTS = frozenset({"input_scale", "input_global_scale", "activation_scale"})
-
-
-def decoded_shape(fmt: ExpertFormat, shapes: dict[str, tuple[int, ...]], where: str) -> tuple[int, ...]:
-    """Logical [.., N, K] of a weight stored as `fmt`, from its parts' shapes (no data read)."""
-    name = fmt.name
-    try:
-        if name in FLOAT_FORMATS or name.startswith("fp8"):
-            return shapes["weight"]
-        if name == "mxfp4" and fmt.params.get("variant") == "gpt-oss":
-            b = shapes["_blocks"]
-            return (*b[:-2], b[-2] * b[-1] * 2)
-        if name in ("mxfp4", "nvfp4"):
-            w = shapes["weight"]
-            return (*w[:-1], w[-1] * 2)
-        if name == "gptq":
-            q = shapes["qweight"]
-            return (*q[:-2], q[-1], q[-2] * 8)
-        if name == "awq":
-            q = shapes["qweight"]
-            return (*q[:-2], q[-1] * 8, q[-2])
-        if name == "ct-pack-quantized":
-            p = shapes["weight_packed"]
-            return (*p[:-1], p[-1] * 32 // int(fmt.params.get("num_bits", 4)))
-    except KeyError as exc:
-        raise MoeportError(f"{where}: {fmt.describe()} weight without its '{exc.args[0]}' tensor") from None
-    raise MoeportError(f"{where}: cannot dequantize format {fmt.describe()}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +69,7 @@ class Decode(Op):
                 _decode_into(codec, tensors, out, self.transpose, self.where)
                 return
             experts = self.shape[0]
-            if self.device != "cpu" and isinstance(codec, STACKABLE_DECODE):
+            if self.device != "cpu" and codec.stacked_decode:
                 # a GPU decodes a chunk of experts per call, with one copy back per chunk
                 step = items_per_batch(math.prod(self.shape[1:]))
                 for e in range(0, experts, step):
@@ -169,7 +138,7 @@ def decode_stacked(codec: Codec, stacked: dict[str, torch.Tensor], names: list[s
     """Decode a stack of same-shape weights (parts stacked along a new first dim) in one call when
     the codec takes a stack; otherwise, or when that call fails, one by one, so that an error
     names the weight at fault (`names`, one per weight)."""
-    if isinstance(codec, STACKABLE_DECODE):
+    if codec.stacked_decode:
         try:
             return codec.decode(stacked, names[0])
         except MoeportError:

@@ -1,6 +1,6 @@
 """Work out what a checkpoint is: family, layers, experts and storage formats."""
 
+from moeport.codecs.format import ExpertFormat
 from moeport.detect.detection import Detection, detect
-from moeport.detect.formats import ExpertFormat
 
 __all__ = ["Detection", "ExpertFormat", "detect"]

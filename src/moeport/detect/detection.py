@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from moeport.detect.formats import ExpertFormat, Part, classify
+from moeport.codecs.format import ExpertFormat, Part
+from moeport.codecs.registry import classify
 from moeport.detect.layout import LayerExperts, LayoutMatch, layer_prefix_pattern, match_layout
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint

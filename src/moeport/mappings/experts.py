@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from moeport.detect.formats import ExpertFormat
+from moeport.codecs.format import ExpertFormat
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Concat, Copy, Op, Stack
 from moeport.mappings.rules import row_rules

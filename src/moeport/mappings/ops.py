@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeport.codecs.format import RowRule
 from moeport.errors import MoeportError
-from moeport.mappings.rules import RowRule
 from moeport.mappings.values import Lazy, Memo, Value, derived, fill_into, is_meta, realize, shape_of
 
 
