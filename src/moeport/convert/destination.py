@@ -76,7 +76,7 @@ def open_staging(
     dst: Path, recipe: dict[str, Any], pieces: list[Piece], still_valid, overwrite: bool
 ) -> Journal:
     """The journal to continue in DST's staging folder: the pieces it records that are still
-    intact on disk (size and sha256 re-checked), or a fresh one."""
+    intact on disk (size and checksum re-checked), or a fresh one."""
     staging = staging_of(dst)
     old = None if overwrite else Journal.load(staging / JOURNAL_NAME)
     if old is None or old.recipe != recipe:

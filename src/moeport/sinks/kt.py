@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -21,7 +20,13 @@ import torch
 from moeport.errors import MoeportError
 from moeport.sinks.kt_layout import KtLayout
 from moeport.sinks.pieces import Piece
-from moeport.sinks.safetensors_file import PARTIAL_SUFFIX, PartialFile, SafetensorsFileWriter, TensorSpec
+from moeport.sinks.safetensors_file import (
+    PARTIAL_SUFFIX,
+    PartialFile,
+    SafetensorsFileWriter,
+    TensorSpec,
+    new_checksum,
+)
 from moeport.sinks.sharded import file_matches, plan_shards, write_index, write_json_atomic
 
 MANIFEST_NAME = "moeport-kt.json"
@@ -94,7 +99,7 @@ class KtFoldersSink:
         if not folder.is_dir():
             return False
         digests = {p.relative_to(out_dir).as_posix(): _sha(p.read_bytes()) for p in folder.rglob("*.kt")}
-        return _listing(digests) == record.get("sha256_of_listing")
+        return _listing(digests) == record.get("checksum_of_listing")
 
     def finish(self, out_dir: Path, pieces: list[Piece]) -> None:
         doc = {
@@ -106,11 +111,13 @@ class KtFoldersSink:
 
 
 def _sha(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+    h = new_checksum()
+    h.update(data)
+    return h.hexdigest()
 
 
 def _listing(digests: Mapping[str, str]) -> str:
-    """One checksum for a folder: sha256 over its sorted 'path digest' lines."""
+    """One checksum for a folder: over its sorted 'path checksum' lines."""
     return _sha("".join(f"{p} {d}\n" for p, d in sorted(digests.items())).encode())
 
 
@@ -153,7 +160,7 @@ class KtFolderPiece:
         except OSError as exc:
             self.abort()
             raise MoeportError(f"{self.tmp}: {exc.strerror}") from None
-        return {"files": len(self._digests), "sha256_of_listing": _listing(self._digests)}
+        return {"files": len(self._digests), "checksum_of_listing": _listing(self._digests)}
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 
 from moeport.sinks.pieces import Piece, PieceWriter
-from moeport.sinks.safetensors_file import PARTIAL_SUFFIX, SafetensorsFileWriter, TensorSpec, file_sha256
+from moeport.sinks.safetensors_file import (
+    CHECKSUM,
+    PARTIAL_SUFFIX,
+    SafetensorsFileWriter,
+    TensorSpec,
+    file_checksum,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -76,11 +82,11 @@ def write_index(out_dir: Path, pieces: list[Piece], metadata: Mapping[str, objec
 
 
 def file_matches(path: Path, record: Mapping[str, object]) -> bool:
-    """Whether a published file is still the one the journal recorded (size, then sha256)."""
+    """Whether a published file is still the one the journal recorded (size, then checksum)."""
     return (
         path.is_file()
         and path.stat().st_size == record.get("size")
-        and file_sha256(path) == record.get("sha256")
+        and file_checksum(path) == record.get(CHECKSUM)
     )
 
 
