@@ -105,3 +105,11 @@ def kt_write_folder(
     )
     del wrapper
     return out
+
+
+def tp_slices(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, tp: int):
+    """The test's own statement of kt's `numa.t` parts: gate/up rows and down columns
+    [t*I/T, (t+1)*I/T) (moeport plans them as Split ops; this is what they must equal)."""
+    s = gate.shape[0] // tp
+    rows = [slice(t * s, (t + 1) * s) for t in range(tp)]
+    return [(gate[r].contiguous(), up[r].contiguous(), down[:, r].contiguous()) for r in rows]

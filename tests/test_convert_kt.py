@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import COMMON, FAMILY_CONFIGS
-from kt_support import import_kt, kt_wrapper
+from kt_support import import_kt, kt_wrapper, tp_slices
 from safetensors import safe_open
 
 from moeport.codecs import kt_amx as K
@@ -132,7 +132,7 @@ def _source_experts(src: Path, model_type: str, layer: int) -> list[tuple[torch.
 def _requantized(gate, up, down, bits: int, tp: int) -> tuple[torch.Tensor, ...]:
     """The weights kt should hold: each TP slice quantized and dequantized (the spec's rules)."""
     g, u, d = [], [], []
-    for slices in K.tp_slices(gate, up, down, tp):
+    for slices in tp_slices(gate, up, down, tp):
         deq = [K.kt_dequantize(*K.kt_quantize(m, bits), *m.shape, bits) for m in slices]
         g.append(deq[0])
         u.append(deq[1])
@@ -222,7 +222,7 @@ def test_bytes_equal_kt_quantize_of_source(main, kt_checkpoint, tmp_path, to):
     bits = 4 if to == "kt-int4" else 8
     layer, e = 2, 3
     gate, up, down = _source_experts(src, "deepseek_v3", layer)[e]
-    for t, mats in enumerate(K.tp_slices(gate, up, down, 2)):
+    for t, mats in enumerate(tp_slices(gate, up, down, 2)):
         for proj, m in zip(L.PROJS, mats, strict=True):
             q, s = K.kt_quantize(m, bits)
             assert torch.equal(_read_merged(dst, L.merged_key(layer, proj, e, t, "weight")), q)
@@ -281,7 +281,7 @@ def test_fp8_block_source_bytes(main, kt_checkpoint, tmp_path, model_type, block
                 ).bfloat16()
                 for n in ("gate_proj", "up_proj", "down_proj")
             ]
-    for t, slices in enumerate(K.tp_slices(*mats, 2)):
+    for t, slices in enumerate(tp_slices(*mats, 2)):
         for proj, m in zip(L.PROJS, slices, strict=True):
             q, s = K.kt_quantize(m, 4)
             assert torch.equal(_read_merged(dst, L.merged_key(layer, proj, e, t, "weight")), q)

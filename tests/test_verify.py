@@ -169,3 +169,39 @@ def test_kt_output_is_verified_against_its_source(tmp_path) -> None:
     save_file(tensors, str(shard), metadata=meta)
     flagged = {t.name for t in verify(src, out).flagged}
     assert flagged == {L1 + "0.down_proj.weight", L1 + "2.down_proj.weight"}
+
+
+def test_kt_folder_output_is_verified_through_its_layout_description(tmp_path) -> None:
+    """kt's folder form (no safetensors at all): experts read back through the description in
+    moeport-kt.json, compared with the source's experts; a swapped slice file is flagged."""
+    from test_convert_kt import _build
+
+    src = _build("qwen3_moe", tmp_path / "src")
+    out = tmp_path / "kt"
+    args = [
+        "convert",
+        str(src),
+        str(out),
+        "--to",
+        "kt-int8",
+        "--numa",
+        "2",
+        "--kt-layout",
+        "folders",
+        "--quiet",
+    ]
+    result = subprocess.run([sys.executable, "-m", "moeport", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob("*.safetensors"))
+    report = verify(src, out)
+    assert report.ok and not report.missing, [(t.name, t.problem) for t in report.flagged]
+    experts = [t for t in report.tensors if ".experts." in t.name]
+    assert len(report.tensors) == len(experts) == 2 * 4 * 3 and all(t.rel_l2 < 0.02 for t in experts)
+
+    numa = out / "_layer_1" / "_numa_1"
+    a, b = sorted(numa.glob("INT8_up_1_*quant_.kt")), sorted(numa.glob("INT8_up_3_*quant_.kt"))
+    data_a, data_b = a[0].read_bytes(), b[0].read_bytes()
+    a[0].write_bytes(data_b)
+    b[0].write_bytes(data_a)
+    flagged = {t.name for t in verify(src, out).flagged}
+    assert flagged == {L1 + "1.up_proj.weight", L1 + "3.up_proj.weight"}

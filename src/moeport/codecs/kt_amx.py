@@ -100,31 +100,6 @@ def check_alignment(hidden: int, intermediate: int, tp: int, bits: int, where: s
     raise MoeportError(f"{where}: {METHOD[bits]} with tp={tp}: {what}{hint}")
 
 
-def tp_slices(
-    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, tp: int, where: str = "experts"
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """kt's `numa.t` parts: gate/up rows and down columns [t*I/T, (t+1)*I/T), contiguous."""
-    if gate.dim() != 2 or up.shape != gate.shape or down.dim() != 2:
-        raise MoeportError(
-            f"{where}: gate {list(gate.shape)}, up {list(up.shape)}, down {list(down.shape)}; "
-            "expected gate/up [I, H] and down [H, I]"
-        )
-    i, h = gate.shape
-    if tuple(down.shape) != (h, i):
-        raise MoeportError(f"{where}.down: shape {list(down.shape)}, expected {[h, i]} (gate is {[i, h]})")
-    if tp < 1 or i % tp:
-        raise MoeportError(f"{where}: intermediate size {i} is not divisible by tp={tp}")
-    s = i // tp
-    return [
-        (
-            gate[t * s : (t + 1) * s].contiguous(),
-            up[t * s : (t + 1) * s].contiguous(),
-            down[:, t * s : (t + 1) * s].contiguous(),
-        )
-        for t in range(tp)
-    ]
-
-
 # --------------------------------------------------------------------------- tile order
 
 
