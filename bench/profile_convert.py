@@ -14,9 +14,9 @@ from pathlib import Path
 
 from moeport.convert.batching import Batcher
 from moeport.convert.execute import execute
+from moeport.detect import detect
 from moeport.recipes.gpu import Recipe, plan_gpu
 from moeport.recipes.hf import DTYPES, plan_hf
-from moeport.detect import detect
 from moeport.sources import open_checkpoint
 
 src, job, batch = sys.argv[1], sys.argv[2], sys.argv[3] == "1"

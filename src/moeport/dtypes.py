@@ -67,6 +67,3 @@ def safetensors_name_of(dtype: torch.dtype) -> str:
         return _NAME_BY_TORCH[dtype]
     except KeyError:
         raise ValueError(f"torch dtype {dtype} has no safetensors equivalent") from None
-
-
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})

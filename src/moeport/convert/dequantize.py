@@ -39,13 +39,17 @@ class Decode(Op):
     transpose: bool = False  # GPT-OSS: unquantized experts are stored [E, K, N]
     device: str = "cpu"
 
-    @property
+    @functools.cached_property
     def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(name for _, name in self.parts)
 
     @property
     def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
         return (self.target,)
+
+    @functools.cached_property
+    def codec(self) -> Codec:
+        return codec_for(self.fmt)
 
     @property
     def where(self) -> str:
@@ -56,7 +60,7 @@ class Decode(Op):
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         named = {part: values[name] for part, name in self.parts}
         meta = any(is_meta(v) for v in named.values())
-        codec = codec_for(self.fmt)
+        codec = self.codec
         shape = (*self.shape[:-2], self.shape[-1], self.shape[-2]) if self.transpose else self.shape
 
         batcher = active_batcher()

@@ -37,7 +37,7 @@ class Encode(OneToOne):
     def target(self) -> str:  # type: ignore[override]
         return self.outputs[0]
 
-    @property
+    @functools.cached_property
     def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self.base + p for p, _, _ in self.part_specs)
 

@@ -9,6 +9,7 @@ are duplicated on split and must agree on merge.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -298,9 +299,11 @@ def _agree(names: tuple[str, ...], pieces: list[Value]) -> Value:
 
 @dataclass(frozen=True)
 class Chain(Op):
+    """Ops applied in order; its names are computed once (a plan asks for them many times)."""
+
     ops: tuple[Op, ...]
 
-    @property
+    @functools.cached_property
     def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
         """Names read before any op of the chain produced them (a name may be both: in and out)."""
         produced: set[str] = set()
@@ -310,7 +313,7 @@ class Chain(Op):
             produced.update(op.outputs)
         return tuple(needed)
 
-    @property
+    @functools.cached_property
     def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
         """Names produced and not consumed by a later op of the chain."""
         out: list[str] = []
@@ -320,7 +323,7 @@ class Chain(Op):
             later.update(op.inputs)
         return tuple(reversed(out))
 
-    @property
+    @functools.cached_property
     def sliced_inputs(self) -> tuple[str, ...]:
         inputs = set(self.inputs)
         return tuple(dict.fromkeys(n for op in self.ops for n in op.sliced_inputs if n in inputs))
