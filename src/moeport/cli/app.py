@@ -130,6 +130,13 @@ def convert(
             "embeddings and lm_head are always kept."
         ),
     ] = None,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--allow-nonfinite",
+            help="Quantize weights holding NaN/Inf instead of refusing them (kt formats cannot hold them).",
+        ),
+    ] = False,
 ) -> None:
     """Convert a checkpoint, layer by layer, with memory bounded by one layer; re-running an
     interrupted conversion continues where it stopped."""
@@ -147,6 +154,7 @@ def convert(
         ignore=tuple(ignore or ()),
         numa=numa,
         kt_layout=kt_layout,
+        allow_nonfinite=allow_nonfinite,
         device=device,
     )
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")

@@ -270,15 +270,22 @@ def kt_codes(w: torch.Tensor, bits: int, where: str = "weight", use_numba: bool 
         bad = torch.zeros(n, dtype=torch.bool)
         _kt_quant_rows(wb.view(torch.uint16).numpy(), bits, _INV127, q.numpy(), scale.numpy(), bad.numpy())
         if bad.any():
-            raise MoeportError(f"{prefix}row {int(bad.nonzero()[0])} contains NaN or Inf")
+            rows = int(bad.sum())
+            raise MoeportError(
+                f"{prefix}row {int(bad.nonzero()[0])} contains NaN or Inf ({rows} row(s) in all); "
+                "kt-kernel's AMX format cannot hold them"
+            )
         return q, scale
     q = torch.empty(n, row_bytes(k, bits), dtype=torch.int8, device=wb.device)
     scale = torch.empty(n, dtype=torch.float32, device=wb.device)
     for rs in row_chunks(n, k):
         x = wb[rs].float()
         if not torch.isfinite(x).all():
-            bad_row = rs.start + int((~torch.isfinite(x)).any(1).nonzero()[0])
-            raise MoeportError(f"{prefix}row {bad_row} contains NaN or Inf")
+            bad_rows = (~torch.isfinite(wb.float())).any(1)
+            raise MoeportError(
+                f"{prefix}row {int(bad_rows.nonzero()[0])} contains NaN or Inf ({int(bad_rows.sum())} row(s) "
+                "in all); kt-kernel's AMX format cannot hold them"
+            )
         c, d = _codes_torch(x, bits)
         q[rs] = c if bits == 8 else _pack_int4(c)
         scale[rs] = d
@@ -349,6 +356,7 @@ class KtAmxCodec:
     required = ("weight", "scale")
     stacked_encode = True
     stacked_decode = False
+    checks_finite = True  # encode refuses NaN/Inf itself, naming the row (no extra pass needed)
 
     def __init__(self, bits: int):
         _check_bits(bits)

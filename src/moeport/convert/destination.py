@@ -9,8 +9,11 @@ an interrupted run of the same recipe (its published pieces re-checked against t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,42 @@ PROCESS_OVERHEAD = 600 * 2**20  # interpreter + torch + numba, for --max-memory
 
 def staging_of(dst: Path) -> Path:
     return dst.with_name(dst.name + STAGING_SUFFIX)
+
+
+@contextlib.contextmanager
+def locked(dst: Path) -> Iterator[None]:
+    """Hold an exclusive lock on DST for the whole run (`.DST.moeport-lock` beside it, flock'ed):
+    a second conversion into the same DST is refused, naming the first one's pid."""
+    path = dst.with_name(f".{dst.name}.moeport-lock")
+    while True:
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise MoeportError(f"{exc.filename or dst}: cannot write there ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise MoeportError(
+                f"{dst}: another moeport run (pid {holder}) is converting into it; wait for it to end "
+                "or choose another DST"
+            ) from None
+        try:  # the last holder may have removed the file between our open and our lock
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def check_destination(dst: Path, src: Path, recipe: dict[str, Any], overwrite: bool) -> bool:

@@ -32,6 +32,7 @@ class Encode(OneToOne):
     codec: Codec
     part_specs: PartSpecs
     device: str = "cpu"
+    allow_nonfinite: bool = False  # quantize NaN/Inf anyway (the user said so)
 
     @property
     def target(self) -> str:  # type: ignore[override]
@@ -49,8 +50,10 @@ class Encode(OneToOne):
         v = values[self.source]
         batcher = active_batcher()
         if batcher is not None and not is_meta(v):
-            key = ("encode", self.codec, self.part_specs)
-            run = functools.partial(_encode_batch, self.codec, self.part_specs, batcher.device)
+            key = ("encode", self.codec, self.part_specs, self.allow_nonfinite)
+            run = functools.partial(
+                _encode_batch, self.codec, self.part_specs, batcher.device, self.allow_nonfinite
+            )
             encoded = batcher.submit(key, (v, self.where), math.prod(shape_of(v)), run)
         else:
             encoded = functools.cache(lambda: self._encode(realize(v)))  # one encode serves every part
@@ -60,7 +63,10 @@ class Encode(OneToOne):
         }
 
     def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = encode_named(self.codec, to_device(w, self.device), self.where)
+        w = to_device(w, self.device)
+        if not self.allow_nonfinite:
+            check_finite_weight(self.codec, w, [self.where], stacked=False)
+        parts = encode_named(self.codec, w, self.where)
         parts = {p: t.cpu() for p, t in parts.items()}
         _check_parts(parts, self.part_specs, self.where, ())
         return parts
@@ -84,10 +90,32 @@ def _check_parts(parts, part_specs: PartSpecs, where: str, lead: tuple[int, ...]
             raise MoeportError(f"{where}.{part}: encoded {got.dtype}{list(got.shape)}, planned {list(shape)}")
 
 
-def _encode_batch(codec: Codec, part_specs: PartSpecs, device: str, batch: list) -> list[dict]:
+def check_finite_weight(codec: Codec, w: torch.Tensor, names: list[str], stacked: bool) -> None:
+    """Refuse NaN/Inf in weights about to be quantized: they would poison the scales of their
+    group or row and ship as valid-looking numbers. `w` is one weight, or (`stacked`) one per name."""
+    if getattr(codec, "checks_finite", False):
+        return  # the codec refuses them itself, naming the row
+    bad = ~torch.isfinite(w)
+    if not bool(bad.any()):
+        return
+    index = int(bad.flatten(1).any(1).nonzero()[0]) if stacked else 0
+    one = bad[index] if stacked else bad
+    rows = one.reshape(-1, one.shape[-1]).any(1)
+    raise MoeportError(
+        f"{names[index]}: {int(one.sum())} NaN/Inf value(s) in {int(rows.sum())} row(s), first in row "
+        f"{int(rows.nonzero()[0])}; quantizing them would corrupt their scales "
+        "(--allow-nonfinite to write them anyway)"
+    )
+
+
+def _encode_batch(
+    codec: Codec, part_specs: PartSpecs, device: str, allow_nonfinite: bool, batch: list
+) -> list[dict]:
     """Encode same-shape weights together: stacked on the device, one encode, one copy back per
     part. When that fails, one by one, so the error names the weight at fault."""
     w = stack_to(device, [realize_on(v, device) for v, _ in batch])
+    if not allow_nonfinite:
+        check_finite_weight(codec, w, [where for _, where in batch], stacked=True)
     if getattr(codec, "stacked_encode", False):
         try:
             parts = codec.encode(w)

@@ -4,8 +4,9 @@ Every target (recipes/) is a plan of units plus a sink (sinks/). The executor ch
 journal (convert.destination), skips the units whose outputs all lie in pieces already published
 by an interrupted run, streams the rest layer by layer (read-ahead threads, batched math on a GPU,
 write-behind thread), records each published piece with its checksum, then writes side files and
-the sink's completion marker and renames the staging folder to DST. A failure or Ctrl-C keeps the
-staging folder: re-running the same command continues, byte-identical to an uninterrupted run.
+the sink's completion marker and renames the staging folder to DST. A crash, Ctrl-C or a failed
+write (disk full) keeps the staging folder: re-running the same command continues, byte-identical
+to an uninterrupted run. An error in the input (a NaN weight, a changed source) removes it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from moeport.convert.destination import (
     JOURNAL_NAME,
     STAGING_SUFFIX,
     check_destination,
+    locked,
     open_staging,
     preflight,
     publish,
@@ -34,7 +36,7 @@ from moeport.convert.destination import (
     staging_of,
 )
 from moeport.convert.plan import Plan, apply_unit
-from moeport.errors import MoeportError
+from moeport.errors import MoeportError, OutputWriteError
 from moeport.mappings.values import realize
 from moeport.sinks.pieces import Piece, PieceFile, PieceWriter
 from moeport.sinks.safetensors_file import TensorSpec
@@ -88,6 +90,11 @@ def execute(
 ) -> Result:
     """Write the plan's outputs to `dst` (see module doc). `sink` may be a shard size in bytes
     (an HF sink with `metadata`); `recipe` (default: the metadata) identifies the job for resume."""
+    with locked(dst):
+        return _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory)
+
+
+def _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory) -> Result:
     start = time.perf_counter()
     if isinstance(sink, int):
         sink = HfSink(sink, dict(metadata or {}))
@@ -128,6 +135,7 @@ def execute(
                         del tensor, value
                 if batcher is not None:
                     batcher.clear()
+                ck.check_unchanged()
                 report(f"layer {layer}" if layer is not None else "other tensors", _in_bytes(units, ck))
         copy_side_files(ck.root, staging)
         if plan.config is not None:
@@ -135,10 +143,15 @@ def execute(
         elif (ck.root / "config.json").is_file():
             shutil.copy2(ck.root / "config.json", staging / "config.json")
         sink.finish(staging, pieces)
+        ck.check_unchanged()  # the last word before DST appears
         journal.finish()
         publish(staging, dst)
     except OSError as exc:
-        raise MoeportError(f"{exc.filename or dst}: {exc.strerror or exc}") from None
+        raise OutputWriteError(f"{exc.filename or dst}: {exc.strerror or exc}") from None
+    except MoeportError as exc:
+        if not isinstance(exc, OutputWriteError):  # the input must change: nothing to resume
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         prefetch.close()
     seconds = time.perf_counter() - start

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from moeport.errors import MoeportError
+from moeport.errors import MoeportError, OutputWriteError
 from moeport.sinks.sharded import write_json_atomic
 
 JOURNAL_VERSION = 1
@@ -68,7 +68,7 @@ class Journal:
         try:
             write_json_atomic(self.path, doc)
         except OSError as exc:
-            raise MoeportError(f"{self.path}: cannot write the journal ({exc.strerror})") from None
+            raise OutputWriteError(f"{self.path}: cannot write the journal ({exc.strerror})") from None
 
 
 def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:

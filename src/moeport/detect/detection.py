@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from moeport.codecs.format import ExpertFormat, Part
 from moeport.codecs.registry import classify
 from moeport.detect.layout import LayerExperts, LayoutMatch, layer_prefix_pattern, match_layout
+from moeport.detect.required import check_required
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.families import ExpertLayout, Family, family_for_model_type, known_model_types
@@ -72,7 +73,10 @@ def detect(ck: Checkpoint) -> Detection:
         warnings.append(f"expert count differs between layers: {sorted(set(counts.values()))}")
     n_cfg = cfg.first_int(family.fields.num_experts)
     if n_cfg is not None and n_cfg != experts:
-        warnings.append(f"config says {n_cfg} experts per layer, checkpoint has {experts}")
+        raise MoeportError(
+            f"{ck.root}: config.json says {n_cfg} experts per layer ({family.fields.num_experts[0]}), "
+            f"the tensors of layer {first} hold {experts}"
+        )
 
     num_layers = cfg.first_int(family.fields.num_layers)
     layer_bytes = _bytes_per_layer(ck, match.layer_prefix)
@@ -84,6 +88,7 @@ def detect(ck: Checkpoint) -> Detection:
     if first_dense is not None and dense[:first_dense] != list(range(first_dense)):
         warnings.append(f"config says the first {first_dense} layers are dense; dense layers found: {dense}")
 
+    check_required(ck, family, match.layout, match.layer_prefix, (moe, [L for L in mtp if L in layers]))
     block = f"{match.layer_prefix}{match.layout.block}."
     return Detection(
         family=family,
@@ -205,12 +210,22 @@ def _check_complete(
                     lack = sorted(wanted - set(have)) or sorted(set(have) - wanted)
                     verb = "lacks" if wanted - set(have) else "has unexpected"
                     raise MoeportError(f"{ck.root}: layer {layer} {what} {verb} companion tensor(s) {lack}")
+                _check_same_shapes(ck, have, found.parts[(experts[0], proj)])
         for proj in projs:  # one format check per layer and projection is enough
             other = _format_of(ck, found.parts[(experts[0], proj)], quant)
             if other.name != fmt.name:
                 raise MoeportError(
                     f"{ck.root}: layer {layer} {proj} is stored as {other.name}, other experts as {fmt.name}"
                 )
+
+
+def _check_same_shapes(ck: Checkpoint, parts: dict[str, str], ref: dict[str, str]) -> None:
+    """An expert's tensors have the shapes of the layer's first expert (a transposed or cut
+    expert is refused here, whatever the target, not only where a re-layout trips on it)."""
+    for part, key in parts.items():
+        got, want = ck.info(key).shape, ck.info(ref[part]).shape
+        if got != want:
+            raise MoeportError(f"{key}: shape {list(got)}, but '{ref[part]}' is {list(want)}")
 
 
 def _templates(match: LayoutMatch, layer: int) -> list[str]:

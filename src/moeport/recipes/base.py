@@ -26,6 +26,7 @@ class Options:
     ignore: tuple[str, ...] = ()  # GPU formats: regexes kept unquantized
     numa: int = 1  # kt: NUMA slices T (threadpool_count)
     kt_layout: str = "merged"  # kt: merged | folders
+    allow_nonfinite: bool = False  # quantize NaN/Inf weights instead of refusing them
     device: str = "cpu"  # where the math runs; never changes the bytes
     source_label: str = ""  # how the source is named in the output's metadata
 

@@ -52,6 +52,7 @@ class Recipe:
     group_size: int | None = 128  # None: per channel (w4a16/w8a16 only)
     targets: str = "experts"  # "experts" | "all-linear"
     ignore: tuple[str, ...] = ()  # extra regexes (re.search on the weight name)
+    allow_nonfinite: bool = False  # quantize NaN/Inf weights instead of refusing them
 
     def codec(self) -> Codec:
         if self.scheme in ("w4a16", "w8a16"):
@@ -89,7 +90,8 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
                 shape = spec_of[name].shape
                 if shape not in part_cache:
                     part_cache[shape] = part_specs(codec, shape, name)
-                extra.append(Encode(name, name.removesuffix("weight"), codec, part_cache[shape], device))
+                base = name.removesuffix("weight")
+                extra.append(Encode(name, base, codec, part_cache[shape], device, recipe.allow_nonfinite))
                 quantized.append(name)
             else:
                 if name in decoded:
@@ -188,7 +190,7 @@ def recipe_of(scheme: str, opts: Options) -> Recipe:
             re.compile(pattern)
         except re.error as exc:
             raise MoeportError(f"--ignore {pattern!r}: not a regular expression ({exc})") from None
-    return Recipe(scheme, opts.group_size, opts.targets, tuple(opts.ignore))
+    return Recipe(scheme, opts.group_size, opts.targets, tuple(opts.ignore), opts.allow_nonfinite)
 
 
 def _target(scheme: str, help: str) -> Target:
@@ -199,7 +201,8 @@ def _target(scheme: str, help: str) -> Target:
         return plan, HfSink(opts.max_shard_bytes, metadata)
 
     def fields(opts: Options) -> dict[str, object]:
-        return {"group_size": opts.group_size, "targets": opts.targets, "ignore": list(opts.ignore)}
+        fields = {"group_size": opts.group_size, "targets": opts.targets, "ignore": list(opts.ignore)}
+        return fields | ({"allow_nonfinite": True} if opts.allow_nonfinite else {})
 
     return Target(scheme, help, build, fields)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moeport.errors import MoeportError
+from moeport.errors import MoeportError, OutputWriteError
 from moeport.sinks.kt_layout import KtLayout
 from moeport.sinks.pieces import Piece
 from moeport.sinks.safetensors_file import (
@@ -159,7 +159,7 @@ class KtFolderPiece:
             os.replace(self.tmp, self.final)
         except OSError as exc:
             self.abort()
-            raise MoeportError(f"{self.tmp}: {exc.strerror}") from None
+            raise OutputWriteError(f"{self.tmp}: {exc.strerror}") from None
         return {"files": len(self._digests), "checksum_of_listing": _listing(self._digests)}
 
     def abort(self) -> None:

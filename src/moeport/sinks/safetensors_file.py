@@ -17,7 +17,7 @@ import torch
 import xxhash
 
 from moeport.dtypes import nbytes_of, safetensors_name_of
-from moeport.errors import MoeportError
+from moeport.errors import OutputWriteError
 
 PARTIAL_SUFFIX = ".partial"
 CHECKSUM = "xxh3_128"  # the journal field holding a piece's checksum
@@ -68,7 +68,7 @@ class PartialFile:
         try:
             self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
-            raise MoeportError(f"{self.partial}: cannot create ({exc.strerror})") from None
+            raise OutputWriteError(f"{self.partial}: cannot create ({exc.strerror})") from None
 
     def pwrite_all(self, buf: memoryview, offset: int) -> None:
         buf = buf.cast("B")
@@ -76,7 +76,7 @@ class PartialFile:
             try:
                 n = os.pwrite(self._fd, buf, offset)
             except OSError as exc:
-                raise MoeportError(f"{self.partial}: write failed ({exc.strerror})") from None
+                raise OutputWriteError(f"{self.partial}: write failed ({exc.strerror})") from None
             buf, offset = buf[n:], offset + n
 
     def truncate(self, size: int) -> None:
@@ -88,7 +88,7 @@ class PartialFile:
                 os.fsync(self._fd)
         except OSError as exc:
             self.abort()
-            raise MoeportError(f"{self.partial}: cannot flush ({exc.strerror})") from None
+            raise OutputWriteError(f"{self.partial}: cannot flush ({exc.strerror})") from None
         os.close(self._fd)
         self._fd = -1
         os.replace(self.partial, self.path)

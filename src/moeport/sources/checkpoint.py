@@ -33,13 +33,38 @@ class TensorInfo:
     offset: int = 0  # absolute file offset of the tensor's bytes
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """What tells a file apart from a changed or replaced one without reading it."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise MoeportError(f"{path}: cannot read ({exc.strerror})") from None
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 class Checkpoint:
     """Lazy view of all tensors of a checkpoint, addressed by name."""
 
-    def __init__(self, root: Path, headers: list[SafetensorsHeader], config: dict[str, Any] | None):
+    def __init__(
+        self,
+        root: Path,
+        headers: list[SafetensorsHeader],
+        config: dict[str, Any] | None,
+        identities: dict[Path, FileIdentity] | None = None,
+    ):
         self.root = root
         self.config = config
         self.files = [h.path for h in headers]
+        # each shard as it was when its header was read: a conversion checks they stay so
+        self.identities = identities or {f: FileIdentity.of(f) for f in self.files}
         self.metadata = {h.path: h.metadata for h in headers}  # each shard's __metadata__
         self._info: dict[str, TensorInfo] = {}
         for h in headers:
@@ -102,6 +127,18 @@ class Checkpoint:
             done += n
         return buf.view(dtype).reshape(shape)
 
+    def check_unchanged(self) -> None:
+        """Refuse to go on when a shard changed since it was opened: an output would mix old and
+        new bytes (a download or copy still running into the source folder, say)."""
+        for path, before in self.identities.items():
+            now = FileIdentity.of(path)
+            if now != before:
+                what = [k for k in ("size", "mtime_ns", "inode") if getattr(now, k) != getattr(before, k)]
+                raise MoeportError(
+                    f"{path}: changed while being converted ({', '.join(what)} differ from when it was "
+                    "opened); run again once the source is complete and stable"
+                )
+
     def release(self) -> None:
         """Close open files."""
         with self._fd_lock:
@@ -131,10 +168,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         root, files = path.parent, [path]
     else:
         root, files = path, _shard_files(path)
+    identities = {f: FileIdentity.of(f) for f in files}  # before reading: a later change is seen
     headers = [read_header(f) for f in files]
     if path.is_dir():
         _check_index(root, headers)
-    return Checkpoint(root, headers, _load_config(root))
+    return Checkpoint(root, headers, _load_config(root), identities)
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -143,11 +181,19 @@ def _shard_files(folder: Path) -> list[Path]:
         weight_map = _load_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise MoeportError(f"{index}: no 'weight_map' object")
+        bad = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise MoeportError(f"{index}: 'weight_map' values must be shard file names, found {bad!r}")
         files = []
         for name in sorted(set(weight_map.values())):
+            if Path(name).is_absolute() or ".." in Path(name).parts or not name.endswith(".safetensors"):
+                raise MoeportError(
+                    f"{index}: names shard '{name}', which is not a .safetensors file inside the folder"
+                )
             shard = folder / name
-            if not shard.is_file():
-                raise MoeportError(f"{index}: names shard '{name}', which does not exist")
+            if not shard.is_file():  # a symlink to a regular file (Hugging Face cache) is fine
+                where = f" (a link to {shard.resolve()})" if shard.is_symlink() else ""
+                raise MoeportError(f"{index}: names shard '{name}', which does not exist{where}")
             files.append(shard)
         return files
     files = sorted(folder.glob("*.safetensors"))
@@ -166,6 +212,12 @@ def _check_index(root: Path, headers: list[SafetensorsHeader]) -> None:
         if stored.get(name) != shard:
             where = f"in {stored[name]}" if name in stored else "in no shard"
             raise MoeportError(f"{index}: maps tensor '{name}' to {shard} but it is {where}")
+    unlisted = [name for name in stored if name not in weight_map]
+    if unlisted:  # loaders go by the index: such a tensor would silently be missing from the model
+        raise MoeportError(
+            f"{index}: does not list tensor '{unlisted[0]}' stored in {stored[unlisted[0]]} "
+            f"({len(unlisted)} unlisted in all)"
+        )
 
 
 def _load_config(root: Path) -> dict[str, Any] | None:

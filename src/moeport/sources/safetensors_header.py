@@ -55,26 +55,61 @@ def read_header(path: Path) -> SafetensorsHeader:
     except OSError as exc:
         raise MoeportError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MoeportError(f"{path}: corrupt safetensors header (invalid JSON: {exc})") from None
+    except _Duplicate as dup:
+        raise MoeportError(f"{path}: corrupt safetensors header (key '{dup.key}' appears twice)") from None
     if not isinstance(header, dict):
         raise MoeportError(f"{path}: corrupt safetensors header (expected a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MoeportError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     entries = {name: _parse_entry(path, name, spec) for name, spec in header.items()}
     _check_tiling(path, entries, size - 8 - n)
     return SafetensorsHeader(path=path, data_start=8 + n, entries=entries, metadata=metadata)
 
 
+class _Duplicate(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """JSON objects whose keys repeat are refused (json keeps the last one silently)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+def _naturals(values: object) -> tuple[int, ...] | None:
+    """A JSON list of non-negative integers (not floats, not booleans), else None."""
+    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+        return None
+    return tuple(values)
+
+
 def _parse_entry(path: Path, name: str, spec: object) -> HeaderEntry:
-    try:
-        dtype = spec["dtype"]  # type: ignore[index]
-        shape = tuple(int(d) for d in spec["shape"])  # type: ignore[index]
-        begin, end = (int(x) for x in spec["data_offsets"])  # type: ignore[index]
-    except (TypeError, KeyError, ValueError):
+    if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= set(spec):
         raise MoeportError(
             f"{path}: corrupt safetensors header entry for tensor '{name}' (need dtype, shape, data_offsets)"
-        ) from None
+        )
+    dtype, shape, offsets = spec["dtype"], _naturals(spec["shape"]), _naturals(spec["data_offsets"])
+    if shape is None:
+        raise MoeportError(
+            f"{path}: tensor '{name}' has shape {spec['shape']!r}, expected a list of non-negative integers"
+        )
+    if offsets is None or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise MoeportError(
+            f"{path}: tensor '{name}' has data_offsets {spec['data_offsets']!r}, expected [begin, end] "
+            "with 0 <= begin <= end"
+        )
+    begin, end = offsets
+    if not isinstance(dtype, str):
+        raise MoeportError(f"{path}: tensor '{name}' has dtype {dtype!r}, expected a string")
     if not known_dtype(dtype):
         raise MoeportError(f"{path}: tensor '{name}' has unknown dtype '{dtype}'")
     if end - begin != nbytes_of(dtype, shape):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeport.errors import MoeportError
+
 
 class ModelConfig:
     def __init__(self, raw: dict[str, Any]):
@@ -34,5 +36,15 @@ class ModelConfig:
         return None
 
     def first_int(self, names: tuple[str, ...]) -> int | None:
-        value = self.first(names)
-        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        """The first of `names` present, which must be a whole number (a string or a fraction
+        there is a broken config, refused rather than read as missing)."""
+        for source in (self.text, self.raw):
+            for name in names:
+                value = source.get(name)
+                if value is None:
+                    continue
+                whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+                if isinstance(value, bool) or not whole:
+                    raise MoeportError(f"config.json: '{name}' is {value!r}, expected a whole number")
+                return int(value)
+        return None
