@@ -290,3 +290,19 @@ def test_interrupt_signal_leaves_no_output_and_resumes(bigger, tmp_path):
     back, want = load_file(str(next(dst.glob("*.safetensors")))), None
     assert back and all(torch.isfinite(t.float()).all() for t in back.values() if t.is_floating_point())
     assert want is None
+
+
+@pytest.mark.parametrize("case", ["staging-is-a-file", "parent-is-a-file", "under-proc"])
+def test_unusable_destinations_are_one_line(tiny, tmp_path, case):
+    if case == "staging-is-a-file":
+        dst = tmp_path / "out"
+        staging_of(dst).write_text("not ours")
+        words = [str(staging_of(dst)), "not a folder"]
+    elif case == "parent-is-a-file":
+        (tmp_path / "file").write_text("x")
+        dst = tmp_path / "file" / "out"
+        words = ["file"]
+    else:
+        dst = Path("/proc/moeport-test-out")
+        words = ["/proc"]
+    refused(cli("convert", str(tiny), str(dst), "--quiet"), None, *words)

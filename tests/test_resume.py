@@ -107,9 +107,10 @@ def test_sigkill_and_resume_is_byte_identical(synthetic, tmp_path, job):
     assert not staging_of(dst).exists()
 
 
-def test_a_changed_kept_piece_is_redone(synthetic, tmp_path):
+@pytest.mark.parametrize("job", ["hf-fused", "kt-merged"])
+def test_a_changed_kept_piece_is_redone(synthetic, tmp_path, job):
     """A piece the journal lists as published but whose bytes changed since is written again."""
-    args = JOBS["hf-fused"]
+    args = JOBS[job]
     ref, dst = tmp_path / "ref", tmp_path / "dst"
     assert cli(str(synthetic), str(ref), *args).returncode == 0
     staging = staging_of(dst)

@@ -95,6 +95,11 @@ def check_destination(dst: Path, src: Path, recipe: dict[str, Any], overwrite: b
 
 def _check_staging(dst: Path, recipe: dict[str, Any], overwrite: bool) -> None:
     staging = staging_of(dst)
+    if staging.exists() and not staging.is_dir():
+        if overwrite:
+            staging.unlink()
+            return
+        raise MoeportError(f"{staging}: exists and is not a folder; remove it (or use --overwrite)")
     if overwrite or not staging.exists():
         return
     old = Journal.load(staging / JOURNAL_NAME)
