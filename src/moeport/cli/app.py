@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moeport.errors import MoeportError
@@ -17,6 +18,7 @@ from moeport.report import inspect_report, ranges
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Convert Mixture-of-Experts checkpoints between layouts and quantization formats.",
 )
 out = Console()
@@ -131,8 +133,7 @@ def convert(
         ),
     ] = None,
 ) -> None:
-    """Convert a checkpoint, layer by layer, with memory bounded by one layer; re-running an
-    interrupted conversion continues where it stopped."""
+    """Convert a checkpoint layer by layer in bounded memory; a re-run resumes an interrupted one."""
     from moeport.cli.convert import RunFlags, parse_size, run_convert
     from moeport.recipes import Options
 
@@ -208,23 +209,39 @@ def demo(
         )
 
 
-def main() -> None:
-    try:
-        rc = app(standalone_mode=False)  # click returns (not raises) the code of typer.Exit here
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
-    except MoeportError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
+def _version() -> str:
+    """The installed distribution's version (what pip reports), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    try:
+        return version("moeport")
+    except PackageNotFoundError:
+        from moeport import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"moeport {_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Convert Mixture-of-Experts checkpoints between layouts and quantization formats."""
+
+
+def main() -> None:
+    """Entry point. typer's standalone mode prints usage errors as its short usage message (exit 2)
+    and help for a bare `moeport`; our own user errors become one line, exit 2."""
+    try:
+        app(prog_name="moeport")
+    except MoeportError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
