@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ def check_destination(dst: Path, src: Path, recipe: dict[str, Any], overwrite: b
     root, out = src.resolve(), dst.resolve()
     if root == out or out in root.parents:
         raise MoeportError(f"{dst}: is (or contains) the source checkpoint {src}; choose another DST")
+    if root in out.parents:
+        raise MoeportError(f"{dst}: is inside the source checkpoint {src}; choose a DST outside it")
+    if _holds_this_output(dst, recipe, overwrite):
+        return True
+    _check_writable(dst, overwrite)
+    return False
+
+
+def _holds_this_output(dst: Path, recipe: dict[str, Any], overwrite: bool) -> bool:
     if dst.exists() and not dst.is_dir():
         if overwrite:
             return False
@@ -52,6 +62,23 @@ def check_destination(dst: Path, src: Path, recipe: dict[str, Any], overwrite: b
     if old is not None and old.complete:
         return True
     raise MoeportError(f"{dst}: already exists and is not empty (use --overwrite to replace it)")
+
+
+def _check_writable(dst: Path, overwrite: bool) -> None:
+    """Fail now, in one line, where creating the staging folder would fail after the planning: a
+    parent that is a file, a folder we may not write in, a pseudo file system such as /proc."""
+    staging = staging_of(dst)
+    if staging.exists() and not staging.is_dir() and not overwrite:
+        raise MoeportError(f"{staging}: exists and is not a folder (remove it, or use --overwrite)")
+    where = dst.absolute().parent
+    try:
+        while not where.exists():
+            where = where.parent
+        if not where.is_dir():
+            raise MoeportError(f"{dst}: cannot be created: {where} is a file, not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".moeport-probe-", dir=where))
+    except OSError as exc:
+        raise MoeportError(f"{dst}: cannot write in {where} ({exc.strerror})") from None
 
 
 def _check_staging(dst: Path, recipe: dict[str, Any], overwrite: bool) -> None:
@@ -80,9 +107,14 @@ def open_staging(
     staging = staging_of(dst)
     old = None if overwrite else Journal.load(staging / JOURNAL_NAME)
     if old is None or old.recipe != recipe:
-        if staging.exists():
+        if staging.is_dir():
             shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        elif staging.exists():  # a stray file of that name, replaced under --overwrite
+            staging.unlink()
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:
+            raise MoeportError(f"{staging}: cannot create the output folder ({exc.strerror})") from None
         journal = Journal(staging / JOURNAL_NAME, recipe)
         journal.save()
         return journal
