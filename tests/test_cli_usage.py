@@ -71,3 +71,10 @@ def test_usage_errors_print_the_short_usage_and_exit_2(args, usage, message) -> 
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert result.stderr.startswith(f"Usage: {usage} [OPTIONS]"), result.stderr
     assert error_line(result.stderr) == message
+
+
+def test_user_text_in_errors_is_not_taken_for_rich_markup(tmp_path) -> None:
+    path = tmp_path / "ck[bold]x[/bold]"
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 2
+    assert result.stderr == f"error: {path}: no such file or folder\n"

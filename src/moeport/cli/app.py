@@ -48,7 +48,7 @@ def inspect(
 
 def _print_inspect(r: dict) -> None:
     ex, lay, by = r["experts"], r["layers"], r["bytes"]
-    t = Table(show_header=False, title=f"[bold]{r['path']}[/]", title_justify="left")
+    t = Table(show_header=False, title=f"[bold]{escape(str(r['path']))}[/]", title_justify="left")
     t.add_column(style="cyan")
     t.add_column()
     t.add_row("family", f"{r['family_title']} ({r['family']}, model_type {r['model_type']})")
@@ -65,8 +65,8 @@ def _print_inspect(r: dict) -> None:
     t.add_row("layout", ex["layout"] + (" (gate/up interleaved)" if ex["gate_up_interleaved"] else ""))
     fmt = r["expert_format"]
     t.add_row("expert format", fmt["name"] + "".join(f", {k}={v}" for k, v in fmt.items() if k != "name"))
-    t.add_row("expert tensors", "\n".join(r["expert_tensors"]))
-    t.add_row("router", "\n".join(r["router_tensors"]) or "-")
+    t.add_row("expert tensors", escape("\n".join(r["expert_tensors"])))
+    t.add_row("router", escape("\n".join(r["router_tensors"])) or "-")
     t.add_row(
         "bytes", f"total {_gb(by['total'])}, experts {_gb(by['experts'])}, non-expert {_gb(by['non_expert'])}"
     )
@@ -75,7 +75,7 @@ def _print_inspect(r: dict) -> None:
         sizes = [v["total"] for v in per_layer.values()]
         t.add_row("bytes per layer", f"{len(sizes)} layers, {_gb(min(sizes))} to {_gb(max(sizes))}")
     for w in r["warnings"]:
-        t.add_row("[yellow]warning[/]", w)
+        t.add_row("[yellow]warning[/]", escape(w))
     out.print(t)
 
 
@@ -192,7 +192,7 @@ def demo(
 
     src = out_dir / "deepseek-v3-tiny"
     write_synthetic(src, SyntheticSpec.tiny())
-    out.print(f"wrote built-in example to {src}")
+    out.print(f"wrote built-in example to {src}", markup=False)
     inspect(src, as_json=False)
     for to in TARGETS:  # every registered target, with its default options (hf: the fused layout)
         options = Options(layout="fused" if to == "hf" else "hub", device="auto")
@@ -204,7 +204,7 @@ def demo(
         exact = sum(t.exact for t in report.tensors)
         verdict = "[green]verified[/]" if report.ok else "[red]FAILED verification[/]"
         out.print(
-            f"{name:>11}: {dst}  {verdict}: {len(report.tensors)} tensors, {exact} bit-exact, "
+            f"{name:>11}: {escape(str(dst))}  {verdict}: {len(report.tensors)} tensors, {exact} bit-exact, "
             f"max relative error {worst:.3g}"
         )
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moeport.cli.progress import conversion_progress
@@ -78,7 +79,7 @@ def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags
     if flags.quiet:
         return
     if result.already_complete:
-        console.print(f"{dst}: already complete ({plan.title}); nothing to do", highlight=False)
+        console.print(f"{dst}: already complete ({plan.title}); nothing to do", highlight=False, markup=False)
         return
     resumed = f", {result.pieces_kept} piece(s) kept from an interrupted run" if result.pieces_kept else ""
     speed = result.bytes_in / result.seconds / 1e9 if result.seconds > 0 else 0.0
@@ -86,14 +87,15 @@ def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags
         f"wrote {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) to {dst} in "
         f"{result.seconds:.1f} s ({speed:.2f} GB/s of source){resumed}",
         highlight=False,
+        markup=False,
     )
     for note in plan.notes:
-        console.print(f"- {note}", highlight=False)
+        console.print(f"- {note}", highlight=False, markup=False)
 
 
 def _print_plan(console: Console, plan, ck) -> None:
     stats = plan.layer_stats(ck)
-    t = Table(title=f"plan: {ck.root}", title_justify="left")
+    t = Table(title=escape(f"plan: {ck.root}"), title_justify="left")
     for col in ("layer", "tensors in", "bytes in", "tensors out", "bytes out"):
         t.add_column(col, justify="right")
     for layer in sorted(stats, key=lambda L: -1 if L is None else L):
@@ -108,13 +110,13 @@ def _print_plan(console: Console, plan, ck) -> None:
     console.print(t)
     total_in = sum(s["in_bytes"] for s in stats.values())
     total_out = sum(s.nbytes for s in plan.specs)
-    console.print(plan.title, highlight=False)
+    console.print(plan.title, highlight=False, markup=False)
     console.print(
         f"{len(plan.specs)} tensors, {_size(total_in)} in, {_size(total_out)} out; "
         f"peak memory estimate {_size(plan.peak_estimate(ck))}"
     )
     for note in plan.notes:
-        console.print(f"- {note}", highlight=False)
+        console.print(f"- {note}", highlight=False, markup=False)
 
 
 def _size(n: int) -> str:
