@@ -85,8 +85,13 @@ def _targets_help() -> str:
     return "Target: " + "; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + "."
 
 
+# convert's parameter behind each target-specific Options field (recipes.base.OPTION_FLAGS)
+_OPTION_PARAMS = {"max_shard_bytes": "max_shard_size"}
+
+
 @app.command()
 def convert(
+    ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="Source checkpoint folder.")],
     dst: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
     to: Annotated[str, typer.Option("--to", help=_targets_help())] = "hf",
@@ -128,7 +133,8 @@ def convert(
     ignore: Annotated[
         list[str] | None,
         typer.Option(
-            help="Regex of weights to keep unquantized (repeatable); routers, norms, "
+            help="GPU targets: a module to keep unquantized (repeatable): its name or a regex, with or "
+            "without llmcompressor's 're:' prefix, searched in module names; routers, norms, "
             "embeddings and lm_head are always kept."
         ),
     ] = None,
@@ -136,7 +142,14 @@ def convert(
     """Convert a checkpoint layer by layer in bounded memory; a re-run resumes an interrupted one."""
     from moeport.cli.convert import RunFlags, parse_size, run_convert
     from moeport.recipes import Options
+    from moeport.recipes.base import OPTION_FLAGS
 
+    given = {
+        f
+        for f in OPTION_FLAGS
+        if (source := ctx.get_parameter_source(_OPTION_PARAMS.get(f, f))) is not None
+        and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    }
     if group_size < 0:
         raise MoeportError(f"--group-size {group_size}: expected a positive size, or 0 for per channel")
     options = Options(
@@ -151,7 +164,7 @@ def convert(
         device=device,
     )
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
-    run_convert(src, dst, to, options, RunFlags(dry_run, overwrite, quiet, limit), out)
+    run_convert(src, dst, to, options, RunFlags(dry_run, overwrite, quiet, limit), out, given)
 
 
 @app.command()

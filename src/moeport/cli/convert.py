@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import signal
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,16 @@ class RunFlags:
     max_memory: int | None = None
 
 
-def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags, console: Console) -> None:
+def run_convert(
+    src: Path,
+    dst: Path,
+    to: str,
+    options: Options,
+    flags: RunFlags,
+    console: Console,
+    given: Iterable[str] = (),
+) -> None:
+    """`given`: the Options fields the user set explicitly (refused where the target ignores them)."""
     from moeport.convert.batching import Batcher
     from moeport.convert.execute import describe_recipe, execute
     from moeport.detect import detect
@@ -50,6 +60,7 @@ def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags
     target = TARGETS.get(to)
     if target is None:
         raise MoeportError(f"--to {to}: unknown target; expected one of {', '.join(TARGETS)}")
+    target.refuse_unused(given)
     device = resolve_device(options.device)
     options = Options(**{**options.__dict__, "device": device, "source_label": str(src.resolve())})
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
@@ -90,7 +101,7 @@ def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags
         markup=False,
     )
     for note in plan.notes:
-        console.print(f"- {note}", highlight=False, markup=False)
+        console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _print_plan(console: Console, plan, ck) -> None:
@@ -116,7 +127,7 @@ def _print_plan(console: Console, plan, ck) -> None:
         f"peak memory estimate {_size(plan.peak_estimate(ck))}"
     )
     for note in plan.notes:
-        console.print(f"- {note}", highlight=False, markup=False)
+        console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _size(n: int) -> str:

@@ -287,4 +287,5 @@ TARGET = Target(
     _build,
     fields=lambda o: {"layout": o.layout, "dtype": o.dtype},
     lossless=lambda recipe: recipe.get("dtype") == "keep",
+    takes=frozenset({"layout", "dtype", "max_shard_bytes"}),
 )

@@ -237,6 +237,7 @@ TARGETS = [
         f"kt-kernel {K.method_name(bits)} CPU experts (--numa T, --kt-layout merged|folders)",
         _build(bits),
         _fields(bits),
+        takes=frozenset({"numa", "kt_layout"}),
     )
     for bits in (4, 8)
 ]
