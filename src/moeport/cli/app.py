@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from moeport.errors import MoeportError
-from moeport.report import inspect_report, ranges
+from moeport.report import inspect_report, kt_report, ranges
 
 app = typer.Typer(
     add_completion=False,
@@ -36,14 +36,40 @@ def inspect(
 ) -> None:
     """Detect family, layers, experts and expert storage format of a checkpoint (headers only)."""
     from moeport.detect import detect
+    from moeport.sinks.kt import MANIFEST_NAME
     from moeport.sources import open_checkpoint
+    from moeport.verify.kt_canonical import kt_description, kt_metadata
 
-    with open_checkpoint(path) as ck:
-        report = inspect_report(path, detect(ck))
+    found = kt_metadata(path) if path.is_dir() else None
+    if found is not None:  # moeport's own kt-kernel output (merged or folders)
+        form = "folders" if found[0].name == MANIFEST_NAME else "merged"
+        report = kt_report(path, kt_description(path), found[1], form)
+    else:
+        with open_checkpoint(path) as ck:
+            report = inspect_report(path, detect(ck))
     if as_json:
         print(json.dumps(report, indent=2))
-        return
-    _print_inspect(report)
+    elif found is not None:
+        _print_kt(report)
+    else:
+        _print_inspect(report)
+
+
+def _print_kt(r: dict) -> None:
+    ex = r["experts"]
+    t = Table(show_header=False, title=f"[bold]{escape(r['path'])}[/]", title_justify="left")
+    t.add_column(style="cyan")
+    t.add_column()
+    t.add_row("kind", f"kt-kernel CPU experts, {r['kt_layout']} form")
+    t.add_row("method", f"{r['method']}, T={r['threadpool_count']} (--numa)")
+    t.add_row("layers", f"{len(r['layers'])}: {ranges(r['layers'])}")
+    t.add_row(
+        "experts",
+        f"{ex['per_layer']} per layer; hidden {ex['hidden_size']}, intermediate {ex['intermediate_size']}",
+    )
+    t.add_row("source", escape(f"{r['source_family'] or '?'}, {r['source_format'] or '?'}"))
+    t.add_row("bytes", f"total {_gb(r['bytes']['total'])}")
+    out.print(t)
 
 
 def _print_inspect(r: dict) -> None:
