@@ -13,7 +13,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from moeport.errors import MoeportError
+from moeport.recipes import TARGETS, hf, kt
 from moeport.report import inspect_report, kt_report, ranges
+from moeport.sizes import format_size, parse_size
 
 app = typer.Typer(
     add_completion=False,
@@ -25,8 +27,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
+MIN_SHARD_BYTES = 100_000  # below this a "shard size" is a typo, and would write thousands of files
 
 
 @app.command()
@@ -68,7 +69,7 @@ def _print_kt(r: dict) -> None:
         f"{ex['per_layer']} per layer; hidden {ex['hidden_size']}, intermediate {ex['intermediate_size']}",
     )
     t.add_row("source", escape(f"{r['source_family'] or '?'}, {r['source_format'] or '?'}"))
-    t.add_row("bytes", f"total {_gb(r['bytes']['total'])}")
+    t.add_row("bytes", f"total {format_size(r['bytes']['total'])}")
     out.print(t)
 
 
@@ -93,22 +94,26 @@ def _print_inspect(r: dict) -> None:
     t.add_row("expert format", fmt["name"] + "".join(f", {k}={v}" for k, v in fmt.items() if k != "name"))
     t.add_row("expert tensors", escape("\n".join(r["expert_tensors"])))
     t.add_row("router", escape("\n".join(r["router_tensors"])) or "-")
-    t.add_row(
-        "bytes", f"total {_gb(by['total'])}, experts {_gb(by['experts'])}, non-expert {_gb(by['non_expert'])}"
-    )
+    total, experts, other = (format_size(by[k]) for k in ("total", "experts", "non_expert"))
+    t.add_row("bytes", f"total {total}, experts {experts}, non-expert {other}")
     per_layer = by["per_layer"]
     if per_layer:
         sizes = [v["total"] for v in per_layer.values()]
-        t.add_row("bytes per layer", f"{len(sizes)} layers, {_gb(min(sizes))} to {_gb(max(sizes))}")
+        t.add_row(
+            "bytes per layer", f"{len(sizes)} layers, {format_size(min(sizes))} to {format_size(max(sizes))}"
+        )
     for w in r["warnings"]:
         t.add_row("[yellow]warning[/]", escape(w))
     out.print(t)
 
 
 def _targets_help() -> str:
-    from moeport.recipes import TARGETS
+    return "Target (any case): " + "; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + "."
 
-    return "Target: " + "; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + "."
+
+def _choices(names) -> str:
+    """The metavar that shows an option's choices in --help, read from the registries."""
+    return "[" + "|".join(names) + "]"
 
 
 # convert's parameter behind each target-specific Options field (recipes.base.OPTION_FLAGS)
@@ -120,13 +125,20 @@ def convert(
     ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="Source checkpoint folder.")],
     dst: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
-    to: Annotated[str, typer.Option("--to", help=_targets_help())] = "hf",
+    to: Annotated[str, typer.Option("--to", metavar="TARGET", help=_targets_help())] = "hf",
     layout: Annotated[
-        str, typer.Option(help="hf: hub (per-expert names, as on the Hub) or fused (transformers v5).")
+        str,
+        typer.Option(
+            metavar=_choices(hf.LAYOUTS),
+            help="hf: hub (per-expert names, as on the Hub) or fused (transformers v5).",
+        ),
     ] = "hub",
     dtype: Annotated[
         str,
-        typer.Option(help="hf: keep (re-layout only, scales carried along), or bf16/fp16/fp32 (dequantize)."),
+        typer.Option(
+            metavar=_choices(("keep", *hf.DTYPES)),
+            help="hf: keep (re-layout only, scales carried along), or a float dtype (dequantize).",
+        ),
     ] = "keep",
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
@@ -136,7 +148,12 @@ def convert(
         int, typer.Option("--numa", help="kt targets: NUMA slices T (kt's threadpool_count).")
     ] = 1,
     kt_layout: Annotated[
-        str, typer.Option("--kt-layout", help="kt targets: merged (safetensors) or folders (_layer_L/*.kt).")
+        str,
+        typer.Option(
+            "--kt-layout",
+            metavar=_choices(kt.KT_LAYOUTS),
+            help="kt targets: merged (safetensors) or folders (_layer_L/*.kt).",
+        ),
     ] = "merged",
     max_memory: Annotated[
         str | None,
@@ -166,7 +183,7 @@ def convert(
     ] = None,
 ) -> None:
     """Convert a checkpoint layer by layer in bounded memory; a re-run resumes an interrupted one."""
-    from moeport.cli.convert import RunFlags, parse_size, run_convert
+    from moeport.cli.convert import RunFlags, run_convert
     from moeport.recipes import Options
     from moeport.recipes.base import OPTION_FLAGS
 
@@ -176,12 +193,18 @@ def convert(
         if (source := ctx.get_parameter_source(_OPTION_PARAMS.get(f, f))) is not None
         and source.name not in ("DEFAULT", "DEFAULT_MAP")
     }
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
+    if shard_bytes < MIN_SHARD_BYTES:
+        raise MoeportError(
+            f"--max-shard-size {max_shard_size}: below the {format_size(MIN_SHARD_BYTES)} floor "
+            "(shards are usually 1GB to 10GB)"
+        )
     if group_size < 0:
         raise MoeportError(f"--group-size {group_size}: expected a positive size, or 0 for per channel")
     options = Options(
         layout=layout,
         dtype=dtype,
-        max_shard_bytes=parse_size(max_shard_size),
+        max_shard_bytes=shard_bytes,
         group_size=group_size or None,
         targets=targets,
         ignore=tuple(ignore or ()),
@@ -190,6 +213,8 @@ def convert(
         device=device,
     )
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
+    if limit is not None and limit <= 0:
+        raise MoeportError(f"--max-memory {max_memory}: expected a positive size")
     run_convert(src, dst, to, options, RunFlags(dry_run, overwrite, quiet, limit), out, given)
 
 

@@ -6,7 +6,6 @@ bar, resume where an interrupted run of the same command stopped.
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 from collections.abc import Iterable
@@ -20,14 +19,7 @@ from rich.table import Table
 from moeport.cli.progress import conversion_progress
 from moeport.errors import MoeportError
 from moeport.recipes.base import Options
-
-
-def parse_size(text: str, option: str = "--max-shard-size") -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
-    if not m:
-        raise MoeportError(f"{option} {text!r}: expected a size such as 5GB or 500MB")
-    base = 1024 if m[3] else 1000
-    return int(float(m[1]) * base ** " KMGT".index(m[2] or " "))
+from moeport.sizes import format_size as _size
 
 
 @dataclass(frozen=True)
@@ -57,7 +49,7 @@ def run_convert(
     from moeport.recipes import TARGETS, job_recipe
     from moeport.sources import open_checkpoint
 
-    target = TARGETS.get(to)
+    target = TARGETS.get(to.lower())
     if target is None:
         raise MoeportError(f"--to {to}: unknown target; expected one of {', '.join(TARGETS)}")
     target.refuse_unused(given)
@@ -128,10 +120,3 @@ def _print_plan(console: Console, plan, ck) -> None:
     )
     for note in plan.notes:
         console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"

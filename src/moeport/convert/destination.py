@@ -19,6 +19,7 @@ from moeport.convert.journal import Journal, recipe_diff
 from moeport.errors import MoeportError
 from moeport.sinks.pieces import Piece
 from moeport.sinks.safetensors_file import PARTIAL_SUFFIX
+from moeport.sizes import format_size
 
 STAGING_SUFFIX = ".moeport-partial"
 JOURNAL_NAME = "moeport-journal.json"
@@ -140,13 +141,13 @@ def preflight(dst: Path, pieces: list[Piece], kept: set[str], peak: int, max_mem
     free = free_bytes(where)
     if need > free:
         raise MoeportError(
-            f"{dst}: not enough disk space: the output needs {need / 1e9:.2f} GB, {where} has "
-            f"{free / 1e9:.2f} GB free"
+            f"{dst}: not enough disk space: the output needs {format_size(need)}, {where} has "
+            f"{format_size(free)} free"
         )
     if max_memory is not None and peak + PROCESS_OVERHEAD > max_memory:
         raise MoeportError(
-            f"--max-memory {max_memory / 1e9:.2f} GB: this conversion needs about "
-            f"{(peak + PROCESS_OVERHEAD) / 1e9:.2f} GB (one unit of work at a time)"
+            f"--max-memory {format_size(max_memory)}: this conversion needs about "
+            f"{format_size(peak + PROCESS_OVERHEAD)} (one unit of work at a time)"
         )
 
 
