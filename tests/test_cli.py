@@ -95,3 +95,28 @@ def test_bad_input_gives_one_line_error(checkpoint, tmp_path, damage, message) -
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("to", "form", "method"), [("kt-int4", "merged", "AMXINT4"), ("kt-int8", "folders", "AMXINT8")]
+)
+def test_inspect_recognises_moeports_kt_outputs(tmp_path, to, form, method) -> None:
+    from moeport.synthetic import SyntheticSpec, write_synthetic
+
+    src = write_synthetic(tmp_path / "src", SyntheticSpec.tiny()) or tmp_path / "src"
+    out = tmp_path / "kt"
+    done = run_cli(
+        "convert", str(src), str(out), "--to", to, "--kt-layout", form, "--quiet", "--device", "cpu"
+    )
+    assert done.returncode == 0, done.stderr
+    result = run_cli("inspect", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["kind"] == "kt" and report["kt_layout"] == form and report["method"] == method
+    assert report["threadpool_count"] == 1 and report["layers"] == [1, 2, 3]
+    assert report["experts"] == {"per_layer": 8, "hidden_size": 256, "intermediate_size": 128}
+    assert report["source_family"] == "deepseek_v3" and report["source_format"] == "bf16"
+    table = run_cli("inspect", str(out))
+    assert table.returncode == 0, table.stderr
+    for line in (f"kt-kernel CPU experts, {form} form", f"{method}, T=1 (--numa)", "3: 1-3", "8 per layer"):
+        assert line in table.stdout, table.stdout

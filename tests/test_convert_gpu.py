@@ -180,4 +180,8 @@ def test_cli_writes_w8a16_per_channel_and_refuses_bad_options(checkpoint, tmp_pa
     bad = subprocess.run(
         [*base, str(tmp_path / "x"), "--to", "w4a16", "--layout", "fused"], capture_output=True, text=True
     )
-    assert bad.returncode == 2 and "hub" in bad.stderr and not (tmp_path / "x").exists()
+    assert bad.returncode == 2 and not (tmp_path / "x").exists()
+    assert bad.stderr == (
+        "error: --layout: not an option of --to w4a16 (it takes --group-size, --targets, --ignore, "
+        "--max-shard-size, --allow-nonfinite)\n"
+    )

@@ -332,7 +332,7 @@ def test_misaligned_shape_suggests_tp(main, kt_checkpoint, tmp_path):
     src = kt_checkpoint("qwen3_moe")  # I = 256: INT4 needs I/T % 128 == 0, so T = 4 fails
     code, _, err = main("convert", str(src), str(tmp_path / "kt"), "--to", "kt-int4", "--numa", "4")
     assert code == 2
-    assert "AMXINT4 with tp=4" in err and "use tp=2" in err, err
+    assert "AMXINT4 with --numa 4" in err and "use --numa 2" in err, err
     assert not (tmp_path / "kt").exists()
 
 

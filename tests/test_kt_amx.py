@@ -131,11 +131,11 @@ def test_int4_nibbles_in_a_tile():
 def test_alignment_errors_suggest_tp():
     K.check_alignment(2048, 1408, 1, 4)
     K.check_alignment(2048, 1408, 2, 8)  # 704 % 64 == 0
-    with pytest.raises(MoeportError, match=r"AMXINT4 with tp=2: .*704.*use tp=1"):
+    with pytest.raises(MoeportError, match=r"AMXINT4 with --numa 2: .*704.*use --numa 1"):
         K.check_alignment(2048, 1408, 2, 4)
-    with pytest.raises(MoeportError, match=r"not divisible by tp=3.*use tp=2"):
+    with pytest.raises(MoeportError, match=r"not divisible by 3.*use --numa 2"):
         K.check_alignment(2048, 1024, 3, 8)
-    with pytest.raises(MoeportError, match="no tp works"):
+    with pytest.raises(MoeportError, match="no --numa value works"):
         K.check_alignment(2000, 1024, 1, 4)
     assert K.suggest_tp(2048, 1408, 4, want=4) == 1
     assert K.suggest_tp(7168, 2048, 4, want=4) == 4

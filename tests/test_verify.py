@@ -205,3 +205,18 @@ def test_kt_folder_output_is_verified_through_its_layout_description(tmp_path) -
     b[0].write_bytes(data_a)
     flagged = {t.name for t in verify(src, out).flagged}
     assert flagged == {L1 + "1.up_proj.weight", L1 + "3.up_proj.weight"}
+
+
+def test_plot_without_matplotlib_is_refused_before_comparing(fused_fp8, tmp_path) -> None:
+    """The missing extra is named in full (rich markup must not eat `[plot]`), before any work."""
+    src, out = fused_fp8
+    no_matplotlib = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; "  # `import matplotlib` raises ImportError
+        "runpy.run_module('moeport', run_name='__main__')"
+    )
+    plot = tmp_path / "x.png"
+    cmd = [sys.executable, "-c", no_matplotlib, "verify", str(src), str(out), "--plot", str(plot)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: --plot needs matplotlib (pip install 'moeport[plot]')\n"
+    assert not plot.exists()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from moeport.detect.detection import Detection
+from moeport.sinks.kt_layout import KtLayout
 
 
 def ranges(layers: list[int]) -> str:
@@ -57,4 +58,25 @@ def inspect_report(path: Path, d: Detection) -> dict[str, Any]:
             },
         },
         "warnings": d.warnings,
+    }
+
+
+def kt_report(path: Path, kt: KtLayout, meta: dict[str, str], form: str) -> dict[str, Any]:
+    """What `inspect` says of a kt-kernel output moeport wrote (merged or folders)."""
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    return {
+        "path": str(path),
+        "kind": "kt",
+        "kt_layout": form,
+        "method": kt.method,
+        "threadpool_count": kt.tp,
+        "layers": list(kt.layers),
+        "experts": {
+            "per_layer": kt.experts,
+            "hidden_size": kt.hidden,
+            "intermediate_size": kt.inter,
+        },
+        "source_family": meta.get("source_family", ""),
+        "source_format": meta.get("source_format", ""),
+        "bytes": {"total": sum(p.stat().st_size for p in files)},
     }

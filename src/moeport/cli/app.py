@@ -9,22 +9,25 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moeport.errors import MoeportError
-from moeport.report import inspect_report, ranges
+from moeport.recipes import TARGETS, hf, kt
+from moeport.report import inspect_report, kt_report, ranges
+from moeport.sizes import format_size, parse_size
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Convert Mixture-of-Experts checkpoints between layouts and quantization formats.",
 )
 out = Console()
 err = Console(stderr=True)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
+MIN_SHARD_BYTES = 100_000  # below this a "shard size" is a typo, and would write thousands of files
 
 
 @app.command()
@@ -34,19 +37,45 @@ def inspect(
 ) -> None:
     """Detect family, layers, experts and expert storage format of a checkpoint (headers only)."""
     from moeport.detect import detect
+    from moeport.sinks.kt import MANIFEST_NAME
     from moeport.sources import open_checkpoint
+    from moeport.verify.kt_canonical import kt_description, kt_metadata
 
-    with open_checkpoint(path) as ck:
-        report = inspect_report(path, detect(ck))
+    found = kt_metadata(path) if path.is_dir() else None
+    if found is not None:  # moeport's own kt-kernel output (merged or folders)
+        form = "folders" if found[0].name == MANIFEST_NAME else "merged"
+        report = kt_report(path, kt_description(path), found[1], form)
+    else:
+        with open_checkpoint(path) as ck:
+            report = inspect_report(path, detect(ck))
     if as_json:
         print(json.dumps(report, indent=2))
-        return
-    _print_inspect(report)
+    elif found is not None:
+        _print_kt(report)
+    else:
+        _print_inspect(report)
+
+
+def _print_kt(r: dict) -> None:
+    ex = r["experts"]
+    t = Table(show_header=False, title=f"[bold]{escape(r['path'])}[/]", title_justify="left")
+    t.add_column(style="cyan")
+    t.add_column()
+    t.add_row("kind", f"kt-kernel CPU experts, {r['kt_layout']} form")
+    t.add_row("method", f"{r['method']}, T={r['threadpool_count']} (--numa)")
+    t.add_row("layers", f"{len(r['layers'])}: {ranges(r['layers'])}")
+    t.add_row(
+        "experts",
+        f"{ex['per_layer']} per layer; hidden {ex['hidden_size']}, intermediate {ex['intermediate_size']}",
+    )
+    t.add_row("source", escape(f"{r['source_family'] or '?'}, {r['source_format'] or '?'}"))
+    t.add_row("bytes", f"total {format_size(r['bytes']['total'])}")
+    out.print(t)
 
 
 def _print_inspect(r: dict) -> None:
     ex, lay, by = r["experts"], r["layers"], r["bytes"]
-    t = Table(show_header=False, title=f"[bold]{r['path']}[/]", title_justify="left")
+    t = Table(show_header=False, title=f"[bold]{escape(str(r['path']))}[/]", title_justify="left")
     t.add_column(style="cyan")
     t.add_column()
     t.add_row("family", f"{r['family_title']} ({r['family']}, model_type {r['model_type']})")
@@ -63,37 +92,53 @@ def _print_inspect(r: dict) -> None:
     t.add_row("layout", ex["layout"] + (" (gate/up interleaved)" if ex["gate_up_interleaved"] else ""))
     fmt = r["expert_format"]
     t.add_row("expert format", fmt["name"] + "".join(f", {k}={v}" for k, v in fmt.items() if k != "name"))
-    t.add_row("expert tensors", "\n".join(r["expert_tensors"]))
-    t.add_row("router", "\n".join(r["router_tensors"]) or "-")
-    t.add_row(
-        "bytes", f"total {_gb(by['total'])}, experts {_gb(by['experts'])}, non-expert {_gb(by['non_expert'])}"
-    )
+    t.add_row("expert tensors", escape("\n".join(r["expert_tensors"])))
+    t.add_row("router", escape("\n".join(r["router_tensors"])) or "-")
+    total, experts, other = (format_size(by[k]) for k in ("total", "experts", "non_expert"))
+    t.add_row("bytes", f"total {total}, experts {experts}, non-expert {other}")
     per_layer = by["per_layer"]
     if per_layer:
         sizes = [v["total"] for v in per_layer.values()]
-        t.add_row("bytes per layer", f"{len(sizes)} layers, {_gb(min(sizes))} to {_gb(max(sizes))}")
+        t.add_row(
+            "bytes per layer", f"{len(sizes)} layers, {format_size(min(sizes))} to {format_size(max(sizes))}"
+        )
     for w in r["warnings"]:
-        t.add_row("[yellow]warning[/]", w)
+        t.add_row("[yellow]warning[/]", escape(w))
     out.print(t)
 
 
 def _targets_help() -> str:
-    from moeport.recipes import TARGETS
+    return "Target (any case): " + "; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + "."
 
-    return "Target: " + "; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()) + "."
+
+def _choices(names) -> str:
+    """The metavar that shows an option's choices in --help, read from the registries."""
+    return "[" + "|".join(names) + "]"
+
+
+# convert's parameter behind each target-specific Options field (recipes.base.OPTION_FLAGS)
+_OPTION_PARAMS = {"max_shard_bytes": "max_shard_size"}
 
 
 @app.command()
 def convert(
+    ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="Source checkpoint folder.")],
     dst: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
-    to: Annotated[str, typer.Option("--to", help=_targets_help())] = "hf",
+    to: Annotated[str, typer.Option("--to", metavar="TARGET", help=_targets_help())] = "hf",
     layout: Annotated[
-        str, typer.Option(help="hf: hub (per-expert names, as on the Hub) or fused (transformers v5).")
+        str,
+        typer.Option(
+            metavar=_choices(hf.LAYOUTS),
+            help="hf: hub (per-expert names, as on the Hub) or fused (transformers v5).",
+        ),
     ] = "hub",
     dtype: Annotated[
         str,
-        typer.Option(help="hf: keep (re-layout only, scales carried along), or bf16/fp16/fp32 (dequantize)."),
+        typer.Option(
+            metavar=_choices(("keep", *hf.DTYPES)),
+            help="hf: keep (re-layout only, scales carried along), or a float dtype (dequantize).",
+        ),
     ] = "keep",
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
@@ -103,7 +148,12 @@ def convert(
         int, typer.Option("--numa", help="kt targets: NUMA slices T (kt's threadpool_count).")
     ] = 1,
     kt_layout: Annotated[
-        str, typer.Option("--kt-layout", help="kt targets: merged (safetensors) or folders (_layer_L/*.kt).")
+        str,
+        typer.Option(
+            "--kt-layout",
+            metavar=_choices(kt.KT_LAYOUTS),
+            help="kt targets: merged (safetensors) or folders (_layer_L/*.kt).",
+        ),
     ] = "merged",
     max_memory: Annotated[
         str | None,
@@ -126,7 +176,8 @@ def convert(
     ignore: Annotated[
         list[str] | None,
         typer.Option(
-            help="Regex of weights to keep unquantized (repeatable); routers, norms, "
+            help="GPU targets: a module to keep unquantized (repeatable): its name or a regex, with or "
+            "without llmcompressor's 're:' prefix, searched in module names; routers, norms, "
             "embeddings and lm_head are always kept."
         ),
     ] = None,
@@ -138,17 +189,29 @@ def convert(
         ),
     ] = False,
 ) -> None:
-    """Convert a checkpoint, layer by layer, with memory bounded by one layer; re-running an
-    interrupted conversion continues where it stopped."""
-    from moeport.cli.convert import RunFlags, parse_size, run_convert
+    """Convert a checkpoint layer by layer in bounded memory; a re-run resumes an interrupted one."""
+    from moeport.cli.convert import RunFlags, run_convert
     from moeport.recipes import Options
+    from moeport.recipes.base import OPTION_FLAGS
 
+    given = {
+        f
+        for f in OPTION_FLAGS
+        if (source := ctx.get_parameter_source(_OPTION_PARAMS.get(f, f))) is not None
+        and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    }
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
+    if shard_bytes < MIN_SHARD_BYTES:
+        raise MoeportError(
+            f"--max-shard-size {max_shard_size}: below the {format_size(MIN_SHARD_BYTES)} floor "
+            "(shards are usually 1GB to 10GB)"
+        )
     if group_size < 0:
         raise MoeportError(f"--group-size {group_size}: expected a positive size, or 0 for per channel")
     options = Options(
         layout=layout,
         dtype=dtype,
-        max_shard_bytes=parse_size(max_shard_size),
+        max_shard_bytes=shard_bytes,
         group_size=group_size or None,
         targets=targets,
         ignore=tuple(ignore or ()),
@@ -158,7 +221,9 @@ def convert(
         device=device,
     )
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
-    run_convert(src, dst, to, options, RunFlags(dry_run, overwrite, quiet, limit), out)
+    if limit is not None and limit <= 0:
+        raise MoeportError(f"--max-memory {max_memory}: expected a positive size")
+    run_convert(src, dst, to, options, RunFlags(dry_run, overwrite, quiet, limit), out, given)
 
 
 @app.command()
@@ -199,7 +264,7 @@ def demo(
 
     src = out_dir / "deepseek-v3-tiny"
     write_synthetic(src, SyntheticSpec.tiny())
-    out.print(f"wrote built-in example to {src}")
+    out.print(f"wrote built-in example to {src}", markup=False)
     inspect(src, as_json=False)
     for to in TARGETS:  # every registered target, with its default options (hf: the fused layout)
         options = Options(layout="fused" if to == "hf" else "hub", device="auto")
@@ -211,28 +276,44 @@ def demo(
         exact = sum(t.exact for t in report.tensors)
         verdict = "[green]verified[/]" if report.ok else "[red]FAILED verification[/]"
         out.print(
-            f"{name:>11}: {dst}  {verdict}: {len(report.tensors)} tensors, {exact} bit-exact, "
+            f"{name:>11}: {escape(str(dst))}  {verdict}: {len(report.tensors)} tensors, {exact} bit-exact, "
             f"max relative error {worst:.3g}"
         )
 
 
-def main() -> None:
-    try:
-        rc = app(standalone_mode=False)  # click returns (not raises) the code of typer.Exit here
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
-    except MoeportError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
+def _version() -> str:
+    """The installed distribution's version (what pip reports), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    try:
+        return version("moeport")
+    except PackageNotFoundError:
+        from moeport import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"moeport {_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Convert Mixture-of-Experts checkpoints between layouts and quantization formats."""
+
+
+def main() -> None:
+    """Entry point. typer's standalone mode prints usage errors as its short usage message (exit 2)
+    and help for a bare `moeport`; our own user errors become one line, exit 2."""
+    try:
+        app(prog_name="moeport")
+    except MoeportError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)

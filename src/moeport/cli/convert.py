@@ -6,26 +6,20 @@ bar, resume where an interrupted run of the same command stopped.
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moeport.cli.progress import conversion_progress
 from moeport.errors import MoeportError
 from moeport.recipes.base import Options
-
-
-def parse_size(text: str, option: str = "--max-shard-size") -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
-    if not m:
-        raise MoeportError(f"{option} {text!r}: expected a size such as 5GB or 500MB")
-    base = 1024 if m[3] else 1000
-    return int(float(m[1]) * base ** " KMGT".index(m[2] or " "))
+from moeport.sizes import format_size as _size
 
 
 @dataclass(frozen=True)
@@ -38,7 +32,16 @@ class RunFlags:
     max_memory: int | None = None
 
 
-def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags, console: Console) -> None:
+def run_convert(
+    src: Path,
+    dst: Path,
+    to: str,
+    options: Options,
+    flags: RunFlags,
+    console: Console,
+    given: Iterable[str] = (),
+) -> None:
+    """`given`: the Options fields the user set explicitly (refused where the target ignores them)."""
     from moeport.convert.batching import Batcher
     from moeport.convert.execute import describe_recipe, execute
     from moeport.detect import detect
@@ -46,9 +49,10 @@ def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags
     from moeport.recipes import TARGETS, job_recipe
     from moeport.sources import open_checkpoint
 
-    target = TARGETS.get(to)
+    target = TARGETS.get(to.lower())
     if target is None:
         raise MoeportError(f"--to {to}: unknown target; expected one of {', '.join(TARGETS)}")
+    target.refuse_unused(given)
     device = resolve_device(options.device)
     options = Options(**{**options.__dict__, "device": device, "source_label": str(src.resolve())})
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
@@ -78,7 +82,7 @@ def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags
     if flags.quiet:
         return
     if result.already_complete:
-        console.print(f"{dst}: already complete ({plan.title}); nothing to do", highlight=False)
+        console.print(f"{dst}: already complete ({plan.title}); nothing to do", highlight=False, markup=False)
         return
     resumed = f", {result.pieces_kept} piece(s) kept from an interrupted run" if result.pieces_kept else ""
     speed = result.bytes_in / result.seconds / 1e9 if result.seconds > 0 else 0.0
@@ -86,14 +90,15 @@ def run_convert(src: Path, dst: Path, to: str, options: Options, flags: RunFlags
         f"wrote {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) to {dst} in "
         f"{result.seconds:.1f} s ({speed:.2f} GB/s of source){resumed}",
         highlight=False,
+        markup=False,
     )
     for note in plan.notes:
-        console.print(f"- {note}", highlight=False)
+        console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _print_plan(console: Console, plan, ck) -> None:
     stats = plan.layer_stats(ck)
-    t = Table(title=f"plan: {ck.root}", title_justify="left")
+    t = Table(title=escape(f"plan: {ck.root}"), title_justify="left")
     for col in ("layer", "tensors in", "bytes in", "tensors out", "bytes out"):
         t.add_column(col, justify="right")
     for layer in sorted(stats, key=lambda L: -1 if L is None else L):
@@ -108,17 +113,10 @@ def _print_plan(console: Console, plan, ck) -> None:
     console.print(t)
     total_in = sum(s["in_bytes"] for s in stats.values())
     total_out = sum(s.nbytes for s in plan.specs)
-    console.print(plan.title, highlight=False)
+    console.print(plan.title, highlight=False, markup=False)
     console.print(
         f"{len(plan.specs)} tensors, {_size(total_in)} in, {_size(total_out)} out; "
         f"peak memory estimate {_size(plan.peak_estimate(ck))}"
     )
     for note in plan.notes:
-        console.print(f"- {note}", highlight=False)
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+        console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)

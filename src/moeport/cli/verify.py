@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -21,6 +22,10 @@ def run_verify(
 ) -> None:
     from moeport.verify.run import verify
 
+    if plot_file is not None:  # before the comparison, which can take minutes
+        from moeport.verify.plot import require_matplotlib
+
+        require_matplotlib()
     report = verify(src, output, lossless, max_rel_error)
     if plot_file is not None:
         from moeport.verify.plot import plot
@@ -44,11 +49,11 @@ def _print(console: Console, report) -> None:
         )
     console.print(t)
     for r in report.flagged:
-        console.print(f"[red]flagged[/] {r.name}: {r.problem}", highlight=False)
+        console.print(f"[red]flagged[/] {escape(r.name)}: {escape(r.problem)}", highlight=False)
     for name in report.missing:
-        console.print(f"[red]missing[/] {name}", highlight=False)
+        console.print(f"[red]missing[/] {escape(name)}", highlight=False)
     for name in report.extra:
-        console.print(f"[yellow]extra[/] {name}", highlight=False)
+        console.print(f"[yellow]extra[/] {escape(name)}", highlight=False)
     mode = "lossless (bit-exact expected)" if report.lossless else "lossy"
     exact = sum(t.exact for t in report.tensors)
     verdict = "[green]OK[/]" if report.ok else "[red]FAIL[/]"

@@ -92,12 +92,12 @@ def check_alignment(hidden: int, intermediate: int, tp: int, bits: int, where: s
         return
     a = K_PER_TILE[bits]
     s = suggest_tp(hidden, intermediate, bits, want=tp)
-    hint = f"; use tp={s}" if s is not None else "; no tp works for this hidden size"
+    hint = f"; use --numa {s}" if s is not None else "; no --numa value works for this hidden size"
     if intermediate % max(tp, 1) or tp < 1:
-        what = f"intermediate {intermediate} is not divisible by tp={tp}"
+        what = f"intermediate {intermediate} is not divisible by {tp}"
     else:
-        what = f"hidden {hidden} and intermediate/tp {intermediate // tp} must be multiples of {a}"
-    raise MoeportError(f"{where}: {METHOD[bits]} with tp={tp}: {what}{hint}")
+        what = f"hidden {hidden} and intermediate/T {intermediate // tp} must be multiples of {a}"
+    raise MoeportError(f"{where}: {METHOD[bits]} with --numa {tp}: {what}{hint}")
 
 
 # --------------------------------------------------------------------------- tile order

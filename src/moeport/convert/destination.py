@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from moeport.convert.journal import Journal, recipe_diff
 from moeport.errors import MoeportError
 from moeport.sinks.pieces import Piece
 from moeport.sinks.safetensors_file import PARTIAL_SUFFIX
+from moeport.sizes import format_size
 
 STAGING_SUFFIX = ".moeport-partial"
 JOURNAL_NAME = "moeport-journal.json"
@@ -73,6 +75,15 @@ def check_destination(dst: Path, src: Path, recipe: dict[str, Any], overwrite: b
     root, out = src.resolve(), dst.resolve()
     if root == out or out in root.parents:
         raise MoeportError(f"{dst}: is (or contains) the source checkpoint {src}; choose another DST")
+    if root in out.parents:
+        raise MoeportError(f"{dst}: is inside the source checkpoint {src}; choose a DST outside it")
+    if _holds_this_output(dst, recipe, overwrite):
+        return True
+    _check_writable(dst, overwrite)
+    return False
+
+
+def _holds_this_output(dst: Path, recipe: dict[str, Any], overwrite: bool) -> bool:
     if dst.exists() and not dst.is_dir():
         if overwrite:
             return False
@@ -91,6 +102,23 @@ def check_destination(dst: Path, src: Path, recipe: dict[str, Any], overwrite: b
     if old is not None and old.complete:
         return True
     raise MoeportError(f"{dst}: already exists and is not empty (use --overwrite to replace it)")
+
+
+def _check_writable(dst: Path, overwrite: bool) -> None:
+    """Fail now, in one line, where creating the staging folder would fail after the planning: a
+    parent that is a file, a folder we may not write in, a pseudo file system such as /proc."""
+    staging = staging_of(dst)
+    if staging.exists() and not staging.is_dir() and not overwrite:
+        raise MoeportError(f"{staging}: exists and is not a folder (remove it, or use --overwrite)")
+    where = dst.absolute().parent
+    try:
+        while not where.exists():
+            where = where.parent
+        if not where.is_dir():
+            raise MoeportError(f"{dst}: cannot be created: {where} is a file, not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".moeport-probe-", dir=where))
+    except OSError as exc:
+        raise MoeportError(f"{dst}: cannot write in {where} ({exc.strerror})") from None
 
 
 def _check_staging(dst: Path, recipe: dict[str, Any], overwrite: bool) -> None:
@@ -124,9 +152,14 @@ def open_staging(
     staging = staging_of(dst)
     old = None if overwrite else Journal.load(staging / JOURNAL_NAME)
     if old is None or old.recipe != recipe:
-        if staging.exists():
+        if staging.is_dir():
             shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        elif staging.exists():  # a stray file of that name, replaced under --overwrite
+            staging.unlink()
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:
+            raise MoeportError(f"{staging}: cannot create the output folder ({exc.strerror})") from None
         journal = Journal(staging / JOURNAL_NAME, recipe)
         journal.save()
         return journal
@@ -152,13 +185,13 @@ def preflight(dst: Path, pieces: list[Piece], kept: set[str], peak: int, max_mem
     free = free_bytes(where)
     if need > free:
         raise MoeportError(
-            f"{dst}: not enough disk space: the output needs {need / 1e9:.2f} GB, {where} has "
-            f"{free / 1e9:.2f} GB free"
+            f"{dst}: not enough disk space: the output needs {format_size(need)}, {where} has "
+            f"{format_size(free)} free"
         )
     if max_memory is not None and peak + PROCESS_OVERHEAD > max_memory:
         raise MoeportError(
-            f"--max-memory {max_memory / 1e9:.2f} GB: this conversion needs about "
-            f"{(peak + PROCESS_OVERHEAD) / 1e9:.2f} GB (one unit of work at a time)"
+            f"--max-memory {format_size(max_memory)}: this conversion needs about "
+            f"{format_size(peak + PROCESS_OVERHEAD)} (one unit of work at a time)"
         )
 
 

@@ -3,13 +3,14 @@ shared Plan plus the Sink that writes it. `Options` carries every user choice, g
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from moeport.convert.execute import Sink
 from moeport.convert.plan import Plan
 from moeport.detect.detection import Detection
+from moeport.errors import MoeportError
 from moeport.sinks.sharded import DEFAULT_MAX_SHARD_BYTES
 from moeport.sources.checkpoint import Checkpoint
 
@@ -31,6 +32,20 @@ class Options:
     source_label: str = ""  # how the source is named in the output's metadata
 
 
+# The target-specific options, as the command line spells them. A target declares which it takes
+# (`Target.takes`); one the user sets for a target that does not take it is refused, not ignored.
+OPTION_FLAGS = {
+    "layout": "--layout",
+    "dtype": "--dtype",
+    "group_size": "--group-size",
+    "targets": "--targets",
+    "ignore": "--ignore",
+    "max_shard_bytes": "--max-shard-size",
+    "numa": "--numa",
+    "kt_layout": "--kt-layout",
+    "allow_nonfinite": "--allow-nonfinite",
+}
+
 # (checkpoint, detection, options, metadata for the output files) -> the plan and its sink
 Build = Callable[[Checkpoint, Detection, Options, dict[str, str]], tuple[Plan, Sink]]
 
@@ -44,6 +59,16 @@ class Target:
     fields: Callable[[Options], dict[str, Any]] = field(default=lambda _o: {})
     # from the recorded recipe: whether every tensor must come out bit-exact (verify)
     lossless: Callable[[dict[str, Any]], bool] = field(default=lambda _r: False)
+    # the Options fields (keys of OPTION_FLAGS) this target reads
+    takes: frozenset[str] = frozenset()
+
+    def refuse_unused(self, given: Iterable[str]) -> None:
+        """Options the user set that this target would silently ignore are a mistake: say so."""
+        unused = [OPTION_FLAGS[f] for f in OPTION_FLAGS if f in set(given) - self.takes]
+        if unused:
+            takes = ", ".join(OPTION_FLAGS[f] for f in OPTION_FLAGS if f in self.takes) or "none of them"
+            what = "an option" if len(unused) == 1 else "options"
+            raise MoeportError(f"{', '.join(unused)}: not {what} of --to {self.name} (it takes {takes})")
 
 
 def job_recipe(target: Target, options: Options, ck: Checkpoint, det: Detection) -> dict[str, Any]:

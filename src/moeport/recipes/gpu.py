@@ -31,6 +31,7 @@ from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
 
 SCHEMES = ("w4a16", "w8a16", "fp8", "fp8-block")
+INT_SCHEMES = ("w4a16", "w8a16")  # the grouped ones: --group-size
 # Never quantized whatever --targets says: embeddings, norms, routers, the LM head, vision towers.
 ALWAYS_IGNORED = (
     r"embed",
@@ -51,7 +52,7 @@ class Recipe:
     scheme: str
     group_size: int | None = 128  # None: per channel (w4a16/w8a16 only)
     targets: str = "experts"  # "experts" | "all-linear"
-    ignore: tuple[str, ...] = ()  # extra regexes (re.search on the weight name)
+    ignore: tuple[str, ...] = ()  # module names or regexes (`re:` prefix optional), see ignore_regex
     allow_nonfinite: bool = False  # quantize NaN/Inf weights instead of refusing them
 
     def codec(self) -> Codec:
@@ -71,16 +72,26 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
     base = finalize(base, ck)  # specs of the float plan tell which outputs are 2-D weights
     spec_of = {s.name: s for s in base.specs}
     expert_re = _expert_regex(det)
-    ignore = [re.compile(p) for p in (*ALWAYS_IGNORED, *recipe.ignore)]
+    always = [re.compile(p) for p in ALWAYS_IGNORED]
+    user = [(p, ignore_regex(p)) for p in recipe.ignore]
+    matched = dict.fromkeys(recipe.ignore, 0)  # modules each --ignore pattern matched
+    spared = dict.fromkeys(recipe.ignore, 0)  # ... of which would otherwise be quantized
     part_cache: dict[tuple[int, ...], tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]] = {}
     quantized: list[str] = []
     kept_linear: list[str] = []
 
     def is_target(name: str) -> bool:
-        spec = spec_of[name]
-        if not name.endswith(".weight") or len(spec.shape) != 2 or any(r.search(name) for r in ignore):
+        if not name.endswith(".weight") or len(spec_of[name].shape) != 2:
             return False
-        return recipe.targets == "all-linear" or bool(expert_re.match(name))
+        eligible = not any(r.search(name) for r in always) and (
+            recipe.targets == "all-linear" or bool(expert_re.match(name))
+        )
+        module = name.removesuffix(".weight")
+        hits = [p for p, r in user if r.search(module) or r.search(name)]
+        for p in hits:
+            matched[p] += 1
+            spared[p] += eligible
+        return eligible and not hits
 
     units: list[Unit] = []
     for unit in base.units:
@@ -99,11 +110,27 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
                 if name.endswith(".weight") and len(spec_of[name].shape) == 2:
                     kept_linear.append(name.removesuffix(".weight"))
         units.append(Unit(unit.layer, Chain((unit.op, *extra)) if extra else unit.op))
+    for p, n in matched.items():
+        if n == 0:
+            example = quantized[0].removesuffix(".weight") if quantized else next(iter(kept_linear), "")
+            raise MoeportError(f"--ignore {p!r}: matches no linear module (names look like {example})")
     if not quantized:
         raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore)")
     plan = Plan(units, _config(ck.config, recipe, kept_linear))
     plan.notes.append(f"{recipe.scheme}: {len(quantized)} weights quantized, {len(kept_linear)} linear kept")
+    for p, n in matched.items():
+        modules = "1 module" if n == 1 else f"{n} modules"
+        plan.notes.append(f"--ignore {p!r}: {modules} matched, {spared[p]} of them spared quantization")
     return finalize(plan, ck)
+
+
+def ignore_regex(pattern: str) -> re.Pattern[str]:
+    """An --ignore pattern as users bring it: a module name (`model.layers.0.self_attn.q_a_proj`),
+    a regex, or llmcompressor's `re:<regex>`; searched in module and weight names."""
+    try:
+        return re.compile(pattern.removeprefix("re:"))
+    except re.error as exc:
+        raise MoeportError(f"--ignore {pattern!r}: not a regular expression ({exc})") from None
 
 
 def _expert_regex(det: Detection) -> re.Pattern[str]:
@@ -186,10 +213,7 @@ def recipe_of(scheme: str, opts: Options) -> Recipe:
     if opts.group_size is not None and opts.group_size <= 0:
         raise MoeportError(f"--group-size {opts.group_size}: expected a positive size, or 0 for per channel")
     for pattern in opts.ignore:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise MoeportError(f"--ignore {pattern!r}: not a regular expression ({exc})") from None
+        ignore_regex(pattern)
     return Recipe(scheme, opts.group_size, opts.targets, tuple(opts.ignore), opts.allow_nonfinite)
 
 
@@ -204,7 +228,9 @@ def _target(scheme: str, help: str) -> Target:
         fields = {"group_size": opts.group_size, "targets": opts.targets, "ignore": list(opts.ignore)}
         return fields | ({"allow_nonfinite": True} if opts.allow_nonfinite else {})
 
-    return Target(scheme, help, build, fields)
+    takes = {"targets", "ignore", "max_shard_bytes", "allow_nonfinite"}
+    takes |= {"group_size"} if scheme in INT_SCHEMES else set()
+    return Target(scheme, help, build, fields, takes=frozenset(takes))
 
 
 TARGETS = [

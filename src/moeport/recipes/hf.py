@@ -283,8 +283,9 @@ def _build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, st
 
 TARGET = Target(
     "hf",
-    "Hugging Face safetensors (--layout hub|fused, --dtype keep|bf16|fp16|fp32)",
+    f"Hugging Face safetensors (--layout {'|'.join(LAYOUTS)}, --dtype {'|'.join(('keep', *DTYPES))})",
     _build,
     fields=lambda o: {"layout": o.layout, "dtype": o.dtype},
     lossless=lambda recipe: recipe.get("dtype") == "keep",
+    takes=frozenset({"layout", "dtype", "max_shard_bytes"}),
 )

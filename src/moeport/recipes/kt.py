@@ -234,9 +234,10 @@ def _fields(bits: int):
 TARGETS = [
     Target(
         f"kt-int{bits}",
-        f"kt-kernel {K.method_name(bits)} CPU experts (--numa T, --kt-layout merged|folders)",
+        f"kt-kernel {K.method_name(bits)} CPU experts (--numa T, --kt-layout {'|'.join(KT_LAYOUTS)})",
         _build(bits),
         _fields(bits),
+        takes=frozenset({"numa", "kt_layout"}),
     )
     for bits in (4, 8)
 ]

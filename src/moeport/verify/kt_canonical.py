@@ -35,15 +35,22 @@ ReadSlot = Callable[[KtSlot, str], torch.Tensor]
 
 def kt_description(out: Path) -> KtLayout | None:
     """The layout description of a kt output folder, or None when `out` is not one."""
+    found = kt_metadata(out)
+    return None if found is None else KtLayout.from_metadata(found[1], str(found[0]))
+
+
+def kt_metadata(out: Path) -> tuple[Path, dict[str, str]] | None:
+    """(file, metadata) of a kt output folder: the manifest of the folder form, or the index of
+    the merged form; None when `out` is not a kt output."""
     for name in (MANIFEST_NAME, INDEX_NAME):
         path = out / name
         if path.is_file():
             try:
                 meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 return None
             if isinstance(meta, dict) and "kt_method" in meta:
-                return KtLayout.from_metadata(meta, str(path))
+                return path, meta
     return None
 
 

@@ -8,14 +8,21 @@ from moeport.errors import MoeportError
 from moeport.verify.compare import Report
 
 
-def plot(report: Report, path: Path) -> None:
+def require_matplotlib() -> None:
+    """Checked before a long comparison, so a missing extra is said at once, not after it."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise MoeportError("--plot needs matplotlib (pip install 'moeport[plot]')") from None
+
+
+def plot(report: Report, path: Path) -> None:
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = report.per_layer()
     labels = list(rows)
     worst = [max(rows[k]["max_rel_l2"], 1e-12) for k in labels]
