@@ -185,3 +185,24 @@ def test_cli_writes_w8a16_per_channel_and_refuses_bad_options(checkpoint, tmp_pa
         "error: --layout: not an option of --to w4a16 (it takes --group-size, --targets, --ignore, "
         "--max-shard-size, --allow-nonfinite)\n"
     )
+
+
+@pytest.mark.skipif(not HAVE_LLMC, reason=f"llmcompressor not installed ({LLMC_PYTHON} missing)")
+def test_native_int4_in_the_same_scheme_is_carried_bit_exact(checkpoint, tmp_path) -> None:
+    """An INT4 checkpoint written by llmcompressor in Kimi-K2's scheme (pack-quantized, symmetric,
+    group 32) into --to w4a16 --group-size 32: codes and scales come out as stored, not requantized;
+    transformers loads it; another group size is requantized from the decoded values."""
+    from moeport.verify.run import verify
+
+    int4 = tmp_path / "int4"
+    llmcompressor(checkpoint("qwen3_moe", "hub", "bf16"), int4, CASES[0][2], NOT_EXPERTS)
+    convert(int4, tmp_path / "same", Recipe("w4a16", group_size=32))
+    source, same = load_tensors(int4), load_tensors(tmp_path / "same")
+    experts = [k for k in source if ".experts." in k]
+    assert experts and all(torch.equal(same[k], source[k]) for k in experts)
+    report = verify(int4, tmp_path / "same")
+    assert report.ok and all(t.exact for t in report.tensors if ".experts." in t.name)
+    load(tmp_path / "same")
+    convert(int4, tmp_path / "other", Recipe("w4a16", group_size=16))
+    other, scale = load_tensors(tmp_path / "other"), "model.layers.1.mlp.experts.2.up_proj.weight_scale"
+    assert other[scale].shape[-1] == 2 * source[scale].shape[-1]  # groups of 16: requantized

@@ -66,9 +66,31 @@ class Recipe:
         raise MoeportError(f"--to {self.scheme}: unknown scheme; expected one of {', '.join(SCHEMES)}")
 
 
+def carries_experts(ck: Checkpoint, det: Detection, recipe: Recipe) -> bool:
+    """Whether the source's experts are already stored exactly as this recipe would write them
+    (e.g. Kimi-K2's native INT4: compressed-tensors pack-quantized, symmetric, group 32, BF16
+    scales): then their codes and scales are carried bit-exact, not dequantized and re-quantized.
+    Not with --ignore, which may ask for some experts in 16 bits."""
+    codec, fmt = recipe.codec(), det.expert_format
+    if not isinstance(codec, PackQuantizedCodec) or fmt.name != codec.name or recipe.ignore:
+        return False
+    p = fmt.params
+    same = (
+        int(p.get("num_bits", 0)) == codec.bits
+        and p.get("group_size") == codec.group_size
+        and bool(p.get("symmetric")) == codec.symmetric
+        and p.get("strategy") == ("group" if codec.group_size else "channel")
+    )
+    scales = [k for k in ck.keys() if ".experts." in k and k.endswith(".weight_scale")]
+    return same and bool(scales) and ck.info(scales[0]).dtype == "BF16"  # what the codec writes
+
+
 def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu") -> Plan:
     codec = recipe.codec()
-    base, decoded = build_hf(ck, det, "hub", torch.float32, cast_floats=False, device=device)
+    carried = carries_experts(ck, det, recipe)
+    base, decoded = build_hf(
+        ck, det, "hub", torch.float32, cast_floats=False, device=device, keep_experts=carried
+    )
     base = finalize(base, ck)  # specs of the float plan tell which outputs are 2-D weights
     spec_of = {s.name: s for s in base.specs}
     expert_re = _expert_regex(det)
@@ -104,6 +126,8 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
                 base = name.removesuffix("weight")
                 extra.append(Encode(name, base, codec, part_cache[shape], device, recipe.allow_nonfinite))
                 quantized.append(name)
+            elif carried and name.endswith(".weight_packed") and expert_re.match(name[: -len("_packed")]):
+                quantized.append(name.removesuffix("_packed"))  # carried as stored, bit-exact
             else:
                 if name in decoded:
                     extra.append(Cast(name, name, torch.bfloat16))
@@ -117,7 +141,8 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
     if not quantized:
         raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore)")
     plan = Plan(units, _config(ck.config, recipe, kept_linear))
-    plan.notes.append(f"{recipe.scheme}: {len(quantized)} weights quantized, {len(kept_linear)} linear kept")
+    how = "carried bit-exact (the source stores them in this scheme)" if carried else "quantized"
+    plan.notes.append(f"{recipe.scheme}: {len(quantized)} weights {how}, {len(kept_linear)} linear kept")
     for p, n in matched.items():
         modules = "1 module" if n == 1 else f"{n} modules"
         plan.notes.append(f"--ignore {p!r}: {modules} matched, {spared[p]} of them spared quantization")

@@ -57,16 +57,19 @@ def build_hf(
     dtype: torch.dtype | None,
     cast_floats: bool = True,
     device: str = "cpu",
+    keep_experts: bool = False,
 ) -> tuple[Plan, set[str]]:
     """Units of the hf recipe (not yet finalized) and the names of outputs that were dequantized.
 
     cast_floats False: only quantized weights are decoded to `dtype`; float tensors keep theirs.
+    keep_experts: routed experts keep their stored format (a target that already holds them so).
     """
     family = det.family
     dst_layout = family.hub if layout == "hub" else family.fused
     rename = _rename_between(det, layout)
     quant = ModelConfig(ck.config or {}).quantization_config or {}
     builder = _Builder(ck, quant, dtype, cast_floats, device)
+    builder.keep_experts = keep_experts
 
     match = match_layout(ck.keys(), det.layout, det.layer_prefix)
     layers = match.layers if match else {}
@@ -145,6 +148,7 @@ class _Builder:
         self.cast_floats = cast_floats
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dequantized = 0
+        self.keep_experts = False
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.shapes[name] if name in self.shapes else self.ck.info(name).shape
@@ -199,8 +203,10 @@ class _Builder:
         parts = _roles(found, det)
         pre: dict[str, Op] = {}  # decode/cast ops, by the intermediate name they produce
         is_float = fmt.name in FLOAT_FORMATS
-        if self.dtype is not None and (
-            not is_float or (self.cast_floats and fmt.name != _fmt_name(self.dtype))
+        if (
+            self.dtype is not None
+            and not self.keep_experts
+            and (not is_float or (self.cast_floats and fmt.name != _fmt_name(self.dtype)))
         ):
             parts, fmt = self._decode_experts(parts, fmt, det, pre)
         experts = det.experts_per_layer
