@@ -1,5 +1,7 @@
 """kt-kernel's native methods read our Hugging Face outputs: KTMoEWrapper's own forward on them
-matches a float reference of the same experts (kt-kernel from PyPI; skips without AVX-512)."""
+matches a float reference of the very experts stored (decoded by moeport's canonical reader), and
+a source already in the method's numbers is carried bit-exact (kt-kernel from PyPI; skips without
+AVX-512)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,20 @@ import sys
 
 import pytest
 import torch
+from fixtures import load_tensors
 from kt_support import import_kt, kt_wrapper
-from safetensors import safe_open
-from test_convert_kt import I_SIZE, TOPK, E, H, _torch_moe, kt_checkpoint  # noqa: F401 - fixture
+from test_convert_kt import FAMILIES, I_SIZE, TOPK, E, H, _torch_moe, kt_checkpoint  # noqa: F401 - fixture
 
-from moeport.codecs import PackQuantizedCodec
+from moeport.sources import open_checkpoint
+from moeport.verify.canonical import hf_layers
 from moeport.verify.run import verify
+
+CASES = [  # (--to, kt-kernel method, families)
+    ("kt-rawint4", "RAWINT4", ["deepseek_v3", "qwen3_moe", "glm_moe_dsa"]),
+    ("kt-fp8", "FP8", ["deepseek_v3", "minimax_m2"]),
+    ("kt-fp8-perchannel", "FP8_PERCHANNEL", ["qwen3_moe", "minimax_m2"]),
+    ("kt-bf16", "BF16", ["glm_moe_dsa", "minimax_m2", "qwen3_moe"]),
+]
 
 
 def _convert(src, dst, *args: str) -> subprocess.CompletedProcess:
@@ -32,45 +42,51 @@ def _forward(monkeypatch, path, layer: int, method: str, x, ids, weights) -> tor
     return out
 
 
-def _int4_experts(path, layer: int) -> list[tuple[torch.Tensor, ...]]:
-    """Each expert's gate/up/down as the INT4 output stores them, decoded independently."""
-    codec = PackQuantizedCodec(bits=4, group_size=32)
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return [
-            tuple(
-                codec.decode(
-                    {p: f.get_tensor(f"model.layers.{layer}.mlp.experts.{e}.{n}.{p}") for p in codec.required}
-                )
-                for n in ("gate_proj", "up_proj", "down_proj")
-            )
-            for e in range(E)
-        ]
+def _stored_experts(path, layer: int, model_type: str) -> list[tuple[torch.Tensor, ...]]:
+    """Each expert's gate/up/down as the output stores them, decoded to float32 by moeport."""
+    _, _, names, block = FAMILIES[model_type]
+    names = names or ("gate_proj", "up_proj", "down_proj")
+    with open_checkpoint(path) as ck:
+        tensors = next(c.tensors for c in hf_layers(ck) if c.layer == layer)
+    return [
+        tuple(tensors[f"model.layers.{layer}.{block}.experts.{e}.{n}.weight"] for n in names)
+        for e in range(E)
+    ]
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen3_moe", "glm_moe_dsa"])
-def test_rawint4_output_runs_in_kt_kernel(monkeypatch, kt_checkpoint, tmp_path, model_type):  # noqa: F811
+@pytest.mark.parametrize(
+    ("to", "method", "model_type"), [(to, m, f) for to, m, families in CASES for f in families]
+)
+def test_native_output_runs_in_kt_kernel(monkeypatch, kt_checkpoint, tmp_path, to, method, model_type):  # noqa: F811
     import_kt()
-    src, dst = kt_checkpoint(model_type), tmp_path / "raw"
-    result = _convert(src, dst, "--to", "kt-rawint4")
+    src, dst = kt_checkpoint(model_type), tmp_path / "out"
+    result = _convert(src, dst, "--to", to)
     assert result.returncode == 0, result.stderr
     assert verify(src, dst).ok
+    layer = 1
     g = torch.Generator().manual_seed(3)
-    layer = max(int(k.split(".")[2]) for k in _keys(dst) if ".experts." in k)
     x = torch.randn(8, H, generator=g).bfloat16()
     ids = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(8)])
     weights = torch.rand(8, TOPK, generator=g)
-    got = _forward(monkeypatch, dst, layer, "RAWINT4", x, ids, weights)
-    want = _torch_moe(x, ids, weights, _int4_experts(dst, layer))
+    got = _forward(monkeypatch, dst, layer, method, x, ids, weights)
+    want = _torch_moe(x, ids, weights, _stored_experts(dst, layer, model_type))
     err = float((got - want).norm() / want.norm())
-    assert err < 0.03, f"{model_type}: relative error {err:.4f} against the stored INT4 experts"
+    assert err < 0.03, f"{to} from {model_type}: relative error {err:.4f} against the stored experts"
 
 
-def _keys(path) -> list[str]:
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return list(f.keys())
+def test_fp8_source_is_carried_bit_exact_into_kt_fp8(kt_checkpoint, tmp_path):  # noqa: F811
+    """DeepSeek-style FP8 (128x128 blocks, F32 scales) -> kt-fp8: the experts' codes and scales as
+    the source stores them (no dequantize/requantize round trip)."""
+    src = kt_checkpoint("deepseek_v3", (128, 128))
+    assert _convert(src, tmp_path / "out", "--to", "kt-fp8").returncode == 0
+    source, out = load_tensors(src), load_tensors(tmp_path / "out")
+    experts = [k for k in source if ".experts." in k]
+    assert experts and all(
+        torch.equal(out[k].view(torch.uint8), source[k].view(torch.uint8)) for k in experts
+    )
 
 
-def test_rawint4_refuses_names_kt_cannot_find(kt_checkpoint, tmp_path):  # noqa: F811
+def test_names_kt_cannot_find_are_refused(kt_checkpoint, tmp_path):  # noqa: F811
     result = _convert(kt_checkpoint("minimax_m2"), tmp_path / "raw", "--to", "kt-rawint4")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "RAWINT4 loader reads experts named" in result.stderr and "block_sparse_moe" in result.stderr

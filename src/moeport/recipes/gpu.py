@@ -66,23 +66,35 @@ class Recipe:
         raise MoeportError(f"--to {self.scheme}: unknown scheme; expected one of {', '.join(SCHEMES)}")
 
 
-def carries_experts(ck: Checkpoint, det: Detection, recipe: Recipe) -> bool:
-    """Whether the source's experts are already stored exactly as this recipe would write them
-    (e.g. Kimi-K2's native INT4: compressed-tensors pack-quantized, symmetric, group 32, BF16
-    scales): then their codes and scales are carried bit-exact, not dequantized and re-quantized.
-    Not with --ignore, which may ask for some experts in 16 bits."""
+def carries_experts(ck: Checkpoint, det: Detection, recipe: Recipe) -> str | None:
+    """The part under which the source's experts are already stored exactly as this recipe would
+    write them, or None. Such experts are carried bit-exact instead of dequantized and requantized:
+    Kimi-K2's native INT4 (pack-quantized, symmetric, group 32, BF16 scales) into w4a16 group 32,
+    DeepSeek/Kimi/GLM FP8 (128x128 blocks, F32 weight_scale_inv) into fp8-block. Not with --ignore,
+    which may ask for some experts in 16 bits."""
     codec, fmt = recipe.codec(), det.expert_format
-    if not isinstance(codec, PackQuantizedCodec) or fmt.name != codec.name or recipe.ignore:
-        return False
+    if fmt.name != codec.name or recipe.ignore:
+        return None
     p = fmt.params
-    same = (
-        int(p.get("num_bits", 0)) == codec.bits
-        and p.get("group_size") == codec.group_size
-        and bool(p.get("symmetric")) == codec.symmetric
-        and p.get("strategy") == ("group" if codec.group_size else "channel")
-    )
-    scales = [k for k in ck.keys() if ".experts." in k and k.endswith(".weight_scale")]
-    return same and bool(scales) and ck.info(scales[0]).dtype == "BF16"  # what the codec writes
+    if isinstance(codec, PackQuantizedCodec):
+        same = (
+            int(p.get("num_bits", 0)) == codec.bits
+            and p.get("group_size") == codec.group_size
+            and bool(p.get("symmetric")) == codec.symmetric
+            and p.get("strategy") == ("group" if codec.group_size else "channel")
+        )
+        scales = [k for k in ck.keys() if ".experts." in k and k.endswith(".weight_scale")]
+        same = same and bool(scales) and ck.info(scales[0]).dtype == "BF16"  # what the codec writes
+        return "weight_packed" if same else None
+    if isinstance(codec, Fp8BlockCodec):
+        same = (
+            tuple(p.get("block", ())) == codec.block
+            and p.get("scale") == codec.scale_name
+            and p.get("scale_dtype") == "F32"
+            and not p.get("ue8m0")
+        )
+        return "weight" if same else None
+    return None
 
 
 def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu") -> Plan:
@@ -94,6 +106,7 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
     base = finalize(base, ck)  # specs of the float plan tell which outputs are 2-D weights
     spec_of = {s.name: s for s in base.specs}
     expert_re = _expert_regex(det)
+    expert_part_re = _expert_regex(det, part=r"[A-Za-z_]+")
     always = [re.compile(p) for p in ALWAYS_IGNORED]
     user = [(p, ignore_regex(p)) for p in recipe.ignore]
     matched = dict.fromkeys(recipe.ignore, 0)  # modules each --ignore pattern matched
@@ -119,15 +132,16 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
     for unit in base.units:
         extra: list[Op] = []
         for name in unit.op.outputs:
-            if is_target(name):
+            if carried and expert_part_re.match(name):  # carried as stored, bit-exact
+                if name.endswith(f".{carried}"):
+                    quantized.append(name)
+            elif is_target(name):
                 shape = spec_of[name].shape
                 if shape not in part_cache:
                     part_cache[shape] = part_specs(codec, shape, name)
                 base = name.removesuffix("weight")
                 extra.append(Encode(name, base, codec, part_cache[shape], device, recipe.allow_nonfinite))
                 quantized.append(name)
-            elif carried and name.endswith(".weight_packed") and expert_re.match(name[: -len("_packed")]):
-                quantized.append(name.removesuffix("_packed"))  # carried as stored, bit-exact
             else:
                 if name in decoded:
                     extra.append(Cast(name, name, torch.bfloat16))
@@ -158,11 +172,12 @@ def ignore_regex(pattern: str) -> re.Pattern[str]:
         raise MoeportError(f"--ignore {pattern!r}: not a regular expression ({exc})") from None
 
 
-def _expert_regex(det: Detection) -> re.Pattern[str]:
+def _expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
+    """Routed-expert tensors under hub names, `part` being a regex of the last name segment."""
     layout = det.family.hub
     prefix = re.escape(det.layer_prefix).replace(re.escape("{L}"), r"\d+")
     projs = "|".join(re.escape(p) for p in layout.projs.values())
-    return re.compile(rf"^{prefix}{re.escape(layout.block)}\.experts\.\d+\.({projs})\.weight$")
+    return re.compile(rf"^{prefix}{re.escape(layout.block)}\.experts\.\d+\.({projs})\.{part}$")
 
 
 def _config(config: dict[str, Any] | None, recipe: Recipe, kept_linear: list[str]) -> dict[str, Any] | None:

@@ -1,62 +1,90 @@
 """Targets for kt-kernel's native methods, whose loaders read a Hugging Face folder directly.
 
-`kt-rawint4` (kt-kernel's RAWINT4, `CompressedSafeTensorLoader`): routed experts as
-compressed-tensors pack-quantized INT4, symmetric, group 32, BF16 scales, under
-`model.layers.{L}.mlp.experts.{E}.{gate,up,down}_proj.weight_{packed,scale,shape}`; everything else
-as the source holds it, so the GPU side (SGLang with kt-kernel) loads the non-expert weights from
-the same folder. It is the w4a16 recipe with the group size kt's kernel is built for, plus a check
-of the names kt's loader looks for; a source already in that scheme (Kimi-K2-Thinking, K2.5) is
-carried bit-exact (recipes.gpu.carries_experts).
+kt-kernel's `NativeMoEWrapper` loads routed experts straight from a checkpoint folder
+(python/utils/loader.py: `CompressedSafeTensorLoader` for RAWINT4, `FP8SafeTensorLoader` for FP8
+and FP8_PERCHANNEL, `BF16SafeTensorLoader` for BF16), and the GPU side (SGLang with kt-kernel)
+loads the other weights from the same folder. Each such output is therefore exactly one of our
+Hugging Face targets with the options kt's kernel is built for, plus a check that the experts
+carry the names that loader looks for. Where the source already stores experts that way (Kimi-K2
+INT4 group 32, DeepSeek FP8 128x128) they are carried bit-exact (recipes.gpu.carries_experts).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Any
+
 from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
+from moeport.recipes import gpu, hf
 from moeport.recipes.base import Options, Target
-from moeport.recipes.gpu import Recipe, plan_gpu
-from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
 
-RAWINT4_GROUP = 32  # kt-kernel's RAWINT4 kernels take group-32 scales only
-_LOADER_PREFIXES = ("model.layers.{L}.", "language_model.model.layers.{L}.")
+# The expert names kt-kernel's loaders look for: (module holding experts, gate, up, down).
+DEEPSEEK_NAMES = ("mlp", "gate_proj", "up_proj", "down_proj")
+MIXTRAL_NAMES = ("block_sparse_moe", "w1", "w3", "w2")
+LAYER_PREFIXES = ("model.layers.{L}.", "model.language_model.layers.{L}.", "language_model.model.layers.{L}.")
 
 
-def _check_loader_names(det: Detection, method: str) -> None:
-    """kt-kernel's compressed loader looks for `{prefix}mlp.experts.{E}.{gate,up,down}_proj` only."""
-    hub = det.family.hub
-    projs = (hub.projs.get("gate"), hub.projs.get("up"), hub.projs.get("down"))
-    if (
-        hub.block != "mlp"
-        or projs != ("gate_proj", "up_proj", "down_proj")
-        or det.layer_prefix not in _LOADER_PREFIXES
-    ):
-        found = f"{det.layer_prefix}{hub.block}.experts.{{E}}.{'/'.join(p or '?' for p in projs)}"
+@dataclass(frozen=True)
+class NativeMethod:
+    target: str  # --to name
+    method: str  # kt-kernel's method name (KTMoEWrapper(method=...))
+    base: Target  # the Hugging Face target that writes this output
+    fixed: dict[str, Any]  # the options kt's kernel requires (group size, dtype)
+    names: tuple[tuple[str, str, str, str], ...]  # expert names its loader finds
+    help: str
+
+    def build(self, ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
+        self.check_names(det)
+        plan, sink = self.base.build(ck, det, replace(opts, layout="hub", **self.fixed), metadata)
+        plan.title = f"{det.family.title}: {det.expert_format.name} -> kt-kernel {self.method} ({self.help})"
+        return plan, sink
+
+    def check_names(self, det: Detection) -> None:
+        hub = det.family.hub
+        have = (hub.block, hub.projs.get("gate"), hub.projs.get("up"), hub.projs.get("down"))
+        if have in self.names and det.layer_prefix in LAYER_PREFIXES:
+            return
+        wanted = " or ".join(
+            f"'model.layers.{{L}}.{b}.experts.{{E}}.{g}/{u}/{d}'" for b, g, u, d in self.names
+        )
+        found = f"{det.layer_prefix}{have[0]}.experts.{{E}}.{'/'.join(p or '?' for p in have[1:])}"
         raise MoeportError(
-            f"--to kt-{method.lower()}: kt-kernel's {method} loader reads experts named "
-            f"'model.layers.{{L}}.mlp.experts.{{E}}.gate_proj/up_proj/down_proj'; {det.family.title} "
-            f"names them '{found}' (use --to kt-int4 for an AMX layout instead)"
+            f"--to {self.target}: kt-kernel's {self.method} loader reads experts named {wanted}; "
+            f"{det.family.title} names them '{found}' (--to kt-int4 or kt-int8 write kt's own layout)"
+        )
+
+    def as_target(self) -> Target:
+        takes = frozenset({"max_shard_bytes", "allow_nonfinite"} & set(self.base.takes))
+        return Target(
+            self.target,
+            f"kt-kernel {self.method}: {self.help}, a Hugging Face folder its native loader reads",
+            self.build,
+            fields=lambda o: (
+                {"method": self.method, **self.fixed}
+                | ({"allow_nonfinite": True} if o.allow_nonfinite else {})
+            ),
+            takes=takes,
         )
 
 
-def _build_rawint4(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
-    _check_loader_names(det, "RAWINT4")
-    recipe = Recipe("w4a16", RAWINT4_GROUP, "experts", (), opts.allow_nonfinite)
-    plan = plan_gpu(ck, det, recipe, opts.device)
-    plan.title = f"{det.family.title}: {det.expert_format.name} -> kt-kernel RAWINT4 (INT4, group 32)"
-    return plan, HfSink(opts.max_shard_bytes, metadata)
-
-
-TARGETS = [
-    Target(
-        "kt-rawint4",
-        "kt-kernel RAWINT4: a Hugging Face folder with INT4 group-32 experts, read by kt's native "
-        "loader (Kimi-K2 INT4 carried bit-exact)",
-        _build_rawint4,
-        fields=lambda o: (
-            {"method": "RAWINT4", "group_size": RAWINT4_GROUP}
-            | ({"allow_nonfinite": True} if o.allow_nonfinite else {})
-        ),
-        takes=frozenset({"max_shard_bytes", "allow_nonfinite"}),
+GPU = {t.name: t for t in gpu.TARGETS}
+METHODS = (
+    NativeMethod(
+        "kt-rawint4", "RAWINT4", GPU["w4a16"], {"group_size": 32}, (DEEPSEEK_NAMES,), "INT4 group 32"
     ),
-]
+    NativeMethod(
+        "kt-fp8", "FP8", GPU["fp8-block"], {}, (DEEPSEEK_NAMES, MIXTRAL_NAMES), "FP8 E4M3, 128x128 blocks"
+    ),
+    NativeMethod(
+        "kt-fp8-perchannel",
+        "FP8_PERCHANNEL",
+        GPU["fp8"],
+        {},
+        (DEEPSEEK_NAMES, MIXTRAL_NAMES),
+        "FP8 E4M3 per row",
+    ),
+    NativeMethod("kt-bf16", "BF16", hf.TARGET, {"dtype": "bf16"}, (DEEPSEEK_NAMES, MIXTRAL_NAMES), "BF16"),
+)
+TARGETS = [m.as_target() for m in METHODS]
