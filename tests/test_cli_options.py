@@ -71,8 +71,8 @@ def test_ignore_matching_nothing_is_refused(checkpoint, tmp_path) -> None:
 
 HF = "(it takes --layout, --dtype, --max-shard-size)"
 KT = "(it takes --numa, --kt-layout)"
-INT = "(it takes --group-size, --targets, --ignore, --max-shard-size)"
-FP8 = "(it takes --targets, --ignore, --max-shard-size)"
+INT = "(it takes --group-size, --targets, --ignore, --max-shard-size, --allow-nonfinite)"
+FP8 = "(it takes --targets, --ignore, --max-shard-size, --allow-nonfinite)"
 
 
 @pytest.mark.parametrize(

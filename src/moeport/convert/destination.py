@@ -79,7 +79,7 @@ def check_destination(dst: Path, src: Path, recipe: dict[str, Any], overwrite: b
         raise MoeportError(f"{dst}: is inside the source checkpoint {src}; choose a DST outside it")
     if _holds_this_output(dst, recipe, overwrite):
         return True
-    _check_writable(dst, overwrite)
+    check_writable(dst, overwrite)
     return False
 
 
@@ -104,7 +104,7 @@ def _holds_this_output(dst: Path, recipe: dict[str, Any], overwrite: bool) -> bo
     raise MoeportError(f"{dst}: already exists and is not empty (use --overwrite to replace it)")
 
 
-def _check_writable(dst: Path, overwrite: bool) -> None:
+def check_writable(dst: Path, overwrite: bool) -> None:
     """Fail now, in one line, where creating the staging folder would fail after the planning: a
     parent that is a file, a folder we may not write in, a pseudo file system such as /proc."""
     staging = staging_of(dst)
@@ -123,11 +123,9 @@ def _check_writable(dst: Path, overwrite: bool) -> None:
 
 def _check_staging(dst: Path, recipe: dict[str, Any], overwrite: bool) -> None:
     staging = staging_of(dst)
-    if staging.exists() and not staging.is_dir():
-        if overwrite:
-            staging.unlink()
-            return
-        raise MoeportError(f"{staging}: exists and is not a folder; remove it (or use --overwrite)")
+    if staging.exists() and not staging.is_dir() and overwrite:
+        staging.unlink()  # check_writable refused it without --overwrite
+        return
     if overwrite or not staging.exists():
         return
     old = Journal.load(staging / JOURNAL_NAME)

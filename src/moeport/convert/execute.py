@@ -28,6 +28,7 @@ from moeport.convert.destination import (
     JOURNAL_NAME,
     STAGING_SUFFIX,
     check_destination,
+    check_writable,
     locked,
     open_staging,
     preflight,
@@ -90,6 +91,7 @@ def execute(
 ) -> Result:
     """Write the plan's outputs to `dst` (see module doc). `sink` may be a shard size in bytes
     (an HF sink with `metadata`); `recipe` (default: the metadata) identifies the job for resume."""
+    check_writable(dst, overwrite)  # a DST we cannot create fails here, before the lock beside it
     with locked(dst):
         return _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory)
 
