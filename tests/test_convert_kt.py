@@ -236,7 +236,7 @@ def test_bytes_equal_kt_quantize_of_source(main, kt_checkpoint, tmp_path, to):
             total += sum(_nbytes(f, k) for k in f.keys())
         assert meta["kt_method"] == K.method_name(bits) and meta["kt_threadpool_count"] == "2"
         assert meta["kt_layout_version"] == "1" and meta["source_family"] == "deepseek_v3"
-        assert meta["source"] == str(src.resolve())
+        assert meta["source"] == src.name and str(src.parent) not in "".join(meta.values())
     assert index["metadata"]["total_size"] == total
     with safe_open(str(src / "model.safetensors"), "pt") as f:  # non-expert tensors copied unchanged
         key = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
