@@ -235,11 +235,12 @@ def verify(
         ),
     ] = None,
     max_rel_error: Annotated[float, typer.Option(help="Flag tensors above this relative L2 error.")] = 0.25,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Print the verdict line only; no progress.")] = False,
 ) -> None:
     """Check a conversion against its source, tensor by tensor; exit code 1 when it fails."""
     from moeport.cli.verify import run_verify
 
-    run_verify(src, output, as_json, plot_file, lossless, max_rel_error, out)
+    run_verify(src, output, as_json, plot_file, lossless, max_rel_error, out, quiet)
 
 
 @app.command()
