@@ -144,6 +144,9 @@ def convert(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty DST.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary (or, with --dry-run, the plan's totals).")
+    ] = False,
     numa: Annotated[
         int, typer.Option("--numa", help="kt targets: NUMA slices T (kt's threadpool_count).")
     ] = 1,
@@ -215,7 +218,8 @@ def convert(
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
     if limit is not None and limit <= 0:
         raise MoeportError(f"--max-memory {max_memory}: expected a positive size")
-    run_convert(src, dst, to, options, RunFlags(dry_run, overwrite, quiet, limit), out, given)
+    flags = RunFlags(dry_run, overwrite, quiet, limit, as_json)
+    run_convert(src, dst, to, options, flags, out, given)
 
 
 @app.command()
