@@ -22,6 +22,8 @@ from moeport.errors import MoeportError
 from moeport.recipes.base import Options
 from moeport.sizes import format_size as _size
 
+INTERRUPTED = "interrupted: run the same command again to continue where it stopped"
+
 
 @dataclass(frozen=True)
 class RunFlags:
@@ -76,10 +78,14 @@ def run_convert(
             # On a GPU, same-shape weights of a layer are decoded/encoded in batches: one transfer
             # and one kernel sequence per batch instead of per weight (convert.batching).
             batcher = Batcher(device) if device != "cpu" else None
-            result = execute(
-                plan, ck, dst, sink, None, on_progress, batcher,
-                recipe=recipe, overwrite=flags.overwrite, max_memory=flags.max_memory,
-            )  # fmt: skip
+            try:
+                result = execute(
+                    plan, ck, dst, sink, None, on_progress, batcher,
+                    recipe=recipe, overwrite=flags.overwrite, max_memory=flags.max_memory,
+                )  # fmt: skip
+            except KeyboardInterrupt:  # typer would exit 130 without a word; say how to resume
+                Console(stderr=True).print(INTERRUPTED, highlight=False, markup=False)
+                raise SystemExit(130) from None
     if flags.as_json:
         print(json.dumps(_summary(result, plan, dst), indent=2))
         return
