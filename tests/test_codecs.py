@@ -1,5 +1,6 @@
 """Codecs cross-checked against the real libraries (compressed-tensors, transformers, gguf) or a
-float64 reference written from ../shared/specs/formats.md, on seeded random data of awkward shapes."""
+float64 reference written from the format descriptions in the codec modules, on seeded random data
+of awkward shapes."""
 
 from __future__ import annotations
 

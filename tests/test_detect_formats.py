@@ -1,4 +1,4 @@
-"""Detection of quantized expert formats from their tensor layouts (../shared/specs/formats.md).
+"""Detection of quantized expert formats from their tensor layouts (each codec module states its format).
 
 Each case rewrites the expert tensors of a real tiny Qwen3-MoE checkpoint into the companion
 tensors of one format (names, dtypes and shapes as the producers write them, seeded random

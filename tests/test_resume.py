@@ -145,3 +145,23 @@ def test_recipe_mismatch_refused_and_complete_is_noop(synthetic, tmp_path, job):
     assert other.returncode == 2 and "different recipe" in other.stderr, other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
     assert tree(dst) == before
+
+
+def test_ctrl_c_says_how_to_resume(synthetic, tmp_path):
+    args = JOBS["w4a16"]
+    ref, dst = tmp_path / "ref", tmp_path / "dst"
+    assert cli(str(synthetic), str(ref), *args).returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moeport", "convert", str(synthetic), str(dst), *args, "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while proc.poll() is None and (pieces_done(dst) or 0) < 2:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and not dst.exists(), err
+    assert err == "interrupted: run the same command again to continue where it stopped\n"
+    assert cli(str(synthetic), str(dst), *args).returncode == 0
+    assert tree(dst) == tree(ref)

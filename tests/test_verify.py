@@ -220,3 +220,45 @@ def test_plot_without_matplotlib_is_refused_before_comparing(fused_fp8, tmp_path
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: --plot needs matplotlib (pip install 'moeport[plot]')\n"
     assert not plot.exists()
+
+
+def _resave_without_metadata(folder: Path, edit) -> Path:
+    """As another tool would: same tensors, its own metadata (moeport's recipe gone)."""
+    shard = folder / "model.safetensors"
+    with safe_open(str(shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return folder
+
+
+def test_one_changed_element_is_caught_without_moeports_metadata(checkpoint, tmp_path) -> None:
+    src = checkpoint("qwen3_moe", "hub", "bf16")
+    out = hf(src, tmp_path / "hub", "hub")
+    victim = L1 + "2.up_proj.weight"
+
+    def poke(t):
+        t[victim][3, 5] += 1.0
+
+    report = verify(src, _resave_without_metadata(out, poke))
+    assert not report.lossless and _flagged(report) == {victim}
+    assert report.flagged[0].problem.endswith("although both sides store it alike")
+    lossy = verify(src, out, lossless=False)  # told lossy: its bit-exact peers still give it away
+    assert _flagged(lossy) == {victim} and "of its" in lossy.flagged[0].problem
+
+
+def test_one_bad_group_scale_is_found_and_named(checkpoint, tmp_path) -> None:
+    src = checkpoint("qwen3_moe", "hub", "bf16")
+    out = tmp_path / "w4a16"
+    with open_checkpoint(src) as ck:
+        execute(plan_gpu(ck, detect(ck), Recipe("w4a16", group_size=32)), ck, out, 5 * 10**9, {})
+    assert verify(src, out).ok
+
+    def triple(t):
+        t[L1 + "3.gate_proj.weight_scale"][5, 1] *= 3
+
+    report = verify(src, plant(out, triple))
+    victim = L1 + "3.gate_proj.weight"
+    assert _flagged(report) == {victim}
+    flagged = report.flagged[0]
+    assert flagged.rel_l2 < 0.25 and flagged.problem.startswith("row 5, columns 32-63: relative error")

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from moeport.cli.hub import resolve_source
 from moeport.errors import MoeportError
 from moeport.recipes import TARGETS, hf, kt
 from moeport.report import inspect_report, kt_report, ranges
@@ -32,7 +33,9 @@ MIN_SHARD_BYTES = 100_000  # below this a "shard size" is a typo, and would writ
 
 @app.command()
 def inspect(
-    path: Annotated[Path, typer.Argument(help="Checkpoint folder or .safetensors file.")],
+    path: Annotated[
+        Path, typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id in the local cache.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
 ) -> None:
     """Detect family, layers, experts and expert storage format of a checkpoint (headers only)."""
@@ -41,6 +44,7 @@ def inspect(
     from moeport.sources import open_checkpoint
     from moeport.verify.kt_canonical import kt_description, kt_metadata
 
+    path = resolve_source(path)
     found = kt_metadata(path) if path.is_dir() else None
     if found is not None:  # moeport's own kt-kernel output (merged or folders)
         form = "folders" if found[0].name == MANIFEST_NAME else "merged"
@@ -123,7 +127,7 @@ _OPTION_PARAMS = {"max_shard_bytes": "max_shard_size"}
 @app.command()
 def convert(
     ctx: typer.Context,
-    src: Annotated[Path, typer.Argument(help="Source checkpoint folder.")],
+    src: Annotated[Path, typer.Argument(help="Source checkpoint folder, or Hub repo id in the local cache.")],
     dst: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
     to: Annotated[str, typer.Option("--to", metavar="TARGET", help=_targets_help())] = "hf",
     layout: Annotated[
@@ -144,6 +148,9 @@ def convert(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty DST.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary (or, with --dry-run, the plan's totals).")
+    ] = False,
     numa: Annotated[
         int, typer.Option("--numa", help="kt targets: NUMA slices T (kt's threadpool_count).")
     ] = 1,
@@ -223,12 +230,16 @@ def convert(
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
     if limit is not None and limit <= 0:
         raise MoeportError(f"--max-memory {max_memory}: expected a positive size")
-    run_convert(src, dst, to, options, RunFlags(dry_run, overwrite, quiet, limit), out, given)
+    resolved = resolve_source(src)
+    if resolved != src:  # a Hub repo id: the output names its source by it, not by a snapshot hash
+        options = Options(**{**options.__dict__, "source_label": str(src)})
+    flags = RunFlags(dry_run, overwrite, quiet, limit, as_json)
+    run_convert(resolved, dst, to, options, flags, out, given)
 
 
 @app.command()
 def verify(
-    src: Annotated[Path, typer.Argument(help="The source checkpoint.")],
+    src: Annotated[Path, typer.Argument(help="The source checkpoint (or Hub repo id in the local cache).")],
     output: Annotated[
         Path, typer.Argument(help="The converted checkpoint (hf, fused, ct, FP8 or kt merged).")
     ],
@@ -243,11 +254,12 @@ def verify(
         ),
     ] = None,
     max_rel_error: Annotated[float, typer.Option(help="Flag tensors above this relative L2 error.")] = 0.25,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Print the verdict line only; no progress.")] = False,
 ) -> None:
     """Check a conversion against its source, tensor by tensor; exit code 1 when it fails."""
     from moeport.cli.verify import run_verify
 
-    run_verify(src, output, as_json, plot_file, lossless, max_rel_error, out)
+    run_verify(resolve_source(src), output, as_json, plot_file, lossless, max_rel_error, out, quiet)
 
 
 @app.command()

@@ -6,6 +6,7 @@ bar, resume where an interrupted run of the same command stopped.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from collections.abc import Iterable
@@ -16,10 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from moeport.cli.progress import conversion_progress
+from moeport.cli.progress import ConversionProgress
 from moeport.errors import MoeportError
 from moeport.recipes.base import Options
 from moeport.sizes import format_size as _size
+
+INTERRUPTED = "interrupted: run the same command again to continue where it stopped"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class RunFlags:
     overwrite: bool = False
     quiet: bool = False
     max_memory: int | None = None
+    as_json: bool = False  # a JSON summary on stdout (progress, if any, on stderr)
 
 
 def run_convert(
@@ -54,7 +58,7 @@ def run_convert(
         raise MoeportError(f"--to {to}: unknown target; expected one of {', '.join(TARGETS)}")
     target.refuse_unused(given)
     device = resolve_device(options.device)
-    options = Options(**{**options.__dict__, "device": device, "source_label": str(src.resolve())})
+    options = Options(**{**options.__dict__, "device": device})
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
         # past a file-size limit, writes fail with EFBIG (reported) instead of killing the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -62,38 +66,74 @@ def run_convert(
         det = detect(ck)
         recipe = job_recipe(target, options, ck, det)
         plan, sink = target.build(ck, det, options, describe_recipe(**recipe))
+        if flags.dry_run and flags.as_json:
+            print(json.dumps(_plan_summary(plan, ck, dst), indent=2))
+            return
         if flags.dry_run:
             _print_plan(console, plan, ck)
             return
         total = sum(ck.info(n).nbytes for u in plan.units for n in u.op.inputs)
-        with conversion_progress(console, flags.quiet) as progress:
-            task = progress.add_task("starting", total=total)
-
-            def on_progress(label: str, nbytes: int) -> None:
-                progress.update(task, advance=nbytes, description=label)
-
+        shown = Console(stderr=True) if flags.as_json else console
+        with ConversionProgress(shown, total, flags.quiet) as on_progress:
             # On a GPU, same-shape weights of a layer are decoded/encoded in batches: one transfer
             # and one kernel sequence per batch instead of per weight (convert.batching).
             batcher = Batcher(device) if device != "cpu" else None
-            result = execute(
-                plan, ck, dst, sink, None, on_progress, batcher,
-                recipe=recipe, overwrite=flags.overwrite, max_memory=flags.max_memory,
-            )  # fmt: skip
+            try:
+                result = execute(
+                    plan, ck, dst, sink, None, on_progress, batcher,
+                    recipe=recipe, overwrite=flags.overwrite, max_memory=flags.max_memory,
+                )  # fmt: skip
+            except KeyboardInterrupt:  # typer would exit 130 without a word; say how to resume
+                Console(stderr=True).print(INTERRUPTED, highlight=False, markup=False)
+                raise SystemExit(130) from None
+    if flags.as_json:
+        print(json.dumps(_summary(result, plan, dst), indent=2))
+        return
     if flags.quiet:
         return
     if result.already_complete:
-        console.print(f"{dst}: already complete ({plan.title}); nothing to do", highlight=False, markup=False)
+        line = f"{dst}: already complete ({plan.title}); nothing to do"
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
         return
     resumed = f", {result.pieces_kept} piece(s) kept from an interrupted run" if result.pieces_kept else ""
-    speed = result.bytes_in / result.seconds / 1e9 if result.seconds > 0 else 0.0
+    speed = int(result.bytes_in / result.seconds) if result.seconds > 0 else 0
     console.print(
-        f"wrote {result.tensors} tensors ({result.bytes_written / 1e9:.3f} GB) to {dst} in "
-        f"{result.seconds:.1f} s ({speed:.2f} GB/s of source){resumed}",
+        f"wrote {result.tensors} tensors ({_size(result.bytes_written)}) to {dst} in "
+        f"{result.seconds:.1f} s ({_size(speed)}/s of source){resumed}",
         highlight=False,
         markup=False,
     )
     for note in plan.notes:
         console.print(f"- {note}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _summary(result, plan, dst: Path) -> dict:
+    """convert --json: what a script needs to know of a finished run."""
+    return {
+        "output": str(dst),
+        "title": plan.title,
+        "already_complete": result.already_complete,
+        "tensors": result.tensors,
+        "bytes_in": result.bytes_in,
+        "bytes_written": result.bytes_written,
+        "seconds": round(result.seconds, 3),
+        "pieces_kept": result.pieces_kept,
+        "notes": plan.notes,
+    }
+
+
+def _plan_summary(plan, ck, dst: Path) -> dict:
+    stats = plan.layer_stats(ck)
+    return {
+        "output": str(dst),
+        "title": plan.title,
+        "dry_run": True,
+        "tensors": len(plan.specs),
+        "bytes_in": sum(s["in_bytes"] for s in stats.values()),
+        "bytes_out": sum(s.nbytes for s in plan.specs),
+        "peak_memory_estimate": plan.peak_estimate(ck),
+        "notes": plan.notes,
+    }
 
 
 def _print_plan(console: Console, plan, ck) -> None:

@@ -1,8 +1,13 @@
-"""`moeport verify`: print the verdict, the flagged tensors and a per-layer summary (or JSON)."""
+"""`moeport verify`: print the verdict, the flagged tensors and a per-layer summary (or JSON).
+
+Long lists are capped on the terminal (`--json` keeps them whole); a spinner on stderr names the
+layer being compared, so a long run is not silent.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import typer
@@ -19,6 +24,7 @@ def run_verify(
     lossless: bool | None,
     max_rel_error: float,
     console: Console,
+    quiet: bool = False,
 ) -> None:
     from moeport.verify.run import verify
 
@@ -26,13 +32,23 @@ def run_verify(
         from moeport.verify.plot import require_matplotlib
 
         require_matplotlib()
-    report = verify(src, output, lossless, max_rel_error)
+    status = Console(stderr=True, quiet=quiet).status("verifying: reading headers")
+    start = time.monotonic()
+
+    def on_layer(layer: int | None) -> None:
+        where = "tensors outside the layers" if layer is None else f"layer {layer}"
+        status.update(f"verifying: {where} ({time.monotonic() - start:.0f} s)")
+
+    with status:
+        report = verify(src, output, lossless, max_rel_error, on_layer=on_layer)
     if plot_file is not None:
         from moeport.verify.plot import plot
 
         plot(report, plot_file)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
+    elif quiet:
+        _verdict(console, report)
     else:
         _print(console, report)
     if not report.ok:
@@ -48,12 +64,36 @@ def _print(console: Console, report) -> None:
             layer, str(s["tensors"]), f"{s['max_rel_l2']:.3g}", f"{s['min_cosine']:.6f}", str(s["flagged"])
         )
     console.print(t)
-    for r in report.flagged:
-        console.print(f"[red]flagged[/] {escape(r.name)}: {escape(r.problem)}", highlight=False)
-    for name in report.missing:
-        console.print(f"[red]missing[/] {escape(name)}", highlight=False)
-    for name in report.extra:
-        console.print(f"[yellow]extra[/] {escape(name)}", highlight=False)
+    flagged = report.flagged
+    for r in flagged[:CAP]:
+        console.print(
+            f"[red]flagged[/] {escape(r.name)}: {escape(r.problem)}", highlight=False, soft_wrap=True
+        )
+    if len(flagged) > CAP:
+        console.print(f"[red]flagged[/] ... and {len(flagged) - CAP} more (--json lists them all)")
+    _names(console, "[red]missing[/]", report.missing)
+    _names(console, "[yellow]extra[/]", report.extra)
+    _verdict(console, report)
+
+
+CAP = 20  # flagged tensors listed one per line on the terminal
+
+
+def _names(console: Console, label: str, names: list[str]) -> None:
+    """A few names one per line; many as one line (a different model lists thousands)."""
+    if len(names) <= 5:
+        for name in names:
+            console.print(f"{label} {escape(name)}", highlight=False, soft_wrap=True)
+        return
+    examples = ", ".join(names[:3])
+    console.print(
+        f"{label} {len(names)} tensors, e.g. {escape(examples)} (--json lists them all)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _verdict(console: Console, report) -> None:
     mode = "lossless (bit-exact expected)" if report.lossless else "lossy"
     exact = sum(t.exact for t in report.tensors)
     verdict = "[green]OK[/]" if report.ok else "[red]FAIL[/]"

@@ -6,7 +6,7 @@ headers alone, whether a group is stored in it (`recognize`), its logical [.., N
 (`decoded_shape`), how each companion part follows a split/merge of the rows N (`row_rule`) and which
 codec decodes it (`codec`). Each codec module declares its formats next to its codec; codecs.registry
 lists them in recognition order. This module imports no codec module, so detect/ and mappings/ can
-use these types without pulling in the registry. Facts: ../shared/specs/formats.md.
+use these types without pulling in the registry. Facts: each codec module's docstring.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from moeport.convert.execute import Sink
 from moeport.convert.plan import Plan
 from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
+from moeport.recipes.provenance import source_fingerprint, source_name
 from moeport.sinks.sharded import DEFAULT_MAX_SHARD_BYTES
 from moeport.sources.checkpoint import Checkpoint
 
@@ -29,7 +30,7 @@ class Options:
     kt_layout: str = "merged"  # kt: merged | folders
     allow_nonfinite: bool = False  # quantize NaN/Inf weights instead of refusing them
     device: str = "cpu"  # where the math runs; never changes the bytes
-    source_label: str = ""  # how the source is named in the output's metadata
+    source_label: str = ""  # how the source is named in the output's metadata (default: its folder's name)
 
 
 # The target-specific options, as the command line spells them. A target declares which it takes
@@ -76,7 +77,8 @@ def job_recipe(target: Target, options: Options, ck: Checkpoint, det: Detection)
     return {
         "to": target.name,
         **target.fields(options),
-        "source": options.source_label or str(ck.root.resolve()),
+        "source": source_name(ck, options.source_label),
+        "source_fingerprint": source_fingerprint(ck),
         "source_family": det.family.name,
         "source_files": [[f.name, f.stat().st_size] for f in sorted(ck.files)],
     }

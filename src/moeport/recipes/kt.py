@@ -25,6 +25,7 @@ from moeport.mappings.ops import Chain, Copy, Op, Split, Unstack
 from moeport.mappings.rules import ROWS, VECTOR
 from moeport.recipes.base import Options, Target
 from moeport.recipes.kt_shapes import expert_shape
+from moeport.recipes.provenance import source_name
 from moeport.sinks.kt import KtFoldersSink, KtMergedSink
 from moeport.sinks.kt_layout import LAYOUT_VERSION, KtLayout, KtSlot
 from moeport.sources.checkpoint import Checkpoint
@@ -208,7 +209,7 @@ def _build(bits: int):
         plan, kt = plan_kt(ck, det, bits, opts)
         meta = {
             **metadata,
-            "source": opts.source_label or str(ck.root.resolve()),
+            "source": source_name(ck, opts.source_label),
             "source_family": det.family.name,
             "source_format": det.expert_format.name,
         }

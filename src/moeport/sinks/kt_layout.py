@@ -3,7 +3,7 @@
 One description serves the recipe (what to plan), both sinks (merged safetensors keys
 `blk.{L}.ffn_{proj}_exps.{E}.numa.{t}.{weight|scale}`, or kt's `--no-merge-safetensor` folders
 `_layer_{L}/_numa_{t}/INT{bits}_{proj}_{E}_{bytes}Byte_{quant|scale}_.kt`) and `verify` (reading
-either form back): names are generated from it, never parsed. Facts: ../shared/specs/kt_format.md.
+either form back): names are generated from it, never parsed. Facts: codecs/kt_amx.py, docs/DESIGN.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,21 @@
 """Compare two canonical checkpoints tensor by tensor; findings a person (and CI) can act on.
 
-Per tensor: max abs error, relative L2 error, cosine, bit-exactness. A tensor is flagged when
-shapes differ, when a lossless conversion is not exact, when its relative error exceeds
-`max_rel_error`, or (lossy conversions) when it is an outlier: more than `outlier_factor` times
-the median error of the quantized tensors — a flipped scale or a swapped expert hides below any
-absolute bound for INT4 but stands out against its peers.
+Per tensor: max abs error, relative L2 error, cosine, bit-exactness, and the worst block of 32
+columns of a row against the median block (one bad group scale). Which tensors are flagged, and
+why: verify.flags.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from moeport.verify.canonical import CanonicalLayer
+from moeport.verify.flags import flag
+
+BLOCK = 32  # columns per block of the per-block comparison (divides the usual group sizes)
 
 
 @dataclass
@@ -28,6 +28,10 @@ class TensorResult:
     rel_l2: float
     cosine: float
     problem: str = ""
+    expect_exact: bool = False  # both sides store it alike, so it must come out bit-exact
+    worst_block: str = ""  # where the worst block is: "row 5, columns 64-95"
+    worst_block_rel: float = 0.0
+    block_ratio: float = 0.0  # worst block's relative error / the median block's
 
 
 @dataclass
@@ -81,7 +85,34 @@ def measure(name: str, layer: int | None, src: torch.Tensor, out: torch.Tensor) 
     denom = a.norm().item() * b.norm().item()
     cosine = 1.0 if exact else ((a @ b).item() / denom if denom else 0.0)
     max_abs = diff.abs().max().item() if diff.numel() else 0.0
-    return TensorResult(name, layer, list(out.shape), exact, max_abs, rel, cosine)
+    result = TensorResult(name, layer, list(out.shape), exact, max_abs, rel, cosine)
+    if not exact and len(src.shape) >= 2:
+        _worst_block(result, a, diff, tuple(src.shape))
+    return result
+
+
+def _worst_block(r: TensorResult, a: torch.Tensor, diff: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Relative L2 error per block of BLOCK columns of each row; the worst against the median of
+    the blocks that hold anything (zero blocks quantize exactly and would drag the median to 0)."""
+    k = shape[-1]
+    width = BLOCK if k % BLOCK == 0 else k
+    if k == 0:
+        return
+    a2 = a.view(-1, k // width, width).square().sum(-1)
+    d2 = diff.view(-1, k // width, width).square().sum(-1)
+    held = a2 > 0
+    if int(held.sum()) < 16:
+        return
+    rel = torch.where(held, d2 / a2.clamp_min(1e-300), torch.zeros_like(a2)).sqrt()
+    median = rel[held].median().item()
+    worst = int(rel.argmax())
+    row, block = divmod(worst, k // width)
+    worst_rel = rel.flatten()[worst].item()
+    index = list(torch.unravel_index(torch.tensor(row), shape[:-1])) if len(shape) > 2 else [row]
+    where = f"row {row}" if len(shape) == 2 else f"index {[int(i) for i in index]}"
+    r.worst_block = f"{where}, columns {block * width}-{block * width + width - 1}"
+    r.worst_block_rel = worst_rel
+    r.block_ratio = worst_rel / median if median > 0 else (float("inf") if worst_rel > 0 else 0.0)
 
 
 def compare(
@@ -90,8 +121,10 @@ def compare(
     lossless: bool,
     max_rel_error: float = 0.25,
     outlier_factor: float = 4.0,
+    exact_names: Collection[str] = (),
 ) -> Report:
-    """Walk both checkpoints layer by layer (memory: one layer of each side)."""
+    """Walk both checkpoints layer by layer (memory: one layer of each side). `exact_names`: tensors
+    expected bit-exact whatever the conversion (stored alike on both sides)."""
     report = Report(lossless)
     pending_out: dict[int | None, CanonicalLayer] = {}
     out_iter: Iterator[CanonicalLayer] = iter(output)
@@ -102,11 +135,13 @@ def compare(
             if name not in got:
                 report.missing.append(name)
                 continue
-            report.tensors.append(measure(name, src_layer.layer, s, got.pop(name)))
+            result = measure(name, src_layer.layer, s, got.pop(name))
+            result.expect_exact = name in exact_names
+            report.tensors.append(result)
         report.extra.extend(got)
     for rest in [*pending_out.values(), *out_iter]:
         report.extra.extend(rest.tensors)
-    _flag(report, max_rel_error, outlier_factor)
+    flag(report, max_rel_error, outlier_factor)
     return report
 
 
@@ -118,17 +153,3 @@ def _take(layer: int | None, pending: dict, it: Iterator[CanonicalLayer]) -> Can
             return candidate
         pending[candidate.layer] = candidate
     return None
-
-
-def _flag(report: Report, max_rel_error: float, outlier_factor: float) -> None:
-    lossy = [t.rel_l2 for t in report.tensors if not t.exact and not t.problem and len(t.shape) >= 2]
-    median = statistics.median(lossy) if len(lossy) >= 8 else None
-    for t in report.tensors:
-        if t.problem:
-            continue
-        if report.lossless and not t.exact:
-            t.problem = f"not bit-exact (max abs error {t.max_abs:.3g}) in a lossless conversion"
-        elif t.rel_l2 > max_rel_error:
-            t.problem = f"relative error {t.rel_l2:.3g} > {max_rel_error}"
-        elif median and not t.exact and t.rel_l2 > outlier_factor * median:
-            t.problem = f"relative error {t.rel_l2:.3g} is {t.rel_l2 / median:.1f}× the median {median:.3g}"

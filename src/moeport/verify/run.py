@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from moeport.detect import detect
+from moeport.errors import MoeportError
 from moeport.sources import open_checkpoint
 from moeport.sources.checkpoint import Checkpoint
 from moeport.verify.canonical import CanonicalLayer, hf_layers
@@ -32,13 +34,79 @@ def is_lossless(recipe: dict) -> bool:
     return target is not None and target.lossless(recipe)
 
 
+FLOATS = {"BF16", "F16", "F32", "F64"}
+
+
+def stored_alike(src: Checkpoint, out: Checkpoint) -> set[str]:
+    """Tensors both sides store under the same name, float dtype and shape, with no quantization
+    companion (`<name>_scale`, `<name>_packed`...): a converter may only copy those, so they must
+    be bit-exact whether or not the output says how it was made."""
+    names = set(src.keys()) & set(out.keys())
+    with_companions = {_companion_of(k) for ck in (src, out) for k in ck.keys()}
+    return {
+        n
+        for n in names
+        if n not in with_companions
+        and src.info(n).dtype in FLOATS
+        and src.info(n).dtype == out.info(n).dtype
+        and src.info(n).shape == out.info(n).shape
+    }
+
+
+# config.json fields that name a model's shape: two checkpoints that differ in one are not a
+# conversion of each other, and a tensor-by-tensor listing of the difference helps nobody
+MODEL_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "num_experts",
+    "num_local_experts",
+    "vocab_size",
+)
+
+
+def check_same_model(src: Checkpoint, out: Checkpoint | None, out_config: dict | None = None) -> None:
+    a = _text_config(src.config)
+    b = _text_config(out.config if out is not None else out_config)
+    differ = [f"{k} {a[k]} vs {b[k]}" for k in MODEL_FIELDS if k in a and k in b and a[k] != b[k]]
+    if differ:
+        raise MoeportError(
+            f"the two checkpoints are different models (config.json: {', '.join(differ)}); "
+            "verify compares a conversion with its own source"
+        )
+
+
+def _text_config(config: dict | None) -> dict:
+    config = config or {}
+    inner = config.get("text_config")
+    return {**config, **inner} if isinstance(inner, dict) else config
+
+
+def _announce(layers: Iterable[CanonicalLayer], on_layer) -> Iterator[CanonicalLayer]:
+    for layer in layers:
+        if on_layer is not None:
+            on_layer(layer.layer)
+        yield layer
+
+
+def _companion_of(key: str) -> str:
+    """'m.weight_scale_inv' -> 'm.weight': the tensor a quantization companion belongs to."""
+    module, _, last = key.rpartition(".")
+    return f"{module}.{last.split('_', 1)[0]}" if "_" in last else ""
+
+
 def verify(
     src: str | Path,
     out: str | Path,
     lossless: bool | None = None,
     max_rel_error: float = 0.25,
     outlier_factor: float = 4.0,
+    on_layer: Callable[[int | None], None] | None = None,
 ) -> Report:
+    """Compare `out` with its source `src`; `on_layer(L)` is told each source layer as it starts."""
     from moeport.verify import kt_canonical
 
     kt = kt_canonical.kt_description(Path(out))
@@ -48,14 +116,19 @@ def verify(
             names = set()
             for layer in kt.layers:
                 names.update(kt_canonical.expert_names(kt, layer, det.family, det.layer_prefix).values())
+            config = Path(out) / "config.json"
+            check_same_model(s, None, json.loads(config.read_text()) if config.is_file() else None)
             source = (
                 CanonicalLayer(c.layer, {k: v for k, v in c.tensors.items() if k in names})
-                for c in hf_layers(s)
+                for c in _announce(hf_layers(s), on_layer)
             )
             output = kt_canonical.folder_layers(Path(out), kt, det.family, det.layer_prefix)
             expect_exact = False if lossless is None else lossless
             return compare(source, output, expect_exact, max_rel_error, outlier_factor)
         with open_checkpoint(out) as o:
+            check_same_model(s, o)
             expect_exact = is_lossless(recipe_of(o)) if lossless is None else lossless
+            alike = stored_alike(s, o) if lossless is None else set()
             output = kt_canonical.merged_layers(o, kt) if kt is not None else hf_layers(o)
-            return compare(hf_layers(s), output, expect_exact, max_rel_error, outlier_factor)
+            source = _announce(hf_layers(s), on_layer)
+            return compare(source, output, expect_exact, max_rel_error, outlier_factor, alike)

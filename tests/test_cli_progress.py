@@ -1,0 +1,60 @@
+"""Progress as a log shows it (not a terminal): one plain line per finished layer; `--json`: a
+machine-readable summary on stdout, progress kept off it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeport.synthetic import SyntheticSpec, write_synthetic
+
+LINE = re.compile(
+    r"(layer \d+|other tensors): (\d+)% \([\d.]+ [KMG]?B of 7\.1 MB\), [\d.]+ [KMG]?B/s(, \d+ s left)?"
+)
+
+
+def moeport(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "moeport", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("tiny") / "src"
+    write_synthetic(src, SyntheticSpec.tiny())
+    return src
+
+
+def test_a_log_gets_one_line_per_layer(tiny, tmp_path) -> None:
+    result = moeport("convert", str(tiny), str(tmp_path / "out"), "--to", "fp8", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    progress = [m for line in lines if (m := LINE.fullmatch(line))]
+    assert [m[1] for m in progress] == ["other tensors", "layer 0", "layer 1", "layer 2", "layer 3"]
+    percents = [int(m[2]) for m in progress]
+    assert percents == sorted(percents) and percents[-1] == 100 and progress[-1][3] is None
+    assert lines[len(progress)].startswith("wrote 201 tensors (")
+
+
+def test_json_summary(tiny, tmp_path) -> None:
+    out = tmp_path / "out"
+    result = moeport("convert", str(tiny), str(out), "--to", "fp8", "--device=cpu", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(out) and summary["tensors"] == 201 and not summary["already_complete"]
+    assert summary["bytes_in"] == 7095648 and summary["bytes_written"] > 0 and summary["seconds"] > 0
+    assert all(LINE.fullmatch(line) for line in result.stderr.splitlines())
+    again = json.loads(
+        moeport("convert", str(tiny), str(out), "--to", "fp8", "--device=cpu", "--json").stdout
+    )
+    assert again["already_complete"]
+    plan = json.loads(
+        moeport("convert", str(tiny), str(tmp_path / "x"), "--to", "fp8", "--json", "--dry-run").stdout
+    )
+    assert plan["dry_run"] and plan["tensors"] == 201 and plan["bytes_in"] == 7095648
+    assert not (tmp_path / "x").exists()
