@@ -288,7 +288,7 @@ def demo(
         exact = sum(t.exact for t in report.tensors)
         verdict = "[green]verified[/]" if report.ok else "[red]FAILED verification[/]"
         out.print(
-            f"{name:>11}: {escape(str(dst))}  {verdict}: {len(report.tensors)} tensors, {exact} bit-exact, "
+            f"{name:>17}: {escape(str(dst))}  {verdict}: {len(report.tensors)} tensors, {exact} bit-exact, "
             f"max relative error {worst:.3g}"
         )
 
