@@ -117,7 +117,8 @@ class Fp8BlockCodec:
         padded = torch.nn.functional.pad(x, (0, gk * bk - k, 0, gn * bn - n))
         tiles = padded.reshape(*lead, gn, bn, gk, bk)
         amax = tiles.abs().amax(dim=(-3, -1))
-        scale = torch.where(amax > 0, divide(amax, FP8_MAX), torch.ones_like(amax))
+        # amax == 0 (not amax > 0): a NaN in the block reaches its scale, where the caller finds it
+        scale = torch.where(amax == 0, torch.ones_like(amax), divide(amax, FP8_MAX))
         if self.ue8m0:
             scale = pow2_ceil(scale)
         stored = scale.to(self.scale_dtype)
@@ -166,7 +167,7 @@ class Fp8ScaledCodec:
             amax = x.abs().amax().reshape(1)
         else:
             amax = x.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(amax > 0, divide(amax, FP8_MAX), torch.ones_like(amax)).to(self.scale_dtype)
+        scale = torch.where(amax == 0, torch.ones_like(amax), divide(amax, FP8_MAX)).to(self.scale_dtype)
         return {"weight": quantize_e4m3(x, scale.float()), self.scale_name: scale}
 
 

@@ -64,9 +64,9 @@ class Encode(OneToOne):
 
     def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         w = to_device(w, self.device)
-        if not self.allow_nonfinite:
-            check_finite_weight(self.codec, w, [self.where], stacked=False)
         parts = encode_named(self.codec, w, self.where)
+        if not self.allow_nonfinite:
+            refuse_nonfinite(self.codec, w, parts, [self.where], stacked=False)
         parts = {p: t.cpu() for p, t in parts.items()}
         _check_parts(parts, self.part_specs, self.where, ())
         return parts
@@ -88,6 +88,17 @@ def _check_parts(parts, part_specs: PartSpecs, where: str, lead: tuple[int, ...]
         got = parts[part]
         if got.dtype != dtype or tuple(got.shape) != (*lead, *shape):
             raise MoeportError(f"{where}.{part}: encoded {got.dtype}{list(got.shape)}, planned {list(shape)}")
+
+
+def refuse_nonfinite(codec: Codec, w: torch.Tensor, parts: dict, names: list[str], stacked: bool) -> None:
+    """NaN/Inf in a weight reaches the scales of its group or row (they are computed from its
+    largest magnitude), so checking the small scale parts finds them without a pass over the
+    weight; only then is the weight searched, to name the row and the count."""
+    scales = [t for t in parts.values() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    if all(bool(torch.isfinite(t).all()) for t in scales):
+        return
+    check_finite_weight(codec, w, names, stacked)
+    raise MoeportError(f"{names[0]}: the encoded scales hold NaN/Inf although the weight is finite")
 
 
 def check_finite_weight(codec: Codec, w: torch.Tensor, names: list[str], stacked: bool) -> None:
@@ -114,15 +125,16 @@ def _encode_batch(
     """Encode same-shape weights together: stacked on the device, one encode, one copy back per
     part. When that fails, one by one, so the error names the weight at fault."""
     w = stack_to(device, [realize_on(v, device) for v, _ in batch])
-    if not allow_nonfinite:
-        check_finite_weight(codec, w, [where for _, where in batch], stacked=True)
+    names = [where for _, where in batch]
     if getattr(codec, "stacked_encode", False):
         try:
             parts = codec.encode(w)
         except MoeportError:
-            parts = _one_by_one(codec, w, [where for _, where in batch])
+            parts = _one_by_one(codec, w, names)
     else:
-        parts = _one_by_one(codec, w, [where for _, where in batch])
+        parts = _one_by_one(codec, w, names)
+    if not allow_nonfinite:
+        refuse_nonfinite(codec, w, parts, names, stacked=True)
     host = {p: to_host(t) for p, t in parts.items()}
     _check_parts(host, part_specs, batch[0][1], (len(batch),))
     return [{p: t[i] for p, t in host.items()} for i in range(len(batch))]
