@@ -130,3 +130,25 @@ def test_rename_inverts_and_refuses_what_does_not() -> None:
     assert move(text[0]) == "model.layers.0.mlp.gate.weight"
     with pytest.raises(MoeportError, match="does not invert"):
         move.check([*text, "model.visual.blocks.0.attn.qkv.weight"], "ck")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_pack_quantized_gate_and_up_fuse_exactly(bits):
+    """Zero points are packed along N, 32/bits rows per int32: fusing gate and up concatenates
+    them in those units, and the fused parts decode to the two weights stacked."""
+    from moeport.codecs import PackQuantizedCodec
+    from moeport.mappings.values import realize
+
+    codec = PackQuantizedCodec(bits=bits, group_size=32, symmetric=False)
+    g = torch.Generator().manual_seed(bits)
+    gate, up = torch.randn(16, 64, generator=g), torch.randn(16, 64, generator=g)
+    pg, pu = codec.encode(gate), codec.encode(up)
+    fmt = ExpertFormat("ct-pack-quantized", {"num_bits": bits, "group_size": 32, "symmetric": False})
+    rules = row_rules(fmt, {p: tuple(t.shape) for p, t in pg.items() if p != "weight_shape"}, "gate")
+    fused = {}
+    for part, rule in rules.items():
+        op = Concat((f"g.{part}", f"u.{part}"), f"gu.{part}", rule, (16, 16))
+        fused[part] = realize(op.apply({f"g.{part}": pg[part], f"u.{part}": pu[part]})[f"gu.{part}"])
+    fused["weight_shape"] = torch.tensor([32, 64], dtype=torch.int32)
+    want = torch.cat([codec.decode(pg), codec.decode(pu)])
+    assert torch.equal(codec.decode(fused), want)

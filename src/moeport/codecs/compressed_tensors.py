@@ -138,7 +138,7 @@ def _zero_point_rows(part: str, params: Params) -> RowRule | None:
     """Asymmetric zero points are packed along N (`weight_zero_point` [N*b/32, G])."""
     if part != "weight_zero_point":
         return None
-    return RowRule(-2, 8 if int(params.get("num_bits", 4)) == 4 else 1)
+    return RowRule(-2, 32 // int(params.get("num_bits", 4)))  # rows of N per packed int32
 
 
 CT_NVFP4 = StorageFormat("ct-nvfp4", _recognize_nvfp4, marker="weight_packed")
