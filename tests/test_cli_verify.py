@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,13 @@ def test_modules_left_unquantized_by_ignore_do_not_condemn_the_rest(tmp_path) ->
     result = moeport("verify", str(src), str(out), "--quiet")
     assert result.returncode == 0, result.stdout
     assert result.stdout == "OK: 129 tensors compared (40 bit-exact), lossy\n"
+
+
+def test_a_log_gets_one_line_per_layer(tmp_path) -> None:
+    src, out = converted(tmp_path, "--to", "fp8")
+    result = moeport("verify", str(src), str(out))
+    assert result.returncode == 0, result.stderr
+    lines = [re.sub(r"\(\d+ s\)", "(N s)", line) for line in result.stderr.splitlines()]
+    assert lines == ["verifying: tensors outside the layers (N s)"] + [
+        f"verifying: layer {n} (N s)" for n in range(4)
+    ]

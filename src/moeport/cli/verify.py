@@ -1,7 +1,7 @@
 """`moeport verify`: print the verdict, the flagged tensors and a per-layer summary (or JSON).
 
-Long lists are capped on the terminal (`--json` keeps them whole); a spinner on stderr names the
-layer being compared, so a long run is not silent.
+Long lists are capped on the terminal (`--json` keeps them whole). A long run is not silent: on
+stderr, a spinner names the layer being compared (a plain line per layer when not a terminal).
 """
 
 from __future__ import annotations
@@ -32,12 +32,17 @@ def run_verify(
         from moeport.verify.plot import require_matplotlib
 
         require_matplotlib()
-    status = Console(stderr=True, quiet=quiet).status("verifying: reading headers")
+    log = Console(stderr=True, quiet=quiet)
+    status = log.status("verifying: reading headers")
     start = time.monotonic()
 
     def on_layer(layer: int | None) -> None:
         where = "tensors outside the layers" if layer is None else f"layer {layer}"
-        status.update(f"verifying: {where} ({time.monotonic() - start:.0f} s)")
+        line = f"verifying: {where} ({time.monotonic() - start:.0f} s)"
+        if log.is_terminal:
+            status.update(line)
+        else:  # a log (nohup, CI): one plain line per layer, as it starts
+            log.print(line, highlight=False, markup=False)
 
     with status:
         report = verify(src, output, lossless, max_rel_error, on_layer=on_layer)
