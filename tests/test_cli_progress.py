@@ -86,3 +86,14 @@ def test_terminal_bar_shows_no_rate_until_it_means_something(monkeypatch) -> Non
         later = _frame(buf)
     assert "25% 100.0/400.0 MB ? -:--:--" in first, first
     assert re.search(r"50% 200\.0/400\.0 MB [\d.]+ [KMG]?B/s \d+:\d\d:\d\d", later), later
+
+
+def test_verbose_prints_the_plan_then_converts(tiny, tmp_path) -> None:
+    out = tmp_path / "out"
+    result = moeport("convert", str(tiny), str(out), "--to", "fp8", "--device=cpu", "--verbose")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"plan: {tiny}")
+    plan_end = next(i for i, line in enumerate(lines) if line.startswith("201 tensors, "))
+    wrote = next(i for i, line in enumerate(lines) if line.startswith("wrote 201 tensors ("))
+    assert plan_end < wrote and (out / "model.safetensors").exists()

@@ -42,7 +42,7 @@ def test_many_extra_tensors_are_one_line(tmp_path) -> None:
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     examples = "model.extra.00.weight, model.extra.01.weight, model.extra.02.weight"
-    assert f"extra 12 tensors, e.g. {examples} (--json lists them all)" in lines
+    assert f"extra 12 tensors, e.g. {examples} (--json or --verbose lists them all)" in lines
     assert lines[-1].startswith("FAIL: ")
     full = json.loads(moeport("verify", str(src), str(out), "--json").stdout)
     assert len(full["extra"]) == 12
@@ -53,7 +53,9 @@ def test_many_flagged_tensors_are_capped_and_quiet_is_the_verdict(tmp_path) -> N
     result = moeport("verify", str(src), str(out), "--lossless")  # wrong on purpose: all quantized flagged
     assert result.returncode == 1
     flagged = [line for line in result.stdout.splitlines() if line.startswith("flagged ")]
-    assert len(flagged) == 21 and flagged[-1] == "flagged ... and 52 more (--json lists them all)"
+    assert (
+        len(flagged) == 21 and flagged[-1] == "flagged ... and 52 more (--json or --verbose lists them all)"
+    )
     quiet = moeport("verify", str(src), str(out), "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout == "OK: 129 tensors compared (57 bit-exact), lossy\n"
@@ -90,3 +92,13 @@ def test_a_log_gets_one_line_per_layer(tmp_path) -> None:
     assert lines == ["verifying: tensors outside the layers (N s)"] + [
         f"verifying: layer {n} (N s)" for n in range(4)
     ]
+
+
+def test_verbose_prints_every_tensor_and_uncapped_lists(tmp_path) -> None:
+    src, out = converted(tmp_path, "--to", "w4a16", "--group-size", "32")
+    result = moeport("verify", str(src), str(out), "--lossless", "--verbose")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "model.norm.weight: bit-exact, cosine 1.000000" in lines
+    assert sum(": bit-exact, cosine" in line or ": rel L2 " in line for line in lines) == 129
+    assert len([line for line in lines if line.startswith("flagged ")]) == 72
