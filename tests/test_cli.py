@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -120,3 +121,10 @@ def test_inspect_recognises_moeports_kt_outputs(tmp_path, to, form, method) -> N
     assert table.returncode == 0, table.stderr
     for line in (f"kt-kernel CPU experts, {form} form", f"{method}, T=1 (--numa)", "3: 1-3", "8 per layer"):
         assert line in table.stdout, table.stdout
+
+
+def test_inspect_verbose_lists_the_bytes_of_every_layer(checkpoint) -> None:
+    result = run_cli("inspect", str(checkpoint("deepseek_v3", "hub")), "--verbose")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if re.match(r"│\s+\d+ │", line)]
+    assert [row.split("│")[1].strip() for row in rows] == ["0", "1", "2"]

@@ -42,6 +42,13 @@ def test_repo_not_in_the_cache_says_how_to_get_it(tmp_path) -> None:
     result = moeport(tmp_path / "hub", tmp_path, "inspect", "acme/absent")
     assert result.returncode == 2
     assert result.stderr == (
-        "error: acme/absent: no such folder, and no such repo in the Hugging Face cache; download it "
-        "first: hf download acme/absent\n"
+        "error: acme/absent: no such file or folder, nor a repo in the local Hugging Face cache (to "
+        "fetch the Hub repo: hf download acme/absent)\n"
     )
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path) -> None:
+    (tmp_path / "demo-out").mkdir()
+    result = moeport(tmp_path / "hub", tmp_path, "inspect", "demo-out/deepseek-v3-tinyy")
+    assert result.returncode == 2
+    assert result.stderr == "error: demo-out/deepseek-v3-tinyy: no such file or folder\n"

@@ -58,3 +58,42 @@ def test_json_summary(tiny, tmp_path) -> None:
     )
     assert plan["dry_run"] and plan["tensors"] == 201 and plan["bytes_in"] == 7095648
     assert not (tmp_path / "x").exists()
+
+
+def _frame(buf) -> str:
+    return buf.getvalue().rsplit("\r", 1)[-1]
+
+
+def test_terminal_bar_shows_no_rate_until_it_means_something(monkeypatch) -> None:
+    import io
+    import time
+
+    from rich.console import Console
+
+    from moeport.cli import progress as P
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=150, color_system=None)
+    with P.ConversionProgress(console, 10**9) as bar:
+        bar("resuming", 6 * 10**8)  # an earlier run's bytes come off the total, not counted as done
+        bar("layer 3", 10**8)
+        bar.bar.refresh()
+        first = _frame(buf)
+        monkeypatch.setattr(P, "STEADY_AFTER_S", 0.05)
+        time.sleep(0.1)
+        bar("layer 4", 10**8)
+        bar.bar.refresh()
+        later = _frame(buf)
+    assert "25% 100.0/400.0 MB ? -:--:--" in first, first
+    assert re.search(r"50% 200\.0/400\.0 MB [\d.]+ [KMG]?B/s \d+:\d\d:\d\d", later), later
+
+
+def test_verbose_prints_the_plan_then_converts(tiny, tmp_path) -> None:
+    out = tmp_path / "out"
+    result = moeport("convert", str(tiny), str(out), "--to", "fp8", "--device=cpu", "--verbose")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"plan: {tiny}")
+    plan_end = next(i for i, line in enumerate(lines) if line.startswith("201 tensors, "))
+    wrote = next(i for i, line in enumerate(lines) if line.startswith("wrote 201 tensors ("))
+    assert plan_end < wrote and (out / "model.safetensors").exists()

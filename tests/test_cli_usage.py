@@ -62,7 +62,11 @@ def test_subcommand_h_prints_its_help() -> None:
             "integer",
         ),
         (("--bogus",), "moeport", "No such option: --bogus"),
-        (("convert", "a", "b", "--bogus"), "moeport convert", "No such option: --bogus"),
+        (
+            ("convert", "a", "b", "--bogus"),
+            "moeport convert",
+            "No such option: --bogus (Possible options: --verbose)",
+        ),
     ],
 )
 def test_usage_errors_print_the_short_usage_and_exit_2(args, usage, message) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_many_extra_tensors_are_one_line(tmp_path) -> None:
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     examples = "model.extra.00.weight, model.extra.01.weight, model.extra.02.weight"
-    assert f"extra 12 tensors, e.g. {examples} (--json lists them all)" in lines
+    assert f"extra 12 tensors, e.g. {examples} (--json or --verbose lists them all)" in lines
     assert lines[-1].startswith("FAIL: ")
     full = json.loads(moeport("verify", str(src), str(out), "--json").stdout)
     assert len(full["extra"]) == 12
@@ -52,7 +53,9 @@ def test_many_flagged_tensors_are_capped_and_quiet_is_the_verdict(tmp_path) -> N
     result = moeport("verify", str(src), str(out), "--lossless")  # wrong on purpose: all quantized flagged
     assert result.returncode == 1
     flagged = [line for line in result.stdout.splitlines() if line.startswith("flagged ")]
-    assert len(flagged) == 21 and flagged[-1] == "flagged ... and 52 more (--json lists them all)"
+    assert (
+        len(flagged) == 21 and flagged[-1] == "flagged ... and 52 more (--json or --verbose lists them all)"
+    )
     quiet = moeport("verify", str(src), str(out), "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout == "OK: 129 tensors compared (57 bit-exact), lossy\n"
@@ -68,3 +71,34 @@ def test_different_models_are_one_line(tmp_path) -> None:
         "error: the two checkpoints are different models (config.json: hidden_size 256 vs 512); verify "
         "compares a conversion with its own source\n"
     )
+
+
+def test_modules_left_unquantized_by_ignore_do_not_condemn_the_rest(tmp_path) -> None:
+    """Most layers' attention kept bf16 by --ignore, one layer's quantized: the recipe in the output
+    explains it, so the quantized ones are not 'not bit-exact while their peers are'."""
+    ignore = r"re:model\.layers\.[023]\.self_attn\."
+    args = ("--to", "w8a16", "--group-size", "32", "--targets", "all-linear", "--ignore", ignore)
+    src, out = converted(tmp_path, *args)
+    result = moeport("verify", str(src), str(out), "--quiet")
+    assert result.returncode == 0, result.stdout
+    assert result.stdout == "OK: 129 tensors compared (40 bit-exact), lossy\n"
+
+
+def test_a_log_gets_one_line_per_layer(tmp_path) -> None:
+    src, out = converted(tmp_path, "--to", "fp8")
+    result = moeport("verify", str(src), str(out))
+    assert result.returncode == 0, result.stderr
+    lines = [re.sub(r"\(\d+ s\)", "(N s)", line) for line in result.stderr.splitlines()]
+    assert lines == ["verifying: tensors outside the layers (N s)"] + [
+        f"verifying: layer {n} (N s)" for n in range(4)
+    ]
+
+
+def test_verbose_prints_every_tensor_and_uncapped_lists(tmp_path) -> None:
+    src, out = converted(tmp_path, "--to", "w4a16", "--group-size", "32")
+    result = moeport("verify", str(src), str(out), "--lossless", "--verbose")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "model.norm.weight: bit-exact, cosine 1.000000" in lines
+    assert sum(": bit-exact, cosine" in line or ": rel L2 " in line for line in lines) == 129
+    assert len([line for line in lines if line.startswith("flagged ")]) == 72

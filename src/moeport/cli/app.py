@@ -37,6 +37,7 @@ def inspect(
         Path, typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id in the local cache.")
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also print the bytes of every layer.")] = False,
 ) -> None:
     """Detect family, layers, experts and expert storage format of a checkpoint (headers only)."""
     from moeport.detect import detect
@@ -58,6 +59,17 @@ def inspect(
         _print_kt(report)
     else:
         _print_inspect(report)
+        if verbose:
+            _print_layer_bytes(report["bytes"]["per_layer"])
+
+
+def _print_layer_bytes(per_layer: dict[str, dict[str, int]]) -> None:
+    t = Table(title="bytes per layer", title_justify="left")
+    for col in ("layer", "total", "experts"):
+        t.add_column(col, justify="right")
+    for layer, b in per_layer.items():
+        t.add_row(layer, format_size(b["total"]), format_size(b["experts"]))
+    out.print(t)
 
 
 def _print_kt(r: dict) -> None:
@@ -148,6 +160,9 @@ def convert(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty DST.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Print the plan (as --dry-run does), then convert.")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary (or, with --dry-run, the plan's totals).")
     ] = False,
@@ -233,7 +248,7 @@ def convert(
     resolved = resolve_source(src)
     if resolved != src:  # a Hub repo id: the output names its source by it, not by a snapshot hash
         options = Options(**{**options.__dict__, "source_label": str(src)})
-    flags = RunFlags(dry_run, overwrite, quiet, limit, as_json)
+    flags = RunFlags(dry_run, overwrite, quiet, limit, as_json, verbose)
     run_convert(resolved, dst, to, options, flags, out, given)
 
 
@@ -255,11 +270,15 @@ def verify(
     ] = None,
     max_rel_error: Annotated[float, typer.Option(help="Flag tensors above this relative L2 error.")] = 0.25,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print the verdict line only; no progress.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Print every tensor's errors; lists uncapped.")
+    ] = False,
 ) -> None:
     """Check a conversion against its source, tensor by tensor; exit code 1 when it fails."""
     from moeport.cli.verify import run_verify
 
-    run_verify(resolve_source(src), output, as_json, plot_file, lossless, max_rel_error, out, quiet)
+    source = resolve_source(src)
+    run_verify(source, output, as_json, plot_file, lossless, max_rel_error, out, quiet, verbose)
 
 
 @app.command()

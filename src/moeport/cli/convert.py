@@ -34,6 +34,7 @@ class RunFlags:
     quiet: bool = False
     max_memory: int | None = None
     as_json: bool = False  # a JSON summary on stdout (progress, if any, on stderr)
+    verbose: bool = False  # the plan, as --dry-run prints it, before the work
 
 
 def run_convert(
@@ -69,8 +70,9 @@ def run_convert(
         if flags.dry_run and flags.as_json:
             print(json.dumps(_plan_summary(plan, ck, dst), indent=2))
             return
-        if flags.dry_run:
+        if flags.dry_run or (flags.verbose and not flags.as_json):
             _print_plan(console, plan, ck)
+        if flags.dry_run:
             return
         total = sum(ck.info(n).nbytes for u in plan.units for n in u.op.inputs)
         shown = Console(stderr=True) if flags.as_json else console

@@ -16,13 +16,26 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from moeport.sizes import format_size
+
+STEADY_AFTER_S = 2.0  # a rate from the first second is one layer's page-cache luck, not a rate
+
+
+class SteadySpeedColumn(TransferSpeedColumn):
+    """The transfer rate, shown once there is enough of the run behind it to mean something."""
+
+    def render(self, task: Task) -> Text:
+        if not task.completed or (task.elapsed or 0.0) < STEADY_AFTER_S:
+            return Text("?", style="progress.data.speed")
+        return super().render(task)
 
 
 class ConversionProgress:
@@ -37,7 +50,7 @@ class ConversionProgress:
                 BarColumn(),
                 TaskProgressColumn(),
                 DownloadColumn(),
-                TransferSpeedColumn(),
+                SteadySpeedColumn(),
                 TimeRemainingColumn(),
                 console=console,
                 transient=True,

@@ -1,7 +1,7 @@
 """`moeport verify`: print the verdict, the flagged tensors and a per-layer summary (or JSON).
 
-Long lists are capped on the terminal (`--json` keeps them whole); a spinner on stderr names the
-layer being compared, so a long run is not silent.
+Long lists are capped on the terminal (`--json` keeps them whole). A long run is not silent: on
+stderr, a spinner names the layer being compared (a plain line per layer when not a terminal).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def run_verify(
     max_rel_error: float,
     console: Console,
     quiet: bool = False,
+    verbose: bool = False,
 ) -> None:
     from moeport.verify.run import verify
 
@@ -32,12 +33,17 @@ def run_verify(
         from moeport.verify.plot import require_matplotlib
 
         require_matplotlib()
-    status = Console(stderr=True, quiet=quiet).status("verifying: reading headers")
+    log = Console(stderr=True, quiet=quiet)
+    status = log.status("verifying: reading headers")
     start = time.monotonic()
 
     def on_layer(layer: int | None) -> None:
         where = "tensors outside the layers" if layer is None else f"layer {layer}"
-        status.update(f"verifying: {where} ({time.monotonic() - start:.0f} s)")
+        line = f"verifying: {where} ({time.monotonic() - start:.0f} s)"
+        if log.is_terminal:
+            status.update(line)
+        else:  # a log (nohup, CI): one plain line per layer, as it starts
+            log.print(line, highlight=False, markup=False)
 
     with status:
         report = verify(src, output, lossless, max_rel_error, on_layer=on_layer)
@@ -50,12 +56,17 @@ def run_verify(
     elif quiet:
         _verdict(console, report)
     else:
-        _print(console, report)
+        _print(console, report, verbose)
     if not report.ok:
         raise typer.Exit(1)
 
 
-def _print(console: Console, report) -> None:
+def _print(console: Console, report, verbose: bool = False) -> None:
+    if verbose:  # every tensor, then the summary
+        for r in report.tensors:
+            exact = "bit-exact" if r.exact else f"rel L2 {r.rel_l2:.3g}, max abs {r.max_abs:.3g}"
+            line = f"{r.name}: {exact}, cosine {r.cosine:.6f}"
+            console.print(escape(line), highlight=False, soft_wrap=True)
     t = Table(title="per layer", title_justify="left")
     for col in ("layer", "tensors", "max rel L2", "min cosine", "flagged"):
         t.add_column(col, justify="right")
@@ -65,29 +76,32 @@ def _print(console: Console, report) -> None:
         )
     console.print(t)
     flagged = report.flagged
-    for r in flagged[:CAP]:
+    cap = len(flagged) if verbose else CAP
+    for r in flagged[:cap]:
         console.print(
             f"[red]flagged[/] {escape(r.name)}: {escape(r.problem)}", highlight=False, soft_wrap=True
         )
-    if len(flagged) > CAP:
-        console.print(f"[red]flagged[/] ... and {len(flagged) - CAP} more (--json lists them all)")
-    _names(console, "[red]missing[/]", report.missing)
-    _names(console, "[yellow]extra[/]", report.extra)
+    if len(flagged) > cap:
+        console.print(
+            f"[red]flagged[/] ... and {len(flagged) - cap} more (--json or --verbose lists them all)"
+        )
+    _names(console, "[red]missing[/]", report.missing, verbose)
+    _names(console, "[yellow]extra[/]", report.extra, verbose)
     _verdict(console, report)
 
 
 CAP = 20  # flagged tensors listed one per line on the terminal
 
 
-def _names(console: Console, label: str, names: list[str]) -> None:
+def _names(console: Console, label: str, names: list[str], verbose: bool = False) -> None:
     """A few names one per line; many as one line (a different model lists thousands)."""
-    if len(names) <= 5:
+    if len(names) <= 5 or verbose:
         for name in names:
             console.print(f"{label} {escape(name)}", highlight=False, soft_wrap=True)
         return
     examples = ", ".join(names[:3])
     console.print(
-        f"{label} {len(names)} tensors, e.g. {escape(examples)} (--json lists them all)",
+        f"{label} {len(names)} tensors, e.g. {escape(examples)} (--json or --verbose lists them all)",
         highlight=False,
         soft_wrap=True,
     )

@@ -40,6 +40,9 @@ class Report:
     tensors: list[TensorResult] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # in the source, not in the output
     extra: list[str] = field(default_factory=list)  # in the output, not in the source
+    # a tensor whose peers are mostly bit-exact must be too; off when the output's recipe says
+    # what was kept (an --ignore can leave most peers exact and the rest quantized)
+    peers_decide: bool = True
 
     @property
     def flagged(self) -> list[TensorResult]:
@@ -122,10 +125,11 @@ def compare(
     max_rel_error: float = 0.25,
     outlier_factor: float = 4.0,
     exact_names: Collection[str] = (),
+    peers_decide: bool = True,
 ) -> Report:
     """Walk both checkpoints layer by layer (memory: one layer of each side). `exact_names`: tensors
     expected bit-exact whatever the conversion (stored alike on both sides)."""
-    report = Report(lossless)
+    report = Report(lossless, peers_decide=peers_decide)
     pending_out: dict[int | None, CanonicalLayer] = {}
     out_iter: Iterator[CanonicalLayer] = iter(output)
     for src_layer in source:

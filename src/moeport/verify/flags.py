@@ -4,7 +4,8 @@ A tensor is flagged when:
 - shapes differ (set by compare.measure);
 - it should be bit-exact and is not: the whole conversion is lossless (recipe or --lossless), or
   both sides store it alike (same name, float dtype and shape, no quantization companions), or
-  most of its peers (the same tensor in the other layers and experts) are bit-exact;
+  most of its peers (the same tensor in the other layers and experts) are bit-exact and the
+  output does not say how it was made;
 - its relative L2 error exceeds `max_rel_error`;
 - it is an outlier among the quantized tensors (> `outlier_factor` x their median error): a flipped
   scale or a swapped expert hides below any absolute bound for INT4 but stands out against peers;
@@ -40,27 +41,25 @@ def flag(report: Report, max_rel_error: float, outlier_factor: float) -> None:
             peers[role(t.name)].append(t)
     for t in report.tensors:
         if not t.problem and not t.exact:
-            t.problem = _problem(
-                t, report.lossless, peers[role(t.name)], median, max_rel_error, outlier_factor
-            )
+            t.problem = _problem(t, report, peers[role(t.name)], median, max_rel_error, outlier_factor)
 
 
 def _problem(
     t: TensorResult,
-    lossless: bool,
+    report: Report,
     peers: list[TensorResult],
     median: float | None,
     max_rel_error: float,
     outlier_factor: float,
 ) -> str:
     inexact = f"not bit-exact (max abs error {t.max_abs:.3g})"
-    if lossless:
+    if report.lossless:
         return f"{inexact} in a lossless conversion"
     if t.expect_exact:
         return f"{inexact} although both sides store it alike"
     others = [p for p in peers if p is not t]
     exact_peers = sum(p.exact for p in others)
-    if len(others) >= 2 and exact_peers * 2 > len(others):
+    if report.peers_decide and len(others) >= 2 and exact_peers * 2 > len(others):
         return f"{inexact} while {exact_peers} of its {len(others)} peers ({role(t.name)}) are"
     if t.rel_l2 > max_rel_error:
         return f"relative error {t.rel_l2:.3g} > {max_rel_error}"

@@ -127,8 +127,11 @@ def verify(
             return compare(source, output, expect_exact, max_rel_error, outlier_factor)
         with open_checkpoint(out) as o:
             check_same_model(s, o)
-            expect_exact = is_lossless(recipe_of(o)) if lossless is None else lossless
+            recipe = recipe_of(o)
+            expect_exact = is_lossless(recipe) if lossless is None else lossless
             alike = stored_alike(s, o) if lossless is None else set()
             output = kt_canonical.merged_layers(o, kt) if kt is not None else hf_layers(o)
             source = _announce(hf_layers(s), on_layer)
-            return compare(source, output, expect_exact, max_rel_error, outlier_factor, alike)
+            return compare(
+                source, output, expect_exact, max_rel_error, outlier_factor, alike, peers_decide=not recipe
+            )
