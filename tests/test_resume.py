@@ -100,7 +100,9 @@ def test_sigkill_and_resume_is_byte_identical(synthetic, tmp_path, job):
             killed.append((target, inside, pieces_done(dst)))
             assert not dst.exists()  # nothing at DST until the output is whole
     assert killed, "every run finished before its kill point"
-    assert all(n is not None and n < total for _, _, n in killed), killed
+    # a kill may land after the last piece is recorded but before DST is published: still a kill
+    assert all(n is not None and n <= total for _, _, n in killed), killed
+    assert any(n < total for _, _, n in killed), killed
     result = cli(str(synthetic), str(dst), *args)
     assert result.returncode == 0, result.stderr
     assert tree(dst) == want
