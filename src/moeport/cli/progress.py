@@ -42,6 +42,7 @@ class ConversionProgress:
     def __init__(self, console: Console, total: int, quiet: bool = False):
         self.console, self.total, self.quiet = console, total, quiet
         self.done = 0
+        self.current: str | None = None  # the layer being reported on, in a log
         self.start = time.monotonic()
         self.bar: Progress | None = None
         if not quiet and console.is_terminal:
@@ -65,6 +66,8 @@ class ConversionProgress:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None):
         if self.bar is not None:
             self.bar.stop()
+        elif kind is None:
+            self._print_line()
 
     def __call__(self, label: str, nbytes: int) -> None:
         """execute's on_progress: `label` finished, `nbytes` of source behind it."""
@@ -73,11 +76,19 @@ class ConversionProgress:
             if self.bar is not None:
                 self.bar.update(self.task, total=self.total, description=label)
             return
-        self.done += nbytes
         if self.bar is not None:
+            self.done += nbytes
             self.bar.update(self.task, advance=nbytes, description=label)
-        elif not self.quiet:
-            self.console.print(self.line(label), highlight=False, markup=False, soft_wrap=True)
+            return
+        # in a log: one line per finished layer (execute reports every unit of it)
+        if self.current is not None and label != self.current:
+            self._print_line()
+        self.current = label
+        self.done += nbytes
+
+    def _print_line(self) -> None:
+        if not self.quiet and self.current is not None:
+            self.console.print(self.line(self.current), highlight=False, markup=False, soft_wrap=True)
 
     def line(self, label: str) -> str:
         seconds = time.monotonic() - self.start

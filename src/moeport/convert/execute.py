@@ -126,7 +126,9 @@ def _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwr
                 units = list(units)
                 # all units of a layer are applied before any is realised, so a batcher sees the
                 # layer's same-shape weights together (convert.batching)
-                for outs in [apply_unit(unit, ck, prefetch.get) for unit in units]:
+                label = f"layer {layer}" if layer is not None else "other tensors"
+                applied = [apply_unit(unit, ck, prefetch.get) for unit in units]
+                for unit, outs in zip(units, applied, strict=True):
                     for name in list(outs):
                         value = outs.pop(name)
                         if writer.skips(name):
@@ -135,10 +137,11 @@ def _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwr
                         writer.write(name, tensor)
                         written += tensor.numel() * tensor.element_size()
                         del tensor, value
+                    report(label, _in_bytes([unit], ck))  # progress moves within a layer too
+                del applied
                 if batcher is not None:
                     batcher.clear()
                 ck.check_unchanged()
-                report(f"layer {layer}" if layer is not None else "other tensors", _in_bytes(units, ck))
         copy_side_files(ck.root, staging)
         if plan.config is not None:
             write_json_atomic(staging / "config.json", plan.config)
