@@ -28,3 +28,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny DeepSeek-V3-shaped checkpoint (seeded random weights), written once;
+    tests copy it before changing anything."""
+    from moeport.synthetic import SyntheticSpec, write_synthetic
+
+    out = tmp_path_factory.mktemp("tiny") / "ds"
+    write_synthetic(out, SyntheticSpec.tiny())
+    return out

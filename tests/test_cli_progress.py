@@ -7,11 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
-
-from moeport.synthetic import SyntheticSpec, write_synthetic
 
 LINE = re.compile(
     r"(layer \d+|other tensors): (\d+)% \([\d.]+ [KMG]?B of 7\.1 MB\), [\d.]+ [KMG]?B/s(, \d+ s left)?"
@@ -21,13 +16,6 @@ LINE = re.compile(
 def moeport(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "moeport", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("tiny") / "src"
-    write_synthetic(src, SyntheticSpec.tiny())
-    return src
 
 
 def test_a_log_gets_one_line_per_layer(tiny, tmp_path) -> None:

@@ -7,13 +7,11 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from moeport.recipes import TARGETS
 from moeport.sizes import format_size, parse_size
-from moeport.synthetic import SyntheticSpec, write_synthetic
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -27,14 +25,6 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """Seeded random DeepSeek-V3-shaped weights: hidden 256, expert intermediate 128."""
-    src = tmp_path_factory.mktemp("tiny") / "src"
-    write_synthetic(src, SyntheticSpec.tiny())
-    return src
 
 
 def test_numa_advice_names_the_option(tiny, tmp_path) -> None:

@@ -38,15 +38,6 @@ def refused(result: subprocess.CompletedProcess, dst: Path | None, *words: str) 
     return line
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from moeport.synthetic import SyntheticSpec, write_synthetic
-
-    out = tmp_path_factory.mktemp("tiny") / "ds"
-    write_synthetic(out, SyntheticSpec.tiny())
-    return out
-
-
 def edited(src: Path, dst: Path, edit=None, config_edit=None) -> Path:
     """A copy of `src` with its tensors changed by edit(dict) and/or its config by config_edit(dict)."""
     dst.mkdir(parents=True)

@@ -23,15 +23,6 @@ CASES = 240
 SEED = 20261202
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from moeport.synthetic import SyntheticSpec, write_synthetic
-
-    out = tmp_path_factory.mktemp("fuzz-src") / "ds"
-    write_synthetic(out, SyntheticSpec.tiny())
-    return out
-
-
 def _split(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])

@@ -113,7 +113,7 @@ def _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwr
     report = on_progress or (lambda _label, _n: None)
     report("resuming" if kept else "starting", _in_bytes(plan.units, ck) - _in_bytes(todo, ck))
     budget = BATCHED_PREFETCH_BYTES if batcher is not None else DEFAULT_BUDGET
-    reads = (n for u in todo for n in u.op.inputs if n not in set(u.op.sliced_inputs))
+    reads = (n for u in todo for n in u.op.inputs if n not in u.op.sliced_inputs)
     prefetch = Prefetcher(ck, reads, budget)
     written = 0
     try:
