@@ -195,6 +195,15 @@ def convert(
             "(bench/RESULTS.md)."
         ),
     ] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads computing experts in parallel (default: every core this process may "
+            "use). Same bytes with any count; memory grows by about 2 output tensors per thread.",
+        ),
+    ] = None,
     ignore: Annotated[
         list[str] | None,
         typer.Option(
@@ -248,7 +257,7 @@ def convert(
     resolved = resolve_source(src)
     if resolved != src:  # a Hub repo id: the output names its source by it, not by a snapshot hash
         options = Options(**{**options.__dict__, "source_label": str(src)})
-    flags = RunFlags(dry_run, overwrite, quiet, limit, as_json, verbose)
+    flags = RunFlags(dry_run, overwrite, quiet, limit, as_json, verbose, threads)
     run_convert(resolved, dst, to, options, flags, out, given)
 
 

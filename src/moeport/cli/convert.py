@@ -35,6 +35,7 @@ class RunFlags:
     max_memory: int | None = None
     as_json: bool = False  # a JSON summary on stdout (progress, if any, on stderr)
     verbose: bool = False  # the plan, as --dry-run prints it, before the work
+    threads: int | None = None  # CPU compute threads (None: every core this process may use)
 
 
 def run_convert(
@@ -84,6 +85,7 @@ def run_convert(
                 result = execute(
                     plan, ck, dst, sink, None, on_progress, batcher,
                     recipe=recipe, overwrite=flags.overwrite, max_memory=flags.max_memory,
+                    threads=flags.threads,
                 )  # fmt: skip
             except KeyboardInterrupt:  # typer would exit 130 without a word; say how to resume
                 Console(stderr=True).print(INTERRUPTED, highlight=False, markup=False)

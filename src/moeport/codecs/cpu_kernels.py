@@ -6,6 +6,9 @@ implementations in fp8.py / int_rtn.py operation for operation in float32 (IEEE 
 round-half-even), and the tests require byte-identical output. Reductions (group min/max) stay
 in torch, whose vectorised reductions are ~5x faster than a numba loop with IEEE min/max. Used
 only when numba imports and the tensors are on the CPU; otherwise the torch path runs.
+
+Each kernel is single-threaded and releases the GIL: the CPU path runs one per expert on every
+core at once (moeport.parallel), which scales further than splitting one matrix's rows.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from moeport.errors import MoeportError
 
 try:
-    from numba import njit, prange
+    from numba import njit
 except ImportError:  # pragma: no cover - numba is a regular dependency; keep the torch path usable
     njit = None
 
@@ -26,10 +29,10 @@ _E4M3_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.floa
 
 if AVAILABLE:
 
-    @njit(cache=True, nogil=True, parallel=True)
+    @njit(cache=True, nogil=True)
     def _fp8_block_dequant(w, scale, lut, bn, bk, out):  # pragma: no cover - compiled
         n, k = w.shape
-        for i in prange(n):
+        for i in range(n):
             srow = scale[i // bn]
             for jb in range(scale.shape[1]):
                 s = srow[jb]
@@ -62,14 +65,14 @@ if AVAILABLE:
         as_u32[0] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
         return bits32[0]
 
-    @njit(cache=True, nogil=True, parallel=True)
+    @njit(cache=True, nogil=True)
     def _quantize_pack(x, scale, zero, bits, group, packed):  # pragma: no cover - compiled
         """codes = clamp(rint(x / scale + zero)) + offset, packed LSB-first; scales/zeros given per group."""
         n, k = x.shape
         qmin = np.float32(-(2 ** (bits - 1)))
         qmax = np.float32(2 ** (bits - 1) - 1)
         offset = 2 ** (bits - 1)
-        for i in prange(n):
+        for i in range(n):
             quot = np.empty(group, dtype=np.float32)
             for g in range(k // group):
                 s = scale[i, g]
@@ -79,7 +82,7 @@ if AVAILABLE:
                     quot[j] = x[i, base + j] / s + z
                 _round_pack_group(quot, qmin, qmax, offset, bits, packed[i], base)
 
-    @njit(cache=True, nogil=True, parallel=True, boundscheck=False)
+    @njit(cache=True, nogil=True, boundscheck=False)
     def _fp8_block_to_int(  # pragma: no cover - compiled
         w, bscale, lut, bn, bk, bits, group, symmetric, bf16_scale, eps, packed, scale, zero, nan
     ):
@@ -102,7 +105,7 @@ if AVAILABLE:
         half_range = np.float32((qmax - qmin) / 2)
         full_range = np.float32(qmax - qmin)
         two_m7 = np.float32(2.0**-7)
-        for i in prange(n):
+        for i in range(n):
             as_bits = np.empty(group, dtype=np.uint32)
             as_float = as_bits.view(np.float32)
             codes = np.empty(group, dtype=np.uint8)

@@ -22,6 +22,7 @@ from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import OneToOne, Op
 from moeport.mappings.values import DeviceLazy, Lazy, Value, is_meta, realize, realize_on, shape_of
+from moeport.parallel import fan_out
 
 # Activation-quantization parameters: meaningless once weights are dequantized.
 ACTIVATION_PARTS = frozenset({"input_scale", "input_global_scale", "activation_scale"})
@@ -82,9 +83,12 @@ class Decode(Op):
                     where = f"{self.where}[{chunk.start}:{chunk.stop}]"
                     _decode_into(codec, one, out[chunk], self.transpose, where)
                 return
-            for e in range(experts):
-                one = {p: t[e] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}
-                _decode_into(codec, one, out[e], self.transpose, f"{self.where}[{e}]")
+
+            def one(e: int) -> None:
+                item = {p: t[e] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}
+                _decode_into(codec, item, out[e], self.transpose, f"{self.where}[{e}]")
+
+            fan_out([functools.partial(one, e) for e in range(experts)])  # experts in parallel
 
         return {self.target: Lazy(shape, self.dtype, meta, fill=fill)}
 

@@ -19,6 +19,7 @@ from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import OneToOne, Op
 from moeport.mappings.values import Lazy, Value, is_meta, realize, realize_on, shape_of
+from moeport.parallel import once
 
 PartSpecs = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
 
@@ -56,7 +57,7 @@ class Encode(OneToOne):
             )
             encoded = batcher.submit(key, (v, self.where), math.prod(shape_of(v)), run)
         else:
-            encoded = functools.cache(lambda: self._encode(realize(v)))  # one encode serves every part
+            encoded = once(lambda: self._encode(realize(v)))  # one encode serves every part
         return {
             self.base + part: Lazy(shape, dtype, is_meta(v), produce=lambda p=part: encoded()[p])
             for part, dtype, shape in self.part_specs

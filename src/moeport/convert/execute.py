@@ -12,6 +12,7 @@ to an uninterrupted run. An error in the input (a NaN weight, a changed source) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -36,9 +37,10 @@ from moeport.convert.destination import (
     recorded_pieces,
     staging_of,
 )
-from moeport.convert.plan import Plan, apply_unit
+from moeport.convert.plan import Plan, Unit, apply_unit
 from moeport.errors import MoeportError, OutputWriteError
 from moeport.mappings.values import realize
+from moeport.parallel import Workers, available_cores, working
 from moeport.sinks.pieces import Piece, PieceFile, PieceWriter
 from moeport.sinks.safetensors_file import TensorSpec
 from moeport.sinks.sharded import INDEX_NAME, HfSink, write_json_atomic
@@ -88,15 +90,23 @@ def execute(
     recipe: dict[str, Any] | None = None,
     overwrite: bool = False,
     max_memory: int | None = None,
+    threads: int | None = None,
 ) -> Result:
     """Write the plan's outputs to `dst` (see module doc). `sink` may be a shard size in bytes
-    (an HF sink with `metadata`); `recipe` (default: the metadata) identifies the job for resume."""
+    (an HF sink with `metadata`); `recipe` (default: the metadata) identifies the job for resume.
+    `threads` compute threads on the CPU (default: every core this process may use); the output
+    bytes do not depend on it."""
+    threads = threads or available_cores()
     check_writable(dst, overwrite)  # a DST we cannot create fails here, before the lock beside it
     with locked(dst):
-        return _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory)
+        return _execute(
+            plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory, threads
+        )
 
 
-def _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory) -> Result:
+def _execute(
+    plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory, threads
+) -> Result:
     start = time.perf_counter()
     if isinstance(sink, int):
         sink = HfSink(sink, dict(metadata or {}))
@@ -112,7 +122,8 @@ def _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwr
     todo = [u for u in plan.units if not all(piece_of[o] in kept for o in u.op.outputs)]
     report = on_progress or (lambda _label, _n: None)
     report("resuming" if kept else "starting", _in_bytes(plan.units, ck) - _in_bytes(todo, ck))
-    budget = BATCHED_PREFETCH_BYTES if batcher is not None else DEFAULT_BUDGET
+    workers = Workers(1 if batcher is not None else threads)  # a GPU batch is its own parallelism
+    budget = BATCHED_PREFETCH_BYTES if batcher is not None else prefetch_budget(workers.threads)
     reads = (n for u in todo for n in u.op.inputs if n not in u.op.sliced_inputs)
     prefetch = Prefetcher(ck, reads, budget)
     written = 0
@@ -120,28 +131,21 @@ def _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwr
         with (
             PieceWriter(staging, pieces, sink.open_piece, kept, journal.record) as writer,
             batching(batcher),
-            _torch_threads(plan.torch_threads),
+            working(workers),
+            # the CPU kernels run one per worker thread; torch's own threads would oversubscribe
+            _torch_threads(threads if batcher is not None else 1),
         ):
-            for layer, units in groupby(todo, key=lambda u: u.layer):
-                units = list(units)
-                # all units of a layer are applied before any is realised, so a batcher sees the
-                # layer's same-shape weights together (convert.batching)
-                label = f"layer {layer}" if layer is not None else "other tensors"
-                applied = [apply_unit(unit, ck, prefetch.get) for unit in units]
-                for unit, outs in zip(units, applied, strict=True):
-                    for name in list(outs):
-                        value = outs.pop(name)
-                        if writer.skips(name):
-                            continue
-                        tensor = realize(value)
-                        writer.write(name, tensor)
-                        written += tensor.numel() * tensor.element_size()
-                        del tensor, value
-                    report(label, _in_bytes([unit], ck))  # progress moves within a layer too
-                del applied
-                if batcher is not None:
-                    batcher.clear()
-                ck.check_unchanged()
+            for step, tensor in workers.ordered(_tasks(todo, ck, prefetch.get, writer.skips)):
+                if tensor is not None:
+                    writer.write(step.name, tensor)
+                    written += tensor.numel() * tensor.element_size()
+                    del tensor
+                elif step.unit is not None:
+                    report(step.label, _in_bytes([step.unit], ck))  # progress moves within a layer too
+                else:  # the layer is written
+                    if batcher is not None:
+                        batcher.clear()
+                    ck.check_unchanged()
         copy_side_files(ck.root, staging)
         if plan.config is not None:
             write_json_atomic(staging / "config.json", plan.config)
@@ -167,12 +171,47 @@ def _in_bytes(units, ck: Checkpoint) -> int:
     return sum(ck.info(n).nbytes for u in units for n in u.op.inputs)
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One step of the ordered stream: an output to write (`name`), the end of a unit, or (neither)
+    the end of a layer."""
+
+    label: str
+    name: str | None = None
+    unit: Unit | None = None
+
+
+def _tasks(todo: list[Unit], ck: Checkpoint, fetch, skips) -> Iterator[tuple[_Step, Callable[[], Any]]]:
+    """The plan as (step, compute) pairs in write order. All units of a layer are applied (lazily)
+    before any output is asked for, so a batcher sees the layer's same-shape weights together."""
+    for layer, group in groupby(todo, key=lambda u: u.layer):
+        units = list(group)
+        label = f"layer {layer}" if layer is not None else "other tensors"
+        applied = [apply_unit(unit, ck, fetch) for unit in units]
+        for unit, outs in zip(units, applied, strict=True):
+            for name in list(outs):
+                value = outs.pop(name)
+                if not skips(name):
+                    yield _Step(label, name), functools.partial(realize, value)
+                del value
+            yield _Step(label, unit=unit), _nothing
+        del applied
+        yield _Step(label), _nothing
+
+
+def _nothing() -> None:
+    return None
+
+
+def prefetch_budget(threads: int) -> int:
+    """Read-ahead bytes: the fixed budget per two compute threads (workers that find their input
+    not yet read read it themselves), at most the GPU batches' budget."""
+    return min(BATCHED_PREFETCH_BYTES, DEFAULT_BUDGET * max(1, threads // 2))
+
+
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run with torch on `n` threads (a target whose kernels bring their own parallelism)."""
-    if n is None:
-        yield
-        return
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with torch on `n` threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
