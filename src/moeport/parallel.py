@@ -6,8 +6,11 @@ writer, and each output is computed exactly as on one thread (same bytes, whatev
 The kernels themselves are single-threaded: the parallelism is across outputs (experts), which
 is coarse enough (one expert matrix is 10-60 ms of math) that the Python between them is noise.
 
-Memory bound: at most `window` outputs are in flight or finished and waiting for their turn to be
-written, so the extra memory is about `window` x (one output tensor + its float32 temporaries).
+A task is one unit of the plan (an expert's ops, say), so the outputs sharing a decode or an encode
+are computed by one thread. Memory bound: at most `threads + 2` units are in flight or finished and
+waiting for their turn to be written, and (convert.execute) their outputs hold at most
+max(one unit's outputs, threads x 128 MiB); each worker adds its temporaries (about one expert in
+float32).
 """
 
 from __future__ import annotations
@@ -46,33 +49,45 @@ class Workers:
 
     @property
     def window(self) -> int:
-        """Outputs in flight at once: twice the threads, so a worker finds work while the writer
-        waits on the oldest (tasks vary: a scale part is a memo hit, a weight is a kernel)."""
-        return 2 * self.threads
+        """Tasks in flight at once: one per thread, and two more finished ones waiting for their
+        turn, so a worker finds work while the oldest is written (tasks vary a little)."""
+        return self.threads + 2
 
-    def ordered(self, tasks: Iterable[tuple[K, Callable[[], T]]]) -> Iterator[tuple[K, T]]:
+    def ordered(
+        self,
+        tasks: Iterable[tuple[K, Callable[[], T]]],
+        cost: Callable[[K], int] | None = None,
+        budget: int = 0,
+    ) -> Iterator[tuple[K, T]]:
         """Yield (key, fn()) in the order of `tasks`, computing up to `window` ahead in parallel.
 
+        With `cost` (bytes a task's result holds), tasks are also held back while the results in
+        flight would exceed `budget` (one task is always let through, whatever its size).
         An error is raised at its task's turn; the tasks after it are cancelled or awaited."""
         if self._pool is None:
             for key, fn in tasks:
                 yield key, fn()
             return
-        pending: deque[tuple[K, Future]] = deque()
-        source = iter(tasks)
+        pending: deque[tuple[K, Future, int]] = deque()
+        held = 0
         try:
-            for key, fn in source:
-                pending.append((key, self._submit(fn)))
-                if len(pending) >= self.window:
-                    head_key, head = pending.popleft()
+            for key, fn in tasks:
+                size = cost(key) if cost is not None else 0
+                while pending and (
+                    len(pending) >= self.window or (cost is not None and held + size > budget)
+                ):
+                    head_key, head, head_size = pending.popleft()
+                    held -= head_size
                     yield head_key, head.result()
+                pending.append((key, self._submit(fn), size))
+                held += size
             while pending:
-                head_key, head = pending.popleft()
+                head_key, head, _ = pending.popleft()
                 yield head_key, head.result()
         finally:
-            for _, f in pending:
+            for _, f, _ in pending:
                 f.cancel()
-            for _, f in pending:
+            for _, f, _ in pending:
                 if not f.cancelled():
                     with contextlib.suppress(BaseException):
                         f.result()

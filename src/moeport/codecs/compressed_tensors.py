@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from moeport.codecs import cpu_kernels
+from moeport.codecs import cpu_kernels, rtn_kernels
 from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, need
 from moeport.codecs.format import ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
 from moeport.codecs.fp8 import Fp8ScaledCodec
@@ -65,8 +65,12 @@ class PackQuantizedCodec:
         """[N, K] -> parts; [B, N, K] (a batch of same-shape weights) -> the parts stacked."""
         n, k = weight.shape[-2:]
         offset = 2 ** (self.bits - 1)
-        scale, zero = rtn_params(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
         group = group_size_of(k, self.group_size)
+        if rtn_kernels.bf16_to_int_supported(weight, self.bits, group, self.scale_dtype):
+            fused = rtn_kernels.bf16_to_int(weight, self.bits, group, self.symmetric, self.scale_dtype)
+            if fused is not None:  # one pass, no float32 copy of the weight (same bytes)
+                return self.assemble(n, k, *fused)
+        scale, zero = rtn_params(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
         if cpu_kernels.quantize_pack_supported(weight, self.bits, group):
             packed = cpu_kernels.quantize_pack(weight, scale, zero, self.bits, group)
         else:

@@ -90,7 +90,15 @@ class Decode(Op):
 
             fan_out([functools.partial(one, e) for e in range(experts)])  # experts in parallel
 
-        return {self.target: Lazy(shape, self.dtype, meta, fill=fill)}
+        origin = None
+        if (
+            len(self.shape) == 2
+            and not self.transpose
+            and self.dtype == torch.float32
+            and self.device == "cpu"
+        ):
+            origin = (codec, named, self.where)
+        return {self.target: Lazy(shape, self.dtype, meta, fill=fill, decoded_from=origin)}
 
     def _batched(self, batcher: Batcher, named: dict[str, Value], codec: Codec, shape) -> DeviceLazy:
         """Submit this decode to the batcher (see convert.batching); the value stays on the device
@@ -159,6 +167,9 @@ def decode_stacked(codec: Codec, stacked: dict[str, torch.Tensor], names: list[s
 def _decode_into(
     codec: Codec, parts: dict[str, torch.Tensor], out: torch.Tensor, transpose: bool, where: str
 ) -> None:
+    into = getattr(codec, "decode_into", None)  # straight into `out`: no float32 temporary
+    if into is not None and not transpose and into(parts, out, where):
+        return
     w = codec.decode(parts, where)
     w = w.transpose(-1, -2) if transpose else w
     # cast where the math ran (fewer bytes over PCIe), then one copy into the output

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moeport.codecs.base import Codec
+from moeport.codecs.transcode import transcode
 from moeport.convert.batching import active_batcher
 from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
@@ -56,6 +57,8 @@ class Encode(OneToOne):
                 _encode_batch, self.codec, self.part_specs, batcher.device, self.allow_nonfinite
             )
             encoded = batcher.submit(key, (v, self.where), math.prod(shape_of(v)), run)
+        elif isinstance(v, Lazy) and v.decoded_from is not None and self.device == "cpu":
+            encoded = once(lambda: self._transcode(*v.decoded_from))  # type: ignore[misc]
         else:
             encoded = once(lambda: self._encode(realize(v)))  # one encode serves every part
         return {
@@ -68,6 +71,19 @@ class Encode(OneToOne):
         parts = encode_named(self.codec, w, self.where)
         if not self.allow_nonfinite:
             refuse_nonfinite(self.codec, w, parts, [self.where], stacked=False)
+        parts = {p: t.cpu() for p, t in parts.items()}
+        _check_parts(parts, self.part_specs, self.where, ())
+        return parts
+
+    def _transcode(self, src: Codec, named: dict[str, Value], where: str) -> dict[str, torch.Tensor]:
+        """Encode a decode's parts through a fused CPU kernel where one exists (same bytes as
+        decode-then-encode, without the float32 weight); else decode then encode."""
+        tensors = {p: realize(t) for p, t in named.items()}
+        parts = transcode(src, tensors, self.codec, where)
+        if not self.allow_nonfinite:
+            scales = [t for t in parts.values() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)]
+            if not all(bool(torch.isfinite(t).all()) for t in scales):  # find the row to name it
+                refuse_nonfinite(self.codec, src.decode(tensors, where), parts, [self.where], stacked=False)
         parts = {p: t.cpu() for p, t in parts.items()}
         _check_parts(parts, self.part_specs, self.where, ())
         return parts

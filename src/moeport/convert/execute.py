@@ -135,14 +135,18 @@ def _execute(
             # the CPU kernels run one per worker thread; torch's own threads would oversubscribe
             _torch_threads(threads if batcher is not None else 1),
         ):
-            for step, tensor in workers.ordered(_tasks(todo, ck, prefetch.get, writer.skips)):
-                if tensor is not None:
-                    writer.write(step.name, tensor)
+            out_bytes = {spec.name: spec.nbytes for spec in plan.specs}
+            eager = workers.threads > 1
+            steps = _tasks(todo, ck, prefetch.get, writer.skips, out_bytes, eager)
+            budget = workers.threads * IN_FLIGHT_BYTES_PER_THREAD
+            for step, outputs in workers.ordered(steps, lambda s: s.out_bytes, budget):
+                for name, tensor in outputs:
+                    writer.write(name, tensor)
                     written += tensor.numel() * tensor.element_size()
                     del tensor
-                elif step.unit is not None:
-                    report(step.label, _in_bytes([step.unit], ck))  # progress moves within a layer too
-                else:  # the layer is written
+                del outputs
+                report(step.label, _in_bytes([step.unit], ck))  # progress moves within a layer too
+                if step.last:  # the layer is written
                     if batcher is not None:
                         batcher.clear()
                     ck.check_unchanged()
@@ -173,34 +177,46 @@ def _in_bytes(units, ck: Checkpoint) -> int:
 
 @dataclass(frozen=True)
 class _Step:
-    """One step of the ordered stream: an output to write (`name`), the end of a unit, or (neither)
-    the end of a layer."""
+    """One unit of the plan in the ordered stream (`last`: the last of its layer)."""
 
+    unit: Unit
     label: str
-    name: str | None = None
-    unit: Unit | None = None
+    last: bool
+    out_bytes: int
 
 
-def _tasks(todo: list[Unit], ck: Checkpoint, fetch, skips) -> Iterator[tuple[_Step, Callable[[], Any]]]:
-    """The plan as (step, compute) pairs in write order. All units of a layer are applied (lazily)
-    before any output is asked for, so a batcher sees the layer's same-shape weights together."""
+def _tasks(
+    todo: list[Unit], ck: Checkpoint, fetch, skips, out_bytes: dict[str, int], eager: bool
+) -> Iterator[tuple[_Step, Callable[[], Any]]]:
+    """The plan as (unit, compute) pairs in write order; compute gives the unit's (name, tensor)
+    outputs, all computed in the calling thread when `eager` (a pool's worker: the outputs sharing
+    a decode or an encode stay on one thread), else one at a time as they are written.
+    All units of a layer are applied (lazily) before any output is asked for, so a batcher sees
+    the layer's same-shape weights together."""
     for layer, group in groupby(todo, key=lambda u: u.layer):
         units = list(group)
         label = f"layer {layer}" if layer is not None else "other tensors"
         applied = [apply_unit(unit, ck, fetch) for unit in units]
-        for unit, outs in zip(units, applied, strict=True):
-            for name in list(outs):
-                value = outs.pop(name)
-                if not skips(name):
-                    yield _Step(label, name), functools.partial(realize, value)
-                del value
-            yield _Step(label, unit=unit), _nothing
+        for i, (unit, outs) in enumerate(zip(units, applied, strict=True)):
+            wanted = {n: v for n, v in outs.items() if not skips(n)}
+            outs.clear()
+            step = _Step(unit, label, i == len(units) - 1, sum(out_bytes[n] for n in wanted))
+            yield step, functools.partial(_compute if eager else _stream, wanted)
         del applied
-        yield _Step(label), _nothing
 
 
-def _nothing() -> None:
-    return None
+def _stream(outs: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    while outs:
+        name = next(iter(outs))
+        yield name, realize(outs.pop(name))
+
+
+def _compute(outs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    return list(_stream(outs))
+
+
+# Outputs of units computed ahead on the CPU pool: threads x this, or one unit when that is bigger.
+IN_FLIGHT_BYTES_PER_THREAD = 128 * 2**20
 
 
 def prefetch_budget(threads: int) -> int:
