@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--jobs", default="all", help="comma-separated job numbers (1-6) or 'all'")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--commit", default=None, help="the commit measured (default: git's HEAD here)")
     ap.add_argument(
         "--out",
         type=Path,

@@ -44,6 +44,7 @@ from moeport.parallel import Workers, available_cores, working
 from moeport.sinks.pieces import Piece, PieceFile, PieceWriter
 from moeport.sinks.safetensors_file import TensorSpec
 from moeport.sinks.sharded import INDEX_NAME, HfSink, write_json_atomic
+from moeport.sinks.write_behind import WRITE_BEHIND_BYTES
 from moeport.sources.checkpoint import Checkpoint
 from moeport.sources.prefetch import DEFAULT_BUDGET, Prefetcher
 
@@ -124,12 +125,15 @@ def _execute(
     report("resuming" if kept else "starting", _in_bytes(plan.units, ck) - _in_bytes(todo, ck))
     workers = Workers(1 if batcher is not None else threads)  # a GPU batch is its own parallelism
     budget = BATCHED_PREFETCH_BYTES if batcher is not None else prefetch_budget(workers.threads)
+    write_queue = BATCHED_PREFETCH_BYTES if batcher is not None else WRITE_BEHIND_BYTES
     reads = (n for u in todo for n in u.op.inputs if n not in u.op.sliced_inputs)
     prefetch = Prefetcher(ck, reads, budget)
     written = 0
     try:
         with (
-            PieceWriter(staging, pieces, sink.open_piece, kept, journal.record) as writer,
+            # a GPU batch's outputs arrive at once: queue a batch's worth so the next one computes
+            # while the disk writes (a fixed budget, like the read-ahead's)
+            PieceWriter(staging, pieces, sink.open_piece, kept, journal.record, write_queue) as writer,
             batching(batcher),
             working(workers),
             # the CPU kernels run one per worker thread; torch's own threads would oversubscribe
