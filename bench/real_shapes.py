@@ -210,9 +210,7 @@ def main() -> None:
     report: dict = {
         "machine": f"{platform.node()}: {cores} cores, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": args.commit or git_commit(),
         "source_gb": {k: round(v / 1e9, 2) for k, v in size.items()},
         "build_s": round(time.perf_counter() - t0, 1),
     }

@@ -190,9 +190,9 @@ def convert(
     device: Annotated[
         str,
         typer.Option(
-            help="Where decode/quantize math runs: cpu, cuda[:N], or auto (CUDA when it is usable, "
-            "else the CPU). Same bytes either way; on an H200 CUDA converts 1.2-2.6x faster "
-            "(bench/RESULTS.md)."
+            help="Where decode/quantize math runs: cpu, cuda[:N], or auto (the CPU with 8 or more "
+            "threads, else CUDA when it is usable). Same bytes either way; CUDA helps machines with "
+            "few cores (bench/RESULTS.md)."
         ),
     ] = "auto",
     threads: Annotated[
