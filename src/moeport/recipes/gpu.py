@@ -20,7 +20,7 @@ import torch
 from moeport.codecs import Fp8BlockCodec, PackQuantizedCodec, float_quantized_codec
 from moeport.codecs.base import Codec
 from moeport.convert.dequantize import Cast
-from moeport.convert.encode import Encode, part_specs
+from moeport.convert.encode import Encode, EncodeShared, part_specs
 from moeport.convert.plan import Plan, Unit, finalize
 from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
@@ -65,6 +65,12 @@ class Recipe:
             return Fp8BlockCodec(block=(128, 128))
         raise MoeportError(f"--to {self.scheme}: unknown scheme; expected one of {', '.join(SCHEMES)}")
 
+    def carried(self, ck: Checkpoint, det: Detection) -> str | None:
+        return carries_experts(ck, det, self)
+
+    def quantization_config(self, kept_linear: list[str]) -> dict[str, Any]:
+        return quantization_config(self, kept_linear)
+
 
 def carries_experts(ck: Checkpoint, det: Detection, recipe: Recipe) -> str | None:
     """The part under which the source's experts are already stored exactly as this recipe would
@@ -97,9 +103,11 @@ def carries_experts(ck: Checkpoint, det: Detection, recipe: Recipe) -> str | Non
     return None
 
 
-def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu") -> Plan:
+def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -> Plan:
+    """The GPU-server plan of any recipe with `scheme`, `targets`, `ignore`, `allow_nonfinite`,
+    `codec()`, `carried(ck, det)` and `quantization_config(kept_linear)` (this module's, fp4's)."""
     codec = recipe.codec()
-    carried = carries_experts(ck, det, recipe)
+    carried = recipe.carried(ck, det)
     base, decoded = build_hf(
         ck, det, "hub", torch.float32, cast_floats=False, device=device, keep_experts=carried
     )
@@ -128,39 +136,92 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
             spared[p] += eligible
         return eligible and not hits
 
-    units: list[Unit] = []
-    for unit in base.units:
-        extra: list[Op] = []
+    def specs(name: str):
+        shape = spec_of[name].shape
+        if shape not in part_cache:
+            part_cache[shape] = part_specs(codec, shape, name)
+        return part_cache[shape]
+
+    ops: list[list[Op]] = [[unit.op] for unit in base.units]  # per unit: its op, then the extra ones
+    targets: dict[str, int] = {}  # targeted weight -> its unit
+    for i, unit in enumerate(base.units):
         for name in unit.op.outputs:
             if carried and expert_part_re.match(name):  # carried as stored, bit-exact
                 if name.endswith(f".{carried}"):
                     quantized.append(name)
             elif is_target(name):
-                shape = spec_of[name].shape
-                if shape not in part_cache:
-                    part_cache[shape] = part_specs(codec, shape, name)
-                base = name.removesuffix("weight")
-                extra.append(Encode(name, base, codec, part_cache[shape], device, recipe.allow_nonfinite))
+                targets[name] = i
                 quantized.append(name)
             else:
                 if name in decoded:
-                    extra.append(Cast(name, name, torch.bfloat16))
+                    ops[i].append(Cast(name, name, torch.bfloat16))
                 if name.endswith(".weight") and len(spec_of[name].shape) == 2:
                     kept_linear.append(name.removesuffix(".weight"))
-        units.append(Unit(unit.layer, Chain((unit.op, *extra)) if extra else unit.op))
+    shared = getattr(codec, "shares_global_scale", False)
+    home = list(range(len(ops)))  # a unit merged into another one lives there
+    for group in fused_sets(list(targets), det) if shared else [(n,) for n in targets]:
+        homes = sorted({_home(home, targets[n]) for n in group})
+        for other in homes[1:]:  # the weights of one fused set are encoded in one unit
+            ops[homes[0]] += ops[other]
+            ops[other] = []
+            home[other] = homes[0]
+        bases = tuple(n.removesuffix("weight") for n in group)
+        if len(group) == 1:
+            op: Op = Encode(group[0], bases[0], codec, specs(group[0]), device, recipe.allow_nonfinite)
+        else:
+            op = EncodeShared(
+                group, bases, codec, tuple(specs(n) for n in group), device, recipe.allow_nonfinite
+            )
+        ops[homes[0]].append(op)
+    units: list[Unit] = [
+        Unit(unit.layer, chain[0] if len(chain) == 1 else Chain(tuple(chain)))
+        for unit, chain in zip(base.units, ops, strict=False)
+        if chain
+    ]
     for p, n in matched.items():
         if n == 0:
             example = quantized[0].removesuffix(".weight") if quantized else next(iter(kept_linear), "")
             raise MoeportError(f"--ignore {p!r}: matches no linear module (names look like {example})")
     if not quantized:
         raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore)")
-    plan = Plan(units, _config(ck.config, recipe, kept_linear))
+    plan = Plan(units, _config(ck.config, recipe.quantization_config(kept_linear)))
     how = "carried bit-exact (the source stores them in this scheme)" if carried else "quantized"
     plan.notes.append(f"{recipe.scheme}: {len(quantized)} weights {how}, {len(kept_linear)} linear kept")
     for p, n in matched.items():
         modules = "1 module" if n == 1 else f"{n} modules"
         plan.notes.append(f"--ignore {p!r}: {modules} matched, {spared[p]} of them spared quantization")
     return finalize(plan, ck)
+
+
+def _home(home: list[int], i: int) -> int:
+    while home[i] != i:
+        i = home[i]
+    return i
+
+
+# Sibling projections that servers fuse into one matrix (vLLM/SGLang MergedColumnParallelLinear,
+# QKVParallelLinear, fused MoE w13): with a per-tensor global scale they must share it.
+FUSED_PROJS = (("gate_proj", "up_proj"), ("w1", "w3"), ("q_proj", "k_proj", "v_proj"))
+
+
+def fused_sets(names: list[str], det: Detection) -> list[tuple[str, ...]]:
+    """`names` (targeted `.weight`s, in plan order) grouped into fused sets; the others alone."""
+    hub = det.family.hub.projs
+    sets = [*FUSED_PROJS, (hub.get("gate", "gate_proj"), hub.get("up", "up_proj"))]
+    role = {proj: (k, tuple(s)) for k, s in enumerate(sets) for proj in s}
+    groups: dict[tuple[str, int], list[str]] = {}
+    out: list[list[str]] = []
+    for name in names:
+        module, _, proj = name.removesuffix(".weight").rpartition(".")
+        if proj in role:
+            key = (module, role[proj][0])
+            if key not in groups:
+                groups[key] = []
+                out.append(groups[key])
+            groups[key].append(name)
+        else:
+            out.append([name])
+    return [tuple(g) for g in out]
 
 
 def ignore_regex(pattern: str) -> re.Pattern[str]:
@@ -180,14 +241,14 @@ def _expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
     return re.compile(rf"^{prefix}{re.escape(layout.block)}\.experts\.\d+\.({projs})\.{part}$")
 
 
-def _config(config: dict[str, Any] | None, recipe: Recipe, kept_linear: list[str]) -> dict[str, Any] | None:
+def _config(config: dict[str, Any] | None, quant: dict[str, Any]) -> dict[str, Any] | None:
     if config is None:
         return None
     cfg = copy.deepcopy(config)
     for c in (cfg, cfg.get("text_config")):
         if isinstance(c, dict):
             c.pop("quantization_config", None)
-    cfg["quantization_config"] = quantization_config(recipe, kept_linear)
+    cfg["quantization_config"] = quant
     return cfg
 
 
