@@ -56,7 +56,12 @@ def main() -> None:
     src, total, layer, _ = synthetic_source(work, args.gb)
     g = str(args.group_size)
     _, base = peak_rss([sys.executable, "-c", "import torch, moeport.recipes.gpu"])
-    rows = [("moeport", *peak_rss([sys.executable, "-c", MOEPORT_JOB, str(src), str(work / "ours"), g, args.scheme]))]
+    rows = [
+        (
+            "moeport",
+            *peak_rss([sys.executable, "-c", MOEPORT_JOB, str(src), str(work / "ours"), g, args.scheme]),
+        )
+    ]
     if Path(args.llmc_python).exists():
         rows.append(
             (

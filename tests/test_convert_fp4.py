@@ -25,10 +25,23 @@ from fixtures import load_tensors
 from test_convert_gpu import HAVE_LLMC, LLMC_PYTHON, NOT_EXPERTS, load, logits, rel
 
 from moeport.codecs import CtMxfp4Codec, CtNvfp4Codec, GptOssMxfp4Codec, Nvfp4Codec, fp4, fp4_kernels
+from moeport.errors import MoeportError
 
 MODELOPT_PYTHON = os.environ.get("MOEPORT_MODELOPT_PYTHON") or "/work/.modelopt/bin/python"
 HAVE_MODELOPT = Path(MODELOPT_PYTHON).exists()
 CODECS = [CtNvfp4Codec(), Nvfp4Codec(), CtMxfp4Codec(), GptOssMxfp4Codec()]
+
+
+def here(src: Path, dst: Path, to: str, **options) -> None:
+    """A conversion in this process (what the CLI runs, without starting an interpreter)."""
+    from moeport.convert.execute import execute
+    from moeport.detect import detect
+    from moeport.recipes import TARGETS, Options
+    from moeport.sources import open_checkpoint
+
+    with open_checkpoint(src) as ck:
+        plan, sink = TARGETS[to].build(ck, detect(ck), Options(**options), {})
+        execute(plan, ck, dst, sink, {})
 
 
 def convert(src: Path, dst: Path, *args: str) -> subprocess.CompletedProcess:
@@ -52,13 +65,12 @@ def outputs(checkpoint, tmp_path_factory) -> dict[str, Path]:
     src = checkpoint("qwen3_moe")
     root = tmp_path_factory.mktemp("fp4")
     outs = {"src": src}
-    for name, args in {
-        "ct": ["--to", "nvfp4"],
-        "modelopt": ["--to", "nvfp4", "--flavor", "modelopt"],
-        "mx": ["--to", "mxfp4"],
+    for name, (to, flavor) in {
+        "ct": ("nvfp4", ""),
+        "modelopt": ("nvfp4", "modelopt"),
+        "mx": ("mxfp4", ""),
     }.items():
-        r = convert(src, root / name, *args)
-        assert r.returncode == 0, r.stderr
+        here(src, root / name, to, flavor=flavor)
         outs[name] = root / name
     return outs
 
@@ -193,8 +205,7 @@ def test_gate_and_up_share_one_global_scale_and_fuse(outputs, tmp_path) -> None:
         for key in gates:
             assert torch.equal(t[key], t[key.replace("gate_proj", "up_proj")]), key
         fused = tmp_path / flavor
-        r = convert(outputs[flavor], fused, "--to", "hf", "--layout", "fused")
-        assert r.returncode == 0, r.stderr
+        here(outputs[flavor], fused, "hf", layout="fused")
         f = load_tensors(fused)
         assert any(k.endswith("experts.gate_up_proj_scale") for k in f)
         v = subprocess.run(
@@ -202,7 +213,8 @@ def test_gate_and_up_share_one_global_scale_and_fuse(outputs, tmp_path) -> None:
             capture_output=True,
             text=True,
         )
-        assert v.returncode == 0 and "lossless" in v.stdout, v.stdout + v.stderr
+        m = re.search(r"(\d+) tensors compared \((\d+) bit-exact\)", v.stdout)
+        assert v.returncode == 0 and m and m[1] == m[2], v.stdout + v.stderr  # a lossless re-layout
 
 
 def test_modelopt_flavour_files(outputs) -> None:
@@ -316,8 +328,8 @@ def test_nonfinite_is_refused_naming_the_weight(checkpoint, tmp_path) -> None:
             t[key][3, 5] = float("nan")
         save_file(t, src / f.name, metadata={"format": "pt"})
     for to in ("nvfp4", "mxfp4"):
-        r = convert(src, tmp_path / to, "--to", to)
-        assert r.returncode == 2 and "experts.2.up_proj" in r.stderr and "row" in r.stderr, r.stderr
+        with pytest.raises(MoeportError, match=r"experts\.2\.up_proj.*row"):
+            here(src, tmp_path / to, to)
 
 
 def test_scales_of_an_all_zero_weight() -> None:
@@ -328,3 +340,55 @@ def test_scales_of_an_all_zero_weight() -> None:
     assert float(CtNvfp4Codec().encode(z)["weight_global_scale"]) == 1.0
     assert float(Nvfp4Codec().encode(z)["weight_scale_2"]) == 1.0
     assert fp4.mx_exponent(torch.tensor([1.75, 1.74, 0.0]), ct=True).tolist() == [-1, -2, -127]
+
+
+def _json(args: list[str]) -> dict:
+    r = subprocess.run([sys.executable, "-m", "moeport", "convert", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_lossless_moves_keep_codes_and_scales(outputs, tmp_path) -> None:
+    """CT -> ModelOpt -> CT (hub), and CT fused -> ModelOpt hub: codes and block scales bit-exact,
+    the global scale as its reciprocal; the plan says so; the same flavour is carried as is."""
+    plan = _json(
+        [
+            str(outputs["ct"]),
+            str(tmp_path / "p"),
+            "--to",
+            "nvfp4",
+            "--flavor",
+            "modelopt",
+            "--dry-run",
+            "--json",
+        ]
+    )
+    assert any("moved ct-nvfp4 -> nvfp4 without requantizing" in n for n in plan.get("notes", [])), plan
+    fused = tmp_path / "fused"
+    here(outputs["ct"], fused, "hf", layout="fused")
+    ct = load_tensors(outputs["ct"])
+    for src in (outputs["ct"], fused):
+        mo = tmp_path / f"mo-{src.name}"
+        here(src, mo, "nvfp4", flavor="modelopt")
+        back = tmp_path / f"back-{src.name}"
+        here(mo, back, "nvfp4")
+        m, b = load_tensors(mo), load_tensors(back)
+        assert set(b) == set(ct)
+        for key in (k for k in ct if k.endswith("weight_packed")):
+            base = key.removesuffix("weight_packed")
+            assert torch.equal(m[base + "weight"], ct[key]) and torch.equal(b[key], ct[key])
+            assert torch.equal(raw(m[base + "weight_scale"]), raw(ct[base + "weight_scale"]))
+            gs = ct[base + "weight_global_scale"]
+            assert torch.equal(m[base + "weight_scale_2"], fp4.reciprocal(gs).reshape(()))
+            ulp = torch.nextafter(gs, torch.tensor(float("inf"))) - gs
+            assert float((b[base + "weight_global_scale"] - gs).abs()) <= float(ulp)
+    v = subprocess.run(
+        [sys.executable, "-m", "moeport", "verify", str(outputs["ct"]), str(mo), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert v.returncode == 0, v.stdout + v.stderr  # reciprocal global scales: float32 rounding only
+    same = tmp_path / "same"
+    here(outputs["mx"], same, "mxfp4")
+    mx, again = load_tensors(outputs["mx"]), load_tensors(same)
+    assert all(torch.equal(raw(mx[k]), raw(again[k])) for k in mx)

@@ -26,7 +26,7 @@ import torch
 from moeport.codecs import cpu_kernels
 from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, need
 from moeport.codecs.format import ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
-from moeport.codecs.fp4 import mx_decode, mx_encode, nvfp4_decode, nvfp4_encode
+from moeport.codecs.fp4 import Canonical, mx_decode, mx_encode, nvfp4_decode, nvfp4_encode, reciprocal
 from moeport.codecs.fp8 import Fp8ScaledCodec
 from moeport.codecs.int_rtn import group_size_of, rtn_codes, rtn_dequantize, rtn_params
 from moeport.codecs.packing import pack_int32, unpack_int32
@@ -117,6 +117,16 @@ class CtNvfp4Codec:
         packed, scale, glob = nvfp4_encode(weight, "compressed-tensors", global_amax)
         return {"weight_packed": packed, "weight_scale": scale, "weight_global_scale": glob}
 
+    kind: ClassVar[str] = "nvfp4"  # lossless moves between codecs of one kind: split -> join
+
+    def split(self, parts: Parts) -> Canonical:
+        glob = parts["weight_global_scale"]
+        return parts["weight_packed"], parts["weight_scale"], reciprocal(glob).reshape(())
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
+        glob = reciprocal(multiplier).reshape(1)
+        return {"weight_packed": packed, "weight_scale": scales, "weight_global_scale": glob}
+
 
 @dataclass(frozen=True)
 class CtMxfp4Codec:
@@ -140,6 +150,14 @@ class CtMxfp4Codec:
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, scale = mx_encode(weight, 32, ct=True)
         return {"weight_packed": packed, "weight_scale": scale}
+
+    kind: ClassVar[str] = "mxfp4"
+
+    def split(self, parts: Parts) -> Canonical:
+        return parts["weight_packed"], parts["weight_scale"].view(torch.uint8), None
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
+        return {"weight_packed": packed, "weight_scale": scales}
 
 
 def float_quantized_codec(

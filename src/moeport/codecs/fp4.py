@@ -137,6 +137,15 @@ class GptOssMxfp4Codec:
 
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, scales = mx_encode(weight)
+        return self.join(packed, scales, None)
+
+    kind: ClassVar[str] = "mxfp4"  # lossless moves between codecs of one kind: split -> join
+
+    def split(self, parts: Parts) -> Canonical:
+        blocks = parts["_blocks"]
+        return blocks.reshape(*blocks.shape[:-2], -1), parts["_scales"].view(torch.uint8), None
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
         return {"_blocks": packed.reshape(*scales.shape, 16), "_scales": scales}
 
 
@@ -159,9 +168,20 @@ class Dsv4Mxfp4Codec:
 
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, scales = mx_encode(weight)
+        return self.join(packed, scales, None)
+
+    kind: ClassVar[str] = "mxfp4"
+
+    def split(self, parts: Parts) -> Canonical:
+        return parts["weight"].view(torch.uint8), parts["scale"].view(torch.uint8), None
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
         return {"weight": packed.view(torch.int8), "scale": scales.view(torch.float8_e8m0fnu)}
 
 
+# What split() gives and join() takes: packed codes [.., N, K/2] uint8, the per-group scales as
+# stored, and the per-tensor multiplier (float32 0-d) or None.
+Canonical = tuple[torch.Tensor, torch.Tensor, Any]
 E2M1_MAX = 6.0
 NV_GROUP = 16
 
@@ -235,6 +255,20 @@ class Nvfp4Codec:
     ) -> dict[str, torch.Tensor]:
         packed, bs, ws2 = nvfp4_encode(weight, "modelopt", global_amax)
         return {"weight": packed, "weight_scale": bs, "weight_scale_2": ws2}
+
+    kind: ClassVar[str] = "nvfp4"
+
+    def split(self, parts: Parts) -> Canonical:
+        return parts["weight"], parts["weight_scale"], parts["weight_scale_2"].float().reshape(())
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
+        return {"weight": packed, "weight_scale": scales, "weight_scale_2": multiplier.reshape(())}
+
+
+def reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """1/x correctly rounded to float32 (computed in float64): the global-scale conventions of
+    ModelOpt (multiplier) and compressed-tensors (divisor), converted as exactly as float32 allows."""
+    return (1.0 / x.double()).float()
 
 
 # --- the formats -------------------------------------------------------------------------------

@@ -129,6 +129,55 @@ class EncodeShared(Op):
         raise MoeportError(f"{self.sources[0]}: quantizing is lossy and has no inverse")
 
 
+@dataclass(frozen=True)
+class Recode(Op):
+    """A weight stored by codec `src` -> the same codes and scales as codec `dst` stores them, no
+    requantization (codecs of one `kind`: NVFP4 ModelOpt <-> compressed-tensors, MXFP4 layouts).
+    A per-tensor global scale that one stores as a multiplier and the other as a divisor is
+    converted by its correctly rounded float32 reciprocal (`codecs.fp4.reciprocal`)."""
+
+    sources: tuple[tuple[str, str], ...]  # (part, tensor name), the parts `src` needs
+    base: str
+    src: Codec
+    dst: Codec
+    part_specs: PartSpecs
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(n for _, n in self.sources)
+
+    @functools.cached_property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self.base + p for p, _, _ in self.part_specs)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        meta = any(is_meta(values[n]) for _, n in self.sources)
+        moved = functools.cache(lambda: self.move({p: realize(values[n]) for p, n in self.sources}))
+        return {
+            self.base + part: Lazy(shape, dtype, meta, produce=lambda p=part: moved()[p])
+            for part, dtype, shape in self.part_specs
+        }
+
+    def move(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.dst.join(*self.src.split(parts))  # type: ignore[attr-defined]
+
+    def inverse(self) -> Op:
+        return Recode(
+            tuple((p, self.base + p) for p, _, _ in self.part_specs),
+            self.sources[0][1].removesuffix(self.sources[0][0]),
+            self.dst,
+            self.src,
+            (),
+        )
+
+
+def recode_specs(src: Codec, dst: Codec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> PartSpecs:
+    """Names, dtypes and shapes of the parts Recode writes, from the source parts' (shape, dtype)."""
+    meta = {p: torch.empty(shape, dtype=dtype, device="meta") for p, (shape, dtype) in shapes.items()}
+    parts = dst.join(*src.split(meta))  # type: ignore[attr-defined]
+    return tuple((p, t.dtype, tuple(t.shape)) for p, t in parts.items())
+
+
 def _abs_max(w: torch.Tensor) -> torch.Tensor:
     """max |w| in one pass (min/max are exact in any float dtype; NaN propagates)."""
     lo, hi = torch.aminmax(w if w.is_floating_point() else w.float())

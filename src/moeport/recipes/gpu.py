@@ -20,12 +20,14 @@ import torch
 from moeport.codecs import Fp8BlockCodec, PackQuantizedCodec, float_quantized_codec
 from moeport.codecs.base import Codec
 from moeport.convert.dequantize import Cast
-from moeport.convert.encode import Encode, EncodeShared, part_specs
+from moeport.convert.encode import Encode, EncodeShared, Recode, part_specs, recode_specs
 from moeport.convert.plan import Plan, Unit, finalize
 from moeport.detect.detection import Detection
+from moeport.dtypes import torch_dtype_of
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Op
 from moeport.recipes.base import Options, Target
+from moeport.recipes.fused import fused_sets, same_kind_source
 from moeport.recipes.hf import build_hf
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
@@ -108,13 +110,20 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
     `codec()`, `carried(ck, det)` and `quantization_config(kept_linear)` (this module's, fp4's)."""
     codec = recipe.codec()
     carried = recipe.carried(ck, det)
+    moved_from = None if carried else same_kind_source(codec, det, recipe.ignore)
     base, decoded = build_hf(
-        ck, det, "hub", torch.float32, cast_floats=False, device=device, keep_experts=carried
+        ck,
+        det,
+        "hub",
+        torch.float32,
+        cast_floats=False,
+        device=device,
+        keep_experts=bool(carried or moved_from),
     )
     base = finalize(base, ck)  # specs of the float plan tell which outputs are 2-D weights
     spec_of = {s.name: s for s in base.specs}
     expert_re = _expert_regex(det)
-    expert_part_re = _expert_regex(det, part=r"[A-Za-z_]+")
+    expert_part_re = _expert_regex(det, part=r"\w+")
     always = [re.compile(p) for p in ALWAYS_IGNORED]
     user = [(p, ignore_regex(p)) for p in recipe.ignore]
     matched = dict.fromkeys(recipe.ignore, 0)  # modules each --ignore pattern matched
@@ -144,11 +153,15 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
 
     ops: list[list[Op]] = [[unit.op] for unit in base.units]  # per unit: its op, then the extra ones
     targets: dict[str, int] = {}  # targeted weight -> its unit
+    moved: dict[str, dict[str, tuple[str, int]]] = {}  # weight prefix -> part -> (name, unit)
     for i, unit in enumerate(base.units):
         for name in unit.op.outputs:
             if carried and expert_part_re.match(name):  # carried as stored, bit-exact
                 if name.endswith(f".{carried}"):
                     quantized.append(name)
+            elif moved_from is not None and expert_part_re.match(name):  # same codes, other format
+                prefix, _, part = name.rpartition(".")
+                moved.setdefault(f"{prefix}.", {})[part] = (name, i)
             elif is_target(name):
                 targets[name] = i
                 quantized.append(name)
@@ -159,12 +172,18 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
                     kept_linear.append(name.removesuffix(".weight"))
     shared = getattr(codec, "shares_global_scale", False)
     home = list(range(len(ops)))  # a unit merged into another one lives there
-    for group in fused_sets(list(targets), det) if shared else [(n,) for n in targets]:
-        homes = sorted({_home(home, targets[n]) for n in group})
-        for other in homes[1:]:  # the weights of one fused set are encoded in one unit
+
+    def merged(indices: set[int]) -> int:
+        """One unit doing the work of `indices` (the tensors of one op are applied together)."""
+        homes = sorted({_home(home, i) for i in indices})
+        for other in homes[1:]:
             ops[homes[0]] += ops[other]
             ops[other] = []
             home[other] = homes[0]
+        return homes[0]
+
+    for group in fused_sets(list(targets), det) if shared else [(n,) for n in targets]:
+        unit_of_group = merged({targets[n] for n in group})
         bases = tuple(n.removesuffix("weight") for n in group)
         if len(group) == 1:
             op: Op = Encode(group[0], bases[0], codec, specs(group[0]), device, recipe.allow_nonfinite)
@@ -172,7 +191,22 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
             op = EncodeShared(
                 group, bases, codec, tuple(specs(n) for n in group), device, recipe.allow_nonfinite
             )
-        ops[homes[0]].append(op)
+        ops[unit_of_group].append(op)
+    dropped = 0
+    for prefix, parts in moved.items():
+        required = moved_from.required  # type: ignore[union-attr]
+        missing = [p for p in required if p not in parts]
+        if missing:
+            raise MoeportError(f"{prefix}{missing[0]}: missing (the weight is stored as {moved_from.name})")
+        # every part is read (the ones the target has no place for, activation scales, are dropped)
+        sources = tuple((p, name) for p, (name, _) in parts.items())
+        shapes = {
+            p: (spec_of[n].shape, torch_dtype_of(spec_of[n].dtype)) for p, n in sources if p in required
+        }
+        specs_out = recode_specs(moved_from, codec, shapes)
+        unit = merged({i for _, i in parts.values()})
+        ops[unit].append(Recode(sources, prefix, moved_from, codec, specs_out))
+        dropped += len(parts) - len(required)
     units: list[Unit] = [
         Unit(unit.layer, chain[0] if len(chain) == 1 else Chain(tuple(chain)))
         for unit, chain in zip(base.units, ops, strict=False)
@@ -182,10 +216,17 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
         if n == 0:
             example = quantized[0].removesuffix(".weight") if quantized else next(iter(kept_linear), "")
             raise MoeportError(f"--ignore {p!r}: matches no linear module (names look like {example})")
-    if not quantized:
+    n_moved = len(moved)
+    if not quantized and not n_moved:
         raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore)")
     plan = Plan(units, _config(ck.config, recipe.quantization_config(kept_linear)))
     how = "carried bit-exact (the source stores them in this scheme)" if carried else "quantized"
+    if moved_from is not None:
+        plan.notes.append(
+            f"{recipe.scheme}: {n_moved} expert weights moved {moved_from.name} -> {codec.name} without "
+            "requantizing (same codes and block scales; a global scale converted by its reciprocal)"
+            + (f"; {dropped} activation scale(s) dropped (weight-only output)" if dropped else "")
+        )
     plan.notes.append(f"{recipe.scheme}: {len(quantized)} weights {how}, {len(kept_linear)} linear kept")
     for p, n in matched.items():
         modules = "1 module" if n == 1 else f"{n} modules"
@@ -197,31 +238,6 @@ def _home(home: list[int], i: int) -> int:
     while home[i] != i:
         i = home[i]
     return i
-
-
-# Sibling projections that servers fuse into one matrix (vLLM/SGLang MergedColumnParallelLinear,
-# QKVParallelLinear, fused MoE w13): with a per-tensor global scale they must share it.
-FUSED_PROJS = (("gate_proj", "up_proj"), ("w1", "w3"), ("q_proj", "k_proj", "v_proj"))
-
-
-def fused_sets(names: list[str], det: Detection) -> list[tuple[str, ...]]:
-    """`names` (targeted `.weight`s, in plan order) grouped into fused sets; the others alone."""
-    hub = det.family.hub.projs
-    sets = [*FUSED_PROJS, (hub.get("gate", "gate_proj"), hub.get("up", "up_proj"))]
-    role = {proj: (k, tuple(s)) for k, s in enumerate(sets) for proj in s}
-    groups: dict[tuple[str, int], list[str]] = {}
-    out: list[list[str]] = []
-    for name in names:
-        module, _, proj = name.removesuffix(".weight").rpartition(".")
-        if proj in role:
-            key = (module, role[proj][0])
-            if key not in groups:
-                groups[key] = []
-                out.append(groups[key])
-            groups[key].append(name)
-        else:
-            out.append([name])
-    return [tuple(g) for g in out]
 
 
 def ignore_regex(pattern: str) -> re.Pattern[str]:
