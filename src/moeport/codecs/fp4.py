@@ -3,7 +3,15 @@
 
 Two codes per byte, element 2j in the low nibble (every HF-side producer agrees). RTN onto the
 E2M1 grid is round-half-to-even with saturation at ±6; negative values that round to zero keep
-the sign bit (code 8), equal in value to +0.
+the sign bit (code 8), equal in value to +0. Codes are RNE_E2M1(x / divisor) with one float32
+divisor per group (IEEE division), through fp4_kernels on the CPU and torch elsewhere: same bytes.
+
+Scale choices (each that of the producer it must match byte for byte, tests):
+  * MXFP4, OCP (gguf, GPT-OSS, DeepSeek-V4): X = floor(log2(amax)) - 2, byte X + 127;
+    compressed-tensors: X + 1 when amax's mantissa is >= 1.75 (`mx_exponent(ct=True)`).
+  * NVFP4, ModelOpt 0.47 `NVFP4QTensor` (`nvfp4_scales_modelopt`): multiplier ws2 = amax/2688;
+    compressed-tensors/llmcompressor (`nvfp4_scales_ct`): divisor global = 2688/amax, in the
+    weight's dtype as it computes it. Weights a server fuses pass one `global_amax` (their max).
 
 Formats: mxfp4 (variant gpt-oss, recognised first of all by its `_blocks`; variant deepseek-v4, an
 I8/U8 `weight` with E8M0 `scale`) and nvfp4 (a U8 `weight` with `weight_scale` + `weight_scale_2`).
