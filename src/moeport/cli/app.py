@@ -177,6 +177,14 @@ def convert(
             help="kt targets: merged (safetensors) or folders (_layer_L/*.kt).",
         ),
     ] = "merged",
+    flavor: Annotated[
+        str,
+        typer.Option(
+            "--flavor",
+            metavar="compressed-tensors|modelopt",
+            help="nvfp4/mxfp4: checkpoint flavour (default compressed-tensors: what vLLM loads as A16).",
+        ),
+    ] = "",
     max_memory: Annotated[
         str | None,
         typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this."),
@@ -248,6 +256,7 @@ def convert(
         ignore=tuple(ignore or ()),
         numa=numa,
         kt_layout=kt_layout,
+        flavor=flavor,
         allow_nonfinite=allow_nonfinite,
         device=device,
     )

@@ -159,6 +159,11 @@ def _execute(
             write_json_atomic(staging / "config.json", plan.config)
         elif (ck.root / "config.json").is_file():
             shutil.copy2(ck.root / "config.json", staging / "config.json")
+        for name, doc in plan.side_files.items():
+            if doc is None:
+                (staging / name).unlink(missing_ok=True)
+            else:
+                write_json_atomic(staging / name, doc)
         sink.finish(staging, pieces)
         ck.check_unchanged()  # the last word before DST appears
         journal.finish()
