@@ -288,7 +288,7 @@ def test_transformers_loads_our_outputs(outputs) -> None:
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # CI installs the newest transformers 5.x: a release with the fix must not fail it
     reason="transformers 5.24 CompressedTensorsDequantize decompresses MoE experts through a module "
     "holding weight_packed/weight_scale/weight_shape only: weight_global_scale is dropped, so NVFP4 "
     "experts come out ~global-scale (1e4x) too large (llmcompressor's own output too)",
