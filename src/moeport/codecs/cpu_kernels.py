@@ -40,30 +40,34 @@ if AVAILABLE:
                     out[i, j] = lut[w[i, j]] * s
 
     @njit(cache=True, nogil=True, boundscheck=False)
-    def _fp8_block_dequant_bf16(w, scale, bn, bk, out):  # pragma: no cover - compiled
+    def _fp8_block_dequant_bf16(w, scale, lut, bn, bk, out):  # pragma: no cover - compiled
         """As _fp8_block_dequant, each float32 product rounded to bf16 bits (nearest even, as
-        torch's cast; NaN codes are refused before) and stored in `out` (uint16). E4M3 bytes are
-        decoded arithmetically, as in _fp8_block_to_int (a table gather would not vectorise)."""
+        torch's cast; NaN codes are refused before) and stored in `out` (uint16).
+
+        A block's 128 x 128 bytes share one scale, so its 256 possible products are rounded once
+        into a table and each element is one lookup (16384 elements per 256 products)."""
         n, k = w.shape
-        as_bits = np.empty(k, dtype=np.uint32)
-        as_float = as_bits.view(np.float32)
-        two_m7 = np.float32(2.0**-7)
-        for i in range(n):
-            wrow = w[i]
-            for j in range(k):  # the magnitude; the sign is applied to the product's bits below
-                as_bits[j] = ((np.uint32(wrow[j]) & np.uint32(0x7F)) << np.uint32(20)) + np.uint32(120 << 23)
-            srow = scale[i // bn]
-            for jb in range(scale.shape[1]):
-                s = srow[jb]
-                for j in range(jb * bk, min(k, (jb + 1) * bk)):
-                    v = as_float[j]
-                    v = (v - two_m7) * np.float32(2.0) if (wrow[j] & np.uint8(0x78)) == 0 else v
-                    as_float[j] = v * s
-            orow = out[i]
-            for j in range(k):
-                u = as_bits[j] ^ ((np.uint32(wrow[j]) & np.uint32(0x80)) << np.uint32(24))
-                rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                orow[j] = np.uint16(rounded)
+        gk = scale.shape[1]
+        table = np.empty((gk, 256), dtype=np.uint16)
+        prod = np.empty(256, dtype=np.float32)
+        bits = prod.view(np.uint32)
+        for ib in range(scale.shape[0]):
+            for jb in range(gk):
+                s = scale[ib, jb]
+                for b in range(256):
+                    prod[b] = lut[b] * s
+                for b in range(256):
+                    u = bits[b]
+                    table[jb, b] = np.uint16(
+                        (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> 16
+                    )
+            for i in range(ib * bn, min(n, (ib + 1) * bn)):
+                wrow = w[i]
+                orow = out[i]
+                for jb in range(gk):
+                    t = table[jb]
+                    for j in range(jb * bk, min(k, (jb + 1) * bk)):
+                        orow[j] = t[wrow[j]]
 
     @njit(cache=True, nogil=True, inline="always")
     def _round_pack_group(quot, qmin, qmax, offset, bits, packed_row, base):  # pragma: no cover - compiled
@@ -216,6 +220,7 @@ def fp8_block_dequant_bf16(
     _fp8_block_dequant_bf16(
         weight.contiguous().view(torch.uint8).numpy(),
         scale.float().contiguous().numpy(),
+        _E4M3_LUT,
         block[0],
         block[1],
         out.view(torch.uint16).numpy(),
