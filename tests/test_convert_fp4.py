@@ -392,3 +392,14 @@ def test_lossless_moves_keep_codes_and_scales(outputs, tmp_path) -> None:
     here(outputs["mx"], same, "mxfp4")
     mx, again = load_tensors(outputs["mx"]), load_tensors(same)
     assert all(torch.equal(raw(mx[k]), raw(again[k])) for k in mx)
+
+
+@pytest.mark.parametrize("to", [("w4a16", "--group-size", "32"), ("hf", "--dtype", "bf16")])
+def test_a_modelopt_source_statement_does_not_follow_its_weights(outputs, tmp_path, to) -> None:
+    """hf_quant_config.json says "NVFP4" to vLLM/SGLang: an output that re-quantizes (W4A16) or
+    dequantizes the ModelOpt source must not carry it; the config's quantization_config is the truth."""
+    done = convert(outputs["modelopt"], tmp_path / "o", "--to", *to)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "o" / "hf_quant_config.json").exists()
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg.get("quantization_config", {}).get("quant_method") != "modelopt"

@@ -22,6 +22,9 @@ from moeport.sinks.safetensors_file import TensorSpec
 from moeport.sources.checkpoint import Checkpoint
 
 TINY_ELEMENTS = 64  # read for real while planning (0-d / per-expert scalar scales)
+# ModelOpt's statement of how the weights are quantized, which vLLM/SGLang/TensorRT-LLM read
+# before config.json: an output that re-quantizes or dequantizes must not carry the source's.
+HF_QUANT_CONFIG = "hf_quant_config.json"
 
 
 @dataclass

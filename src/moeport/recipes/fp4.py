@@ -23,6 +23,7 @@ from typing import Any
 
 from moeport.codecs import CtMxfp4Codec, CtNvfp4Codec, Nvfp4Codec
 from moeport.codecs.base import Codec
+from moeport.convert.plan import HF_QUANT_CONFIG
 from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
 from moeport.recipes.base import Options, Target
@@ -41,7 +42,6 @@ _CT_WEIGHTS = {
     "nvfp4": {"strategy": "tensor_group", "group_size": 16, "scale_dtype": "torch.float8_e4m3fn"},
     "mxfp4": {"strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"},
 }
-HF_QUANT_CONFIG = "hf_quant_config.json"
 
 
 @dataclass(frozen=True)

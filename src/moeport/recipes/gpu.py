@@ -21,7 +21,7 @@ from moeport.codecs import Fp8BlockCodec, PackQuantizedCodec, float_quantized_co
 from moeport.codecs.base import Codec
 from moeport.convert.dequantize import Cast
 from moeport.convert.encode import Encode, EncodeShared, Recode, part_specs, recode_specs
-from moeport.convert.plan import Plan, Unit, finalize
+from moeport.convert.plan import HF_QUANT_CONFIG, Plan, Unit, finalize
 from moeport.detect.detection import Detection
 from moeport.dtypes import torch_dtype_of
 from moeport.errors import MoeportError
@@ -220,6 +220,7 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
     if not quantized and not n_moved:
         raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore)")
     plan = Plan(units, _config(ck.config, recipe.quantization_config(kept_linear)))
+    plan.side_files[HF_QUANT_CONFIG] = None  # the new quantization_config says it all (fp4 writes its own)
     how = "carried bit-exact (the source stores them in this scheme)" if carried else "quantized"
     if moved_from is not None:
         plan.notes.append(

@@ -23,7 +23,7 @@ from moeport.convert.dequantize import (
     decoded_shape,
     weight_format,
 )
-from moeport.convert.plan import Plan, Unit, finalize
+from moeport.convert.plan import HF_QUANT_CONFIG, Plan, Unit, finalize
 from moeport.detect.detection import Detection
 from moeport.detect.formats import ExpertFormat, Part
 from moeport.detect.layout import layer_prefix_pattern, match_layout
@@ -99,6 +99,7 @@ def build_hf(
         plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} zoo rule(s)")
     if builder.dequantized:
         plan.notes.append(f"dequantized {builder.dequantized} weight(s); quantization_config removed")
+        plan.side_files[HF_QUANT_CONFIG] = None
     decoded = {o for u in units if _decodes(u.op) for o in u.op.outputs}
     return plan, decoded
 
