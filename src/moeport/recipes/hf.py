@@ -43,10 +43,16 @@ _CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.flo
 
 
 def plan_hf(
-    ck: Checkpoint, det: Detection, layout: str, dtype: torch.dtype | None, device: str = "cpu"
+    ck: Checkpoint,
+    det: Detection,
+    layout: str,
+    dtype: torch.dtype | None,
+    device: str = "cpu",
+    canonical: bool = False,
 ) -> Plan:
-    """Plan the conversion of `ck` to the `layout` ('hub'|'fused') names, in `dtype` (None: keep)."""
-    plan, _ = build_hf(ck, det, layout, dtype, device=device)
+    """Plan the conversion of `ck` to the `layout` ('hub'|'fused') names, in `dtype` (None: keep).
+    canonical: hub names with the zoo's hub aliases applied (verify's names for either side)."""
+    plan, _ = build_hf(ck, det, layout, dtype, device=device, canonical=canonical)
     return finalize(plan, ck)
 
 
@@ -58,6 +64,7 @@ def build_hf(
     cast_floats: bool = True,
     device: str = "cpu",
     keep_experts: bool = False,
+    canonical: bool = False,
 ) -> tuple[Plan, set[str]]:
     """Units of the hf recipe (not yet finalized) and the names of outputs that were dequantized.
 
@@ -66,7 +73,7 @@ def build_hf(
     """
     family = det.family
     dst_layout = family.hub if layout == "hub" else family.fused
-    rename = _rename_between(det, layout)
+    rename = _rename_between(det, layout, canonical)
     quant = ModelConfig(ck.config or {}).quantization_config or {}
     builder = _Builder(ck, quant, dtype, cast_floats, device)
     builder.keep_experts = keep_experts
@@ -119,14 +126,13 @@ def _decodes(op: Op) -> bool:
     return False
 
 
-def _rename_between(det: Detection, layout: str) -> Rename:
+def _rename_between(det: Detection, layout: str, canonical: bool = False) -> Rename:
     family = det.family
-    if family.hub == family.fused:
-        return IDENTITY
-    src_is_hub = det.layout == family.hub
-    if src_is_hub == (layout == "hub"):
-        return IDENTITY
-    forward = Rename(family.fused_renames)
+    src_is_hub = family.hub == family.fused or det.layout == family.hub
+    aliases = family.hub_aliases if src_is_hub else ()
+    if family.hub == family.fused or src_is_hub == (layout == "hub"):
+        return Rename((), aliases) if canonical and aliases else IDENTITY
+    forward = Rename(family.fused_renames, aliases)
     return forward if src_is_hub else forward.inverse()
 
 

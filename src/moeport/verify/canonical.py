@@ -28,7 +28,7 @@ class CanonicalLayer:
 def hf_layers(ck: Checkpoint) -> Iterator[CanonicalLayer]:
     """Decode every tensor of an HF checkpoint to float32 under hub names, one layer at a time."""
     det = detect(ck)
-    plan = plan_hf(ck, det, "hub", torch.float32)
+    plan = plan_hf(ck, det, "hub", torch.float32, canonical=True)
     current: CanonicalLayer | None = None
     for unit in plan.units:
         if current is None or unit.layer != current.layer:

@@ -138,4 +138,4 @@ def _to_hub_names(family: Family, keys: list[str]) -> Rename:
     forward = Rename(family.fused_renames)
     back = forward.inverse()
     fused_named = any(back(k) != k for k in keys) and not any(forward(k) != k for k in keys)
-    return back if fused_named else IDENTITY
+    return back if fused_named else Rename((), family.hub_aliases)

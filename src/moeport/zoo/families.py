@@ -91,6 +91,10 @@ class Family:
     # Non-expert key renames from the hub layout to transformers' fused layout: pairs of dotted
     # fragments matched on whole segments (see mappings.rename); the reverse direction swaps them.
     fused_renames: tuple[tuple[str, str], ...] = ()
+    # Other hub spellings of a non-expert tensor, as (variant, spelling fused_renames start from):
+    # applied on the way to the fused layout and in verify's canonical names; a hub -> hub
+    # conversion keeps the source's spelling (its loaders expect it).
+    hub_aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def layouts(self) -> tuple[ExpertLayout, ...]:
@@ -146,6 +150,8 @@ FAMILIES: tuple[Family, ...] = (
         shared_expert="shared_experts",
         fields=ConfigFields(first_dense=()),
         fused_renames=DSV4_RENAMES,
+        # the public checkpoints' attention KV norm; transformers saves it as `attn.norm`
+        hub_aliases=(("attn.kv_norm", "attn.norm"),),
     ),
     Family(
         "qwen2_moe",

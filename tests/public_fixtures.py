@@ -1,0 +1,88 @@
+"""Checkpoints carrying public models' own names where transformers writes others (issue 21).
+
+Built from the transformers-made fixtures (fixtures.py) by renaming and adding tensors, names taken
+from the public checkpoints: DeepSeek-V4 keeps its attention KV norm as `attn.kv_norm` and its MTP
+block under `mtp.0.` (transformers drops both on load, so it cannot write them); Qwen3-Next and
+Qwen3.5 keep MTP under `mtp.layers.0.` with `mtp.fc`, `mtp.norm` and `mtp.pre_fc_norm_*` beside it.
+An MTP layer is a copy of the last decoder layer's tensors under the MTP prefix (seeded noise
+added, so no two layers are equal), plus the MTP-only tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from fixtures import load_tensors
+from safetensors.torch import save_file
+
+# model_type -> (main layer prefix in the transformers save, MTP prefix, MTP-only tensors: name -> shape)
+MTP = {
+    "deepseek_v4": (
+        "model.layers.{L}.",
+        "mtp.0.",
+        {
+            "e_proj.weight": (64, 64),
+            "h_proj.weight": (64, 64),
+            "enorm.weight": (64,),
+            "hnorm.weight": (64,),
+            "norm.weight": (64,),
+        },
+    ),
+    "qwen3_next": (
+        "model.layers.{L}.",
+        "mtp.layers.0.",
+        {
+            "^mtp.fc.weight": (64, 128),
+            "^mtp.norm.weight": (64,),
+            "^mtp.pre_fc_norm_embedding.weight": (64,),
+            "^mtp.pre_fc_norm_hidden.weight": (64,),
+        },
+    ),
+    "qwen3_5_moe": (
+        "model.language_model.layers.{L}.",
+        "mtp.layers.0.",
+        {
+            "^mtp.fc.weight": (64, 128),
+            "^mtp.norm.weight": (64,),
+            "^mtp.pre_fc_norm_embedding.weight": (64,),
+            "^mtp.pre_fc_norm_hidden.weight": (64,),
+        },
+    ),
+}
+
+
+def with_public_names(src: Path, out: Path, model_type: str, mtp: bool = True, seed: int = 1) -> Path:
+    """A copy of the transformers checkpoint `src` under the public names of `model_type`."""
+    tensors = load_tensors(src)
+    config = json.loads((src / "config.json").read_text())
+    if model_type == "deepseek_v4":
+        tensors = {re.sub(r"\.attn\.norm\.", ".attn.kv_norm.", k): v for k, v in tensors.items()}
+    if mtp:
+        tensors.update(mtp_tensors(tensors, config, model_type, seed))
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json" and f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def mtp_tensors(tensors: dict, config: dict, model_type: str, seed: int) -> dict[str, torch.Tensor]:
+    main, prefix, extra = MTP[model_type]
+    text = config.get("text_config", config)
+    last = main.replace("{L}", str(text["num_hidden_layers"] - 1))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith(last):
+            if v.is_floating_point():
+                v = (v.float() + torch.randn(v.shape, generator=g) * 0.01).to(v.dtype)
+            out[prefix + k[len(last) :]] = v.clone()
+    for name, shape in extra.items():
+        key = name[1:] if name.startswith("^") else prefix + name
+        out[key] = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+    return out
