@@ -86,3 +86,33 @@ def mtp_tensors(tensors: dict, config: dict, model_type: str, seed: int) -> dict
         key = name[1:] if name.startswith("^") else prefix + name
         out[key] = (torch.randn(shape, generator=g) * 0.02).bfloat16()
     return out
+
+
+def deepseek_v4_fp4(src: Path, out: Path) -> Path:
+    """DeepSeek-V4 as published: routed experts (MTP's too) in FP4 (I8 codes + E8M0 `scale` per 32),
+    `expert_dtype: fp4` in config.json beside an FP8 `quantization_config`. The codes come from
+    moeport's Dsv4Mxfp4Codec, whose decode is checked against gguf (test_codecs)."""
+    from moeport.codecs import Dsv4Mxfp4Codec
+
+    codec = Dsv4Mxfp4Codec()
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in load_tensors(src).items():
+        if re.search(r"\.ffn\.experts\.\d+\.w[123]\.weight$", k):
+            parts = codec.encode(v.float())
+            tensors[k] = parts["weight"]
+            tensors[k.removesuffix("weight") + "scale"] = parts["scale"]
+        else:
+            tensors[k] = v
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["expert_dtype"] = "fp4"
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "scale_fmt": "ue8m0",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

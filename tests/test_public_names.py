@@ -3,11 +3,12 @@ to every layout and verify; each test builds its checkpoint from a transformers-
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from fixtures import load_tensors
-from public_fixtures import with_public_names
+from public_fixtures import deepseek_v4_fp4, with_public_names
 from rich.console import Console
 
 from moeport.cli.convert import RunFlags, run_convert
@@ -48,3 +49,26 @@ def test_deepseek_v4_public_kv_norm_converts_to_fused_and_back(checkpoint, tmp_p
     hub = convert(src, tmp_path / "hub", dtype="fp32")
     assert "model.layers.0.attn.kv_norm.weight" in hub and "mtp.0.attn.kv_norm.weight" in hub
     assert_verified(src, tmp_path / "hub")
+
+
+def _storage_fields(config: dict) -> list:
+    where = [config, config.get("quantization_config") or {}]
+    return [c["expert_dtype"] for c in where if "expert_dtype" in c]
+
+
+def test_deepseek_v4_expert_dtype_says_what_the_output_stores(checkpoint, tmp_path) -> None:
+    """`expert_dtype` describes the experts' storage: kept by a re-layout, rewritten (fp8) or
+    dropped (bf16, INT4) when the experts are stored otherwise."""
+    pub = with_public_names(checkpoint("deepseek_v4", "hub"), tmp_path / "pub", "deepseek_v4", mtp=False)
+    src = deepseek_v4_fp4(pub, tmp_path / "fp4")
+    cases = [
+        ("keep", "hf", {"layout": "fused"}, ["fp4"]),
+        ("bf16", "hf", {"dtype": "bf16"}, []),
+        ("w4a16", "w4a16", {"group_size": 32}, []),
+        ("fp8-block", "fp8-block", {}, ["fp8"]),
+    ]
+    for name, to, options, expected in cases:
+        out = tmp_path / name
+        convert(src, out, to, **options)
+        config = json.loads((out / "config.json").read_text())
+        assert _storage_fields(config) == expected, (name, config.get("quantization_config"))

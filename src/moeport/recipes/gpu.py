@@ -29,6 +29,7 @@ from moeport.recipes.base import Options, Target
 from moeport.recipes.hf import build_hf
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
+from moeport.zoo.model_config import rewrite_storage_fields
 
 SCHEMES = ("w4a16", "w8a16", "fp8", "fp8-block")
 INT_SCHEMES = ("w4a16", "w8a16")  # the grouped ones: --group-size
@@ -155,6 +156,8 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
     if not quantized:
         raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore)")
     plan = Plan(units, _config(ck.config, recipe, kept_linear))
+    if plan.config is not None:
+        rewrite_storage_fields(plan.config, det.family.storage_fields, codec.name)
     how = "carried bit-exact (the source stores them in this scheme)" if carried else "quantized"
     plan.notes.append(f"{recipe.scheme}: {len(quantized)} weights {how}, {len(kept_linear)} linear kept")
     for p, n in matched.items():

@@ -35,7 +35,7 @@ from moeport.mappings.rename import IDENTITY, Rename
 from moeport.recipes.base import Options, Target
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
-from moeport.zoo.model_config import ModelConfig
+from moeport.zoo.model_config import ModelConfig, rewrite_storage_fields
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("hub", "fused")
@@ -102,6 +102,8 @@ def build_hf(
                 units.append(Unit(layer, op))
 
     plan = Plan(units, _output_config(ck.config, builder.dequantized, dtype))
+    if plan.config is not None and builder.experts_as is not None:
+        rewrite_storage_fields(plan.config, family.storage_fields, builder.experts_as)
     if rename is not IDENTITY:
         plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} zoo rule(s)")
     if builder.dequantized:
@@ -155,6 +157,7 @@ class _Builder:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dequantized = 0
         self.keep_experts = False
+        self.experts_as: str | None = None  # the codec of the output's experts, where they changed
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.shapes[name] if name in self.shapes else self.ck.info(name).shape
@@ -215,6 +218,7 @@ class _Builder:
             and (not is_float or (self.cast_floats and fmt.name != _fmt_name(self.dtype)))
         ):
             parts, fmt = self._decode_experts(parts, fmt, det, pre)
+            self.experts_as = fmt.name
         experts = det.experts_per_layer
 
         def rows_of(group: dict[str, str]) -> int:

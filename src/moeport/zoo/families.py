@@ -77,6 +77,16 @@ MIXTRAL_FIELDS = ConfigFields(
 
 
 @dataclass(frozen=True)
+class StorageField:
+    """A config.json field that states how the routed experts are stored (DeepSeek-V4's
+    `expert_dtype`), at the top, in text_config or in quantization_config. An output whose experts
+    are stored otherwise gets the value for its expert codec, or loses the field when none fits."""
+
+    name: str
+    values: tuple[tuple[str, str], ...]  # (codec name of the output experts, config value)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     title: str
@@ -95,6 +105,7 @@ class Family:
     # applied on the way to the fused layout and in verify's canonical names; a hub -> hub
     # conversion keeps the source's spelling (its loaders expect it).
     hub_aliases: tuple[tuple[str, str], ...] = ()
+    storage_fields: tuple[StorageField, ...] = ()
 
     @property
     def layouts(self) -> tuple[ExpertLayout, ...]:
@@ -152,6 +163,7 @@ FAMILIES: tuple[Family, ...] = (
         fused_renames=DSV4_RENAMES,
         # the public checkpoints' attention KV norm; transformers saves it as `attn.norm`
         hub_aliases=(("attn.kv_norm", "attn.norm"),),
+        storage_fields=(StorageField("expert_dtype", (("mxfp4-deepseek-v4", "fp4"), ("fp8-block", "fp8"))),),
     ),
     Family(
         "qwen2_moe",
