@@ -97,7 +97,7 @@ def deepseek_v4_fp4(src: Path, out: Path) -> Path:
     codec = Dsv4Mxfp4Codec()
     tensors: dict[str, torch.Tensor] = {}
     for k, v in load_tensors(src).items():
-        if re.search(r"\.ffn\.experts\.\d+\.w[123]\.weight$", k):
+        if re.search(r"(^|\.)ffn\.experts\.\d+\.w[123]\.weight$", k):
             parts = codec.encode(v.float())
             tensors[k] = parts["weight"]
             tensors[k.removesuffix("weight") + "scale"] = parts["scale"]

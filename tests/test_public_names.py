@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from fixtures import load_tensors
 from public_fixtures import deepseek_v4_fp4, with_public_names
@@ -72,3 +73,75 @@ def test_deepseek_v4_expert_dtype_says_what_the_output_stores(checkpoint, tmp_pa
         convert(src, out, to, **options)
         config = json.loads((out / "config.json").read_text())
         assert _storage_fields(config) == expected, (name, config.get("quantization_config"))
+
+
+def inspect_json(path: Path) -> dict:
+    from typer.testing import CliRunner
+
+    from moeport.cli.app import app
+
+    result = CliRunner().invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def assert_mtp_experts(report: dict, layout: str, mtp: int = 3) -> None:
+    """Layer `mtp` is reported as MTP, its experts counted as expert bytes, in the one `layout`."""
+    assert report["layers"]["mtp"] == [mtp] and report["experts"]["layout"] == layout
+    per_layer = report["bytes"]["per_layer"]
+    assert per_layer[str(mtp)]["experts"] == per_layer["0"]["experts"] > 0
+
+
+@pytest.mark.parametrize(
+    "model_type,layout", [("qwen3_next", "hub"), ("qwen3_5_moe", "fused"), ("deepseek_v4", "hub")]
+)
+def test_mtp_stored_apart_is_detected_and_converted_like_the_main_layers(
+    checkpoint, tmp_path, model_type, layout
+) -> None:
+    """MTP under `mtp.layers.0.` / `mtp.0.`: reported as an MTP layer, its experts re-laid out with
+    the main layers' (never one checkpoint in two layouts) and quantized with them."""
+    src = with_public_names(checkpoint(model_type, layout), tmp_path / "pub", model_type)
+    assert_mtp_experts(inspect_json(src), "per-expert" if layout == "hub" else "fused")
+    other = "fused" if layout == "hub" else "hub"
+    out = convert(src, tmp_path / other, layout=other)
+    assert_mtp_experts(inspect_json(tmp_path / other), "per-expert" if other == "hub" else "fused")
+    assert any(k.startswith("mtp.") and ".experts." in k for k in out)
+    assert_verified(src, tmp_path / other)
+    int4 = convert(src, tmp_path / "w4a16", "w4a16", group_size=32)
+    mtp_experts = {k.rsplit(".", 1)[0] for k in int4 if k.startswith("mtp.") and ".experts." in k}
+    assert mtp_experts and all(f"{m}.weight_packed" in int4 for m in mtp_experts)
+    ignore = json.loads((tmp_path / "w4a16" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert not [m for m in ignore if ".experts." in m]
+    assert_verified(src, tmp_path / "w4a16")
+
+
+def test_deepseek_v4_fp4_mtp_experts_keep_their_storage(checkpoint, tmp_path) -> None:
+    """`--dtype keep` re-lays out DeepSeek-V4's FP4 MTP experts as FP4, like the other layers'."""
+    pub = with_public_names(checkpoint("deepseek_v4", "hub"), tmp_path / "pub", "deepseek_v4")
+    src = deepseek_v4_fp4(pub, tmp_path / "fp4")
+    out = convert(src, tmp_path / "fused", layout="fused")
+    for prefix in ("model.layers.0.", "mtp.0."):
+        assert out[f"{prefix}mlp.experts.gate_up_proj"].dtype == torch.int8
+        assert f"{prefix}mlp.experts.gate_up_proj_scale" in out
+    assert_verified(src, tmp_path / "fused")
+
+
+def test_kt_converts_mtp_experts_stored_apart(tmp_path) -> None:
+    """kt-int4 puts Qwen3-Next's `mtp.layers.0` experts in kt's layer files (layer 3), none in the
+    base shards, and verify reads them back."""
+    from fixtures import COMMON, FAMILY_CONFIGS
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moeport.sinks import kt_layout as L
+    from moeport.sinks.sharded import INDEX_NAME
+
+    over = {"hidden_size": 128, "moe_intermediate_size": 128, "num_hidden_layers": 2}
+    cfg = AutoConfig.for_model("qwen3_next", **{**COMMON, **FAMILY_CONFIGS["qwen3_next"], **over})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "tf")
+    src = with_public_names(tmp_path / "tf", tmp_path / "pub", "qwen3_next")
+    convert(src, tmp_path / "kt", "kt-int4")
+    weight_map = json.loads((tmp_path / "kt" / INDEX_NAME).read_text())["weight_map"]
+    assert L.merged_key(2, "down", 3, 0, "scale") in weight_map
+    assert not [k for k in weight_map if ".experts." in k]
+    assert_verified(src, tmp_path / "kt")

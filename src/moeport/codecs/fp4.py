@@ -111,6 +111,8 @@ class Dsv4Mxfp4Codec:
     stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        if "scale" not in parts and "weight_scale" in parts:  # fused `gate_up_proj_scale` reads so
+            parts = {**parts, "scale": parts["weight_scale"]}
         need(parts, self.required, where, self.name)
         w, s = parts["weight"], parts["scale"]
         check_dtype(w, (torch.int8, torch.uint8), where, "weight")

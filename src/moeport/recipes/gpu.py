@@ -178,7 +178,7 @@ def ignore_regex(pattern: str) -> re.Pattern[str]:
 def _expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
     """Routed-expert tensors under hub names, `part` being a regex of the last name segment."""
     layout = det.family.hub
-    prefix = re.escape(det.layer_prefix).replace(re.escape("{L}"), r"\d+")
+    prefix = det.naming.pattern()
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     return re.compile(rf"^{prefix}{re.escape(layout.block)}\.experts\.\d+\.({projs})\.{part}$")
 

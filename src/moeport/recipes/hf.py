@@ -8,7 +8,6 @@ the expert re-layout, then renames of the other tensors.
 from __future__ import annotations
 
 import copy
-import re
 from collections import defaultdict
 from typing import Any
 
@@ -26,7 +25,6 @@ from moeport.convert.dequantize import (
 from moeport.convert.plan import Plan, Unit, finalize
 from moeport.detect.detection import Detection
 from moeport.detect.formats import ExpertFormat, Part
-from moeport.detect.layout import layer_prefix_pattern, match_layout
 from moeport.dtypes import safetensors_name_of
 from moeport.errors import MoeportError
 from moeport.mappings.experts import FUSED_ROLES, LayerNames, Parts, relayout_experts
@@ -78,24 +76,21 @@ def build_hf(
     builder = _Builder(ck, quant, dtype, cast_floats, device)
     builder.keep_experts = keep_experts
 
-    match = match_layout(ck.keys(), det.layout, det.layer_prefix)
-    layers = match.layers if match else {}
+    layers = det.naming.expert_layers(ck.keys(), det.layout)
     expert_keys = {k for le in layers.values() for k in le.keys}
     others = [k for k in ck.keys() if k not in expert_keys]
     rename.check(others, str(ck.root))
 
-    layer_re = re.compile("^" + layer_prefix_pattern(det.layer_prefix))
     by_layer: dict[int | None, list[str]] = defaultdict(list)
     for key in others:
-        m = layer_re.match(key)
-        by_layer[int(m["L"]) if m else None].append(key)
+        by_layer[det.naming.layer_of(key)].append(key)
 
     units: list[Unit] = []
     for layer in sorted(set(by_layer) | set(layers), key=lambda L: -1 if L is None else L):
         for op in builder.other_tensors(by_layer.get(layer, []), rename):
             units.append(Unit(layer, op))
         if layer in layers:
-            prefix = det.layer_prefix.replace("{L}", str(layer))
+            prefix = det.naming.prefix(layer)
             src = LayerNames(det.layout, prefix)
             dst = LayerNames(dst_layout, prefix)
             for op in builder.experts(layers[layer].parts, det, src, dst):

@@ -115,14 +115,14 @@ def verify(
             det = detect(s)
             names = set()
             for layer in kt.layers:
-                names.update(kt_canonical.expert_names(kt, layer, det.family, det.layer_prefix).values())
+                names.update(kt_canonical.expert_names(kt, layer, det.family, det.naming).values())
             config = Path(out) / "config.json"
             check_same_model(s, None, json.loads(config.read_text()) if config.is_file() else None)
             source = (
                 CanonicalLayer(c.layer, {k: v for k, v in c.tensors.items() if k in names})
                 for c in _announce(hf_layers(s), on_layer)
             )
-            output = kt_canonical.folder_layers(Path(out), kt, det.family, det.layer_prefix)
+            output = kt_canonical.folder_layers(Path(out), kt, det.family, det.naming)
             expect_exact = False if lossless is None else lossless
             return compare(source, output, expect_exact, max_rel_error, outlier_factor)
         with open_checkpoint(out) as o:

@@ -94,6 +94,8 @@ class Family:
     hub: ExpertLayout
     fused: ExpertLayout = FUSED_V5
     layer_prefixes: tuple[str, ...] = ("model.layers.{L}.",)
+    # MTP layers stored apart from the decoder layers (numbered after them; see detect.layout)
+    mtp_prefixes: tuple[str, ...] = ()
     router: tuple[str, ...] = ("gate.weight",)  # relative to the block
     router_bias: tuple[str, ...] = ()
     shared_expert: str | None = None  # sub-module name of shared experts, relative to the block
@@ -157,6 +159,7 @@ FAMILIES: tuple[Family, ...] = (
         ("deepseek_v4",),
         hub=ExpertLayout("per-expert", "ffn", {"gate": "w1", "up": "w3", "down": "w2"}),
         layer_prefixes=("layers.{L}.", "model.layers.{L}."),
+        mtp_prefixes=("mtp.{L}.",),
         router_bias=("gate.bias", "gate.tid2eid"),
         shared_expert="shared_experts",
         fields=ConfigFields(first_dense=()),
@@ -179,6 +182,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen3-Next",
         ("qwen3_next",),
         hub=HUB_MLP,
+        mtp_prefixes=("mtp.layers.{L}.",),
         shared_expert="shared_expert",
         fields=QWEN_FIELDS,
     ),
@@ -188,6 +192,7 @@ FAMILIES: tuple[Family, ...] = (
         ("qwen3_5_moe", "qwen3_5_moe_text"),
         hub=HUB_MLP,
         layer_prefixes=("model.language_model.layers.{L}.", "model.layers.{L}."),
+        mtp_prefixes=("mtp.layers.{L}.",),
         shared_expert="shared_expert",
         fields=QWEN_FIELDS,
     ),
