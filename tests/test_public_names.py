@@ -145,3 +145,25 @@ def test_kt_converts_mtp_experts_stored_apart(tmp_path) -> None:
     assert L.merged_key(2, "down", 3, 0, "scale") in weight_map
     assert not [k for k in weight_map if ".experts." in k]
     assert_verified(src, tmp_path / "kt")
+
+
+def test_int4_experts_re_laid_out_to_fused_carry_weight_shape(checkpoint, tmp_path) -> None:
+    """compressed-tensors INT4 experts in Kimi-K2's scheme (pack-quantized, symmetric, group 32,
+    BF16 scales; written here by --to w4a16, whose bytes equal compressed-tensors' compressor, see
+    test_codecs) re-laid out to the fused layout keep codes and scales, and `weight_shape` says
+    each fused tensor's rows; back to hub is byte-identical, and the fused INT4 is still carried
+    bit-exact into --to w4a16 --group-size 32."""
+    int4 = convert(checkpoint("qwen3_moe", "hub"), tmp_path / "int4", "w4a16", group_size=32)
+    fused = convert(tmp_path / "int4", tmp_path / "fused", layout="fused")
+    shape = fused["model.layers.0.mlp.experts.gate_up_proj_shape"]
+    gate = int4["model.layers.0.mlp.experts.0.gate_proj.weight_shape"]
+    assert shape.shape == (4, 2) and shape[0].tolist() == [2 * gate[0].item(), gate[1].item()]
+    assert fused["model.layers.0.mlp.experts.down_proj_shape"][3].tolist() == (
+        int4["model.layers.0.mlp.experts.3.down_proj.weight_shape"].tolist()
+    )
+    report = verify(tmp_path / "int4", tmp_path / "fused")
+    assert report.ok and all(t.exact for t in report.tensors)
+    hub = convert(tmp_path / "fused", tmp_path / "hub", layout="hub")
+    assert sorted(hub) == sorted(int4) and all(torch.equal(hub[k], int4[k]) for k in int4)
+    carried = convert(tmp_path / "fused", tmp_path / "carried", "w4a16", group_size=32)
+    assert all(torch.equal(carried[k], int4[k]) for k in int4 if ".experts." in k)

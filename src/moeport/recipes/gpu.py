@@ -84,7 +84,9 @@ def carries_experts(ck: Checkpoint, det: Detection, recipe: Recipe) -> str | Non
             and bool(p.get("symmetric")) == codec.symmetric
             and p.get("strategy") == ("group" if codec.group_size else "channel")
         )
-        scales = [k for k in ck.keys() if ".experts." in k and k.endswith(".weight_scale")]
+        layers = det.naming.expert_layers(ck.keys(), det.layout)
+        groups = next(iter(layers.values())).parts.values() if layers else []
+        scales = [g["weight_scale"] for g in groups if "weight_scale" in g]  # hub or fused names
         same = same and bool(scales) and ck.info(scales[0]).dtype == "BF16"  # what the codec writes
         return "weight_packed" if same else None
     if isinstance(codec, Fp8BlockCodec):
