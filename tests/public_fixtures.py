@@ -116,3 +116,22 @@ def deepseek_v4_fp4(src: Path, out: Path) -> Path:
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def gpt_oss_mxfp4(src: Path, out: Path) -> Path:
+    """GPT-OSS as published: fused experts as MXFP4 `_blocks`/`_scales` ([E, N, K] rows), biases in
+    BF16, `quant_method: mxfp4` (transformers reads it; see test_convert_hf)."""
+    from moeport.codecs import GptOssMxfp4Codec
+
+    codec = GptOssMxfp4Codec()
+    tensors = load_tensors(src)
+    for name in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        parts = codec.encode(tensors.pop(name).float().transpose(-1, -2).contiguous())
+        tensors[name + "_blocks"], tensors[name + "_scales"] = parts["_blocks"], parts["_scales"]
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    skip = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": skip}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

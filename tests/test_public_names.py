@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import load_tensors
-from public_fixtures import deepseek_v4_fp4, with_public_names
+from public_fixtures import deepseek_v4_fp4, gpt_oss_mxfp4, with_public_names
 from rich.console import Console
 
 from moeport.cli.convert import RunFlags, run_convert
+from moeport.errors import MoeportError
 from moeport.recipes import Options
 from moeport.verify.run import verify
 
@@ -167,3 +168,35 @@ def test_int4_experts_re_laid_out_to_fused_carry_weight_shape(checkpoint, tmp_pa
     assert sorted(hub) == sorted(int4) and all(torch.equal(hub[k], int4[k]) for k in int4)
     carried = convert(tmp_path / "fused", tmp_path / "carried", "w4a16", group_size=32)
     assert all(torch.equal(carried[k], int4[k]) for k in int4 if ".experts." in k)
+
+
+def test_gpt_oss_fused_experts_to_gpu_formats(checkpoint, tmp_path) -> None:
+    """GPT-OSS's fused experts (transposed, gate/up interleaved, biases; BF16 or MXFP4 `_blocks`/
+    `_scales`) become per-expert 2-D linears with their biases in every GPU format; an --targets
+    all-linear whose --group-size does not divide some K is refused naming the size that fits."""
+    from moeport.codecs import PackQuantizedCodec
+
+    bf16 = checkpoint("gpt_oss", "hub")
+    source = load_tensors(bf16)
+    out = convert(bf16, tmp_path / "w8a16", "w8a16", group_size=32)
+    codec = PackQuantizedCodec(bits=8, group_size=32)
+    for e, role, rows in ((1, "gate", slice(0, None, 2)), (2, "up", slice(1, None, 2))):
+        name = f"model.layers.1.mlp.experts.{e}.{role}_proj."
+        parts = {p: out[name + p] for p in ("weight_packed", "weight_scale", "weight_shape")}
+        want = source["model.layers.1.mlp.experts.gate_up_proj"][e][:, rows].float().T
+        got = codec.decode(parts)
+        assert ((got - want).norm() / want.norm()).item() < 1e-2, name
+        assert torch.equal(
+            out[name + "bias"], source["model.layers.1.mlp.experts.gate_up_proj_bias"][e][rows]
+        )
+    assert_verified(bf16, tmp_path / "w8a16")
+    mxfp4 = gpt_oss_mxfp4(bf16, tmp_path / "mxfp4")
+    for to, options in (("w4a16", {"group_size": 32}), ("fp8", {})):
+        out = convert(mxfp4, tmp_path / to, to, **options)
+        assert "model.layers.0.mlp.experts.3.down_proj.bias" in out
+        assert not [k for k in out if k.endswith(("_blocks", "_scales"))]
+        assert_verified(mxfp4, tmp_path / to)
+    with pytest.raises(
+        MoeportError, match=r"--group-size 128: .*k_proj.weight has 64 input col.*use --group-size 32,"
+    ):
+        convert(bf16, tmp_path / "all", "w4a16", targets="all-linear")

@@ -104,7 +104,7 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
     codec = recipe.codec()
     carried = carries_experts(ck, det, recipe)
     base, decoded = build_hf(
-        ck, det, "hub", torch.float32, cast_floats=False, device=device, keep_experts=carried
+        ck, det, "linear", torch.float32, cast_floats=False, device=device, keep_experts=carried
     )
     base = finalize(base, ck)  # specs of the float plan tell which outputs are 2-D weights
     spec_of = {s.name: s for s in base.specs}
@@ -116,6 +116,7 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
     spared = dict.fromkeys(recipe.ignore, 0)  # ... of which would otherwise be quantized
     part_cache: dict[tuple[int, ...], tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]] = {}
     quantized: list[str] = []
+    misfit: list[tuple[str, int]] = []  # targeted weights whose K the group size does not divide
     kept_linear: list[str] = []
 
     def is_target(name: str) -> bool:
@@ -140,17 +141,22 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
                     quantized.append(name)
             elif is_target(name):
                 shape = spec_of[name].shape
+                quantized.append(name)
+                if recipe.group_size and recipe.scheme in INT_SCHEMES and shape[-1] % recipe.group_size:
+                    misfit.append((name, shape[-1]))
+                    continue
                 if shape not in part_cache:
                     part_cache[shape] = part_specs(codec, shape, name)
                 base = name.removesuffix("weight")
                 extra.append(Encode(name, base, codec, part_cache[shape], device, recipe.allow_nonfinite))
-                quantized.append(name)
             else:
                 if name in decoded:
                     extra.append(Cast(name, name, torch.bfloat16))
                 if name.endswith(".weight") and len(spec_of[name].shape) == 2:
                     kept_linear.append(name.removesuffix(".weight"))
         units.append(Unit(unit.layer, Chain((unit.op, *extra)) if extra else unit.op))
+    if misfit:
+        _refuse_group_size(recipe, misfit, [spec_of[n].shape[-1] for n in quantized], len(quantized))
     for p, n in matched.items():
         if n == 0:
             example = quantized[0].removesuffix(".weight") if quantized else next(iter(kept_linear), "")
@@ -168,6 +174,19 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
     return finalize(plan, ck)
 
 
+def _refuse_group_size(recipe: Recipe, misfit: list[tuple[str, int]], ks: list[int], total: int) -> None:
+    """One line naming the first weight whose K the group size does not divide, and the largest
+    group size that divides every targeted K (or per channel)."""
+    name, k = misfit[0]
+    fits = [g for g in (128, 64, 32, 16, 8) if g < (recipe.group_size or 0) and all(x % g == 0 for x in ks)]
+    hint = f"--group-size {fits[0]}" if fits else "--group-size 0 (per channel)"
+    raise MoeportError(
+        f"--group-size {recipe.group_size}: {name} has {k} input columns, not a multiple of it "
+        f"({len(misfit)} of {total} targeted weights); use {hint}, which fits every targeted weight, "
+        "or leave those modules out with --ignore"
+    )
+
+
 def ignore_regex(pattern: str) -> re.Pattern[str]:
     """An --ignore pattern as users bring it: a module name (`model.layers.0.self_attn.q_a_proj`),
     a regex, or llmcompressor's `re:<regex>`; searched in module and weight names."""
@@ -179,7 +198,7 @@ def ignore_regex(pattern: str) -> re.Pattern[str]:
 
 def _expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
     """Routed-expert tensors under hub names, `part` being a regex of the last name segment."""
-    layout = det.family.hub
+    layout = det.family.per_expert
     prefix = det.naming.pattern()
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     return re.compile(rf"^{prefix}{re.escape(layout.block)}\.experts\.\d+\.({projs})\.{part}$")

@@ -66,11 +66,13 @@ def build_hf(
 ) -> tuple[Plan, set[str]]:
     """Units of the hf recipe (not yet finalized) and the names of outputs that were dequantized.
 
+    layout: 'hub', 'fused', or 'linear' (per-expert 2-D weights whatever the hub layout, Family.linear).
+
     cast_floats False: only quantized weights are decoded to `dtype`; float tensors keep theirs.
     keep_experts: routed experts keep their stored format (a target that already holds them so).
     """
     family = det.family
-    dst_layout = family.hub if layout == "hub" else family.fused
+    dst_layout = {"hub": family.hub, "fused": family.fused, "linear": family.per_expert}[layout]
     rename = _rename_between(det, layout, canonical)
     quant = ModelConfig(ck.config or {}).quantization_config or {}
     builder = _Builder(ck, quant, dtype, cast_floats, device)
@@ -127,7 +129,7 @@ def _rename_between(det: Detection, layout: str, canonical: bool = False) -> Ren
     family = det.family
     src_is_hub = family.hub == family.fused or det.layout == family.hub
     aliases = family.hub_aliases if src_is_hub else ()
-    if family.hub == family.fused or src_is_hub == (layout == "hub"):
+    if family.hub == family.fused or src_is_hub == (layout != "fused"):
         return Rename((), aliases) if canonical and aliases else IDENTITY
     forward = Rename(family.fused_renames, aliases)
     return forward if src_is_hub else forward.inverse()

@@ -108,10 +108,19 @@ class Family:
     # conversion keeps the source's spelling (its loaders expect it).
     hub_aliases: tuple[tuple[str, str], ...] = ()
     storage_fields: tuple[StorageField, ...] = ()
+    # Per-expert 2-D linears of a family whose only public layout is fused (GPT-OSS): what targets
+    # that quantize weight by weight write (llmcompressor's linearised experts), biases beside them.
+    linear: ExpertLayout | None = None
+
+    @property
+    def per_expert(self) -> ExpertLayout:
+        """The per-expert layout: the hub names, or `linear` where the hub layout is fused."""
+        return self.linear or self.hub
 
     @property
     def layouts(self) -> tuple[ExpertLayout, ...]:
-        return (self.hub,) if self.hub == self.fused else (self.hub, self.fused)
+        found = (self.hub,) if self.hub == self.fused else (self.hub, self.fused)
+        return found + ((self.linear,) if self.linear is not None and self.linear not in found else ())
 
 
 # DeepSeek-V4's reference names vs transformers' (checked against transformers' own save, both ways).
@@ -235,6 +244,7 @@ FAMILIES: tuple[Family, ...] = (
         ("gpt_oss",),
         hub=GPT_OSS_EXPERTS,
         fused=GPT_OSS_EXPERTS,
+        linear=HUB_MLP,
         router=("router.weight",),
         router_bias=("router.bias",),
         fields=ConfigFields(
