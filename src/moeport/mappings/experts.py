@@ -86,7 +86,8 @@ def relayout_experts(
     if gate_up is None or down is None:
         raise MoeportError(f"{src.prefix}: fused experts need both gate_up and down tensors")
     # a transposed fused weight (GPT-OSS float [E, H, 2I]) holds its rows in the last dim
-    rows = shape_of(gate_up["weight"])[-1] if src.layout.transposed else rows_of(gate_up)
+    transposed = src.layout.transposed and fmt.name in FLOAT_FORMATS
+    rows = shape_of(gate_up["weight"])[-1] if transposed else rows_of(gate_up)
     if rows % 2:
         raise MoeportError(f"{src.fused('gate_up', 'weight')}: {rows} rows cannot be split into gate and up")
     per_expert: Parts = {}
@@ -127,14 +128,14 @@ def _fuse(
     name = fused_name or dst.fused
     ref = parts[(0, "gate")]
     rules = row_rules(fmt, {p: shape_of(n) for p, n in ref.items()}, src.per_expert(0, "gate", "weight"))
-    if src.layout.transposed or (dst.layout.transposed and fmt.name not in FLOAT_FORMATS):
-        raise MoeportError(
-            f"{src.prefix}: fusing quantized experts into a transposed (GPT-OSS) layout is not supported"
-        )
+    if src.layout.transposed:
+        raise MoeportError(f"{src.prefix}: per-expert tensors cannot be transposed")
+    # only float weights are stored transposed (GPT-OSS BF16 [E, H, 2I]; its MXFP4 keeps [E, 2I, ..])
+    transposed = dst.layout.transposed and fmt.name in FLOAT_FORMATS
 
     def stack(sources: tuple[str, ...], target: str, part: str) -> list[Op]:
         """Stack experts; a transposed layout's weights [E, N, K] -> [E, K, N] (biases stay)."""
-        if not dst.layout.transposed or part != "weight":
+        if not transposed or part != "weight":
             return [Stack(sources, target)]
         return [Stack(sources, f"{target}#rows"), Transpose(f"{target}#rows", target)]
 

@@ -107,11 +107,17 @@ class Transpose(OneToOne):
         a, b = self.dims
         shape[a], shape[b] = shape[b], shape[a]
         memo = Memo(v)
-        return {
-            self.target: Lazy(
-                tuple(shape), v.dtype, is_meta(v), produce=lambda: memo().transpose(a, b).contiguous()
-            )
-        }
+        select = None
+        if isinstance(v, Lazy) and v.select is not None and len(shape) > 2 and a < 0 and b < 0:
+            # the last two dims of one item of a stack: read and transpose item by item
+            item = v.select
+
+            def select(i: int) -> Value:
+                one = Memo(item(i))
+                return Lazy(tuple(shape[1:]), v.dtype, produce=lambda: one().transpose(a, b).contiguous())
+
+        produce = lambda: memo().transpose(a, b).contiguous()  # noqa: E731
+        return {self.target: Lazy(tuple(shape), v.dtype, is_meta(v), produce=produce, select=select)}
 
     def inverse(self) -> Op:
         return Transpose(self.target, self.source, self.dims)

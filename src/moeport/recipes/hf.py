@@ -33,6 +33,7 @@ from moeport.mappings.rename import IDENTITY, Rename
 from moeport.recipes.base import Options, Target
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
+from moeport.zoo.families import ROLES
 from moeport.zoo.model_config import ModelConfig, rewrite_storage_fields
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -209,23 +210,72 @@ class _Builder:
         parts = _roles(found, det)
         pre: dict[str, Op] = {}  # decode/cast ops, by the intermediate name they produce
         is_float = fmt.name in FLOAT_FORMATS
-        if (
+        decode = (
             self.dtype is not None
             and not self.keep_experts
             and (not is_float or (self.cast_floats and fmt.name != _fmt_name(self.dtype)))
-        ):
+        )
+        if decode and src.layout.kind == "fused" and dst.layout.kind == "per-expert":
+            self.experts_as = _fmt_name(self.dtype)
+            return self._unfuse_then_decode(parts, fmt, det, src, dst)
+        if decode:
             parts, fmt = self._decode_experts(parts, fmt, det, pre)
             self.experts_as = fmt.name
-        experts = det.experts_per_layer
+        ops = relayout_experts(parts, det.experts_per_layer, src, dst, fmt, self.shape_of, self._rows(fmt))
+        if not pre:
+            return ops
+        return [Chain((*(pre[i] for i in op.inputs if i in pre), op)) for op in ops]
 
+    def _rows(self, fmt: ExpertFormat):
         def rows_of(group: dict[str, str]) -> int:
             shapes = {p: self.shape_of(n) for p, n in active_parts(group).items()}
             return decoded_shape(fmt, shapes, next(iter(group.values())))[-2]
 
-        ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, rows_of)
-        if not pre:
-            return ops
-        return [Chain((*(pre[i] for i in op.inputs if i in pre), op)) for op in ops]
+        return rows_of
+
+    def _unfuse_then_decode(self, parts: Parts, fmt: ExpertFormat, det: Detection, src, dst) -> list[Op]:
+        """Fused -> per-expert with decoding: the stored parts are re-laid out first and each
+        expert's 2-D weight decoded (or cast) after, so a fused stack is read, decoded and held one
+        expert at a time (verify's bounded memory, the GPU recipes' linear experts)."""
+        experts = det.experts_per_layer
+        ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, self._rows(fmt))
+        is_float = fmt.name in FLOAT_FORMATS
+        out: list[Op] = []
+        for (_, fused_role), group in parts.items():
+            names = set(group.values())
+            mine = [op for op in ops if names & set(op.inputs)]
+            if is_float:
+                roles = [r for r in ROLES if FUSED_ROLES[r] == fused_role]
+                finish: list[Op] = [
+                    Cast(dst.per_expert(e, r, "weight"), dst.per_expert(e, r, "weight"), self.dtype)
+                    for e in range(experts)
+                    for r in roles
+                ]
+            else:
+                active = active_parts(group)
+                stack = decoded_shape(
+                    fmt, {p: self.shape_of(n) for p, n in active.items()}, next(iter(names))
+                )
+                finish = self._decode_each(active, stack, fused_role, experts, fmt, dst)
+                self.dequantized += 1
+            out.append(Chain((*mine, *finish)))
+        return out
+
+    def _decode_each(self, active, stack, fused_role: str, experts: int, fmt: ExpertFormat, dst) -> list[Op]:
+        roles = [r for r in ROLES if FUSED_ROLES[r] == fused_role]
+        shape = (stack[-2] // len(roles), stack[-1])
+        return [
+            Decode(
+                tuple((p, dst.per_expert(e, r, p)) for p in active),
+                dst.per_expert(e, r, "weight"),
+                fmt,
+                shape,
+                self.dtype,
+                device=self.device,
+            )
+            for e in range(experts)
+            for r in roles
+        ]
 
     def _decode_experts(
         self, parts: Parts, fmt: ExpertFormat, det: Detection, pre: dict[str, Op]
