@@ -125,6 +125,11 @@ def test_deepseek_v4_fp4_mtp_experts_keep_their_storage(checkpoint, tmp_path) ->
         assert out[f"{prefix}mlp.experts.gate_up_proj"].dtype == torch.int8
         assert f"{prefix}mlp.experts.gate_up_proj_scale" in out
     assert_verified(src, tmp_path / "fused")
+    # and back: the same FP4 bytes under DeepSeek's own names (`w1.scale`), MTP included
+    source, hub = load_tensors(src), convert(tmp_path / "fused", tmp_path / "hub")
+    experts = [k for k in source if ".experts." in k]
+    assert "mtp.0.ffn.experts.3.w2.scale" in experts
+    assert all(torch.equal(hub[k].view(torch.uint8), source[k].view(torch.uint8)) for k in experts)
 
 
 def test_kt_converts_mtp_experts_stored_apart(tmp_path) -> None:

@@ -92,6 +92,9 @@ class StorageFormat:
     # Formats sharing a name (mxfp4) differ by params["variant"]; None: any variant.
     variant: str | None = None
     is_float: bool = False  # a plain float weight: nothing to dequantize
+    # Per-expert names of parts that fused names spell otherwise: transformers' fused suffix
+    # `_scale` reads back as `weight_scale`, which DeepSeek-V4's FP4 experts call `scale`.
+    hub_parts: tuple[tuple[str, str], ...] = ()
 
     def matches(self, fmt: ExpertFormat) -> bool:
         """Whether this declaration describes the detected `fmt` (name, then variant)."""

@@ -223,5 +223,10 @@ MXFP4_GPT_OSS = StorageFormat(
 NVFP4 = StorageFormat("nvfp4", _recognize_nvfp4, _nibbles_shape, lambda p: Nvfp4Codec())
 # variant None: an mxfp4 of any other variant is DeepSeek-V4's
 MXFP4_DSV4 = StorageFormat(
-    "mxfp4", _recognize_dsv4, _nibbles_shape, lambda p: Dsv4Mxfp4Codec(), row_rule=_blocks_rows
+    "mxfp4",
+    _recognize_dsv4,
+    _nibbles_shape,
+    lambda p: Dsv4Mxfp4Codec(),
+    row_rule=_blocks_rows,
+    hub_parts=(("weight_scale", "scale"),),
 )

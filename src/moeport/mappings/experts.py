@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moeport.codecs.format import ExpertFormat
-from moeport.codecs.registry import FLOAT_FORMATS
+from moeport.codecs.registry import FLOAT_FORMATS, hub_part
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Concat, Copy, Op, Stack, Transpose
 from moeport.mappings.rules import row_rules
@@ -94,7 +94,7 @@ def relayout_experts(
     for e in range(experts):
         for role in ROLES:
             group = gate_up if role != "down" else down
-            per_expert[(e, role)] = {part: dst.per_expert(e, role, part) for part in group}
+            per_expert[(e, role)] = {part: dst.per_expert(e, role, hub_part(fmt, part)) for part in group}
     # One expert's part has the fused part's shape minus the expert dim (only its rank matters here).
     per_shape = {
         name: shape_of(parts[(-1, FUSED_ROLES[role])][part])[1:]

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from moeport.codecs.registry import hub_part
 from moeport.convert.dequantize import (
     ACTIVATION_PARTS,
     FLOAT_FORMATS,
@@ -266,7 +267,7 @@ class _Builder:
         shape = (stack[-2] // len(roles), stack[-1])
         return [
             Decode(
-                tuple((p, dst.per_expert(e, r, p)) for p in active),
+                tuple((p, dst.per_expert(e, r, hub_part(fmt, p))) for p in active),
                 dst.per_expert(e, r, "weight"),
                 fmt,
                 shape,
