@@ -42,6 +42,17 @@ MTP = {
             "^mtp.pre_fc_norm_hidden.weight": (64,),
         },
     ),
+    # GLM-4.5 keeps MTP as one more decoder layer (model.layers.{num_hidden_layers}), as DeepSeek-V3
+    "glm4_moe": (
+        "model.layers.{L}.",
+        "model.layers.3.",
+        {
+            "eh_proj.weight": (64, 128),
+            "enorm.weight": (64,),
+            "hnorm.weight": (64,),
+            "shared_head.norm.weight": (64,),
+        },
+    ),
     "qwen3_5_moe": (
         "model.language_model.layers.{L}.",
         "mtp.layers.0.",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import load_tensors
-from public_fixtures import deepseek_v4_fp4, gpt_oss_mxfp4, with_public_names
+from public_fixtures import MTP, deepseek_v4_fp4, gpt_oss_mxfp4, with_public_names
 from rich.console import Console
 
 from moeport.cli.convert import RunFlags, run_convert
@@ -90,26 +90,29 @@ def assert_mtp_experts(report: dict, layout: str, mtp: int = 3) -> None:
     """Layer `mtp` is reported as MTP, its experts counted as expert bytes, in the one `layout`."""
     assert report["layers"]["mtp"] == [mtp] and report["experts"]["layout"] == layout
     per_layer = report["bytes"]["per_layer"]
-    assert per_layer[str(mtp)]["experts"] == per_layer["0"]["experts"] > 0
+    assert per_layer[str(mtp)]["experts"] == per_layer[str(mtp - 1)]["experts"] > 0
 
 
 @pytest.mark.parametrize(
-    "model_type,layout", [("qwen3_next", "hub"), ("qwen3_5_moe", "fused"), ("deepseek_v4", "hub")]
+    "model_type,layout",
+    [("qwen3_next", "hub"), ("qwen3_5_moe", "fused"), ("deepseek_v4", "hub"), ("glm4_moe", "hub")],
 )
 def test_mtp_stored_apart_is_detected_and_converted_like_the_main_layers(
     checkpoint, tmp_path, model_type, layout
 ) -> None:
-    """MTP under `mtp.layers.0.` / `mtp.0.`: reported as an MTP layer, its experts re-laid out with
-    the main layers' (never one checkpoint in two layouts) and quantized with them."""
+    """MTP under `mtp.layers.0.` / `mtp.0.` (or GLM's `model.layers.{N}`): reported as an MTP
+    layer, its experts re-laid out with the main layers' (never one checkpoint in two layouts)
+    and quantized with them."""
     src = with_public_names(checkpoint(model_type, layout), tmp_path / "pub", model_type)
     assert_mtp_experts(inspect_json(src), "per-expert" if layout == "hub" else "fused")
     other = "fused" if layout == "hub" else "hub"
     out = convert(src, tmp_path / other, layout=other)
     assert_mtp_experts(inspect_json(tmp_path / other), "per-expert" if other == "hub" else "fused")
-    assert any(k.startswith("mtp.") and ".experts." in k for k in out)
+    mtp = MTP[model_type][1]
+    assert any(k.startswith(mtp) and ".experts." in k for k in out)
     assert_verified(src, tmp_path / other)
     int4 = convert(src, tmp_path / "w4a16", "w4a16", group_size=32)
-    mtp_experts = {k.rsplit(".", 1)[0] for k in int4 if k.startswith("mtp.") and ".experts." in k}
+    mtp_experts = {k.rsplit(".", 1)[0] for k in int4 if k.startswith(mtp) and ".experts." in k}
     assert mtp_experts and all(f"{m}.weight_packed" in int4 for m in mtp_experts)
     ignore = json.loads((tmp_path / "w4a16" / "config.json").read_text())["quantization_config"]["ignore"]
     assert not [m for m in ignore if ".experts." in m]
