@@ -29,14 +29,14 @@ JOBS = [  # (model type, source layout, source format, recipe or (layout, dtype)
 ]
 
 
-def convert(src: Path, out: Path, job, batcher: Batcher | None) -> None:
+def convert(src: Path, out: Path, job, batcher: Batcher | None, threads: int | None = None) -> None:
     with open_checkpoint(src) as ck:
         det = detect(ck)
         if isinstance(job, Recipe):
             plan = plan_gpu(ck, det, job)
         else:
             plan = plan_hf(ck, det, job[0], DTYPES[job[1]])
-        execute(plan, ck, out, 5 * 10**9, {}, batcher=batcher)
+        execute(plan, ck, out, 5 * 10**9, {}, batcher=batcher, threads=threads)
 
 
 @pytest.mark.parametrize(("model_type", "layout", "fmt", "job"), JOBS)

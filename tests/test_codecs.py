@@ -339,6 +339,10 @@ def test_numba_kernels_are_byte_identical_to_the_torch_path(
     assert cpu_kernels.AVAILABLE
     w = randn(96, 256, seed=14).bfloat16()
     w[5] = 0  # an all-zero group takes the eps scale
+    w[6] = -w[6].abs()  # groups with no positive value
+    w[7, :128] = -0.0
+    w[8] *= 1e-38  # bf16 subnormals
+    w[9, 1::2] = w[9, ::2]  # repeated maxima
     codec = PackQuantizedCodec(bits=bits, group_size=group, symmetric=sym, scale_dtype=scale_dtype)
     fp8 = Fp8BlockCodec()
     fast, fp8_parts = codec.encode(w), fp8.encode(randn(200, 300, seed=15))
@@ -400,3 +404,44 @@ def test_fused_fp8_block_transcode_every_e4m3_byte(bits, group, sym, scale_dtype
     assert fused.keys() == plain.keys()
     for name in plain:
         assert fused[name].dtype == plain[name].dtype and torch.equal(fused[name], plain[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_block_decode_into_equals_decode_then_cast(dtype) -> None:
+    """The CPU path decodes FP8 straight into the output tensor (no float32 temporary); its values
+    are those of decode(...).to(dtype): every E4M3 byte, scales that make bf16 ties and overflow."""
+    g = torch.Generator().manual_seed(18)
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    raw = codes[torch.randint(len(codes), (300, 520), generator=g)]
+    raw[0, : len(codes)] = codes
+    block_scale = torch.rand(3, 5, generator=g) * 2.0 + 1e-6
+    block_scale[1, 2] = 1.0 + 2.0**-8  # products land on bf16 rounding ties
+    block_scale[2, 4] = 3.0e38  # products overflow float32 to +-inf
+    parts = {"weight": raw.view(torch.float8_e4m3fn), "weight_scale_inv": block_scale}
+    fp8 = Fp8BlockCodec()
+    out = torch.empty(300, 520, dtype=dtype)
+    assert fp8.decode_into(parts, out, "w")
+    expected = fp8.decode(parts).to(dtype)
+    assert torch.equal(
+        out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
+    parts["weight"].view(torch.uint8)[7, 9] = 0xFF
+    with pytest.raises(MoeportError, match="^w.*NaN"):
+        fp8.decode_into(parts, out, "w")
+
+
+def test_bf16_rtn_kernel_leaves_nonfinite_rows_to_torch(monkeypatch) -> None:
+    """A row holding Inf or NaN is not the fused kernel's to judge: the torch path encodes the
+    weight (the caller refuses the resulting scales unless --allow-nonfinite)."""
+    from moeport.codecs import cpu_kernels, rtn_kernels
+
+    w = randn(64, 256, seed=19).bfloat16()
+    w[3, 17], w[40, 200] = float("inf"), float("nan")
+    assert rtn_kernels.bf16_to_int(w, 4, 128, True, torch.bfloat16) is None
+    codec = PackQuantizedCodec(bits=4, group_size=128, symmetric=True, scale_dtype=torch.bfloat16)
+    fast = codec.encode(w)
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+    slow = codec.encode(w)
+    for name in fast:
+        assert torch.equal(fast[name].view(torch.uint8), slow[name].view(torch.uint8)), name

@@ -13,6 +13,8 @@ import torch
 
 from moeport.codecs import (
     AwqCodec,
+    CtMxfp4Codec,
+    CtNvfp4Codec,
     Dsv4Mxfp4Codec,
     FloatCodec,
     Fp8BlockCodec,
@@ -65,6 +67,8 @@ CASES: dict[tuple[str, str | None], list[tuple[Codec, dict]]] = {
         ),
     ],
     ("awq", None): [(AwqCodec(group_size=32), {"quant_method": "awq", "bits": 4, "group_size": 32})],
+    ("ct-nvfp4", None): [(CtNvfp4Codec(), {"quant_method": "compressed-tensors"})],
+    ("ct-mxfp4", None): [(CtMxfp4Codec(), {"quant_method": "compressed-tensors"})],
     ("ct-pack-quantized", None): [
         (PackQuantizedCodec(bits=4, group_size=32), CT_W4),
         (PackQuantizedCodec(bits=8, group_size=64, symmetric=False), CT_W8_ASYM),
@@ -146,15 +150,6 @@ def test_stack_flags_are_the_ones_the_gpu_paths_rely_on() -> None:
 @pytest.mark.parametrize(
     ("parts", "name"),
     [
-        (
-            {
-                "weight_packed": Part("U8", (N, K // 2)),
-                "weight_scale": Part("F8_E4M3", (N, K // 16)),
-                "weight_global_scale": Part("F32", (1,)),
-            },
-            "ct-nvfp4",
-        ),
-        ({"weight_packed": Part("U8", (N, K // 2)), "weight_scale": Part("U8", (N, K // 32))}, "ct-mxfp4"),
         ({"weight": Part("F64", (N, K))}, "fp64"),
     ],
 )

@@ -468,3 +468,16 @@ def test_nan_in_one_expert_is_named(kt_checkpoint, tmp_path, batch):
     ):
         _kt_run(src, tmp_path / "out", "kt-int4", 1, batch=batch)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type,kt_layout", [("deepseek_v3", "merged"), ("qwen3_moe", "folders")])
+def test_threads_write_the_same_bytes(main, kt_checkpoint, tmp_path, model_type, kt_layout):
+    """FP8 decoded once per expert and shared by its NUMA slices, encoded on 1 or 3 threads: the
+    same files, byte for byte (moeport.parallel)."""
+    src = kt_checkpoint(model_type, (128, 64))
+    trees = []
+    for n in ("1", "3"):
+        dst = tmp_path / n
+        convert(main, src, dst, "--to", "kt-int4", "--numa", "2", "--kt-layout", kt_layout, "--threads", n)
+        trees.append({str(p.relative_to(dst)): p.read_bytes() for p in sorted(dst.rglob("*")) if p.is_file()})
+    assert len(trees[0]) > 2 and trees[0] == trees[1]

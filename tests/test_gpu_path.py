@@ -20,6 +20,11 @@ JOBS = [  # (source layout, source format, --to and options)
     ("fused", "fp8-block", ["--to", "w4a16", "--group-size", "32"]),
     ("hub", "bf16", ["--to", "fp8-block"]),
     ("hub", "bf16", ["--to", "fp8"]),
+    ("hub", "bf16", ["--to", "nvfp4"]),
+    ("hub", "fp8-block", ["--to", "nvfp4", "--flavor", "modelopt", "--targets", "all-linear"]),
+    ("fused", "bf16", ["--to", "nvfp4", "--flavor", "modelopt"]),
+    ("hub", "bf16", ["--to", "mxfp4"]),
+    ("fused", "fp8-block", ["--to", "mxfp4"]),
 ]
 
 

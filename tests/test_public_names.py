@@ -204,6 +204,11 @@ def test_gpt_oss_fused_experts_to_gpu_formats(checkpoint, tmp_path) -> None:
         assert "model.layers.0.mlp.experts.3.down_proj.bias" in out
         assert not [k for k in out if k.endswith(("_blocks", "_scales"))]
         assert_verified(mxfp4, tmp_path / to)
+    # into compressed-tensors MXFP4 the codes move as they are (no requantizing), biases beside them
+    moved = convert(mxfp4, tmp_path / "ct-mxfp4", "mxfp4")
+    assert "model.layers.0.mlp.experts.3.down_proj.bias" in moved
+    report = verify(mxfp4, tmp_path / "ct-mxfp4")
+    assert report.ok and all(t.exact for t in report.tensors)
     with pytest.raises(
         MoeportError, match=r"--group-size 128: .*k_proj.weight has 64 input col.*use --group-size 32,"
     ):

@@ -177,6 +177,14 @@ def convert(
             help="kt targets: merged (safetensors) or folders (_layer_L/*.kt).",
         ),
     ] = "merged",
+    flavor: Annotated[
+        str,
+        typer.Option(
+            "--flavor",
+            metavar="compressed-tensors|modelopt",
+            help="nvfp4/mxfp4: checkpoint flavour (default compressed-tensors: what vLLM loads as A16).",
+        ),
+    ] = "",
     max_memory: Annotated[
         str | None,
         typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this."),
@@ -190,11 +198,20 @@ def convert(
     device: Annotated[
         str,
         typer.Option(
-            help="Where decode/quantize math runs: cpu, cuda[:N], or auto (CUDA when it is usable, "
-            "else the CPU). Same bytes either way; on an H200 CUDA converts 1.2-2.6x faster "
-            "(bench/RESULTS.md)."
+            help="Where decode/quantize math runs: cpu, cuda[:N], or auto (the CPU with 8 or more "
+            "threads, else CUDA when it is usable). Same bytes either way; CUDA helps machines with "
+            "few cores (bench/RESULTS.md)."
         ),
     ] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads computing experts in parallel (default: every core this process may "
+            "use). Same bytes with any count; memory grows by about 2 output tensors per thread.",
+        ),
+    ] = None,
     ignore: Annotated[
         list[str] | None,
         typer.Option(
@@ -239,6 +256,7 @@ def convert(
         ignore=tuple(ignore or ()),
         numa=numa,
         kt_layout=kt_layout,
+        flavor=flavor,
         allow_nonfinite=allow_nonfinite,
         device=device,
     )
@@ -248,7 +266,7 @@ def convert(
     resolved = resolve_source(src)
     if resolved != src:  # a Hub repo id: the output names its source by it, not by a snapshot hash
         options = Options(**{**options.__dict__, "source_label": str(src)})
-    flags = RunFlags(dry_run, overwrite, quiet, limit, as_json, verbose)
+    flags = RunFlags(dry_run, overwrite, quiet, limit, as_json, verbose, threads)
     run_convert(resolved, dst, to, options, flags, out, given)
 
 

@@ -35,6 +35,7 @@ class RunFlags:
     max_memory: int | None = None
     as_json: bool = False  # a JSON summary on stdout (progress, if any, on stderr)
     verbose: bool = False  # the plan, as --dry-run prints it, before the work
+    threads: int | None = None  # CPU compute threads (None: every core this process may use)
 
 
 def run_convert(
@@ -51,6 +52,7 @@ def run_convert(
     from moeport.convert.execute import describe_recipe, execute
     from moeport.detect import detect
     from moeport.device import resolve_device
+    from moeport.parallel import available_cores
     from moeport.recipes import TARGETS, job_recipe
     from moeport.sources import open_checkpoint
 
@@ -58,7 +60,7 @@ def run_convert(
     if target is None:
         raise MoeportError(f"--to {to}: unknown target; expected one of {', '.join(TARGETS)}")
     target.refuse_unused(given)
-    device = resolve_device(options.device)
+    device = resolve_device(options.device, flags.threads or available_cores())
     options = Options(**{**options.__dict__, "device": device})
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
         # past a file-size limit, writes fail with EFBIG (reported) instead of killing the process
@@ -84,6 +86,7 @@ def run_convert(
                 result = execute(
                     plan, ck, dst, sink, None, on_progress, batcher,
                     recipe=recipe, overwrite=flags.overwrite, max_memory=flags.max_memory,
+                    threads=flags.threads,
                 )  # fmt: skip
             except KeyboardInterrupt:  # typer would exit 130 without a word; say how to resume
                 Console(stderr=True).print(INTERRUPTED, highlight=False, markup=False)

@@ -6,8 +6,14 @@ pack-quantized: `weight_packed` I32 [N, ceil(K*b/32)] holding q + 2^(b-1) densel
 [ceil(N*b/32), G] (signed zero + 2^(b-1), packed along N), and `weight_shape` I64 [2] = [N, K].
 Quantization math: int_rtn (compressed-tensors conventions). Scale dtype = the source dtype.
 
-Formats: a `weight_packed` group is ct-pack-quantized (I32), or ct-nvfp4 / ct-mxfp4 (U8, recognised,
-no codec yet). compressed-tensors FP8 (`float-quantized`) is an fp8 format (codecs.fp8).
+nvfp4-pack-quantized: `weight_packed` U8 [N, K/2] (E2M1 pairs, element 2j low), `weight_scale` E4M3
+[N, K/16], `weight_global_scale` F32 [1]; W = code * (weight_scale / weight_global_scale), so the
+global scale is the reciprocal of ModelOpt's `weight_scale_2`. mxfp4-pack-quantized: `weight_packed`
+as above, `weight_scale` U8 [N, K/32] (E8M0 biased exponents). Quantization math: codecs.fp4 (the
+compressed-tensors / llmcompressor RTN conventions).
+
+Formats: a `weight_packed` group is ct-pack-quantized (I32), or ct-nvfp4 / ct-mxfp4 (U8).
+compressed-tensors FP8 (`float-quantized`) is an fp8 format (codecs.fp8).
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from moeport.codecs import cpu_kernels
+from moeport.codecs import cpu_kernels, rtn_kernels
 from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, need
 from moeport.codecs.format import SHAPE, ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
+from moeport.codecs.fp4 import Canonical, mx_decode, mx_encode, nvfp4_decode, nvfp4_encode, reciprocal
 from moeport.codecs.fp8 import Fp8ScaledCodec
 from moeport.codecs.int_rtn import group_size_of, rtn_codes, rtn_dequantize, rtn_params
 from moeport.codecs.packing import pack_int32, unpack_int32
@@ -65,8 +72,12 @@ class PackQuantizedCodec:
         """[N, K] -> parts; [B, N, K] (a batch of same-shape weights) -> the parts stacked."""
         n, k = weight.shape[-2:]
         offset = 2 ** (self.bits - 1)
-        scale, zero = rtn_params(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
         group = group_size_of(k, self.group_size)
+        if rtn_kernels.bf16_to_int_supported(weight, self.bits, group, self.scale_dtype):
+            fused = rtn_kernels.bf16_to_int(weight, self.bits, group, self.symmetric, self.scale_dtype)
+            if fused is not None:  # one pass, no float32 copy of the weight (same bytes)
+                return self.assemble(n, k, *fused)
+        scale, zero = rtn_params(weight, self.bits, self.group_size, self.symmetric, self.scale_dtype)
         if cpu_kernels.quantize_pack_supported(weight, self.bits, group):
             packed = cpu_kernels.quantize_pack(weight, scale, zero, self.bits, group)
         else:
@@ -83,6 +94,74 @@ class PackQuantizedCodec:
             offset = 2 ** (self.bits - 1)
             out["weight_zero_point"] = pack_int32(zero.to(torch.int32) + offset, self.bits, dim=-2)
         return out
+
+
+@dataclass(frozen=True)
+class CtNvfp4Codec:
+    """compressed-tensors NVFP4: `weight_packed` U8, `weight_scale` E4M3 per 16, `weight_global_scale` [1]."""
+
+    name: str = "ct-nvfp4"
+    required: tuple[str, ...] = ("weight_packed", "weight_scale", "weight_global_scale")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
+    shares_global_scale: ClassVar[bool] = True  # encode takes global_amax
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        need(parts, self.required, where, self.name)
+        w, s, gs = parts["weight_packed"], parts["weight_scale"], parts["weight_global_scale"]
+        check_dtype(w, (torch.uint8,), where, "weight_packed")
+        check_dtype(s, (torch.float8_e4m3fn,), where, "weight_scale")
+        check_shape(s, (*w.shape[:-1], w.shape[-1] * 2 // 16), where, "weight_scale")
+        glob = check_finite(gs, where, "weight_global_scale").reshape(())
+        return nvfp4_decode(w, check_finite(s, where, "weight_scale") / glob)
+
+    def encode(
+        self, weight: torch.Tensor, global_amax: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        packed, scale, glob = nvfp4_encode(weight, "compressed-tensors", global_amax)
+        return {"weight_packed": packed, "weight_scale": scale, "weight_global_scale": glob}
+
+    kind: ClassVar[str] = "nvfp4"  # lossless moves between codecs of one kind: split -> join
+
+    def split(self, parts: Parts) -> Canonical:
+        glob = parts["weight_global_scale"]
+        return parts["weight_packed"], parts["weight_scale"], reciprocal(glob).reshape(())
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
+        glob = reciprocal(multiplier).reshape(1)
+        return {"weight_packed": packed, "weight_scale": scales, "weight_global_scale": glob}
+
+
+@dataclass(frozen=True)
+class CtMxfp4Codec:
+    """compressed-tensors MXFP4: `weight_packed` U8 [N, K/2], `weight_scale` U8 (E8M0) [N, K/32]."""
+
+    name: str = "ct-mxfp4"
+    required: tuple[str, ...] = ("weight_packed", "weight_scale")
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = True
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        need(parts, self.required, where, self.name)
+        w, s = parts["weight_packed"], parts["weight_scale"]
+        check_dtype(w, (torch.uint8,), where, "weight_packed")
+        check_dtype(s, (torch.uint8,), where, "weight_scale")
+        check_shape(s, (*w.shape[:-1], w.shape[-1] * 2 // 32), where, "weight_scale")
+        if bool((s == 255).any()):
+            raise MoeportError(f"{where}.weight_scale: E8M0 NaN byte 255")
+        return mx_decode(w, s)
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        packed, scale = mx_encode(weight, 32, ct=True)
+        return {"weight_packed": packed, "weight_scale": scale}
+
+    kind: ClassVar[str] = "mxfp4"
+
+    def split(self, parts: Parts) -> Canonical:
+        return parts["weight_packed"], parts["weight_scale"].view(torch.uint8), None
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
+        return {"weight_packed": packed, "weight_scale": scales}
 
 
 def float_quantized_codec(
@@ -134,6 +213,11 @@ def _packed_shape(shapes: dict[str, Shape], params: Params) -> Shape:
     return (*p[:-1], p[-1] * 32 // int(params.get("num_bits", 4)))
 
 
+def _fp4_shape(shapes: dict[str, Shape], params: Params) -> Shape:
+    p = shapes["weight_packed"]
+    return (*p[:-1], p[-1] * 2)
+
+
 def _zero_point_rows(part: str, params: Params) -> RowRule | None:
     """Asymmetric zero points are packed along N (`weight_zero_point` [N*b/32, G]); `weight_shape`
     [N, K] follows the rows as data (fused: `gate_up_proj_shape` [E, 2] = [2I, K] per expert)."""
@@ -144,8 +228,12 @@ def _zero_point_rows(part: str, params: Params) -> RowRule | None:
     return RowRule(-2, 32 // int(params.get("num_bits", 4)))  # rows of N per packed int32
 
 
-CT_NVFP4 = StorageFormat("ct-nvfp4", _recognize_nvfp4, marker="weight_packed")
-CT_MXFP4 = StorageFormat("ct-mxfp4", _recognize_mxfp4, marker="weight_packed")
+CT_NVFP4 = StorageFormat(
+    "ct-nvfp4", _recognize_nvfp4, _fp4_shape, lambda p: CtNvfp4Codec(), marker="weight_packed"
+)
+CT_MXFP4 = StorageFormat(
+    "ct-mxfp4", _recognize_mxfp4, _fp4_shape, lambda p: CtMxfp4Codec(), marker="weight_packed"
+)
 CT_PACK_QUANTIZED = StorageFormat(
     "ct-pack-quantized",
     _recognize_pack_quantized,

@@ -6,6 +6,9 @@ implementations in fp8.py / int_rtn.py operation for operation in float32 (IEEE 
 round-half-even), and the tests require byte-identical output. Reductions (group min/max) stay
 in torch, whose vectorised reductions are ~5x faster than a numba loop with IEEE min/max. Used
 only when numba imports and the tensors are on the CPU; otherwise the torch path runs.
+
+Each kernel is single-threaded and releases the GIL: the CPU path runs one per expert on every
+core at once (moeport.parallel), which scales further than splitting one matrix's rows.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from moeport.errors import MoeportError
 
 try:
-    from numba import njit, prange
+    from numba import njit
 except ImportError:  # pragma: no cover - numba is a regular dependency; keep the torch path usable
     njit = None
 
@@ -26,15 +29,41 @@ _E4M3_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.floa
 
 if AVAILABLE:
 
-    @njit(cache=True, nogil=True, parallel=True)
+    @njit(cache=True, nogil=True)
     def _fp8_block_dequant(w, scale, lut, bn, bk, out):  # pragma: no cover - compiled
         n, k = w.shape
-        for i in prange(n):
+        for i in range(n):
             srow = scale[i // bn]
             for jb in range(scale.shape[1]):
                 s = srow[jb]
                 for j in range(jb * bk, min(k, (jb + 1) * bk)):
                     out[i, j] = lut[w[i, j]] * s
+
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def _fp8_block_dequant_bf16(w, scale, bn, bk, out):  # pragma: no cover - compiled
+        """As _fp8_block_dequant, each float32 product rounded to bf16 bits (nearest even, as
+        torch's cast; NaN codes are refused before) and stored in `out` (uint16). E4M3 bytes are
+        decoded arithmetically, as in _fp8_block_to_int (a table gather would not vectorise)."""
+        n, k = w.shape
+        as_bits = np.empty(k, dtype=np.uint32)
+        as_float = as_bits.view(np.float32)
+        two_m7 = np.float32(2.0**-7)
+        for i in range(n):
+            wrow = w[i]
+            for j in range(k):  # the magnitude; the sign is applied to the product's bits below
+                as_bits[j] = ((np.uint32(wrow[j]) & np.uint32(0x7F)) << np.uint32(20)) + np.uint32(120 << 23)
+            srow = scale[i // bn]
+            for jb in range(scale.shape[1]):
+                s = srow[jb]
+                for j in range(jb * bk, min(k, (jb + 1) * bk)):
+                    v = as_float[j]
+                    v = (v - two_m7) * np.float32(2.0) if (wrow[j] & np.uint8(0x78)) == 0 else v
+                    as_float[j] = v * s
+            orow = out[i]
+            for j in range(k):
+                u = as_bits[j] ^ ((np.uint32(wrow[j]) & np.uint32(0x80)) << np.uint32(24))
+                rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                orow[j] = np.uint16(rounded)
 
     @njit(cache=True, nogil=True, inline="always")
     def _round_pack_group(quot, qmin, qmax, offset, bits, packed_row, base):  # pragma: no cover - compiled
@@ -62,14 +91,14 @@ if AVAILABLE:
         as_u32[0] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
         return bits32[0]
 
-    @njit(cache=True, nogil=True, parallel=True)
+    @njit(cache=True, nogil=True)
     def _quantize_pack(x, scale, zero, bits, group, packed):  # pragma: no cover - compiled
         """codes = clamp(rint(x / scale + zero)) + offset, packed LSB-first; scales/zeros given per group."""
         n, k = x.shape
         qmin = np.float32(-(2 ** (bits - 1)))
         qmax = np.float32(2 ** (bits - 1) - 1)
         offset = 2 ** (bits - 1)
-        for i in prange(n):
+        for i in range(n):
             quot = np.empty(group, dtype=np.float32)
             for g in range(k // group):
                 s = scale[i, g]
@@ -79,7 +108,7 @@ if AVAILABLE:
                     quot[j] = x[i, base + j] / s + z
                 _round_pack_group(quot, qmin, qmax, offset, bits, packed[i], base)
 
-    @njit(cache=True, nogil=True, parallel=True, boundscheck=False)
+    @njit(cache=True, nogil=True, boundscheck=False)
     def _fp8_block_to_int(  # pragma: no cover - compiled
         w, bscale, lut, bn, bk, bits, group, symmetric, bf16_scale, eps, packed, scale, zero, nan
     ):
@@ -102,7 +131,7 @@ if AVAILABLE:
         half_range = np.float32((qmax - qmin) / 2)
         full_range = np.float32(qmax - qmin)
         two_m7 = np.float32(2.0**-7)
-        for i in prange(n):
+        for i in range(n):
             as_bits = np.empty(group, dtype=np.uint32)
             as_float = as_bits.view(np.float32)
             codes = np.empty(group, dtype=np.uint8)
@@ -157,6 +186,15 @@ if AVAILABLE:
                         prow[base + j] = codes[j]
 
 
+def _stored(scale: np.ndarray, scale_dtype: torch.dtype) -> torch.Tensor:
+    """float32 scales already rounded to bf16 (when that is the stored dtype) as the stored tensor."""
+    if scale_dtype == torch.bfloat16:  # keep the top half of each float32
+        return torch.from_numpy(
+            (scale.view(np.uint32) >> np.uint32(16)).astype(np.uint16).view(np.int16)
+        ).view(torch.bfloat16)
+    return torch.from_numpy(scale)
+
+
 def fp8_block_dequant(
     weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], out: torch.Tensor
 ) -> None:
@@ -168,6 +206,19 @@ def fp8_block_dequant(
         block[0],
         block[1],
         out.numpy(),
+    )
+
+
+def fp8_block_dequant_bf16(
+    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], out: torch.Tensor
+) -> None:
+    """[N, K] e4m3 x block scales -> `out` bfloat16 [N, K] (contiguous), rounded as torch rounds."""
+    _fp8_block_dequant_bf16(
+        weight.contiguous().view(torch.uint8).numpy(),
+        scale.float().contiguous().numpy(),
+        block[0],
+        block[1],
+        out.view(torch.uint16).numpy(),
     )
 
 
@@ -241,11 +292,7 @@ def fp8_block_to_int(
     )
     if nan.any():
         raise MoeportError(f"{where}.weight: FP8 weight contains NaN codes (row {int(nan.nonzero()[0][0])})")
-    if scale_dtype == torch.bfloat16:  # already rounded to bf16 in the kernel: keep the top half
-        stored = torch.from_numpy((scale.view(np.uint32) >> np.uint32(16)).astype(np.uint16).view(np.int16))
-        stored = stored.view(torch.bfloat16)
-    else:
-        stored = torch.from_numpy(scale)
+    stored = _stored(scale, scale_dtype)  # already rounded to bf16 in the kernel
     return torch.from_numpy(packed).view(torch.int32), stored, None if symmetric else torch.from_numpy(zero)
 
 

@@ -3,7 +3,15 @@
 
 Two codes per byte, element 2j in the low nibble (every HF-side producer agrees). RTN onto the
 E2M1 grid is round-half-to-even with saturation at ±6; negative values that round to zero keep
-the sign bit (code 8), equal in value to +0.
+the sign bit (code 8), equal in value to +0. Codes are RNE_E2M1(x / divisor) with one float32
+divisor per group (IEEE division), through fp4_kernels on the CPU and torch elsewhere: same bytes.
+
+Scale choices (each that of the producer it must match byte for byte, tests):
+  * MXFP4, OCP (gguf, GPT-OSS, DeepSeek-V4): X = floor(log2(amax)) - 2, byte X + 127;
+    compressed-tensors: X + 1 when amax's mantissa is >= 1.75 (`mx_exponent(ct=True)`).
+  * NVFP4, ModelOpt 0.47 `NVFP4QTensor` (`nvfp4_scales_modelopt`): multiplier ws2 = amax/2688;
+    compressed-tensors/llmcompressor (`nvfp4_scales_ct`): divisor global = 2688/amax, in the
+    weight's dtype as it computes it. Weights a server fuses pass one `global_amax` (their max).
 
 Formats: mxfp4 (variant gpt-oss, recognised first of all by its `_blocks`; variant deepseek-v4, an
 I8/U8 `weight` with E8M0 `scale`) and nvfp4 (a U8 `weight` with `weight_scale` + `weight_scale_2`).
@@ -16,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from moeport.codecs import fp4_kernels
 from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, divide, need
 from moeport.codecs.format import ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
 from moeport.codecs.fp8 import FP8_MAX
@@ -49,19 +58,57 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((b & 0x0F, b >> 4), dim=-1).flatten(-2)
 
 
-def _mx_exponent(amax: torch.Tensor) -> torch.Tensor:
-    """OCP MX shared exponent floor(log2(amax)) - 2 (2 = E2M1's max exponent); amax 0 -> -127."""
-    _, e = torch.frexp(amax)
-    x = (e - 1 - 2).clamp(-127, 127)
+def group_amax(x: torch.Tensor, group: int) -> torch.Tensor:
+    """max |x| of each run of `group` along K, float32 [..., K/group] (one pass, in x's own dtype:
+    min and max are exact in any float dtype). NaN propagates."""
+    if fp4_kernels.supported(x, group):
+        return fp4_kernels.group_amax(x, group)
+    src = x if x.is_floating_point() else x.float()
+    lo, hi = torch.aminmax(src.reshape(*x.shape[:-1], x.shape[-1] // group, group), dim=-1)
+    return torch.maximum(-lo.float(), hi.float())
+
+
+def e2m1_pack(x: torch.Tensor, divisor: torch.Tensor, group: int) -> torch.Tensor:
+    """Packed codes RNE_E2M1(x / divisor) of [..., K] with float32 divisors [..., K/group]: the numba
+    kernel on the CPU, torch elsewhere; the same bytes either way."""
+    if fp4_kernels.supported(x, group):
+        return fp4_kernels.e2m1_pack(x, divisor, group)
+    g = x.float().reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    return pack_nibbles(e2m1_encode(g / divisor.unsqueeze(-1)).flatten(-2))
+
+
+def _refuse_nonfinite(amax: torch.Tensor, what: str) -> None:
+    """E8M0-scaled codes cannot carry NaN/Inf: refuse them, naming the first row."""
+    bad = ~torch.isfinite(amax)
+    if bool(bad.any()):
+        rows = bad.reshape(-1, bad.shape[-1]).any(-1)
+        raise MoeportError(
+            f"NaN/Inf in {int(rows.sum())} row(s), first in row {int(rows.nonzero()[0])}; "
+            f"{what} cannot hold them"
+        )
+
+
+def mx_exponent(amax: torch.Tensor, ct: bool = False) -> torch.Tensor:
+    """Shared exponent X of each group, int32; amax 0 -> -127.
+
+    OCP MX rule (gguf, GPT-OSS): floor(log2(amax)) - 2 (2 = E2M1's max exponent). compressed-tensors
+    first rounds amax to a power of two, up when its mantissa is >= 1.75 (`generate_mx_scales`), so
+    it picks X + 1 there (ct=True)."""
+    m, e = torch.frexp(amax)
+    x = e - 1 - 2
+    if ct:
+        x = x + (m >= 0.875).to(x.dtype)
+    x = x.clamp(-127, 127)
     return torch.where(amax > 0, x, torch.full_like(x, -127))
 
 
-def mx_encode(x: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def mx_encode(x: torch.Tensor, group: int = 32, ct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., K] -> (packed codes [..., K/2] uint8, scale bytes [..., K/group] uint8)."""
-    g = x.float().reshape(*x.shape[:-1], x.shape[-1] // group, group)
-    exp = _mx_exponent(g.abs().amax(-1))
-    codes = e2m1_encode(torch.ldexp(g, -exp.unsqueeze(-1)))
-    return pack_nibbles(codes.flatten(-2)), (exp + 127).to(torch.uint8)
+    amax = group_amax(x, group)
+    _refuse_nonfinite(amax, "MXFP4 (E8M0 scales)")
+    exp = mx_exponent(amax, ct)
+    divisor = torch.ldexp(torch.ones_like(amax), exp)
+    return e2m1_pack(x, divisor, group), (exp + 127).to(torch.uint8)
 
 
 def mx_decode(packed: torch.Tensor, scale_bytes: torch.Tensor, group: int = 32) -> torch.Tensor:
@@ -98,6 +145,15 @@ class GptOssMxfp4Codec:
 
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, scales = mx_encode(weight)
+        return self.join(packed, scales, None)
+
+    kind: ClassVar[str] = "mxfp4"  # lossless moves between codecs of one kind: split -> join
+
+    def split(self, parts: Parts) -> Canonical:
+        blocks = parts["_blocks"]
+        return blocks.reshape(*blocks.shape[:-2], -1), parts["_scales"].view(torch.uint8), None
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
         return {"_blocks": packed.reshape(*scales.shape, 16), "_scales": scales}
 
 
@@ -122,7 +178,67 @@ class Dsv4Mxfp4Codec:
 
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, scales = mx_encode(weight)
+        return self.join(packed, scales, None)
+
+    kind: ClassVar[str] = "mxfp4"
+
+    def split(self, parts: Parts) -> Canonical:
+        return parts["weight"].view(torch.uint8), parts["scale"].view(torch.uint8), None
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
         return {"weight": packed.view(torch.int8), "scale": scales.view(torch.float8_e8m0fnu)}
+
+
+# What split() gives and join() takes: packed codes [.., N, K/2] uint8, the per-group scales as
+# stored, and the per-tensor multiplier (float32 0-d) or None.
+Canonical = tuple[torch.Tensor, torch.Tensor, Any]
+E2M1_MAX = 6.0
+NV_GROUP = 16
+
+
+def nvfp4_scales_modelopt(bamax: torch.Tensor, gamax: torch.Tensor):
+    """ModelOpt 0.47 `NVFP4QTensor` RTN: ws2 = amax/(6*448) (1 for an all-zero weight); block scale
+    amax_b/(6*ws2), zero -> 1, clamped to [2^-9, 448], E4M3 (RNE). -> (E4M3 scales, ws2 [], divisors)."""
+    ws2 = divide(gamax, E2M1_MAX * FP8_MAX) if gamax != 0 else torch.ones((), device=gamax.device)
+    bs = bamax / (E2M1_MAX * ws2)
+    bs = torch.where(bs == 0, torch.ones_like(bs), bs).clamp(2**-9, FP8_MAX).to(torch.float8_e4m3fn)
+    return bs, ws2.reshape(()).float(), bs.float() * ws2
+
+
+def nvfp4_scales_ct(bamax: torch.Tensor, gamax: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """compressed-tensors / llmcompressor RTN, step for step in the weight's `dtype` as it runs them
+    (`generate_gparam`, `calculate_qparams`): global = reciprocal(amax) * 2688 (Python's `2688 / t`
+    is `t.reciprocal() * 2688` in torch), 1 for an all-zero weight; block scale global * (amax_b / 6),
+    clamped to ±448, E4M3 (RNE), zero -> E4M3 eps 0.125; codes of x / (scale / global).
+    -> (E4M3 scales, global [1] float32, divisors)."""
+    tiny = torch.finfo(dtype).tiny
+    gs = (gamax.to(dtype).clamp(min=tiny).reciprocal() * (E2M1_MAX * FP8_MAX)).float()
+    gs = torch.where(torch.isinf(gs), torch.ones_like(gs), gs).reshape(1)  # CT: amax 0 -> 1
+    per_block = bamax.to(dtype) / torch.tensor(E2M1_MAX, dtype=dtype, device=bamax.device)
+    s = (gs * per_block.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    s = torch.where(s.float() == 0, torch.full_like(s, 0.125), s)
+    return s, gs, s.float() / gs
+
+
+def nvfp4_encode(x: torch.Tensor, flavor: str, global_amax: torch.Tensor | None = None):
+    """[..., N, K] -> (packed [..., N, K/2], E4M3 block scales [..., N, K/16], global scale), the
+    global one from `global_amax` when given (weights a server fuses share it), else from x."""
+    bamax = group_amax(x, NV_GROUP)
+    gamax = bamax.amax() if global_amax is None else global_amax.to(bamax.device).float()
+    if flavor == "compressed-tensors":
+        bs, glob, divisor = nvfp4_scales_ct(bamax, gamax, x.dtype if x.is_floating_point() else torch.float32)
+    else:
+        bs, glob, divisor = nvfp4_scales_modelopt(bamax, gamax)
+    if not bool(torch.isfinite(gamax)):  # NaN/Inf weight: a NaN global scale, which Encode refuses
+        glob = torch.full_like(glob, float("nan"))
+    return e2m1_pack(x, divisor, NV_GROUP), bs, glob
+
+
+def nvfp4_decode(packed: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes times each group's float32 scale (block scale with the global one applied)."""
+    values = e2m1_decode(unpack_nibbles(packed))
+    g = values.reshape(*values.shape[:-1], -1, NV_GROUP)
+    return (g * block.unsqueeze(-1)).reshape(values.shape)
 
 
 @dataclass(frozen=True)
@@ -133,6 +249,7 @@ class Nvfp4Codec:
     required: tuple[str, ...] = ("weight", "weight_scale", "weight_scale_2")
     stacked_decode: ClassVar[bool] = False
     stacked_encode: ClassVar[bool] = False
+    shares_global_scale: ClassVar[bool] = True  # encode takes global_amax
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -141,19 +258,27 @@ class Nvfp4Codec:
         check_dtype(s, (torch.float8_e4m3fn,), where, "weight_scale")
         check_shape(s, (*w.shape[:-1], w.shape[-1] * 2 // 16), where, "weight_scale")
         block = check_finite(s, where, "weight_scale") * check_finite(s2, where, "weight_scale_2").reshape(())
-        values = e2m1_decode(unpack_nibbles(w))
-        g = values.reshape(*values.shape[:-1], -1, 16)
-        return (g * block.unsqueeze(-1)).reshape(values.shape)
+        return nvfp4_decode(w, block)
 
-    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = weight.float()
-        g = x.reshape(*x.shape[:-1], -1, 16)
-        amax = x.abs().amax()
-        ws2 = divide(amax, 6 * FP8_MAX) if amax > 0 else torch.ones((), device=x.device)
-        bs = g.abs().amax(-1) / (6 * ws2)
-        bs = torch.where(bs > 0, bs, torch.ones_like(bs)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
-        codes = e2m1_encode(g / (bs.float() * ws2).unsqueeze(-1)).flatten(-2)
-        return {"weight": pack_nibbles(codes), "weight_scale": bs, "weight_scale_2": ws2.reshape(()).float()}
+    def encode(
+        self, weight: torch.Tensor, global_amax: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        packed, bs, ws2 = nvfp4_encode(weight, "modelopt", global_amax)
+        return {"weight": packed, "weight_scale": bs, "weight_scale_2": ws2}
+
+    kind: ClassVar[str] = "nvfp4"
+
+    def split(self, parts: Parts) -> Canonical:
+        return parts["weight"], parts["weight_scale"], parts["weight_scale_2"].float().reshape(())
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
+        return {"weight": packed, "weight_scale": scales, "weight_scale_2": multiplier.reshape(())}
+
+
+def reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """1/x correctly rounded to float32 (computed in float64): the global-scale conventions of
+    ModelOpt (multiplier) and compressed-tensors (divisor), converted as exactly as float32 allows."""
+    return (1.0 / x.double()).float()
 
 
 # --- the formats -------------------------------------------------------------------------------

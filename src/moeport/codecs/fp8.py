@@ -57,6 +57,13 @@ def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
+# CPU kernels that decode FP8-block into an output of this dtype directly
+_DECODE_INTO = {
+    torch.float32: cpu_kernels.fp8_block_dequant,
+    torch.bfloat16: cpu_kernels.fp8_block_dequant_bf16,
+}
+
+
 @dataclass(frozen=True)
 class Fp8BlockCodec:
     block: tuple[int, int] = (128, 128)
@@ -107,6 +114,24 @@ class Fp8BlockCodec:
                 out[e, rows] = e4m3_to_scaled_f16(w2[e, rows], where)
                 out[e, rows] *= full
         return out.reshape(w.shape)
+
+    def decode_into(self, parts: Parts, out: torch.Tensor, where: str = "") -> bool:
+        """Decode one [N, K] weight straight into `out` (float32 or bfloat16, on the CPU): no
+        temporary, same values as decode(...).to(out.dtype). False: not handled here."""
+        into = {
+            torch.float32: cpu_kernels.fp8_block_dequant,
+            torch.bfloat16: cpu_kernels.fp8_block_dequant_bf16,
+        }
+        kernel = into.get(out.dtype)
+        if kernel is None or not cpu_kernels.AVAILABLE or out.device.type != "cpu" or not out.is_contiguous():
+            return False
+        if any(t.device.type != "cpu" for t in parts.values()) or parts["weight"].dim() != 2:
+            return False
+        w, scale = self.checked(parts, where)
+        check_shape(out, tuple(w.shape), where, "output")
+        check_no_nan_codes(w, where)
+        kernel(w, scale, self.block, out)
+        return True
 
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         x = weight.float()

@@ -26,7 +26,7 @@ from moeport.codecs.base import row_chunks
 from moeport.errors import MoeportError
 
 try:
-    from numba import njit, prange
+    from numba import njit
 except ImportError:  # pragma: no cover - numba is a regular dependency
     njit = None
 
@@ -158,11 +158,11 @@ def from_tile_order(image: torch.Tensor, n: int, k: int, bits: int) -> torch.Ten
 
 if njit is not None:
 
-    @njit(cache=True, nogil=True, parallel=True)
+    @njit(cache=True, nogil=True)
     def _kt_quant_rows(xb, bits, inv127, q, scale, bad):  # pragma: no cover - compiled
         """bf16 bit patterns [n, k] -> code bytes [n, k*bits/8] (INT4 tiles of 128 k packed) + scales."""
         n, k = xb.shape
-        for i in prange(n):
+        for i in range(n):
             row = xb[i]
             m = np.uint16(0)
             for j in range(k):  # |x| max on the bit pattern: monotonic for non-NaN, vectorises

@@ -22,6 +22,7 @@ from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import OneToOne, Op
 from moeport.mappings.values import DeviceLazy, Lazy, Value, is_meta, realize, realize_on, shape_of
+from moeport.parallel import fan_out
 
 # Activation-quantization parameters: meaningless once weights are dequantized.
 ACTIVATION_PARTS = frozenset({"input_scale", "input_global_scale", "activation_scale"})
@@ -82,11 +83,22 @@ class Decode(Op):
                     where = f"{self.where}[{chunk.start}:{chunk.stop}]"
                     _decode_into(codec, one, out[chunk], self.transpose, where)
                 return
-            for e in range(experts):
-                one = {p: t[e] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}
-                _decode_into(codec, one, out[e], self.transpose, f"{self.where}[{e}]")
 
-        return {self.target: Lazy(shape, self.dtype, meta, fill=fill)}
+            def one(e: int) -> None:
+                item = {p: t[e] if t.ndim and t.shape[0] == experts else t for p, t in tensors.items()}
+                _decode_into(codec, item, out[e], self.transpose, f"{self.where}[{e}]")
+
+            fan_out([functools.partial(one, e) for e in range(experts)])  # experts in parallel
+
+        origin = None
+        if (
+            len(self.shape) == 2
+            and not self.transpose
+            and self.dtype == torch.float32
+            and self.device == "cpu"
+        ):
+            origin = (codec, named, self.where)
+        return {self.target: Lazy(shape, self.dtype, meta, fill=fill, decoded_from=origin)}
 
     def _batched(self, batcher: Batcher, named: dict[str, Value], codec: Codec, shape) -> DeviceLazy:
         """Submit this decode to the batcher (see convert.batching); the value stays on the device
@@ -155,6 +167,9 @@ def decode_stacked(codec: Codec, stacked: dict[str, torch.Tensor], names: list[s
 def _decode_into(
     codec: Codec, parts: dict[str, torch.Tensor], out: torch.Tensor, transpose: bool, where: str
 ) -> None:
+    into = getattr(codec, "decode_into", None)  # straight into `out`: no float32 temporary
+    if into is not None and not transpose and into(parts, out, where):
+        return
     w = codec.decode(parts, where)
     w = w.transpose(-1, -2) if transpose else w
     # cast where the math ran (fewer bytes over PCIe), then one copy into the output

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from moeport.codecs.base import Codec
+from moeport.codecs.transcode import transcode
 from moeport.convert.batching import active_batcher
 from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
 from moeport.mappings.ops import OneToOne, Op
 from moeport.mappings.values import Lazy, Value, is_meta, realize, realize_on, shape_of
+from moeport.parallel import once
 
 PartSpecs = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
 
@@ -55,8 +57,10 @@ class Encode(OneToOne):
                 _encode_batch, self.codec, self.part_specs, batcher.device, self.allow_nonfinite
             )
             encoded = batcher.submit(key, (v, self.where), math.prod(shape_of(v)), run)
+        elif isinstance(v, Lazy) and v.decoded_from is not None and self.device == "cpu":
+            encoded = once(lambda: self._transcode(*v.decoded_from))  # type: ignore[misc]
         else:
-            encoded = functools.cache(lambda: self._encode(realize(v)))  # one encode serves every part
+            encoded = once(lambda: self._encode(realize(v)))  # one encode serves every part
         return {
             self.base + part: Lazy(shape, dtype, is_meta(v), produce=lambda p=part: encoded()[p])
             for part, dtype, shape in self.part_specs
@@ -71,8 +75,130 @@ class Encode(OneToOne):
         _check_parts(parts, self.part_specs, self.where, ())
         return parts
 
+    def _transcode(self, src: Codec, named: dict[str, Value], where: str) -> dict[str, torch.Tensor]:
+        """Encode a decode's parts through a fused CPU kernel where one exists (same bytes as
+        decode-then-encode, without the float32 weight); else decode then encode."""
+        tensors = {p: realize(t) for p, t in named.items()}
+        parts = transcode(src, tensors, self.codec, where)
+        if not self.allow_nonfinite:
+            scales = [t for t in parts.values() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)]
+            if not all(bool(torch.isfinite(t).all()) for t in scales):  # find the row to name it
+                refuse_nonfinite(self.codec, src.decode(tensors, where), parts, [self.where], stacked=False)
+        parts = {p: t.cpu() for p, t in parts.items()}
+        _check_parts(parts, self.part_specs, self.where, ())
+        return parts
+
     def inverse(self) -> Op:
         raise MoeportError(f"{self.source}: quantizing is lossy and has no inverse")
+
+
+@dataclass(frozen=True)
+class EncodeShared(Op):
+    """Weights that servers fuse into one matrix (gate and up of an expert, q/k/v) -> the parts of
+    `codec` for each, with ONE global scale from the largest |w| among them: vLLM and SGLang apply
+    a single global scale to the fused matrix (ModelOpt's export and llmcompressor unify it the
+    same way). For codecs with a per-tensor global scale (`codec.shares_global_scale`)."""
+
+    sources: tuple[str, ...]
+    bases: tuple[str, ...]
+    codec: Codec
+    specs: tuple[PartSpecs, ...]  # one per source
+    device: str = "cpu"
+    allow_nonfinite: bool = False
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.sources
+
+    @functools.cached_property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(b + p for b, specs in zip(self.bases, self.specs, strict=False) for p, _, _ in specs)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        vs = [values[s] for s in self.sources]
+        meta = any(is_meta(v) for v in vs)
+        encoded = once(lambda: self._encode([realize(v) for v in vs]))
+        return {
+            base + part: Lazy(shape, dtype, meta, produce=lambda i=i, p=part: encoded()[i][p])
+            for i, (base, specs) in enumerate(zip(self.bases, self.specs, strict=False))
+            for part, dtype, shape in specs
+        }
+
+    def _encode(self, ws: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        ws = [to_device(w, self.device) for w in ws]
+        names = [b.rstrip(".") for b in self.bases]
+        amax = torch.stack([_abs_max(w) for w in ws]).amax()
+        if not self.allow_nonfinite and not bool(torch.isfinite(amax)):
+            for w, name in zip(ws, names, strict=False):  # names the weight at fault, not its partner
+                check_finite_weight(self.codec, w, [name], stacked=False)
+        out = []
+        for w, name, specs in zip(ws, names, self.specs, strict=False):
+            try:
+                parts = self.codec.encode(w, global_amax=amax)  # type: ignore[call-arg]
+            except MoeportError as exc:
+                raise MoeportError(f"{name}: {exc}") from None
+            parts = {p: t.cpu() for p, t in parts.items()}
+            _check_parts(parts, specs, name, ())
+            out.append(parts)
+        return out
+
+    def inverse(self) -> Op:
+        raise MoeportError(f"{self.sources[0]}: quantizing is lossy and has no inverse")
+
+
+@dataclass(frozen=True)
+class Recode(Op):
+    """A weight stored by codec `src` -> the same codes and scales as codec `dst` stores them, no
+    requantization (codecs of one `kind`: NVFP4 ModelOpt <-> compressed-tensors, MXFP4 layouts).
+    A per-tensor global scale that one stores as a multiplier and the other as a divisor is
+    converted by its correctly rounded float32 reciprocal (`codecs.fp4.reciprocal`)."""
+
+    sources: tuple[tuple[str, str], ...]  # (part, tensor name), the parts `src` needs
+    base: str
+    src: Codec
+    dst: Codec
+    part_specs: PartSpecs
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(n for _, n in self.sources)
+
+    @functools.cached_property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self.base + p for p, _, _ in self.part_specs)
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        meta = any(is_meta(values[n]) for _, n in self.sources)
+        moved = once(lambda: self.move({p: realize(values[n]) for p, n in self.sources}))
+        return {
+            self.base + part: Lazy(shape, dtype, meta, produce=lambda p=part: moved()[p])
+            for part, dtype, shape in self.part_specs
+        }
+
+    def move(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.dst.join(*self.src.split(parts))  # type: ignore[attr-defined]
+
+    def inverse(self) -> Op:
+        return Recode(
+            tuple((p, self.base + p) for p, _, _ in self.part_specs),
+            self.sources[0][1].removesuffix(self.sources[0][0]),
+            self.dst,
+            self.src,
+            (),
+        )
+
+
+def recode_specs(src: Codec, dst: Codec, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> PartSpecs:
+    """Names, dtypes and shapes of the parts Recode writes, from the source parts' (shape, dtype)."""
+    meta = {p: torch.empty(shape, dtype=dtype, device="meta") for p, (shape, dtype) in shapes.items()}
+    parts = dst.join(*src.split(meta))  # type: ignore[attr-defined]
+    return tuple((p, t.dtype, tuple(t.shape)) for p, t in parts.items())
+
+
+def _abs_max(w: torch.Tensor) -> torch.Tensor:
+    """max |w| in one pass (min/max are exact in any float dtype; NaN propagates)."""
+    lo, hi = torch.aminmax(w if w.is_floating_point() else w.float())
+    return torch.maximum(-lo.float(), hi.float())
 
 
 def encode_named(codec: Codec, w: torch.Tensor, where: str) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ to an uninterrupted run. An error in the input (a NaN weight, a changed source) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -36,12 +37,14 @@ from moeport.convert.destination import (
     recorded_pieces,
     staging_of,
 )
-from moeport.convert.plan import Plan, apply_unit
+from moeport.convert.plan import Plan, Unit, apply_unit
 from moeport.errors import MoeportError, OutputWriteError
 from moeport.mappings.values import realize
+from moeport.parallel import Workers, available_cores, working
 from moeport.sinks.pieces import Piece, PieceFile, PieceWriter
 from moeport.sinks.safetensors_file import TensorSpec
 from moeport.sinks.sharded import INDEX_NAME, HfSink, write_json_atomic
+from moeport.sinks.write_behind import WRITE_BEHIND_BYTES
 from moeport.sources.checkpoint import Checkpoint
 from moeport.sources.prefetch import DEFAULT_BUDGET, Prefetcher
 
@@ -88,15 +91,23 @@ def execute(
     recipe: dict[str, Any] | None = None,
     overwrite: bool = False,
     max_memory: int | None = None,
+    threads: int | None = None,
 ) -> Result:
     """Write the plan's outputs to `dst` (see module doc). `sink` may be a shard size in bytes
-    (an HF sink with `metadata`); `recipe` (default: the metadata) identifies the job for resume."""
+    (an HF sink with `metadata`); `recipe` (default: the metadata) identifies the job for resume.
+    `threads` compute threads on the CPU (default: every core this process may use); the output
+    bytes do not depend on it."""
+    threads = threads or available_cores()
     check_writable(dst, overwrite)  # a DST we cannot create fails here, before the lock beside it
     with locked(dst):
-        return _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory)
+        return _execute(
+            plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory, threads
+        )
 
 
-def _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory) -> Result:
+def _execute(
+    plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwrite, max_memory, threads
+) -> Result:
     start = time.perf_counter()
     if isinstance(sink, int):
         sink = HfSink(sink, dict(metadata or {}))
@@ -112,41 +123,47 @@ def _execute(plan, ck, dst, sink, metadata, on_progress, batcher, recipe, overwr
     todo = [u for u in plan.units if not all(piece_of[o] in kept for o in u.op.outputs)]
     report = on_progress or (lambda _label, _n: None)
     report("resuming" if kept else "starting", _in_bytes(plan.units, ck) - _in_bytes(todo, ck))
-    budget = BATCHED_PREFETCH_BYTES if batcher is not None else DEFAULT_BUDGET
+    workers = Workers(1 if batcher is not None else threads)  # a GPU batch is its own parallelism
+    budget = BATCHED_PREFETCH_BYTES if batcher is not None else prefetch_budget(workers.threads)
+    write_queue = BATCHED_PREFETCH_BYTES if batcher is not None else WRITE_BEHIND_BYTES
     reads = (n for u in todo for n in u.op.inputs if n not in u.op.sliced_inputs)
     prefetch = Prefetcher(ck, reads, budget)
     written = 0
     try:
         with (
-            PieceWriter(staging, pieces, sink.open_piece, kept, journal.record) as writer,
+            # a GPU batch's outputs arrive at once: queue a batch's worth so the next one computes
+            # while the disk writes (a fixed budget, like the read-ahead's)
+            PieceWriter(staging, pieces, sink.open_piece, kept, journal.record, write_queue) as writer,
             batching(batcher),
-            _torch_threads(plan.torch_threads),
+            working(workers),
+            # the CPU kernels run one per worker thread; torch's own threads would oversubscribe
+            _torch_threads(threads if batcher is not None else 1),
         ):
-            for layer, units in groupby(todo, key=lambda u: u.layer):
-                units = list(units)
-                # all units of a layer are applied before any is realised, so a batcher sees the
-                # layer's same-shape weights together (convert.batching)
-                label = f"layer {layer}" if layer is not None else "other tensors"
-                applied = [apply_unit(unit, ck, prefetch.get) for unit in units]
-                for unit, outs in zip(units, applied, strict=True):
-                    for name in list(outs):
-                        value = outs.pop(name)
-                        if writer.skips(name):
-                            continue
-                        tensor = realize(value)
-                        writer.write(name, tensor)
-                        written += tensor.numel() * tensor.element_size()
-                        del tensor, value
-                    report(label, _in_bytes([unit], ck))  # progress moves within a layer too
-                del applied
-                if batcher is not None:
-                    batcher.clear()
-                ck.check_unchanged()
+            out_bytes = {spec.name: spec.nbytes for spec in plan.specs}
+            eager = workers.threads > 1
+            steps = _tasks(todo, ck, prefetch.get, writer.skips, out_bytes, eager)
+            budget = workers.threads * IN_FLIGHT_BYTES_PER_THREAD
+            for step, outputs in workers.ordered(steps, lambda s: s.out_bytes, budget):
+                for name, tensor in outputs:
+                    writer.write(name, tensor)
+                    written += tensor.numel() * tensor.element_size()
+                    del tensor
+                del outputs
+                report(step.label, _in_bytes([step.unit], ck))  # progress moves within a layer too
+                if step.last:  # the layer is written
+                    if batcher is not None:
+                        batcher.clear()
+                    ck.check_unchanged()
         copy_side_files(ck.root, staging)
         if plan.config is not None:
             write_json_atomic(staging / "config.json", plan.config)
         elif (ck.root / "config.json").is_file():
             shutil.copy2(ck.root / "config.json", staging / "config.json")
+        for name, doc in plan.side_files.items():
+            if doc is None:
+                (staging / name).unlink(missing_ok=True)
+            else:
+                write_json_atomic(staging / name, doc)
         sink.finish(staging, pieces)
         ck.check_unchanged()  # the last word before DST appears
         journal.finish()
@@ -167,12 +184,59 @@ def _in_bytes(units, ck: Checkpoint) -> int:
     return sum(ck.info(n).nbytes for u in units for n in u.op.inputs)
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One unit of the plan in the ordered stream (`last`: the last of its layer)."""
+
+    unit: Unit
+    label: str
+    last: bool
+    out_bytes: int
+
+
+def _tasks(
+    todo: list[Unit], ck: Checkpoint, fetch, skips, out_bytes: dict[str, int], eager: bool
+) -> Iterator[tuple[_Step, Callable[[], Any]]]:
+    """The plan as (unit, compute) pairs in write order; compute gives the unit's (name, tensor)
+    outputs, all computed in the calling thread when `eager` (a pool's worker: the outputs sharing
+    a decode or an encode stay on one thread), else one at a time as they are written.
+    All units of a layer are applied (lazily) before any output is asked for, so a batcher sees
+    the layer's same-shape weights together."""
+    for layer, group in groupby(todo, key=lambda u: u.layer):
+        units = list(group)
+        label = f"layer {layer}" if layer is not None else "other tensors"
+        applied = [apply_unit(unit, ck, fetch) for unit in units]
+        for i, (unit, outs) in enumerate(zip(units, applied, strict=True)):
+            wanted = {n: v for n, v in outs.items() if not skips(n)}
+            outs.clear()
+            step = _Step(unit, label, i == len(units) - 1, sum(out_bytes[n] for n in wanted))
+            yield step, functools.partial(_compute if eager else _stream, wanted)
+        del applied
+
+
+def _stream(outs: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    while outs:
+        name = next(iter(outs))
+        yield name, realize(outs.pop(name))
+
+
+def _compute(outs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    return list(_stream(outs))
+
+
+# Outputs of units computed ahead on the CPU pool: threads x this, or one unit when that is bigger.
+IN_FLIGHT_BYTES_PER_THREAD = 128 * 2**20
+
+
+def prefetch_budget(threads: int) -> int:
+    """Read-ahead bytes: the fixed budget per two compute threads (workers that find their input
+    not yet read read it themselves), at most the GPU batches' budget."""
+    return min(BATCHED_PREFETCH_BYTES, DEFAULT_BUDGET * max(1, threads // 2))
+
+
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run with torch on `n` threads (a target whose kernels bring their own parallelism)."""
-    if n is None:
-        yield
-        return
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run with torch on `n` threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

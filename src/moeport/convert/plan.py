@@ -38,7 +38,8 @@ class Plan:
     layer_of_output: dict[str, int | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     title: str = ""  # one line saying what this plan makes (dry run, summary)
-    torch_threads: int | None = None  # run torch on this many threads (None: leave it)
+    # JSON files written beside config.json (hf_quant_config.json...); None: one the source has is dropped
+    side_files: dict[str, Any] = field(default_factory=dict)
 
     def layer_stats(self, ck: Checkpoint) -> dict[int | None, dict[str, int]]:
         """Per layer: tensors and bytes in and out."""

@@ -18,6 +18,7 @@ import torch
 from moeport.codecs.format import RowRule
 from moeport.errors import MoeportError
 from moeport.mappings.values import Lazy, Memo, Value, derived, fill_into, is_meta, realize, shape_of
+from moeport.parallel import fan_out
 
 
 class Op(ABC):
@@ -140,9 +141,8 @@ class Stack(ManyToOne):
                     f"{self.sources[0]}: {first.dtype}{list(shape_of(first))}"
                 )
 
-        def fill(out: torch.Tensor) -> None:
-            for i, p in enumerate(pieces):
-                fill_into(p, out[i])
+        def fill(out: torch.Tensor) -> None:  # the experts of a stack are filled in parallel
+            fan_out([functools.partial(fill_into, p, out[i]) for i, p in enumerate(pieces)])
 
         meta = any(is_meta(p) for p in pieces)
         return {self.target: Lazy((len(pieces), *shape_of(first)), first.dtype, meta, fill=fill)}

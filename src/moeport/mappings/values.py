@@ -8,6 +8,7 @@ to `meta` sources gives the output plan (names, shapes, dtypes) without reading 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ class Lazy:
     fill: Callable[[torch.Tensor], None] | None = None  # writes the value into a given tensor
     # item i along dim 0 without realising the whole (a source stack read one expert at a time)
     select: Callable[[int], Value] | None = None
+    # a float32 decode of stored parts: (codec, {part: value}, where). An encoder that has a fused
+    # kernel for (that codec -> its own) reads the parts instead of the float (codecs.transcode)
+    decoded_from: tuple | None = None
 
     def realize(self) -> torch.Tensor:
         if self.meta:
@@ -88,6 +92,7 @@ class Memo:
     feeds a split feeds the encoders of the pieces without a trip to the host."""
 
     def __init__(self, value: Value):
+        self._lock = threading.Lock()  # outputs sharing it may be computed on several threads
         self._value = value
         self._tensor: torch.Tensor | None = None
         self._device_tensor: torch.Tensor | None = None
@@ -95,18 +100,22 @@ class Memo:
 
     def __call__(self) -> torch.Tensor:
         if self._tensor is None:
-            if self._device_tensor is not None:
-                self._tensor = to_host(self._device_tensor)
-            else:
-                self._tensor = realize(self._value)
-            self._value = None  # type: ignore[assignment]
+            with self._lock:
+                if self._tensor is None:
+                    if self._device_tensor is not None:
+                        self._tensor = to_host(self._device_tensor)
+                    else:
+                        self._tensor = realize(self._value)
+                    self._value = None  # type: ignore[assignment]
         return self._tensor
 
     def on_device(self) -> torch.Tensor:
         if self._device_tensor is None:
             if self._tensor is not None or not self.device_resident:
                 return self()
-            self._device_tensor = self._value.on_device()  # type: ignore[union-attr]
+            with self._lock:
+                if self._device_tensor is None:
+                    self._device_tensor = self._value.on_device()  # type: ignore[union-attr]
         return self._device_tensor
 
 

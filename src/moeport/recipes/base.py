@@ -28,6 +28,7 @@ class Options:
     ignore: tuple[str, ...] = ()  # GPU formats: regexes kept unquantized
     numa: int = 1  # kt: NUMA slices T (threadpool_count)
     kt_layout: str = "merged"  # kt: merged | folders
+    flavor: str = ""  # nvfp4/mxfp4: compressed-tensors | modelopt ("": the target's default)
     allow_nonfinite: bool = False  # quantize NaN/Inf weights instead of refusing them
     device: str = "cpu"  # where the math runs; never changes the bytes
     source_label: str = ""  # how the source is named in the output's metadata (default: its folder's name)
@@ -44,6 +45,7 @@ OPTION_FLAGS = {
     "max_shard_bytes": "--max-shard-size",
     "numa": "--numa",
     "kt_layout": "--kt-layout",
+    "flavor": "--flavor",
     "allow_nonfinite": "--allow-nonfinite",
 }
 

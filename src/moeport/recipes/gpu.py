@@ -20,12 +20,14 @@ import torch
 from moeport.codecs import Fp8BlockCodec, PackQuantizedCodec, float_quantized_codec
 from moeport.codecs.base import Codec
 from moeport.convert.dequantize import Cast
-from moeport.convert.encode import Encode, part_specs
+from moeport.convert.encode import Encode, EncodeShared, Recode, part_specs, recode_specs
 from moeport.convert.plan import Plan, Unit, finalize
 from moeport.detect.detection import Detection
+from moeport.dtypes import torch_dtype_of
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Op
 from moeport.recipes.base import Options, Target
+from moeport.recipes.fused import fused_sets, same_kind_source
 from moeport.recipes.hf import build_hf
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
@@ -66,6 +68,12 @@ class Recipe:
             return Fp8BlockCodec(block=(128, 128))
         raise MoeportError(f"--to {self.scheme}: unknown scheme; expected one of {', '.join(SCHEMES)}")
 
+    def carried(self, ck: Checkpoint, det: Detection) -> str | None:
+        return carries_experts(ck, det, self)
+
+    def quantization_config(self, kept_linear: list[str]) -> dict[str, Any]:
+        return quantization_config(self, kept_linear)
+
 
 def carries_experts(ck: Checkpoint, det: Detection, recipe: Recipe) -> str | None:
     """The part under which the source's experts are already stored exactly as this recipe would
@@ -100,16 +108,25 @@ def carries_experts(ck: Checkpoint, det: Detection, recipe: Recipe) -> str | Non
     return None
 
 
-def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu") -> Plan:
+def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -> Plan:
+    """The GPU-server plan of any recipe with `scheme`, `targets`, `ignore`, `allow_nonfinite`,
+    `codec()`, `carried(ck, det)` and `quantization_config(kept_linear)` (this module's, fp4's)."""
     codec = recipe.codec()
-    carried = carries_experts(ck, det, recipe)
+    carried = recipe.carried(ck, det)
+    moved_from = None if carried else same_kind_source(codec, det, recipe.ignore)
     base, decoded = build_hf(
-        ck, det, "linear", torch.float32, cast_floats=False, device=device, keep_experts=carried
+        ck,
+        det,
+        "linear",
+        torch.float32,
+        cast_floats=False,
+        device=device,
+        keep_experts=bool(carried or moved_from),
     )
     base = finalize(base, ck)  # specs of the float plan tell which outputs are 2-D weights
     spec_of = {s.name: s for s in base.specs}
     expert_re = _expert_regex(det)
-    expert_part_re = _expert_regex(det, part=r"[A-Za-z_]+")
+    expert_part_re = _expert_regex(det, part=r"\w+")
     always = [re.compile(p) for p in ALWAYS_IGNORED]
     user = [(p, ignore_regex(p)) for p in recipe.ignore]
     matched = dict.fromkeys(recipe.ignore, 0)  # modules each --ignore pattern matched
@@ -132,41 +149,100 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Recipe, device: str = "cpu"
             spared[p] += eligible
         return eligible and not hits
 
-    units: list[Unit] = []
-    for unit in base.units:
-        extra: list[Op] = []
+    def specs(name: str):
+        shape = spec_of[name].shape
+        if shape not in part_cache:
+            part_cache[shape] = part_specs(codec, shape, name)
+        return part_cache[shape]
+
+    ops: list[list[Op]] = [[unit.op] for unit in base.units]  # per unit: its op, then the extra ones
+    targets: dict[str, int] = {}  # targeted weight -> its unit
+    moved: dict[str, dict[str, tuple[str, int]]] = {}  # weight prefix -> part -> (name, unit)
+    for i, unit in enumerate(base.units):
         for name in unit.op.outputs:
             if carried and expert_part_re.match(name):  # carried as stored, bit-exact
                 if name.endswith(f".{carried}"):
                     quantized.append(name)
+            elif moved_from is not None and expert_part_re.match(name) and not name.endswith(".bias"):
+                # same codes, other format (a bias, GPT-OSS's, is copied as it is)
+                prefix, _, part = name.rpartition(".")
+                if f"_{part}" in moved_from.required:  # per-expert names drop the '_' of `_blocks`
+                    part = f"_{part}"
+                moved.setdefault(f"{prefix}.", {})[part] = (name, i)
             elif is_target(name):
                 shape = spec_of[name].shape
                 quantized.append(name)
-                if recipe.group_size and recipe.scheme in INT_SCHEMES and shape[-1] % recipe.group_size:
+                group = getattr(recipe, "group_size", None)
+                if group and recipe.scheme in INT_SCHEMES and shape[-1] % group:
                     misfit.append((name, shape[-1]))
                     continue
-                if shape not in part_cache:
-                    part_cache[shape] = part_specs(codec, shape, name)
-                base = name.removesuffix("weight")
-                extra.append(Encode(name, base, codec, part_cache[shape], device, recipe.allow_nonfinite))
+                targets[name] = i
             else:
                 if name in decoded:
-                    extra.append(Cast(name, name, torch.bfloat16))
+                    ops[i].append(Cast(name, name, torch.bfloat16))
                 if name.endswith(".weight") and len(spec_of[name].shape) == 2:
                     kept_linear.append(name.removesuffix(".weight"))
-        units.append(Unit(unit.layer, Chain((unit.op, *extra)) if extra else unit.op))
     if misfit:
         _refuse_group_size(recipe, misfit, [spec_of[n].shape[-1] for n in quantized], len(quantized))
+    shared = getattr(codec, "shares_global_scale", False)
+    home = list(range(len(ops)))  # a unit merged into another one lives there
+
+    def merged(indices: set[int]) -> int:
+        """One unit doing the work of `indices` (the tensors of one op are applied together)."""
+        homes = sorted({_home(home, i) for i in indices})
+        for other in homes[1:]:
+            ops[homes[0]] += ops[other]
+            ops[other] = []
+            home[other] = homes[0]
+        return homes[0]
+
+    for group in fused_sets(list(targets), det) if shared else [(n,) for n in targets]:
+        unit_of_group = merged({targets[n] for n in group})
+        bases = tuple(n.removesuffix("weight") for n in group)
+        if len(group) == 1:
+            op: Op = Encode(group[0], bases[0], codec, specs(group[0]), device, recipe.allow_nonfinite)
+        else:
+            op = EncodeShared(
+                group, bases, codec, tuple(specs(n) for n in group), device, recipe.allow_nonfinite
+            )
+        ops[unit_of_group].append(op)
+    dropped = 0
+    for prefix, parts in moved.items():
+        required = moved_from.required  # type: ignore[union-attr]
+        missing = [p for p in required if p not in parts]
+        if missing:
+            raise MoeportError(f"{prefix}{missing[0]}: missing (the weight is stored as {moved_from.name})")
+        # every part is read (the ones the target has no place for, activation scales, are dropped)
+        sources = tuple((p, name) for p, (name, _) in parts.items())
+        shapes = {
+            p: (spec_of[n].shape, torch_dtype_of(spec_of[n].dtype)) for p, n in sources if p in required
+        }
+        specs_out = recode_specs(moved_from, codec, shapes)
+        unit = merged({i for _, i in parts.values()})
+        ops[unit].append(Recode(sources, prefix, moved_from, codec, specs_out))
+        dropped += len(parts) - len(required)
+    units: list[Unit] = [
+        Unit(unit.layer, chain[0] if len(chain) == 1 else Chain(tuple(chain)))
+        for unit, chain in zip(base.units, ops, strict=False)
+        if chain
+    ]
     for p, n in matched.items():
         if n == 0:
             example = quantized[0].removesuffix(".weight") if quantized else next(iter(kept_linear), "")
             raise MoeportError(f"--ignore {p!r}: matches no linear module (names look like {example})")
-    if not quantized:
+    n_moved = len(moved)
+    if not quantized and not n_moved:
         raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore)")
-    plan = Plan(units, _config(ck.config, recipe, kept_linear))
+    plan = Plan(units, _config(ck.config, recipe.quantization_config(kept_linear)))
     if plan.config is not None:
         rewrite_storage_fields(plan.config, det.family.storage_fields, codec.name)
     how = "carried bit-exact (the source stores them in this scheme)" if carried else "quantized"
+    if moved_from is not None:
+        plan.notes.append(
+            f"{recipe.scheme}: {n_moved} expert weights moved {moved_from.name} -> {codec.name} without "
+            "requantizing (same codes and block scales; a global scale converted by its reciprocal)"
+            + (f"; {dropped} activation scale(s) dropped (weight-only output)" if dropped else "")
+        )
     plan.notes.append(f"{recipe.scheme}: {len(quantized)} weights {how}, {len(kept_linear)} linear kept")
     for p, n in matched.items():
         modules = "1 module" if n == 1 else f"{n} modules"
@@ -187,6 +263,12 @@ def _refuse_group_size(recipe: Recipe, misfit: list[tuple[str, int]], ks: list[i
     )
 
 
+def _home(home: list[int], i: int) -> int:
+    while home[i] != i:
+        i = home[i]
+    return i
+
+
 def ignore_regex(pattern: str) -> re.Pattern[str]:
     """An --ignore pattern as users bring it: a module name (`model.layers.0.self_attn.q_a_proj`),
     a regex, or llmcompressor's `re:<regex>`; searched in module and weight names."""
@@ -204,14 +286,14 @@ def _expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
     return re.compile(rf"^{prefix}{re.escape(layout.block)}\.experts\.\d+\.({projs})\.{part}$")
 
 
-def _config(config: dict[str, Any] | None, recipe: Recipe, kept_linear: list[str]) -> dict[str, Any] | None:
+def _config(config: dict[str, Any] | None, quant: dict[str, Any]) -> dict[str, Any] | None:
     if config is None:
         return None
     cfg = copy.deepcopy(config)
     for c in (cfg, cfg.get("text_config")):
         if isinstance(c, dict):
             c.pop("quantization_config", None)
-    cfg["quantization_config"] = quantization_config(recipe, kept_linear)
+    cfg["quantization_config"] = quant
     return cfg
 
 

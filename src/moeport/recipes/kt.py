@@ -10,8 +10,6 @@ base shards; the folder form holds experts only. Sinks: sinks.kt (merged files o
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from moeport.codecs import kt_amx as K
@@ -98,7 +96,7 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             units += [
                 Unit(number, Chain(tuple(builder.expert(number, e, groups)))) for e in range(kt.experts)
             ]
-    plan = Plan(units, None, torch_threads=1)
+    plan = Plan(units, None)
     fmt = det.expert_format
     plan.title = (
         f"{det.family.title} ({fmt.name}, {layout.kind}) -> {kt.method} T={kt.tp} {opts.kt_layout}: "
@@ -190,21 +188,8 @@ class _Builder:
         return ops
 
 
-def _prefer_workqueue_threads() -> None:
-    """numba's default OpenMP layer keeps its workers spinning between kernel launches; with one
-    launch per expert matrix that steals the cores the rest of the loop needs (measured 2-3x slower
-    on a busy 2-core machine). The workqueue layer sleeps instead. A user's NUMBA_THREADING_LAYER
-    wins, and the setting only matters before the first parallel kernel of the process."""
-    if "NUMBA_THREADING_LAYER" in os.environ:
-        return
-    import numba
-
-    numba.config.THREADING_LAYER = "workqueue"
-
-
 def _build(bits: int):
     def build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
-        _prefer_workqueue_threads()
         plan, kt = plan_kt(ck, det, bits, opts)
         meta = {
             **metadata,

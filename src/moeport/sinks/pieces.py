@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from moeport.sinks.safetensors_file import TensorSpec
-from moeport.sinks.write_behind import WriteBehind
+from moeport.sinks.write_behind import WRITE_BEHIND_BYTES, WriteBehind
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class PieceWriter:
         open_piece: OpenPiece,
         skip: Iterable[str] = (),
         on_done: OnDone | None = None,
+        queue_bytes: int = WRITE_BEHIND_BYTES,
     ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ class PieceWriter:
         self._closed: set[int] = {i for i, p in enumerate(self.pieces) if p.name in self._skip}
         # Writes run on a background thread (sinks.write_behind); a finished piece is fsynced and
         # renamed on a second thread, overlapping the next piece's writes.
-        self._io = WriteBehind()
+        self._io = WriteBehind(queue_bytes)
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-piece-close")
         self._finishing: list[Future] = []
 

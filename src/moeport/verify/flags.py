@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from moeport.verify.compare import Report, TensorResult
 
 BLOCK_OUTLIER = 8.0  # a block this many times the tensor's median block error is a bad group
+# Errors at float32 rounding level in every block are a rounding difference (an NVFP4 global scale
+# stored as its reciprocal by the other flavour), not a bad scale: no outlier rule applies.
+ROUNDING = 1e-6
 _INDEX = re.compile(r"\.\d+(?=\.)")
 
 
@@ -63,6 +66,8 @@ def _problem(
         return f"{inexact} while {exact_peers} of its {len(others)} peers ({role(t.name)}) are"
     if t.rel_l2 > max_rel_error:
         return f"relative error {t.rel_l2:.3g} > {max_rel_error}"
+    if t.worst_block_rel <= ROUNDING:
+        return ""
     if median and t.rel_l2 > outlier_factor * median:
         return f"relative error {t.rel_l2:.3g} is {t.rel_l2 / median:.1f}× the median {median:.3g}"
     if t.block_ratio > BLOCK_OUTLIER:
