@@ -291,12 +291,17 @@ def verify(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Print every tensor's errors; lists uncapped.")
     ] = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option("--max-memory", help="Refuse to start if the memory verify would hold exceeds this."),
+    ] = None,
 ) -> None:
     """Check a conversion against its source, tensor by tensor; exit code 1 when it fails."""
     from moeport.cli.verify import run_verify
 
     source = resolve_source(src)
-    run_verify(source, output, as_json, plot_file, lossless, max_rel_error, out, quiet, verbose)
+    limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
+    run_verify(source, output, as_json, plot_file, lossless, max_rel_error, out, quiet, verbose, limit)
 
 
 @app.command()

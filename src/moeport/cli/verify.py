@@ -26,6 +26,7 @@ def run_verify(
     console: Console,
     quiet: bool = False,
     verbose: bool = False,
+    max_memory: int | None = None,
 ) -> None:
     from moeport.verify.run import verify
 
@@ -46,7 +47,7 @@ def run_verify(
             log.print(line, highlight=False, markup=False)
 
     with status:
-        report = verify(src, output, lossless, max_rel_error, on_layer=on_layer)
+        report = verify(src, output, lossless, max_rel_error, on_layer=on_layer, max_memory=max_memory)
     if plot_file is not None:
         from moeport.verify.plot import plot
 
@@ -87,6 +88,14 @@ def _print(console: Console, report, verbose: bool = False) -> None:
         )
     _names(console, "[red]missing[/]", report.missing, verbose)
     _names(console, "[yellow]extra[/]", report.extra, verbose)
+    from moeport.sizes import format_size
+
+    console.print(
+        f"memory: at most {format_size(report.memory_bound)} beyond the interpreter (one tensor of "
+        "each side in float32, compared in chunks)",
+        highlight=False,
+        soft_wrap=True,
+    )
     _verdict(console, report)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from moeport.codecs import cpu_kernels, rtn_kernels
 from moeport.codecs.base import Parts, check_dtype, check_finite, check_shape, need
-from moeport.codecs.format import ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
+from moeport.codecs.format import SHAPE, ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
 from moeport.codecs.fp4 import Canonical, mx_decode, mx_encode, nvfp4_decode, nvfp4_encode, reciprocal
 from moeport.codecs.fp8 import Fp8ScaledCodec
 from moeport.codecs.int_rtn import group_size_of, rtn_codes, rtn_dequantize, rtn_params
@@ -219,7 +219,10 @@ def _fp4_shape(shapes: dict[str, Shape], params: Params) -> Shape:
 
 
 def _zero_point_rows(part: str, params: Params) -> RowRule | None:
-    """Asymmetric zero points are packed along N (`weight_zero_point` [N*b/32, G])."""
+    """Asymmetric zero points are packed along N (`weight_zero_point` [N*b/32, G]); `weight_shape`
+    [N, K] follows the rows as data (fused: `gate_up_proj_shape` [E, 2] = [2I, K] per expert)."""
+    if part == "weight_shape":
+        return SHAPE
     if part != "weight_zero_point":
         return None
     return RowRule(-2, 32 // int(params.get("num_bits", 4)))  # rows of N per packed int32

@@ -49,15 +49,19 @@ class RowRule:
     """`axis` (negative, from the end) is the part's N axis, one stored index per `per` rows of N.
 
     axis None: the part does not depend on N (0-d scale, g_idx): replicated, must agree on merge.
+    shape: the part records the weight's logical shape [.., N, K] (compressed-tensors'
+    `weight_shape`): merged, it says the summed rows; split, each piece's rows; K must agree.
     """
 
     axis: int | None
     per: int = 1
+    shape: bool = False
 
 
 REPLICATED = RowRule(None)
 ROWS = RowRule(-2)
 VECTOR = RowRule(-1)  # a 1-D per-row part such as a bias or a per-channel scale [N]
+SHAPE = RowRule(None, shape=True)  # the weight's shape [N, K] as data (see RowRule)
 
 # recognize(active parts, quantization_config, quant_method lowercased, where) -> the format, or
 # None when the group is not stored in it; a group that is but is malformed raises MoeportError.
@@ -88,6 +92,9 @@ class StorageFormat:
     # Formats sharing a name (mxfp4) differ by params["variant"]; None: any variant.
     variant: str | None = None
     is_float: bool = False  # a plain float weight: nothing to dequantize
+    # Per-expert names of parts that fused names spell otherwise: transformers' fused suffix
+    # `_scale` reads back as `weight_scale`, which DeepSeek-V4's FP4 experts call `scale`.
+    hub_parts: tuple[tuple[str, str], ...] = ()
 
     def matches(self, fmt: ExpertFormat) -> bool:
         """Whether this declaration describes the detected `fmt` (name, then variant)."""

@@ -167,6 +167,8 @@ class Dsv4Mxfp4Codec:
     stacked_encode: ClassVar[bool] = False
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        if "scale" not in parts and "weight_scale" in parts:  # fused `gate_up_proj_scale` reads so
+            parts = {**parts, "scale": parts["weight_scale"]}
         need(parts, self.required, where, self.name)
         w, s = parts["weight"], parts["scale"]
         check_dtype(w, (torch.int8, torch.uint8), where, "weight")
@@ -346,5 +348,10 @@ MXFP4_GPT_OSS = StorageFormat(
 NVFP4 = StorageFormat("nvfp4", _recognize_nvfp4, _nibbles_shape, lambda p: Nvfp4Codec())
 # variant None: an mxfp4 of any other variant is DeepSeek-V4's
 MXFP4_DSV4 = StorageFormat(
-    "mxfp4", _recognize_dsv4, _nibbles_shape, lambda p: Dsv4Mxfp4Codec(), row_rule=_blocks_rows
+    "mxfp4",
+    _recognize_dsv4,
+    _nibbles_shape,
+    lambda p: Dsv4Mxfp4Codec(),
+    row_rule=_blocks_rows,
+    hub_parts=(("weight_scale", "scale"),),
 )

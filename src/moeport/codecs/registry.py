@@ -95,6 +95,12 @@ def decoded_shape(fmt: ExpertFormat, shapes: dict[str, Shape], where: str) -> Sh
         raise MoeportError(f"{where}: {fmt.describe()} weight without its '{exc.args[0]}' tensor") from None
 
 
+def hub_part(fmt: ExpertFormat, part: str) -> str:
+    """The per-expert name of a part read from fused names (StorageFormat.hub_parts)."""
+    found = _find(fmt)
+    return dict(found.hub_parts).get(part, part) if found is not None else part
+
+
 def row_rule(fmt: ExpertFormat, part: str, shape: Shape, where: str) -> RowRule:
     """How `part` (per-weight `shape`) of a weight stored as `fmt` follows a split/merge of rows N:
     parts that hold no N axis are replicated, then the format's own rule, then rows or a vector."""

@@ -5,12 +5,11 @@ No tensor data is read: headers give names, dtypes and shapes, which is all we n
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from moeport.codecs.format import ExpertFormat, Part
 from moeport.codecs.registry import classify
-from moeport.detect.layout import LayerExperts, LayoutMatch, layer_prefix_pattern, match_layout
+from moeport.detect.layout import LayerExperts, LayerNaming, LayoutMatch, find_naming, match_layout
 from moeport.detect.required import check_required
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
@@ -40,6 +39,11 @@ class Detection:
     layer_expert_bytes: dict[int, int]
     total_bytes: int
     warnings: list[str] = field(default_factory=list)
+    naming: LayerNaming | None = None  # where each layer (MTP included) lives; main prefix only if None
+
+    def __post_init__(self) -> None:
+        if self.naming is None:
+            self.naming = LayerNaming(self.layer_prefix)
 
     @property
     def expert_bytes(self) -> int:
@@ -52,6 +56,9 @@ def detect(ck: Checkpoint) -> Detection:
     cfg = ModelConfig(ck.config)
     family, model_type = _family(cfg, ck)
     match = _match_experts(ck, family)
+    num_layers = cfg.first_int(family.fields.num_layers)
+    naming = _naming(ck, family, match, num_layers)
+    match.layers.update(_mtp_experts(ck, family, match, naming))
     layers = match.layers
     first = min(layers)
     counts = {L: _expert_count(ck, match, L) for L in layers}
@@ -78,9 +85,8 @@ def detect(ck: Checkpoint) -> Detection:
             f"the tensors of layer {first} hold {experts}"
         )
 
-    num_layers = cfg.first_int(family.fields.num_layers)
-    layer_bytes = _bytes_per_layer(ck, match.layer_prefix)
-    limit = num_layers if num_layers is not None else max(layer_bytes) + 1
+    layer_bytes = _bytes_per_layer(ck, naming)
+    limit = num_layers if num_layers is not None else naming.mtp_first if naming.mtp else max(layer_bytes) + 1
     mtp = sorted(L for L in layer_bytes if L >= limit)
     moe = sorted(L for L in layers if L < limit)
     dense = sorted(L for L in layer_bytes if L < limit and L not in layers)
@@ -88,7 +94,7 @@ def detect(ck: Checkpoint) -> Detection:
     if first_dense is not None and dense[:first_dense] != list(range(first_dense)):
         warnings.append(f"config says the first {first_dense} layers are dense; dense layers found: {dense}")
 
-    check_required(ck, family, match.layout, match.layer_prefix, (moe, [L for L in mtp if L in layers]))
+    check_required(ck, family, match.layout, naming, (moe, [L for L in mtp if L in layers]))
     block = f"{match.layer_prefix}{match.layout.block}."
     return Detection(
         family=family,
@@ -115,18 +121,38 @@ def detect(ck: Checkpoint) -> Detection:
         layer_expert_bytes={L: sum(ck.info(k).nbytes for k in layers[L].keys) for L in layers},
         total_bytes=ck.total_bytes,
         warnings=warnings,
+        naming=naming,
     )
 
 
-def _bytes_per_layer(ck: Checkpoint, layer_prefix: str) -> dict[int, int]:
-    """Bytes of all tensors (experts or not) under each layer index."""
-    layer_re = re.compile("^" + layer_prefix_pattern(layer_prefix))
+def _bytes_per_layer(ck: Checkpoint, naming: LayerNaming) -> dict[int, int]:
+    """Bytes of all tensors (experts or not) under each layer index, MTP layers included."""
     out: dict[int, int] = {}
     for key in ck.keys():
-        m = layer_re.match(key)
-        if m:
-            out[int(m["L"])] = out.get(int(m["L"]), 0) + ck.info(key).nbytes
+        layer = naming.layer_of(key)
+        if layer is not None:
+            out[layer] = out.get(layer, 0) + ck.info(key).nbytes
     return out
+
+
+def _naming(ck: Checkpoint, family: Family, match: LayoutMatch, num_layers: int | None) -> LayerNaming:
+    return find_naming(ck.keys(), match.layer_prefix, family.mtp_prefixes, num_layers)
+
+
+def _mtp_experts(
+    ck: Checkpoint, family: Family, match: LayoutMatch, naming: LayerNaming
+) -> dict[int, LayerExperts]:
+    """Routed experts of MTP layers stored apart: the main layers' layout, or refused."""
+    if naming.mtp is None:
+        return {}
+    for layout in family.layouts:
+        found = match_layout(ck.keys(), layout, naming.mtp)
+        if found is not None and layout != match.layout:
+            raise MoeportError(
+                f"{ck.root}: MTP experts under '{naming.mtp}' are {layout.kind}, the other layers' "
+                f"{match.layout.kind}; one checkpoint holds one expert layout"
+            )
+    return {L: le for L, le in naming.expert_layers(ck.keys(), match.layout).items() if L >= naming.mtp_first}
 
 
 def _family(cfg: ModelConfig, ck: Checkpoint) -> tuple[Family, str]:

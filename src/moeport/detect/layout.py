@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from moeport.zoo.families import ExpertLayout
 
@@ -24,6 +25,71 @@ class LayoutMatch:
     layout: ExpertLayout
     layer_prefix: str  # template with {L}
     layers: dict[int, LayerExperts]
+
+
+@dataclass(frozen=True)
+class LayerNaming:
+    """Where each layer's tensors are: decoder layers under `main` ('model.layers.{L}.'), MTP layers
+    stored apart (Qwen3-Next 'mtp.layers.{L}.', DeepSeek-V4 'mtp.{L}.') under `mtp`. MTP layer k is
+    numbered `mtp_first + k` (num_hidden_layers + k), as DeepSeek-V3 stores its own MTP layer, so
+    every consumer of layer numbers treats both storages alike."""
+
+    main: str
+    mtp: str | None = None
+    mtp_first: int = 0
+
+    def prefix(self, layer: int) -> str:
+        if self.mtp is not None and layer >= self.mtp_first:
+            return self.mtp.replace("{L}", str(layer - self.mtp_first))
+        return self.main.replace("{L}", str(layer))
+
+    @cached_property
+    def _regexes(self) -> list[tuple[re.Pattern[str], int]]:
+        out = [(re.compile("^" + layer_prefix_pattern(self.main)), 0)]
+        if self.mtp is not None:
+            out.append((re.compile("^" + layer_prefix_pattern(self.mtp)), self.mtp_first))
+        return out
+
+    def split(self, key: str) -> tuple[int, str] | None:
+        """(layer, name relative to the layer) of a key under a layer, else None."""
+        for regex, offset in self._regexes:
+            m = regex.match(key)
+            if m:
+                return int(m["L"]) + offset, key[m.end() :]
+        return None
+
+    def layer_of(self, key: str) -> int | None:
+        found = self.split(key)
+        return None if found is None else found[0]
+
+    def pattern(self) -> str:
+        """Regex source (no groups) matching the prefix of any layer, MTP included."""
+        sources = [self.main] + ([self.mtp] if self.mtp is not None else [])
+        return "(?:" + "|".join(re.escape(p).replace(re.escape("{L}"), r"\d+") for p in sources) + ")"
+
+    def expert_layers(self, keys: list[str], layout: ExpertLayout) -> dict[int, LayerExperts]:
+        """The routed-expert tensors of `layout` in every layer, MTP layers renumbered."""
+        found = match_layout(keys, layout, self.main)
+        layers = dict(found.layers) if found else {}
+        if self.mtp is not None:
+            mtp = match_layout(keys, layout, self.mtp)
+            layers.update({self.mtp_first + L: le for L, le in (mtp.layers if mtp else {}).items()})
+        return layers
+
+
+def find_naming(
+    keys: list[str], main: str, mtp_prefixes: tuple[str, ...], num_layers: int | None
+) -> LayerNaming:
+    """The main layer prefix, and the first of the family's MTP prefixes the keys use, its layers
+    numbered from num_hidden_layers (or after the last main layer when the config does not say)."""
+    for mtp in mtp_prefixes:
+        regex = re.compile("^" + layer_prefix_pattern(mtp))
+        if any(regex.match(k) for k in keys):
+            main_re = re.compile("^" + layer_prefix_pattern(main))
+            found = [int(m["L"]) for k in keys if (m := main_re.match(k))]
+            first = num_layers if num_layers is not None else max(found, default=-1) + 1
+            return LayerNaming(main, mtp, first)
+    return LayerNaming(main)
 
 
 def layer_prefix_pattern(layer_prefix: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from moeport.detect.layout import layer_prefix_pattern
+from moeport.detect.layout import LayerNaming
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.families import ExpertLayout, Family
@@ -20,11 +20,11 @@ _NORM = re.compile(r"^[A-Za-z_]*norm[A-Za-z_]*\.weight$")  # directly under the 
 
 
 def check_required(
-    ck: Checkpoint, family: Family, layout: ExpertLayout, layer_prefix: str, groups: Iterable[list[int]]
+    ck: Checkpoint, family: Family, layout: ExpertLayout, naming: LayerNaming, groups: Iterable[list[int]]
 ) -> None:
     """Every MoE layer has a router; router bias and layer norms are present in all layers of a
     group or in none. Raises naming the first missing tensor."""
-    by_layer = _relative_names(ck.keys(), layer_prefix)
+    by_layer = _relative_names(ck.keys(), naming)
     for layers in groups:
         if not layers:
             continue
@@ -32,9 +32,7 @@ def check_required(
         block = f"{layout.block}."
         for L in layers:
             if not any(block + r in rel[L] for r in family.router):
-                names = " or ".join(
-                    f"'{layer_prefix.replace('{L}', str(L))}{block}{r}'" for r in family.router
-                )
+                names = " or ".join(f"'{naming.prefix(L)}{block}{r}'" for r in family.router)
                 raise MoeportError(f"{ck.root}: MoE layer {L} has no router tensor (expected {names})")
         wanted = {block + b for b in family.router_bias} | {
             n for r in rel.values() for n in r if _NORM.match(n)
@@ -44,17 +42,16 @@ def check_required(
             if have and len(have) != len(layers):
                 missing = next(L for L in layers if name not in rel[L])
                 raise MoeportError(
-                    f"{ck.root}: layer {missing} has no '{layer_prefix.replace('{L}', str(missing))}{name}', "
+                    f"{ck.root}: layer {missing} has no '{naming.prefix(missing)}{name}', "
                     f"which layer {have[0]} has (layers of one kind carry the same router bias and norms)"
                 )
 
 
-def _relative_names(keys: list[str], layer_prefix: str) -> dict[int, set[str]]:
+def _relative_names(keys: list[str], naming: LayerNaming) -> dict[int, set[str]]:
     """Each layer's tensor names relative to the layer, in one pass over the keys."""
-    layer_re = re.compile("^" + layer_prefix_pattern(layer_prefix))
     out: dict[int, set[str]] = {}
     for key in keys:
-        m = layer_re.match(key)
-        if m:
-            out.setdefault(int(m["L"]), set()).add(key[m.end() :])
+        found = naming.split(key)
+        if found:
+            out.setdefault(found[0], set()).add(found[1])
     return out

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moeport.codecs.format import ExpertFormat
+from moeport.codecs.registry import FLOAT_FORMATS, hub_part
 from moeport.errors import MoeportError
-from moeport.mappings.ops import Chain, Concat, Copy, Op, Stack
+from moeport.mappings.ops import Chain, Concat, Copy, Op, Stack, Transpose
 from moeport.mappings.rules import row_rules
 from moeport.zoo.families import ROLES, ExpertLayout
 
@@ -84,14 +85,16 @@ def relayout_experts(
     down = parts.get((-1, "down"))
     if gate_up is None or down is None:
         raise MoeportError(f"{src.prefix}: fused experts need both gate_up and down tensors")
-    rows = rows_of(gate_up)
+    # a transposed fused weight (GPT-OSS float [E, H, 2I]) holds its rows in the last dim
+    transposed = src.layout.transposed and fmt.name in FLOAT_FORMATS
+    rows = shape_of(gate_up["weight"])[-1] if transposed else rows_of(gate_up)
     if rows % 2:
         raise MoeportError(f"{src.fused('gate_up', 'weight')}: {rows} rows cannot be split into gate and up")
     per_expert: Parts = {}
     for e in range(experts):
         for role in ROLES:
             group = gate_up if role != "down" else down
-            per_expert[(e, role)] = {part: dst.per_expert(e, role, part) for part in group}
+            per_expert[(e, role)] = {part: dst.per_expert(e, role, hub_part(fmt, part)) for part in group}
     # One expert's part has the fused part's shape minus the expert dim (only its rank matters here).
     per_shape = {
         name: shape_of(parts[(-1, FUSED_ROLES[role])][part])[1:]
@@ -125,8 +128,17 @@ def _fuse(
     name = fused_name or dst.fused
     ref = parts[(0, "gate")]
     rules = row_rules(fmt, {p: shape_of(n) for p, n in ref.items()}, src.per_expert(0, "gate", "weight"))
-    if src.layout.transposed or dst.layout.transposed:
-        raise MoeportError(f"{src.prefix}: fusing transposed (GPT-OSS) experts is not supported")
+    if src.layout.transposed:
+        raise MoeportError(f"{src.prefix}: per-expert tensors cannot be transposed")
+    # only float weights are stored transposed (GPT-OSS BF16 [E, H, 2I]; its MXFP4 keeps [E, 2I, ..])
+    transposed = dst.layout.transposed and fmt.name in FLOAT_FORMATS
+
+    def stack(sources: tuple[str, ...], target: str, part: str) -> list[Op]:
+        """Stack experts; a transposed layout's weights [E, N, K] -> [E, K, N] (biases stay)."""
+        if not transposed or part != "weight":
+            return [Stack(sources, target)]
+        return [Stack(sources, f"{target}#rows"), Transpose(f"{target}#rows", target)]
+
     ops: list[Op] = []
     for part, rule in rules.items():
         target = name("gate_up", part)
@@ -137,10 +149,11 @@ def _fuse(
             concats.append(
                 Concat((gate[part], up[part]), f"{target}#{e}", rule, rows, dst.layout.gate_up_interleaved)
             )
-        stack = Stack(tuple(c.outputs[0] for c in concats), target)
-        ops.append(Chain((*concats, stack)))
+        ops.append(Chain((*concats, *stack(tuple(c.outputs[0] for c in concats), target, part))))
     for part in parts[(0, "down")]:
-        ops.append(Stack(tuple(parts[(e, "down")][part] for e in range(experts)), name("down", part)))
+        sources = tuple(parts[(e, "down")][part] for e in range(experts))
+        down = stack(sources, name("down", part), part)
+        ops.append(down[0] if len(down) == 1 else Chain(tuple(down)))
     return ops
 
 

@@ -108,11 +108,17 @@ class Transpose(OneToOne):
         a, b = self.dims
         shape[a], shape[b] = shape[b], shape[a]
         memo = Memo(v)
-        return {
-            self.target: Lazy(
-                tuple(shape), v.dtype, is_meta(v), produce=lambda: memo().transpose(a, b).contiguous()
-            )
-        }
+        select = None
+        if isinstance(v, Lazy) and v.select is not None and len(shape) > 2 and a < 0 and b < 0:
+            # the last two dims of one item of a stack: read and transpose item by item
+            item = v.select
+
+            def select(i: int) -> Value:
+                one = Memo(item(i))
+                return Lazy(tuple(shape[1:]), v.dtype, produce=lambda: one().transpose(a, b).contiguous())
+
+        produce = lambda: memo().transpose(a, b).contiguous()  # noqa: E731
+        return {self.target: Lazy(tuple(shape), v.dtype, is_meta(v), produce=produce, select=select)}
 
     def inverse(self) -> Op:
         return Transpose(self.target, self.source, self.dims)
@@ -196,6 +202,8 @@ class Concat(ManyToOne):
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         pieces = [values[s] for s in self.sources]
+        if self.rule.shape:
+            return {self.target: _with_rows(self.sources, pieces, self.rows, sum(self.rows))}
         if self.rule.axis is None:
             return {self.target: _agree(self.sources, pieces)}
         axis = self.rule.axis
@@ -240,6 +248,11 @@ class Split(OneToMany):
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         v = values[self.source]
+        if self.rule.shape:
+            return {
+                t: _with_rows((self.source,), [v], (sum(self.rows),), n)
+                for t, n in zip(self.targets, self.rows, strict=True)
+            }
         if self.rule.axis is None:
             return dict.fromkeys(self.targets, v)
         axis = self.rule.axis
@@ -279,6 +292,21 @@ class Split(OneToMany):
 
     def inverse(self) -> Op:
         return Concat(self.targets, self.source, self.rule, self.rows, self.interleave)
+
+
+def _with_rows(names: tuple[str, ...], pieces: list[Value], rows: tuple[int, ...], out_rows: int) -> Value:
+    """A weight-shape part [.., N, K] saying `out_rows` rows, from pieces saying `rows` with one K."""
+    if any(is_meta(p) for p in pieces):
+        return pieces[0]
+    shapes = [realize(p) for p in pieces]
+    for name, shape, n in zip(names, shapes, rows, strict=True):
+        if int(shape[..., -2].flatten()[0]) != n or not torch.equal(shape[..., -1], shapes[0][..., -1]):
+            raise MoeportError(
+                f"{name}: records the shape {shape.tolist()}, expected {n} rows and the K of {names[0]}"
+            )
+    out = shapes[0].clone()
+    out[..., -2] = out_rows
+    return out
 
 
 def _agree(names: tuple[str, ...], pieces: list[Value]) -> Value:

@@ -5,6 +5,9 @@ Substring replacement is not invertible in general ('.attn.' -> '.self_attn.' ea
 fragment first, in one simultaneous pass. The inverse swaps the pairs; `check` proves on the
 actual keys that the rename is one-to-one and that the inverse gives every key back.
 A fragment starting with '^' only matches at the start of a key (e.g. '^head' -> 'lm_head').
+`aliases` are pairs applied first, forward only: other spellings of the same tensor that sources
+use (DeepSeek-V4's public `attn.kv_norm` for transformers' `attn.norm`); the inverse gives the
+spelling the aliases lead to, and `check` proves the round trip to that spelling.
 """
 
 from __future__ import annotations
@@ -18,37 +21,19 @@ from moeport.errors import MoeportError
 @dataclass(frozen=True)
 class Rename:
     pairs: tuple[tuple[str, str], ...]
+    aliases: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        sources = [a for a, _ in self.pairs]
-        if len(set(sources)) != len(sources):
-            raise ValueError(f"rename has a fragment twice: {sources}")
+        for rules in (self.pairs, self.aliases):
+            sources = [a for a, _ in rules]
+            if len(set(sources)) != len(sources):
+                raise ValueError(f"rename has a fragment twice: {sources}")
 
     def inverse(self) -> Rename:
         return Rename(tuple((b, a) for a, b in self.pairs))
 
     def __call__(self, key: str) -> str:
-        if not self.pairs:
-            return key
-        segments = key.split(".")
-        rules = sorted(
-            ((_segments(a), _segments(b), a.startswith("^") or b.startswith("^")) for a, b in self.pairs),
-            key=lambda r: -len(r[0]),
-        )
-        out: list[str] = []
-        i = 0
-        while i < len(segments):
-            for src, dst, anchored in rules:
-                if anchored and i != 0:
-                    continue
-                if segments[i : i + len(src)] == src:
-                    out.extend(dst)
-                    i += len(src)
-                    break
-            else:
-                out.append(segments[i])
-                i += 1
-        return ".".join(out)
+        return _apply(self.pairs, _apply(self.aliases, key))
 
     def check(self, keys: Iterable[str], where: str) -> None:
         """Refuse a rename that merges two keys or does not invert on these keys."""
@@ -60,8 +45,32 @@ class Rename:
                 raise MoeportError(f"{where}: renaming maps both '{seen[new]}' and '{key}' to '{new}'")
             seen[new] = key
             back = inverse(new)
-            if back != key:
+            if back != _apply(self.aliases, key):
                 raise MoeportError(f"{where}: renaming '{key}' -> '{new}' does not invert (gives '{back}')")
+
+
+def _apply(pairs: tuple[tuple[str, str], ...], key: str) -> str:
+    if not pairs:
+        return key
+    segments = key.split(".")
+    rules = sorted(
+        ((_segments(a), _segments(b), a.startswith("^") or b.startswith("^")) for a, b in pairs),
+        key=lambda r: -len(r[0]),
+    )
+    out: list[str] = []
+    i = 0
+    while i < len(segments):
+        for src, dst, anchored in rules:
+            if anchored and i != 0:
+                continue
+            if segments[i : i + len(src)] == src:
+                out.extend(dst)
+                i += len(src)
+                break
+        else:
+            out.append(segments[i])
+            i += 1
+    return ".".join(out)
 
 
 def _segments(fragment: str) -> list[str]:

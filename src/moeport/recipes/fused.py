@@ -16,7 +16,7 @@ FUSED_PROJS = (("gate_proj", "up_proj"), ("w1", "w3"), ("q_proj", "k_proj", "v_p
 
 def fused_sets(names: list[str], det: Detection) -> list[tuple[str, ...]]:
     """`names` (targeted `.weight`s, in plan order) grouped into fused sets; the others alone."""
-    hub = det.family.hub.projs
+    hub = det.family.per_expert.projs
     sets = [*FUSED_PROJS, (hub.get("gate", "gate_proj"), hub.get("up", "up_proj"))]
     role = {proj: (k, tuple(s)) for k, s in enumerate(sets) for proj in s}
     groups: dict[tuple[str, int], list[str]] = {}

@@ -31,6 +31,7 @@ from moeport.recipes.fused import fused_sets, same_kind_source
 from moeport.recipes.hf import build_hf
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
+from moeport.zoo.model_config import rewrite_storage_fields
 
 SCHEMES = ("w4a16", "w8a16", "fp8", "fp8-block")
 INT_SCHEMES = ("w4a16", "w8a16")  # the grouped ones: --group-size
@@ -91,7 +92,9 @@ def carries_experts(ck: Checkpoint, det: Detection, recipe: Recipe) -> str | Non
             and bool(p.get("symmetric")) == codec.symmetric
             and p.get("strategy") == ("group" if codec.group_size else "channel")
         )
-        scales = [k for k in ck.keys() if ".experts." in k and k.endswith(".weight_scale")]
+        layers = det.naming.expert_layers(ck.keys(), det.layout)
+        groups = next(iter(layers.values())).parts.values() if layers else []
+        scales = [g["weight_scale"] for g in groups if "weight_scale" in g]  # hub or fused names
         same = same and bool(scales) and ck.info(scales[0]).dtype == "BF16"  # what the codec writes
         return "weight_packed" if same else None
     if isinstance(codec, Fp8BlockCodec):
@@ -114,7 +117,7 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
     base, decoded = build_hf(
         ck,
         det,
-        "hub",
+        "linear",
         torch.float32,
         cast_floats=False,
         device=device,
@@ -130,6 +133,7 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
     spared = dict.fromkeys(recipe.ignore, 0)  # ... of which would otherwise be quantized
     part_cache: dict[tuple[int, ...], tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]] = {}
     quantized: list[str] = []
+    misfit: list[tuple[str, int]] = []  # targeted weights whose K the group size does not divide
     kept_linear: list[str] = []
 
     def is_target(name: str) -> bool:
@@ -159,17 +163,27 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
             if carried and expert_part_re.match(name):  # carried as stored, bit-exact
                 if name.endswith(f".{carried}"):
                     quantized.append(name)
-            elif moved_from is not None and expert_part_re.match(name):  # same codes, other format
+            elif moved_from is not None and expert_part_re.match(name) and not name.endswith(".bias"):
+                # same codes, other format (a bias, GPT-OSS's, is copied as it is)
                 prefix, _, part = name.rpartition(".")
+                if f"_{part}" in moved_from.required:  # per-expert names drop the '_' of `_blocks`
+                    part = f"_{part}"
                 moved.setdefault(f"{prefix}.", {})[part] = (name, i)
             elif is_target(name):
-                targets[name] = i
+                shape = spec_of[name].shape
                 quantized.append(name)
+                group = getattr(recipe, "group_size", None)
+                if group and recipe.scheme in INT_SCHEMES and shape[-1] % group:
+                    misfit.append((name, shape[-1]))
+                    continue
+                targets[name] = i
             else:
                 if name in decoded:
                     ops[i].append(Cast(name, name, torch.bfloat16))
                 if name.endswith(".weight") and len(spec_of[name].shape) == 2:
                     kept_linear.append(name.removesuffix(".weight"))
+    if misfit:
+        _refuse_group_size(recipe, misfit, [spec_of[n].shape[-1] for n in quantized], len(quantized))
     shared = getattr(codec, "shares_global_scale", False)
     home = list(range(len(ops)))  # a unit merged into another one lives there
 
@@ -221,6 +235,8 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
         raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore)")
     plan = Plan(units, _config(ck.config, recipe.quantization_config(kept_linear)))
     plan.side_files[HF_QUANT_CONFIG] = None  # the new quantization_config says it all (fp4 writes its own)
+    if plan.config is not None:
+        rewrite_storage_fields(plan.config, det.family.storage_fields, codec.name)
     how = "carried bit-exact (the source stores them in this scheme)" if carried else "quantized"
     if moved_from is not None:
         plan.notes.append(
@@ -233,6 +249,19 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
         modules = "1 module" if n == 1 else f"{n} modules"
         plan.notes.append(f"--ignore {p!r}: {modules} matched, {spared[p]} of them spared quantization")
     return finalize(plan, ck)
+
+
+def _refuse_group_size(recipe: Recipe, misfit: list[tuple[str, int]], ks: list[int], total: int) -> None:
+    """One line naming the first weight whose K the group size does not divide, and the largest
+    group size that divides every targeted K (or per channel)."""
+    name, k = misfit[0]
+    fits = [g for g in (128, 64, 32, 16, 8) if g < (recipe.group_size or 0) and all(x % g == 0 for x in ks)]
+    hint = f"--group-size {fits[0]}" if fits else "--group-size 0 (per channel)"
+    raise MoeportError(
+        f"--group-size {recipe.group_size}: {name} has {k} input columns, not a multiple of it "
+        f"({len(misfit)} of {total} targeted weights); use {hint}, which fits every targeted weight, "
+        "or leave those modules out with --ignore"
+    )
 
 
 def _home(home: list[int], i: int) -> int:
@@ -252,8 +281,8 @@ def ignore_regex(pattern: str) -> re.Pattern[str]:
 
 def _expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
     """Routed-expert tensors under hub names, `part` being a regex of the last name segment."""
-    layout = det.family.hub
-    prefix = re.escape(det.layer_prefix).replace(re.escape("{L}"), r"\d+")
+    layout = det.family.per_expert
+    prefix = det.naming.pattern()
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     return re.compile(rf"^{prefix}{re.escape(layout.block)}\.experts\.\d+\.({projs})\.{part}$")
 

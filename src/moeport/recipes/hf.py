@@ -8,12 +8,12 @@ the expert re-layout, then renames of the other tensors.
 from __future__ import annotations
 
 import copy
-import re
 from collections import defaultdict
 from typing import Any
 
 import torch
 
+from moeport.codecs.registry import hub_part
 from moeport.convert.dequantize import (
     ACTIVATION_PARTS,
     FLOAT_FORMATS,
@@ -26,7 +26,6 @@ from moeport.convert.dequantize import (
 from moeport.convert.plan import HF_QUANT_CONFIG, Plan, Unit, finalize
 from moeport.detect.detection import Detection
 from moeport.detect.formats import ExpertFormat, Part
-from moeport.detect.layout import layer_prefix_pattern, match_layout
 from moeport.dtypes import safetensors_name_of
 from moeport.errors import MoeportError
 from moeport.mappings.experts import FUSED_ROLES, LayerNames, Parts, relayout_experts
@@ -35,7 +34,8 @@ from moeport.mappings.rename import IDENTITY, Rename
 from moeport.recipes.base import Options, Target
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
-from moeport.zoo.model_config import ModelConfig
+from moeport.zoo.families import ROLES
+from moeport.zoo.model_config import ModelConfig, rewrite_storage_fields
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("hub", "fused")
@@ -43,10 +43,16 @@ _CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.flo
 
 
 def plan_hf(
-    ck: Checkpoint, det: Detection, layout: str, dtype: torch.dtype | None, device: str = "cpu"
+    ck: Checkpoint,
+    det: Detection,
+    layout: str,
+    dtype: torch.dtype | None,
+    device: str = "cpu",
+    canonical: bool = False,
 ) -> Plan:
-    """Plan the conversion of `ck` to the `layout` ('hub'|'fused') names, in `dtype` (None: keep)."""
-    plan, _ = build_hf(ck, det, layout, dtype, device=device)
+    """Plan the conversion of `ck` to the `layout` ('hub'|'fused') names, in `dtype` (None: keep).
+    canonical: hub names with the zoo's hub aliases applied (verify's names for either side)."""
+    plan, _ = build_hf(ck, det, layout, dtype, device=device, canonical=canonical)
     return finalize(plan, ck)
 
 
@@ -58,43 +64,45 @@ def build_hf(
     cast_floats: bool = True,
     device: str = "cpu",
     keep_experts: bool = False,
+    canonical: bool = False,
 ) -> tuple[Plan, set[str]]:
     """Units of the hf recipe (not yet finalized) and the names of outputs that were dequantized.
+
+    layout: 'hub', 'fused', or 'linear' (per-expert 2-D weights whatever the hub layout, Family.linear).
 
     cast_floats False: only quantized weights are decoded to `dtype`; float tensors keep theirs.
     keep_experts: routed experts keep their stored format (a target that already holds them so).
     """
     family = det.family
-    dst_layout = family.hub if layout == "hub" else family.fused
-    rename = _rename_between(det, layout)
+    dst_layout = {"hub": family.hub, "fused": family.fused, "linear": family.per_expert}[layout]
+    rename = _rename_between(det, layout, canonical)
     quant = ModelConfig(ck.config or {}).quantization_config or {}
     builder = _Builder(ck, quant, dtype, cast_floats, device)
     builder.keep_experts = keep_experts
 
-    match = match_layout(ck.keys(), det.layout, det.layer_prefix)
-    layers = match.layers if match else {}
+    layers = det.naming.expert_layers(ck.keys(), det.layout)
     expert_keys = {k for le in layers.values() for k in le.keys}
     others = [k for k in ck.keys() if k not in expert_keys]
     rename.check(others, str(ck.root))
 
-    layer_re = re.compile("^" + layer_prefix_pattern(det.layer_prefix))
     by_layer: dict[int | None, list[str]] = defaultdict(list)
     for key in others:
-        m = layer_re.match(key)
-        by_layer[int(m["L"]) if m else None].append(key)
+        by_layer[det.naming.layer_of(key)].append(key)
 
     units: list[Unit] = []
     for layer in sorted(set(by_layer) | set(layers), key=lambda L: -1 if L is None else L):
         for op in builder.other_tensors(by_layer.get(layer, []), rename):
             units.append(Unit(layer, op))
         if layer in layers:
-            prefix = det.layer_prefix.replace("{L}", str(layer))
+            prefix = det.naming.prefix(layer)
             src = LayerNames(det.layout, prefix)
             dst = LayerNames(dst_layout, prefix)
             for op in builder.experts(layers[layer].parts, det, src, dst):
                 units.append(Unit(layer, op))
 
     plan = Plan(units, _output_config(ck.config, builder.dequantized, dtype))
+    if plan.config is not None and builder.experts_as is not None:
+        rewrite_storage_fields(plan.config, family.storage_fields, builder.experts_as)
     if rename is not IDENTITY:
         plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} zoo rule(s)")
     if builder.dequantized:
@@ -120,14 +128,13 @@ def _decodes(op: Op) -> bool:
     return False
 
 
-def _rename_between(det: Detection, layout: str) -> Rename:
+def _rename_between(det: Detection, layout: str, canonical: bool = False) -> Rename:
     family = det.family
-    if family.hub == family.fused:
-        return IDENTITY
-    src_is_hub = det.layout == family.hub
-    if src_is_hub == (layout == "hub"):
-        return IDENTITY
-    forward = Rename(family.fused_renames)
+    src_is_hub = family.hub == family.fused or det.layout == family.hub
+    aliases = family.hub_aliases if src_is_hub else ()
+    if family.hub == family.fused or src_is_hub == (layout != "fused"):
+        return Rename((), aliases) if canonical and aliases else IDENTITY
+    forward = Rename(family.fused_renames, aliases)
     return forward if src_is_hub else forward.inverse()
 
 
@@ -150,6 +157,7 @@ class _Builder:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dequantized = 0
         self.keep_experts = False
+        self.experts_as: str | None = None  # the codec of the output's experts, where they changed
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self.shapes[name] if name in self.shapes else self.ck.info(name).shape
@@ -204,22 +212,72 @@ class _Builder:
         parts = _roles(found, det)
         pre: dict[str, Op] = {}  # decode/cast ops, by the intermediate name they produce
         is_float = fmt.name in FLOAT_FORMATS
-        if (
+        decode = (
             self.dtype is not None
             and not self.keep_experts
             and (not is_float or (self.cast_floats and fmt.name != _fmt_name(self.dtype)))
-        ):
+        )
+        if decode and src.layout.kind == "fused" and dst.layout.kind == "per-expert":
+            self.experts_as = _fmt_name(self.dtype)
+            return self._unfuse_then_decode(parts, fmt, det, src, dst)
+        if decode:
             parts, fmt = self._decode_experts(parts, fmt, det, pre)
-        experts = det.experts_per_layer
+            self.experts_as = fmt.name
+        ops = relayout_experts(parts, det.experts_per_layer, src, dst, fmt, self.shape_of, self._rows(fmt))
+        if not pre:
+            return ops
+        return [Chain((*(pre[i] for i in op.inputs if i in pre), op)) for op in ops]
 
+    def _rows(self, fmt: ExpertFormat):
         def rows_of(group: dict[str, str]) -> int:
             shapes = {p: self.shape_of(n) for p, n in active_parts(group).items()}
             return decoded_shape(fmt, shapes, next(iter(group.values())))[-2]
 
-        ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, rows_of)
-        if not pre:
-            return ops
-        return [Chain((*(pre[i] for i in op.inputs if i in pre), op)) for op in ops]
+        return rows_of
+
+    def _unfuse_then_decode(self, parts: Parts, fmt: ExpertFormat, det: Detection, src, dst) -> list[Op]:
+        """Fused -> per-expert with decoding: the stored parts are re-laid out first and each
+        expert's 2-D weight decoded (or cast) after, so a fused stack is read, decoded and held one
+        expert at a time (verify's bounded memory, the GPU recipes' linear experts)."""
+        experts = det.experts_per_layer
+        ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, self._rows(fmt))
+        is_float = fmt.name in FLOAT_FORMATS
+        out: list[Op] = []
+        for (_, fused_role), group in parts.items():
+            names = set(group.values())
+            mine = [op for op in ops if names & set(op.inputs)]
+            if is_float:
+                roles = [r for r in ROLES if FUSED_ROLES[r] == fused_role]
+                finish: list[Op] = [
+                    Cast(dst.per_expert(e, r, "weight"), dst.per_expert(e, r, "weight"), self.dtype)
+                    for e in range(experts)
+                    for r in roles
+                ]
+            else:
+                active = active_parts(group)
+                stack = decoded_shape(
+                    fmt, {p: self.shape_of(n) for p, n in active.items()}, next(iter(names))
+                )
+                finish = self._decode_each(active, stack, fused_role, experts, fmt, dst)
+                self.dequantized += 1
+            out.append(Chain((*mine, *finish)))
+        return out
+
+    def _decode_each(self, active, stack, fused_role: str, experts: int, fmt: ExpertFormat, dst) -> list[Op]:
+        roles = [r for r in ROLES if FUSED_ROLES[r] == fused_role]
+        shape = (stack[-2] // len(roles), stack[-1])
+        return [
+            Decode(
+                tuple((p, dst.per_expert(e, r, hub_part(fmt, p))) for p in active),
+                dst.per_expert(e, r, "weight"),
+                fmt,
+                shape,
+                self.dtype,
+                device=self.device,
+            )
+            for e in range(experts)
+            for r in roles
+        ]
 
     def _decode_experts(
         self, parts: Parts, fmt: ExpertFormat, det: Detection, pre: dict[str, Op]

@@ -17,7 +17,6 @@ from moeport.convert.dequantize import FLOAT_FORMATS, Decode, active_parts
 from moeport.convert.encode import Encode, part_specs
 from moeport.convert.plan import Plan, Unit, finalize
 from moeport.detect.detection import Detection
-from moeport.detect.layout import match_layout
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Copy, Op, Split, Unstack
 from moeport.mappings.rules import ROWS, VECTOR
@@ -46,16 +45,16 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             f"{ck.root}: {det.family.title} experts (interleaved/transposed gate_up with biases) "
             "have no kt-kernel AMX equivalent"
         )
-    match = match_layout(ck.keys(), layout, det.layer_prefix)
-    if match is None:
+    found_layers = det.naming.expert_layers(ck.keys(), layout)
+    if not found_layers:
         raise MoeportError(f"{ck.root}: no routed-expert tensors found")
     role_of = {proj: role for role, proj in layout.projs.items()}
     fused = layout.kind == "fused"
     layers: dict[int, tuple[Groups, int]] = {}
     shapes: dict[int, tuple[int, int]] = {}
     converted: set[str] = set()
-    for number in sorted(set(det.moe_layers) | {L for L in det.mtp_layers if L in match.layers}):
-        found = match.layers[number]
+    for number in sorted(set(det.moe_layers) | {L for L in det.mtp_layers if L in found_layers}):
+        found = found_layers[number]
         groups: Groups = {}
         for (e, proj), group in found.parts.items():
             bias = sorted(p for p in group if "bias" in p)

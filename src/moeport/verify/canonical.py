@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeport.convert.plan import run_unit
+from moeport.convert.plan import Plan, run_unit
 from moeport.detect import detect
 from moeport.recipes.hf import plan_hf
 from moeport.sources.checkpoint import Checkpoint
@@ -25,10 +25,15 @@ class CanonicalLayer:
     tensors: dict[str, torch.Tensor]  # float32 (or the stored dtype for non-float tensors)
 
 
+def canonical_plan(ck: Checkpoint) -> Plan:
+    """The plan giving every tensor of an HF checkpoint in float32 under canonical names: the
+    family's per-expert names (GPT-OSS's linear experts), hub aliases applied."""
+    return plan_hf(ck, detect(ck), "linear", torch.float32, canonical=True)
+
+
 def hf_layers(ck: Checkpoint) -> Iterator[CanonicalLayer]:
-    """Decode every tensor of an HF checkpoint to float32 under hub names, one layer at a time."""
-    det = detect(ck)
-    plan = plan_hf(ck, det, "hub", torch.float32)
+    """Decode every tensor of an HF checkpoint to float32 under canonical names, one layer at a time."""
+    plan = canonical_plan(ck)
     current: CanonicalLayer | None = None
     for unit in plan.units:
         if current is None or unit.layer != current.layer:

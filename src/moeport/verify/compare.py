@@ -7,15 +7,16 @@ why: verify.flags.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moeport.verify.canonical import CanonicalLayer
 from moeport.verify.flags import flag
+from moeport.verify.stream import Item, LayerSide, PlanSide
 
 BLOCK = 32  # columns per block of the per-block comparison (divides the usual group sizes)
+CHUNK = 1 << 22  # elements measured at once (float64 temporaries of about 40 bytes each; stream.py)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Report:
     # a tensor whose peers are mostly bit-exact must be too; off when the output's recipe says
     # what was kept (an --ignore can leave most peers exact and the rest quantized)
     peers_decide: bool = True
+    memory_bound: int = 0  # bytes verify holds at most (verify.run: its estimate from both plans)
 
     @property
     def flagged(self) -> list[TensorResult]:
@@ -69,47 +71,64 @@ class Report:
             "lossless": self.lossless,
             "missing": self.missing,
             "extra": self.extra,
+            "memory_bound": self.memory_bound,
             "per_layer": self.per_layer(),
             "tensors": [asdict(t) for t in self.tensors],
         }
 
 
 def measure(name: str, layer: int | None, src: torch.Tensor, out: torch.Tensor) -> TensorResult:
+    """Errors of `out` against `src`, in float64 over chunks of rows (CHUNK elements at a time),
+    so a large tensor costs its two float32 copies, not five float64 ones."""
     if src.shape != out.shape:
         return TensorResult(
             name, layer, list(out.shape), False, float("inf"), float("inf"), 0.0,
             f"shape {list(out.shape)}, source has {list(src.shape)}",
         )  # fmt: skip
-    exact = torch.equal(src, out)
-    a, b = src.double().flatten(), out.double().flatten()
-    diff = b - a
-    norm = a.norm().item()
-    rel = 0.0 if exact else (diff.norm().item() / norm if norm else float("inf"))
-    denom = a.norm().item() * b.norm().item()
-    cosine = 1.0 if exact else ((a @ b).item() / denom if denom else 0.0)
-    max_abs = diff.abs().max().item() if diff.numel() else 0.0
-    result = TensorResult(name, layer, list(out.shape), exact, max_abs, rel, cosine)
-    if not exact and len(src.shape) >= 2:
-        _worst_block(result, a, diff, tuple(src.shape))
+    shape = tuple(src.shape)
+    if torch.equal(src, out):
+        return TensorResult(name, layer, list(shape), True, 0.0, 0.0, 1.0)
+    k = shape[-1] if shape else 1
+    a_rows, b_rows = src.reshape(-1, k), out.reshape(-1, k)
+    step = max(1, CHUNK // max(k, 1))
+    width = BLOCK if k % BLOCK == 0 else k
+    sums = torch.zeros(4, dtype=torch.float64)  # a.a, b.b, a.b, d.d
+    max_abs = torch.zeros((), dtype=torch.float64)
+    a2: list[torch.Tensor] = []
+    d2: list[torch.Tensor] = []
+    for r0 in range(0, a_rows.shape[0], step):
+        a, b = a_rows[r0 : r0 + step].double(), b_rows[r0 : r0 + step].double()
+        d = b - a
+        sums += torch.stack(((a * a).sum(), (b * b).sum(), (a * b).sum(), (d * d).sum()))
+        max_abs = torch.maximum(max_abs, d.abs().max())
+        if len(shape) >= 2 and k:
+            a2.append(a.view(-1, k // width, width).square().sum(-1))
+            d2.append(d.view(-1, k // width, width).square().sum(-1))
+        del a, b, d
+    saa, sbb, sab, sdd = sums.tolist()
+    norm = saa**0.5
+    rel = sdd**0.5 / norm if norm else float("inf")
+    denom = norm * sbb**0.5
+    cosine = sab / denom if denom else 0.0
+    result = TensorResult(name, layer, list(shape), False, max_abs.item(), rel, cosine)
+    if a2:
+        _worst_block(result, torch.cat(a2), torch.cat(d2), shape, width)
     return result
 
 
-def _worst_block(r: TensorResult, a: torch.Tensor, diff: torch.Tensor, shape: tuple[int, ...]) -> None:
-    """Relative L2 error per block of BLOCK columns of each row; the worst against the median of
-    the blocks that hold anything (zero blocks quantize exactly and would drag the median to 0)."""
-    k = shape[-1]
-    width = BLOCK if k % BLOCK == 0 else k
-    if k == 0:
-        return
-    a2 = a.view(-1, k // width, width).square().sum(-1)
-    d2 = diff.view(-1, k // width, width).square().sum(-1)
+def _worst_block(
+    r: TensorResult, a2: torch.Tensor, d2: torch.Tensor, shape: tuple[int, ...], width: int
+) -> None:
+    """Relative L2 error per block of BLOCK columns of each row (a2, d2: squared sums per block,
+    [rows, blocks]); the worst against the median of the blocks that hold anything (zero blocks
+    quantize exactly and would drag the median to 0)."""
     held = a2 > 0
     if int(held.sum()) < 16:
         return
     rel = torch.where(held, d2 / a2.clamp_min(1e-300), torch.zeros_like(a2)).sqrt()
     median = rel[held].median().item()
     worst = int(rel.argmax())
-    row, block = divmod(worst, k // width)
+    row, block = divmod(worst, a2.shape[-1])
     worst_rel = rel.flatten()[worst].item()
     index = list(torch.unravel_index(torch.tensor(row), shape[:-1])) if len(shape) > 2 else [row]
     where = f"row {row}" if len(shape) == 2 else f"index {[int(i) for i in index]}"
@@ -119,41 +138,38 @@ def _worst_block(r: TensorResult, a: torch.Tensor, diff: torch.Tensor, shape: tu
 
 
 def compare(
-    source: Iterable[CanonicalLayer],
-    output: Iterable[CanonicalLayer],
+    source: Iterable[Item],
+    output: PlanSide | LayerSide,
     lossless: bool,
     max_rel_error: float = 0.25,
     outlier_factor: float = 4.0,
     exact_names: Collection[str] = (),
     peers_decide: bool = True,
+    on_layer: Callable[[int | None], None] | None = None,
 ) -> Report:
-    """Walk both checkpoints layer by layer (memory: one layer of each side). `exact_names`: tensors
+    """Walk the source tensor by tensor, each paired with the output's tensor of that name
+    (verify.stream: memory is a tensor of each side, not a layer). `exact_names`: tensors
     expected bit-exact whatever the conversion (stored alike on both sides)."""
     report = Report(lossless, peers_decide=peers_decide)
-    pending_out: dict[int | None, CanonicalLayer] = {}
-    out_iter: Iterator[CanonicalLayer] = iter(output)
-    for src_layer in source:
-        out_layer = _take(src_layer.layer, pending_out, out_iter)
-        got = out_layer.tensors if out_layer else {}
-        for name, s in src_layer.tensors.items():
-            if name not in got:
-                report.missing.append(name)
-                continue
-            result = measure(name, src_layer.layer, s, got.pop(name))
-            result.expect_exact = name in exact_names
-            report.tensors.append(result)
-        report.extra.extend(got)
-    for rest in [*pending_out.values(), *out_iter]:
-        report.extra.extend(rest.tensors)
+    started = False
+    current: int | None = None
+    for layer, name, s in source:
+        if not started or layer != current:
+            if started:
+                report.extra.extend(output.release(current))
+            started, current = True, layer
+            if on_layer is not None:
+                on_layer(layer)
+        got = output.take(layer, name)
+        if got is None:
+            report.missing.append(name)
+            continue
+        result = measure(name, layer, s, got)
+        del s, got
+        result.expect_exact = name in exact_names
+        report.tensors.append(result)
+    if started:
+        report.extra.extend(output.release(current))
+    report.extra.extend(output.rest())
     flag(report, max_rel_error, outlier_factor)
     return report
-
-
-def _take(layer: int | None, pending: dict, it: Iterator[CanonicalLayer]) -> CanonicalLayer | None:
-    if layer in pending:
-        return pending.pop(layer)
-    for candidate in it:
-        if candidate.layer == layer:
-            return candidate
-        pending[candidate.layer] = candidate
-    return None

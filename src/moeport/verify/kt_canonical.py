@@ -19,6 +19,7 @@ import torch
 
 from moeport.codecs.kt_amx import KtAmxCodec
 from moeport.convert.plan import Unit, run_unit
+from moeport.detect.layout import LayerNaming, find_naming
 from moeport.errors import MoeportError
 from moeport.mappings.rename import IDENTITY, Rename
 from moeport.recipes.hf import canonical_other_tensors
@@ -54,7 +55,7 @@ def kt_metadata(out: Path) -> tuple[Path, dict[str, str]] | None:
     return None
 
 
-def folder_layers(out: Path, kt: KtLayout, family: Family, prefix: str) -> Iterator[CanonicalLayer]:
+def folder_layers(out: Path, kt: KtLayout, family: Family, naming: LayerNaming) -> Iterator[CanonicalLayer]:
     """kt's folder form: experts only (it holds nothing else), named as the source names them."""
     files = {}
     for layer in kt.layers:
@@ -70,7 +71,7 @@ def folder_layers(out: Path, kt: KtLayout, family: Family, prefix: str) -> Itera
         return torch.frombuffer(data, dtype=torch.int8 if part == "weight" else torch.float32)
 
     for layer in kt.layers:
-        yield CanonicalLayer(layer, _experts(kt, layer, read, family, prefix))
+        yield CanonicalLayer(layer, _experts(kt, layer, read, family, naming))
 
 
 def merged_layers(ck: Checkpoint, kt: KtLayout) -> Iterator[CanonicalLayer]:
@@ -78,24 +79,23 @@ def merged_layers(ck: Checkpoint, kt: KtLayout) -> Iterator[CanonicalLayer]:
     experts = kt.layer_of_keys()
     others = [k for k in ck.keys() if k not in experts]
     rename = _to_hub_names(family, others)
-    prefix = _layer_prefix(family, others)
-    layer_re = re.compile("^" + re.escape(prefix).replace(re.escape("{L}"), r"(?P<L>\d+)"))
+    num_layers = ModelConfig(ck.config or {}).first_int(family.fields.num_layers)
+    naming = find_naming(others, _layer_prefix(family, others), family.mtp_prefixes, num_layers)
     by_layer: dict[int | None, list[str]] = defaultdict(list)
     for key in others:
-        m = layer_re.match(key)
-        by_layer[int(m["L"]) if m else None].append(key)
+        by_layer[naming.layer_of(key)].append(key)
     for layer in sorted(set(by_layer) | set(kt.layers), key=lambda L: -1 if L is None else L):
         tensors: dict[str, torch.Tensor] = {}
         for op in canonical_other_tensors(ck, by_layer.get(layer, []), rename):
             for name, t in run_unit(Unit(layer, op), ck):
                 tensors[name] = t.float() if t.is_floating_point() else t
         if layer in kt.layers:
-            tensors.update(_experts(kt, layer, lambda slot, part: ck.read(slot.key(part)), family, prefix))
+            tensors.update(_experts(kt, layer, lambda slot, part: ck.read(slot.key(part)), family, naming))
         yield CanonicalLayer(layer, tensors)
 
 
-def expert_names(kt: KtLayout, layer: int, family: Family, prefix: str) -> dict[tuple[int, str], str]:
-    block = f"{prefix.replace('{L}', str(layer))}{family.hub.block}"
+def expert_names(kt: KtLayout, layer: int, family: Family, naming: LayerNaming) -> dict[tuple[int, str], str]:
+    block = f"{naming.prefix(layer)}{family.hub.block}"
     return {
         (e, proj): f"{block}.experts.{e}.{family.hub.projs[proj]}.weight"
         for e in range(kt.experts)
@@ -104,11 +104,11 @@ def expert_names(kt: KtLayout, layer: int, family: Family, prefix: str) -> dict[
 
 
 def _experts(
-    kt: KtLayout, layer: int, read: ReadSlot, family: Family, prefix: str
+    kt: KtLayout, layer: int, read: ReadSlot, family: Family, naming: LayerNaming
 ) -> dict[str, torch.Tensor]:
     codec = KtAmxCodec(kt.bits)
     slices: dict[tuple[int, str], list[torch.Tensor]] = defaultdict(list)
-    names = expert_names(kt, layer, family, prefix)
+    names = expert_names(kt, layer, family, naming)
     for slot in kt.slots(layer):
         parts = {p: read(slot, p) for p in ("weight", "scale")}
         slices[(slot.expert, slot.proj)].append(codec.decode(parts, where=slot.key("weight")))
@@ -138,4 +138,4 @@ def _to_hub_names(family: Family, keys: list[str]) -> Rename:
     forward = Rename(family.fused_renames)
     back = forward.inverse()
     fused_named = any(back(k) != k for k in keys) and not any(forward(k) != k for k in keys)
-    return back if fused_named else IDENTITY
+    return back if fused_named else Rename((), family.hub_aliases)

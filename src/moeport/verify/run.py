@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+from moeport.convert.plan import Plan
 from moeport.detect import detect
 from moeport.errors import MoeportError
+from moeport.sizes import format_size
 from moeport.sources import open_checkpoint
 from moeport.sources.checkpoint import Checkpoint
-from moeport.verify.canonical import CanonicalLayer, hf_layers
+from moeport.verify.canonical import canonical_plan
 from moeport.verify.compare import Report, compare
+from moeport.verify.stream import LayerSide, PlanSide, largest_float32, memory_bound, plan_items
 
 
 def recipe_of(ck: Checkpoint) -> dict:
@@ -85,13 +88,6 @@ def _text_config(config: dict | None) -> dict:
     return {**config, **inner} if isinstance(inner, dict) else config
 
 
-def _announce(layers: Iterable[CanonicalLayer], on_layer) -> Iterator[CanonicalLayer]:
-    for layer in layers:
-        if on_layer is not None:
-            on_layer(layer.layer)
-        yield layer
-
-
 def _companion_of(key: str) -> str:
     """'m.weight_scale_inv' -> 'm.weight': the tensor a quantization companion belongs to."""
     module, _, last = key.rpartition(".")
@@ -105,33 +101,62 @@ def verify(
     max_rel_error: float = 0.25,
     outlier_factor: float = 4.0,
     on_layer: Callable[[int | None], None] | None = None,
+    max_memory: int | None = None,
 ) -> Report:
-    """Compare `out` with its source `src`; `on_layer(L)` is told each source layer as it starts."""
+    """Compare `out` with its source `src`; `on_layer(L)` is told each source layer as it starts.
+    The memory it will hold (Report.memory_bound) is known before any tensor is read; above
+    `max_memory` it refuses."""
     from moeport.verify import kt_canonical
 
     kt = kt_canonical.kt_description(Path(out))
     with open_checkpoint(src) as s:
+        source_plan = canonical_plan(s)
         if kt is not None and not any(Path(out).glob("*.safetensors")):  # kt's folder form
             det = detect(s)
             names = set()
             for layer in kt.layers:
-                names.update(kt_canonical.expert_names(kt, layer, det.family, det.layer_prefix).values())
+                names.update(kt_canonical.expert_names(kt, layer, det.family, det.naming).values())
             config = Path(out) / "config.json"
             check_same_model(s, None, json.loads(config.read_text()) if config.is_file() else None)
-            source = (
-                CanonicalLayer(c.layer, {k: v for k, v in c.tensors.items() if k in names})
-                for c in _announce(hf_layers(s), on_layer)
-            )
-            output = kt_canonical.folder_layers(Path(out), kt, det.family, det.layer_prefix)
+            bound = _budget(source_plan, None, kt, max_memory)
+            source = (item for item in plan_items(s, source_plan) if item[1] in names)
+            output = LayerSide(kt_canonical.folder_layers(Path(out), kt, det.family, det.naming))
             expect_exact = False if lossless is None else lossless
-            return compare(source, output, expect_exact, max_rel_error, outlier_factor)
+            report = compare(source, output, expect_exact, max_rel_error, outlier_factor, on_layer=on_layer)
+            report.memory_bound = bound
+            return report
         with open_checkpoint(out) as o:
             check_same_model(s, o)
             recipe = recipe_of(o)
             expect_exact = is_lossless(recipe) if lossless is None else lossless
             alike = stored_alike(s, o) if lossless is None else set()
-            output = kt_canonical.merged_layers(o, kt) if kt is not None else hf_layers(o)
-            source = _announce(hf_layers(s), on_layer)
-            return compare(
-                source, output, expect_exact, max_rel_error, outlier_factor, alike, peers_decide=not recipe
+            out_plan = canonical_plan(o) if kt is None else None
+            bound = _budget(source_plan, out_plan, kt, max_memory)
+            output = PlanSide(o, out_plan) if out_plan else LayerSide(kt_canonical.merged_layers(o, kt))
+            report = compare(
+                plan_items(s, source_plan),
+                output,
+                expect_exact,
+                max_rel_error,
+                outlier_factor,
+                alike,
+                peers_decide=not recipe,
+                on_layer=on_layer,
             )
+            report.memory_bound = bound
+            return report
+
+
+def _budget(source: Plan, output: Plan | None, kt, max_memory: int | None) -> int:
+    """Bytes verify holds at most beyond the interpreter: the largest tensor of either side twice
+    in float32 plus the comparison's chunk (verify.stream), and one layer of a kt output."""
+    largest = max(largest_float32(source), largest_float32(output) if output is not None else 0)
+    layer = 4 * 3 * kt.experts * kt.hidden * kt.inter if kt is not None else 0
+    bound = memory_bound(largest, layer)
+    if max_memory is not None and bound > max_memory:
+        raise MoeportError(
+            f"verify holds up to {format_size(bound)} (the largest tensor, {format_size(largest)} in "
+            f"float32, on each side{' and one kt layer' if layer else ''}); --max-memory "
+            f"{format_size(max_memory)} is below it"
+        )
+    return bound

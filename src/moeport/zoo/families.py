@@ -77,6 +77,16 @@ MIXTRAL_FIELDS = ConfigFields(
 
 
 @dataclass(frozen=True)
+class StorageField:
+    """A config.json field that states how the routed experts are stored (DeepSeek-V4's
+    `expert_dtype`), at the top, in text_config or in quantization_config. An output whose experts
+    are stored otherwise gets the value for its expert codec, or loses the field when none fits."""
+
+    name: str
+    values: tuple[tuple[str, str], ...]  # (codec name of the output experts, config value)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     title: str
@@ -84,6 +94,8 @@ class Family:
     hub: ExpertLayout
     fused: ExpertLayout = FUSED_V5
     layer_prefixes: tuple[str, ...] = ("model.layers.{L}.",)
+    # MTP layers stored apart from the decoder layers (numbered after them; see detect.layout)
+    mtp_prefixes: tuple[str, ...] = ()
     router: tuple[str, ...] = ("gate.weight",)  # relative to the block
     router_bias: tuple[str, ...] = ()
     shared_expert: str | None = None  # sub-module name of shared experts, relative to the block
@@ -91,10 +103,24 @@ class Family:
     # Non-expert key renames from the hub layout to transformers' fused layout: pairs of dotted
     # fragments matched on whole segments (see mappings.rename); the reverse direction swaps them.
     fused_renames: tuple[tuple[str, str], ...] = ()
+    # Other hub spellings of a non-expert tensor, as (variant, spelling fused_renames start from):
+    # applied on the way to the fused layout and in verify's canonical names; a hub -> hub
+    # conversion keeps the source's spelling (its loaders expect it).
+    hub_aliases: tuple[tuple[str, str], ...] = ()
+    storage_fields: tuple[StorageField, ...] = ()
+    # Per-expert 2-D linears of a family whose only public layout is fused (GPT-OSS): what targets
+    # that quantize weight by weight write (llmcompressor's linearised experts), biases beside them.
+    linear: ExpertLayout | None = None
+
+    @property
+    def per_expert(self) -> ExpertLayout:
+        """The per-expert layout: the hub names, or `linear` where the hub layout is fused."""
+        return self.linear or self.hub
 
     @property
     def layouts(self) -> tuple[ExpertLayout, ...]:
-        return (self.hub,) if self.hub == self.fused else (self.hub, self.fused)
+        found = (self.hub,) if self.hub == self.fused else (self.hub, self.fused)
+        return found + ((self.linear,) if self.linear is not None and self.linear not in found else ())
 
 
 # DeepSeek-V4's reference names vs transformers' (checked against transformers' own save, both ways).
@@ -142,10 +168,14 @@ FAMILIES: tuple[Family, ...] = (
         ("deepseek_v4",),
         hub=ExpertLayout("per-expert", "ffn", {"gate": "w1", "up": "w3", "down": "w2"}),
         layer_prefixes=("layers.{L}.", "model.layers.{L}."),
+        mtp_prefixes=("mtp.{L}.",),
         router_bias=("gate.bias", "gate.tid2eid"),
         shared_expert="shared_experts",
         fields=ConfigFields(first_dense=()),
         fused_renames=DSV4_RENAMES,
+        # the public checkpoints' attention KV norm; transformers saves it as `attn.norm`
+        hub_aliases=(("attn.kv_norm", "attn.norm"),),
+        storage_fields=(StorageField("expert_dtype", (("mxfp4-deepseek-v4", "fp4"), ("fp8-block", "fp8"))),),
     ),
     Family(
         "qwen2_moe",
@@ -161,6 +191,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen3-Next",
         ("qwen3_next",),
         hub=HUB_MLP,
+        mtp_prefixes=("mtp.layers.{L}.",),
         shared_expert="shared_expert",
         fields=QWEN_FIELDS,
     ),
@@ -170,6 +201,7 @@ FAMILIES: tuple[Family, ...] = (
         ("qwen3_5_moe", "qwen3_5_moe_text"),
         hub=HUB_MLP,
         layer_prefixes=("model.language_model.layers.{L}.", "model.layers.{L}."),
+        mtp_prefixes=("mtp.layers.{L}.",),
         shared_expert="shared_expert",
         fields=QWEN_FIELDS,
     ),
@@ -212,6 +244,7 @@ FAMILIES: tuple[Family, ...] = (
         ("gpt_oss",),
         hub=GPT_OSS_EXPERTS,
         fused=GPT_OSS_EXPERTS,
+        linear=HUB_MLP,
         router=("router.weight",),
         router_bias=("router.bias",),
         fields=ConfigFields(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeport.errors import MoeportError
+from moeport.zoo.families import StorageField
 
 
 class ModelConfig:
@@ -48,3 +49,22 @@ class ModelConfig:
                     raise MoeportError(f"config.json: '{name}' is {value!r}, expected a whole number")
                 return int(value)
         return None
+
+
+def rewrite_storage_fields(cfg: dict[str, Any], fields: tuple[StorageField, ...], codec: str) -> None:
+    """Make each of the family's expert-storage fields in `cfg` (top level, text_config and their
+    quantization_config) say `codec`, the codec of the output's experts; drop those with no value."""
+    if not fields:
+        return
+    where = [cfg, cfg.get("text_config")]
+    where += [c.get("quantization_config") for c in list(where) if isinstance(c, dict)]
+    for c in where:
+        if not isinstance(c, dict):
+            continue
+        for f in fields:
+            if f.name in c:
+                value = dict(f.values).get(codec)
+                if value is None:
+                    del c[f.name]
+                else:
+                    c[f.name] = value
