@@ -23,6 +23,7 @@ CASES = [  # (--to, kt-kernel method, families)
     ("kt-fp8", "FP8", ["deepseek_v3", "minimax_m2"]),
     ("kt-fp8-perchannel", "FP8_PERCHANNEL", ["qwen3_moe", "minimax_m2"]),
     ("kt-bf16", "BF16", ["glm_moe_dsa", "minimax_m2", "qwen3_moe"]),
+    ("kt-mxfp4", "MXFP4", ["deepseek_v4"]),
 ]
 
 
@@ -91,3 +92,67 @@ def test_names_kt_cannot_find_are_refused(kt_checkpoint, tmp_path):  # noqa: F81
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "RAWINT4 loader reads experts named" in result.stderr and "block_sparse_moe" in result.stderr
     assert not (tmp_path / "raw").exists()
+
+
+def _mxfp4_source(bf16, out):
+    """`bf16` with its routed experts in DeepSeek-V4-Flash's own MXFP4 (I8 nibble codes + F8_E8M0
+    `scale` per 32, `expert_dtype: fp4`): seeded random codes and scales, as that release stores them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for name, t in load_tensors(bf16).items():
+        if ".ffn.experts." in name:
+            n, k = t.shape
+            tensors[name] = torch.randint(-128, 128, (n, k // 2), generator=g, dtype=torch.int8)
+            scale = torch.randint(116, 122, (n, k // 32), generator=g, dtype=torch.uint8)
+            tensors[name.removesuffix("weight") + "scale"] = scale.view(torch.float8_e8m0fnu)
+        else:
+            tensors[name] = t
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((bf16 / "config.json").read_text())
+    config["expert_dtype"] = "fp4"
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "scale_fmt": "ue8m0",
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_mxfp4_source_is_carried_bit_exact_into_kt_mxfp4(monkeypatch, kt_checkpoint, tmp_path):  # noqa: F811
+    """DeepSeek-V4 MXFP4 experts -> kt-mxfp4: codes and scales as stored (verify: bit-exact), and
+    kt-kernel's MXFP4 forward on our output equals its forward on the source folder itself."""
+    import_kt()
+    src = _mxfp4_source(kt_checkpoint("deepseek_v4"), tmp_path / "src")
+    dst = tmp_path / "out"
+    assert _convert(src, dst, "--to", "kt-mxfp4").returncode == 0
+    source, out = load_tensors(src), load_tensors(dst)
+    experts = [k for k in source if ".experts." in k]
+    assert len(experts) == 2 * 2 * 3 * E and all(
+        torch.equal(out[k].view(torch.uint8), source[k].view(torch.uint8)) for k in experts
+    )
+    report = verify(src, dst)
+    assert report.ok and all(r.exact for r in report.tensors if ".experts." in r.name)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, H, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(8)])
+    weights = torch.rand(8, TOPK, generator=g)
+    assert torch.equal(
+        _forward(monkeypatch, dst, 1, "MXFP4", x, ids, weights),
+        _forward(monkeypatch, src, 1, "MXFP4", x, ids, weights),
+    )
+
+
+@pytest.mark.parametrize(("to", "model_type"), [("kt-mxfp4", "deepseek_v3"), ("kt-mxfp4", "qwen3_moe")])
+def test_families_kt_mx_loaders_cannot_read_are_refused(kt_checkpoint, tmp_path, to, model_type):  # noqa: F811
+    """kt-kernel's MXFP4 loader reads only DeepSeek-V4's expert names (`ffn.experts.{E}.w1`)."""
+    result = _convert(kt_checkpoint(model_type), tmp_path / "out", "--to", to)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "loader reads experts named" in result.stderr and not (tmp_path / "out").exists()
