@@ -24,6 +24,7 @@ CASES = [  # (--to, kt-kernel method, families)
     ("kt-fp8-perchannel", "FP8_PERCHANNEL", ["qwen3_moe", "minimax_m2"]),
     ("kt-bf16", "BF16", ["glm_moe_dsa", "minimax_m2", "qwen3_moe"]),
     ("kt-mxfp4", "MXFP4", ["deepseek_v4"]),
+    ("kt-mxfp8", "MXFP8", ["minimax_m2"]),
 ]
 
 
@@ -94,49 +95,71 @@ def test_names_kt_cannot_find_are_refused(kt_checkpoint, tmp_path):  # noqa: F81
     assert not (tmp_path / "raw").exists()
 
 
-def _mxfp4_source(bf16, out):
-    """`bf16` with its routed experts in DeepSeek-V4-Flash's own MXFP4 (I8 nibble codes + F8_E8M0
-    `scale` per 32, `expert_dtype: fp4`): seeded random codes and scales, as that release stores them."""
+def _mxfp4_expert(n: int, k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """DeepSeek-V4-Flash's routed experts: I8 E2M1 pairs + F8_E8M0 `scale` per 32 (random codes)."""
+    scale = torch.randint(116, 122, (n, k // 32), generator=g, dtype=torch.uint8)
+    codes = torch.randint(-128, 128, (n, k // 2), generator=g, dtype=torch.int8)
+    return {"weight": codes, "scale": scale.view(torch.float8_e8m0fnu)}
+
+
+def _mxfp8_expert(n: int, k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """MiniMax-M3's experts: E4M3 codes (no NaN 0x7F/0xFF) + U8 E8M0 `weight_scale_inv` per 32."""
+    codes = torch.randint(0, 255, (n, k), generator=g, dtype=torch.uint8)
+    codes = torch.where((codes & 0x7F) == 0x7F, codes - 1, codes)
+    scale = torch.randint(116, 122, (n, k // 32), generator=g, dtype=torch.uint8)
+    return {"weight": codes.view(torch.float8_e4m3fn), "weight_scale_inv": scale}
+
+
+# --to: (family, expert maker, the format's quantization_config and top-level config keys)
+MX_SOURCES = {
+    "kt-mxfp4": ("deepseek_v4", _mxfp4_expert, [128, 128], {"expert_dtype": "fp4"}),
+    "kt-mxfp8": ("minimax_m2", _mxfp8_expert, [1, 32], {}),
+}
+
+
+def _mx_source(to: str, bf16, out):
+    """`bf16` with its routed experts as the release kt's MX method is built for stores them."""
     import json
 
     from safetensors.torch import save_file
 
+    _, expert, block, top = MX_SOURCES[to]
     g = torch.Generator().manual_seed(5)
     tensors = {}
     for name, t in load_tensors(bf16).items():
-        if ".ffn.experts." in name:
-            n, k = t.shape
-            tensors[name] = torch.randint(-128, 128, (n, k // 2), generator=g, dtype=torch.int8)
-            scale = torch.randint(116, 122, (n, k // 32), generator=g, dtype=torch.uint8)
-            tensors[name.removesuffix("weight") + "scale"] = scale.view(torch.float8_e8m0fnu)
+        if ".experts." in name:
+            base = name.removesuffix("weight")
+            tensors |= {base + part: v for part, v in expert(*t.shape, g).items()}
         else:
             tensors[name] = t
     out.mkdir()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((bf16 / "config.json").read_text())
-    config["expert_dtype"] = "fp4"
+    config = json.loads((bf16 / "config.json").read_text()) | top
     config["quantization_config"] = {
         "quant_method": "fp8",
         "fmt": "e4m3",
         "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
+        "weight_block_size": block,
         "scale_fmt": "ue8m0",
     }
     (out / "config.json").write_text(json.dumps(config))
     return out
 
 
-def test_mxfp4_source_is_carried_bit_exact_into_kt_mxfp4(monkeypatch, kt_checkpoint, tmp_path):  # noqa: F811
-    """DeepSeek-V4 MXFP4 experts -> kt-mxfp4: codes and scales as stored (verify: bit-exact), and
-    kt-kernel's MXFP4 forward on our output equals its forward on the source folder itself."""
+@pytest.mark.parametrize(("to", "method"), [("kt-mxfp4", "MXFP4"), ("kt-mxfp8", "MXFP8")])
+def test_mx_source_is_carried_bit_exact(monkeypatch, kt_checkpoint, tmp_path, to, method):  # noqa: F811
+    """DeepSeek-V4 MXFP4 -> kt-mxfp4, MiniMax-M3-style MXFP8 -> kt-mxfp8: codes and scales as stored
+    (verify: bit-exact), and kt-kernel's forward on our output equals its forward on the source."""
     import_kt()
-    src = _mxfp4_source(kt_checkpoint("deepseek_v4"), tmp_path / "src")
+    src = _mx_source(to, kt_checkpoint(MX_SOURCES[to][0]), tmp_path / "src")
     dst = tmp_path / "out"
-    assert _convert(src, dst, "--to", "kt-mxfp4").returncode == 0
+    result = _convert(src, dst, "--to", to)
+    assert result.returncode == 0, result.stderr
     source, out = load_tensors(src), load_tensors(dst)
     experts = [k for k in source if ".experts." in k]
     assert len(experts) == 2 * 2 * 3 * E and all(
-        torch.equal(out[k].view(torch.uint8), source[k].view(torch.uint8)) for k in experts
+        out[k].dtype == source[k].dtype and torch.equal(out[k].view(torch.uint8), source[k].view(torch.uint8))
+        for k in experts
     )
     report = verify(src, dst)
     assert report.ok and all(r.exact for r in report.tensors if ".experts." in r.name)
@@ -145,14 +168,23 @@ def test_mxfp4_source_is_carried_bit_exact_into_kt_mxfp4(monkeypatch, kt_checkpo
     ids = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(8)])
     weights = torch.rand(8, TOPK, generator=g)
     assert torch.equal(
-        _forward(monkeypatch, dst, 1, "MXFP4", x, ids, weights),
-        _forward(monkeypatch, src, 1, "MXFP4", x, ids, weights),
+        _forward(monkeypatch, dst, 1, method, x, ids, weights),
+        _forward(monkeypatch, src, 1, method, x, ids, weights),
     )
 
 
-@pytest.mark.parametrize(("to", "model_type"), [("kt-mxfp4", "deepseek_v3"), ("kt-mxfp4", "qwen3_moe")])
+@pytest.mark.parametrize(
+    ("to", "model_type"),
+    [
+        ("kt-mxfp4", "deepseek_v3"),
+        ("kt-mxfp4", "qwen3_moe"),
+        ("kt-mxfp8", "deepseek_v3"),
+        ("kt-mxfp8", "qwen3_moe"),
+    ],
+)
 def test_families_kt_mx_loaders_cannot_read_are_refused(kt_checkpoint, tmp_path, to, model_type):  # noqa: F811
-    """kt-kernel's MXFP4 loader reads only DeepSeek-V4's expert names (`ffn.experts.{E}.w1`)."""
+    """kt-kernel's MXFP4 loader reads only DeepSeek-V4's expert names (`ffn.experts.{E}.w1`), its
+    MXFP8 loader only MiniMax's (`block_sparse_moe.experts.{E}.w1`)."""
     result = _convert(kt_checkpoint(model_type), tmp_path / "out", "--to", to)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "loader reads experts named" in result.stderr and not (tmp_path / "out").exists()

@@ -100,5 +100,6 @@ METHODS = (
     ),
     NativeMethod("kt-bf16", "BF16", hf.TARGET, {"dtype": "bf16"}, (DEEPSEEK_NAMES, MIXTRAL_NAMES), "BF16"),
     NativeMethod("kt-mxfp4", "MXFP4", kt_mx.MXFP4, {}, (DSV4_NAMES,), "MXFP4, E8M0 scale per 32"),
+    NativeMethod("kt-mxfp8", "MXFP8", kt_mx.MXFP8, {}, (MIXTRAL_NAMES,), "MXFP8, E8M0 scale per 32"),
 )
 TARGETS = [m.as_target() for m in METHODS]
