@@ -23,6 +23,7 @@ CASES = [  # (--to, kt-kernel method, families)
     ("kt-fp8", "FP8", ["deepseek_v3", "minimax_m2"]),
     ("kt-fp8-perchannel", "FP8_PERCHANNEL", ["qwen3_moe", "minimax_m2"]),
     ("kt-bf16", "BF16", ["glm_moe_dsa", "minimax_m2", "qwen3_moe"]),
+    ("kt-gptq-int4", "GPTQ_INT4", ["deepseek_v3", "qwen3_moe", "minimax_m2"]),
     ("kt-mxfp4", "MXFP4", ["deepseek_v4"]),
     ("kt-mxfp8", "MXFP8", ["minimax_m2"]),
 ]
@@ -110,20 +111,43 @@ def _mxfp8_expert(n: int, k: int, g: torch.Generator) -> dict[str, torch.Tensor]
     return {"weight": codes.view(torch.float8_e4m3fn), "weight_scale_inv": scale}
 
 
-# --to: (family, expert maker, the format's quantization_config and top-level config keys)
-MX_SOURCES = {
-    "kt-mxfp4": ("deepseek_v4", _mxfp4_expert, [128, 128], {"expert_dtype": "fp4"}),
-    "kt-mxfp8": ("minimax_m2", _mxfp8_expert, [1, 32], {}),
+def _gptq_expert(n: int, k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """AutoGPTQ v1, symmetric, group 128, no act-order: random codes, zero 8 stored as 7."""
+    groups = k // 128
+    return {
+        "qweight": torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=g, dtype=torch.int32),
+        "qzeros": torch.full((groups, n // 8), 0x77777777, dtype=torch.int32),
+        "scales": (torch.rand(groups, n, generator=g) * 0.002 + 0.001).half(),
+        "g_idx": (torch.arange(k) // 128).to(torch.int32),
+    }
+
+
+def _fp8_config(block: list[int]) -> dict:
+    return {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": block,
+        "scale_fmt": "ue8m0",
+    }
+
+
+GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False}
+# --to: (kt method, family, expert maker, quantization_config, other config.json keys)
+STORED_SOURCES = {
+    "kt-mxfp4": ("MXFP4", "deepseek_v4", _mxfp4_expert, _fp8_config([128, 128]), {"expert_dtype": "fp4"}),
+    "kt-mxfp8": ("MXFP8", "minimax_m2", _mxfp8_expert, _fp8_config([1, 32]), {}),
+    "kt-gptq-int4": ("GPTQ_INT4", "deepseek_v3", _gptq_expert, GPTQ_CONFIG, {}),
 }
 
 
-def _mx_source(to: str, bf16, out):
-    """`bf16` with its routed experts as the release kt's MX method is built for stores them."""
+def _stored_source(to: str, bf16, out):
+    """`bf16` with its routed experts stored as the release kt's method is built for stores them."""
     import json
 
     from safetensors.torch import save_file
 
-    _, expert, block, top = MX_SOURCES[to]
+    _, _, expert, quant, top = STORED_SOURCES[to]
     g = torch.Generator().manual_seed(5)
     tensors = {}
     for name, t in load_tensors(bf16).items():
@@ -134,30 +158,25 @@ def _mx_source(to: str, bf16, out):
             tensors[name] = t
     out.mkdir()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((bf16 / "config.json").read_text()) | top
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": block,
-        "scale_fmt": "ue8m0",
-    }
+    config = json.loads((bf16 / "config.json").read_text()) | top | {"quantization_config": quant}
     (out / "config.json").write_text(json.dumps(config))
     return out
 
 
-@pytest.mark.parametrize(("to", "method"), [("kt-mxfp4", "MXFP4"), ("kt-mxfp8", "MXFP8")])
-def test_mx_source_is_carried_bit_exact(monkeypatch, kt_checkpoint, tmp_path, to, method):  # noqa: F811
-    """DeepSeek-V4 MXFP4 -> kt-mxfp4, MiniMax-M3-style MXFP8 -> kt-mxfp8: codes and scales as stored
-    (verify: bit-exact), and kt-kernel's forward on our output equals its forward on the source."""
+@pytest.mark.parametrize("to", list(STORED_SOURCES))
+def test_stored_source_is_carried_bit_exact(monkeypatch, kt_checkpoint, tmp_path, to):  # noqa: F811
+    """DeepSeek-V4 MXFP4 -> kt-mxfp4, MiniMax-M3-style MXFP8 -> kt-mxfp8, symmetric GPTQ -> kt-gptq-int4:
+    experts as stored (verify: bit-exact), and kt-kernel's forward on our output equals its forward
+    on the source folder itself."""
     import_kt()
-    src = _mx_source(to, kt_checkpoint(MX_SOURCES[to][0]), tmp_path / "src")
+    method, family, expert, _, _ = STORED_SOURCES[to]
+    src = _stored_source(to, kt_checkpoint(family), tmp_path / "src")
     dst = tmp_path / "out"
     result = _convert(src, dst, "--to", to)
     assert result.returncode == 0, result.stderr
     source, out = load_tensors(src), load_tensors(dst)
-    experts = [k for k in source if ".experts." in k]
-    assert len(experts) == 2 * 2 * 3 * E and all(
+    experts = [k for k in source if ".experts." in k and "shared" not in k]
+    assert len(experts) == 2 * 3 * E * len(expert(32, 256, torch.Generator())) and all(
         out[k].dtype == source[k].dtype and torch.equal(out[k].view(torch.uint8), source[k].view(torch.uint8))
         for k in experts
     )
@@ -188,3 +207,28 @@ def test_families_kt_mx_loaders_cannot_read_are_refused(kt_checkpoint, tmp_path,
     result = _convert(kt_checkpoint(model_type), tmp_path / "out", "--to", to)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "loader reads experts named" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_gptq_config_says_only_routed_experts_are_quantized(kt_checkpoint, tmp_path):  # noqa: F811
+    """kt-gptq-int4's config.json, as SGLang/vLLM apply GPTQModel's `dynamic` rules (a `-:` regex
+    re.match'ed on a module name skips its quantization): every module stored as `qweight` is
+    quantized, every other linear (attention, shared experts, dense MLP, router) is not."""
+    import json
+    import re
+
+    dst = tmp_path / "out"
+    assert _convert(kt_checkpoint("deepseek_v3"), dst, "--to", "kt-gptq-int4").returncode == 0
+    quant = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert quant["sym"] is True and quant["desc_act"] is False and quant["bits"] == 4
+    skips = [re.compile(k.removeprefix("-:")) for k in quant["dynamic"] if k.startswith("-:")]
+
+    def skipped(module: str) -> bool:
+        return any(r.match(module) for r in skips)
+
+    tensors = load_tensors(dst)
+    quantized = {k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")}
+    kept = {k.removesuffix(".weight") for k, t in tensors.items() if k.endswith(".weight") and t.dim() == 2}
+    assert len(quantized) == 2 * 3 * E and not any(skipped(m) for m in quantized)
+    assert any("self_attn" in m for m in kept) and any("shared_experts" in m for m in kept)
+    assert all(skipped(m) for m in kept - {"lm_head", "model.embed_tokens"})
+    assert not skipped("model.layers.1.mlp.experts")  # the fused MoE layer a server builds

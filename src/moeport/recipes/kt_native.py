@@ -16,7 +16,7 @@ from typing import Any
 
 from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
-from moeport.recipes import gpu, hf, kt_mx
+from moeport.recipes import gpu, hf, kt_gptq, kt_mx
 from moeport.recipes.base import Options, Target
 from moeport.sources.checkpoint import Checkpoint
 
@@ -99,6 +99,14 @@ METHODS = (
         "FP8 E4M3 per row",
     ),
     NativeMethod("kt-bf16", "BF16", hf.TARGET, {"dtype": "bf16"}, (DEEPSEEK_NAMES, MIXTRAL_NAMES), "BF16"),
+    NativeMethod(
+        "kt-gptq-int4",
+        "GPTQ_INT4",
+        kt_gptq.TARGET,
+        {"group_size": 128},
+        (DEEPSEEK_NAMES, MIXTRAL_NAMES),
+        "GPTQ INT4 symmetric, group 128",
+    ),
     NativeMethod("kt-mxfp4", "MXFP4", kt_mx.MXFP4, {}, (DSV4_NAMES,), "MXFP4, E8M0 scale per 32"),
     NativeMethod("kt-mxfp8", "MXFP8", kt_mx.MXFP8, {}, (MIXTRAL_NAMES,), "MXFP8, E8M0 scale per 32"),
 )
