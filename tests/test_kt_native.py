@@ -232,3 +232,22 @@ def test_gptq_config_says_only_routed_experts_are_quantized(kt_checkpoint, tmp_p
     assert any("self_attn" in m for m in kept) and any("shared_experts" in m for m in kept)
     assert all(skipped(m) for m in kept - {"lm_head", "model.embed_tokens"})
     assert not skipped("model.layers.1.mlp.experts")  # the fused MoE layer a server builds
+
+
+def test_compressed_tensors_mxfp4_moves_into_kt_mxfp4_unchanged(main, kt_checkpoint, tmp_path):  # noqa: F811
+    """DeepSeek-V4 -> `--to mxfp4` (compressed-tensors `weight_packed`/`weight_scale`) -> kt-mxfp4:
+    the same code and scale bytes under DeepSeek-V4's names and dtypes, verify bit-exact."""
+    ct, dst = tmp_path / "ct", tmp_path / "out"
+    assert main("convert", str(kt_checkpoint("deepseek_v4")), str(ct), "--to", "mxfp4", "--quiet")[0] == 0
+    assert main("convert", str(ct), str(dst), "--to", "kt-mxfp4", "--quiet")[0] == 0
+    source, out = load_tensors(ct), load_tensors(dst)
+    packed = [k.removesuffix("weight_packed") for k in source if k.endswith(".weight_packed")]
+    assert len(packed) == 2 * 3 * E and all(
+        out[b + "weight"].dtype == torch.int8
+        and torch.equal(out[b + "weight"].view(torch.uint8), source[b + "weight_packed"])
+        and out[b + "scale"].dtype == torch.float8_e8m0fnu
+        and torch.equal(out[b + "scale"].view(torch.uint8), source[b + "weight_scale"])
+        for b in packed
+    )
+    report = verify(ct, dst)
+    assert report.ok and all(r.exact for r in report.tensors)

@@ -4,7 +4,7 @@ microscaling formats, everything else as the GPU side loads it (recipes.gpu.plan
 kt-mxfp4 (`MXFP4SafeTensorLoader`, DeepSeek-V4-Flash's routed experts): `{L}.ffn.experts.{E}.w1/w3/w2`
 `.weight` I8 [N, K/2] (E2M1 codes, element 2j in the low nibble) + `.scale` F8_E8M0 [N, K/32];
 OCP scale choice (codecs.fp4.mx_exponent). Experts already in MXFP4 are not requantized: DeepSeek-V4's
-own are carried bit-exact, GPT-OSS / compressed-tensors MXFP4 move their codes and scales (`Recode`).
+own are carried bit-exact, compressed-tensors MXFP4 ones move their codes and scales (`Recode`).
 config.json says what DeepSeek-V4 says (`quant_method: fp8` for its non-expert linears, ue8m0, and
 `expert_dtype: fp4`), with the linears this output keeps in 16 bits in `modules_to_not_convert`.
 
