@@ -445,3 +445,13 @@ def test_bf16_rtn_kernel_leaves_nonfinite_rows_to_torch(monkeypatch) -> None:
     slow = codec.encode(w)
     for name in fast:
         assert torch.equal(fast[name].view(torch.uint8), slow[name].view(torch.uint8)), name
+
+
+def test_gptq_encodes_a_single_group_per_row() -> None:
+    """K equal to the group size: one scale row, qzeros packed from a [1, N] transpose (a size-1
+    dim torch may give any stride); decodes back within half a step."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    parts = GptqCodec(group_size=128, sym=True).encode(w)
+    assert parts["qzeros"].shape == (1, 8) and bool((parts["qzeros"] == 0x77777777).all())
+    step = parts["scales"].float().T  # [N, 1]
+    assert bool(((GptqCodec(group_size=128).decode(parts) - w).abs() <= step / 2 + 1e-3).all())

@@ -40,6 +40,12 @@ FAMILIES = {
         "block_sparse_moe",
     ),
     "glm_moe_dsa": (dict(moe_intermediate_size=I_SIZE), "hub", ("gate_proj", "up_proj", "down_proj"), "mlp"),
+    "deepseek_v4": (
+        dict(moe_intermediate_size=I_SIZE, num_hidden_layers=2),
+        "hub",
+        ("w1", "w3", "w2"),
+        "ffn",
+    ),
 }
 
 

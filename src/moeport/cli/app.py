@@ -312,7 +312,9 @@ def demo(
 ) -> None:
     """Write a tiny built-in DeepSeek-V3-style checkpoint, convert it to every target, verify each."""
     from moeport.cli.convert import RunFlags, run_convert
+    from moeport.detect import detect
     from moeport.recipes import TARGETS, Options
+    from moeport.sources import open_checkpoint
     from moeport.synthetic import SyntheticSpec, write_synthetic
     from moeport.verify.run import verify as verify_outputs
 
@@ -320,9 +322,14 @@ def demo(
     write_synthetic(src, SyntheticSpec.tiny())
     out.print(f"wrote built-in example to {src}", markup=False)
     inspect(src, as_json=False)
-    for to in TARGETS:  # every registered target, with its default options (hf: the fused layout)
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+    for to, target in TARGETS.items():  # every registered target, with its default options (hf: fused)
         options = Options(layout="fused" if to == "hf" else "hub", device="auto")
         name = "fused-bf16" if to == "hf" else to
+        if not target.fits(det):
+            out.print(f"{name:>17}: not for {det.family.title} (its consumer reads another family's names)")
+            continue
         dst = out_dir / f"deepseek-v3-tiny-{name}"
         run_convert(src, dst, to, options, RunFlags(overwrite=True, quiet=True), out)
         report = verify_outputs(src, dst)

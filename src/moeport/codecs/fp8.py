@@ -3,7 +3,8 @@
 Scales are dequant multipliers: W = fp32(weight) * scale. Block grids are ceil-divided and the
 edge blocks are zero-padded before taking amax (DeepSeek README_WEIGHTS.md). Encoding clamps to
 ±448 before the cast (the cast itself is round-to-nearest-even); all-zero blocks get scale 1.
-ue8m0 scales are powers of two rounded up, computed explicitly (a cast to E8M0 rounds to nearest).
+ue8m0 scales are powers of two rounded up, computed explicitly (a cast to E8M0 rounds to nearest);
+with scale_dtype uint8 they are written as raw E8M0 bytes (MXFP8: blocks of 1x32, MiniMax-M3).
 
 Formats fp8-tensor, fp8-channel and fp8-block: an E4M3 `weight` whose scale's shape says which.
 """
@@ -146,8 +147,11 @@ class Fp8BlockCodec:
         scale = torch.where(amax == 0, torch.ones_like(amax), divide(amax, FP8_MAX))
         if self.ue8m0:
             scale = pow2_ceil(scale)
-        stored = scale.to(self.scale_dtype)
-        used = stored.float()  # quantize with exactly the scale a reader will multiply by
+        if self.scale_dtype == torch.uint8:  # E8M0 shipped as raw U8 bytes (MXFP8, MiniMax-M3)
+            stored = scale.to(torch.float8_e8m0fnu).view(torch.uint8)
+        else:
+            stored = scale.to(self.scale_dtype)
+        used = e8m0_from_bytes(stored).float()  # quantize with exactly the scale a reader multiplies by
         q = quantize_e4m3(tiles, used[..., :, None, :, None]).reshape(padded.shape)[..., :n, :k]
         return {"weight": q.contiguous(), self.scale_name: stored}
 

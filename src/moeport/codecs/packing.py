@@ -56,7 +56,8 @@ def _pack_bytes(v: torch.Tensor, bits: int) -> torch.Tensor:
     b = v.to(torch.uint8)
     if bits == 4:
         b = b[..., 0::2] | (b[..., 1::2] << 4)
-    return b.contiguous().view(torch.int32)
+    # through a flat view: torch may leave a size-1 leading dim with an odd stride, which .view refuses
+    return b.contiguous().reshape(-1).view(torch.int32).reshape(*b.shape[:-1], b.shape[-1] // 4)
 
 
 def _unpack_bytes(words: torch.Tensor, bits: int) -> torch.Tensor:

@@ -64,6 +64,8 @@ class Target:
     lossless: Callable[[dict[str, Any]], bool] = field(default=lambda _r: False)
     # the Options fields (keys of OPTION_FLAGS) this target reads
     takes: frozenset[str] = frozenset()
+    # whether it writes this model at all (kt loaders that read one family's names); the demo asks
+    fits: Callable[[Detection], bool] = field(default=lambda _d: True)
 
     def refuse_unused(self, given: Iterable[str]) -> None:
         """Options the user set that this target would silently ignore are a mistake: say so."""

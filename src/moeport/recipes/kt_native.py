@@ -16,14 +16,20 @@ from typing import Any
 
 from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
-from moeport.recipes import gpu, hf
+from moeport.recipes import gpu, hf, kt_gptq, kt_mx
 from moeport.recipes.base import Options, Target
 from moeport.sources.checkpoint import Checkpoint
 
 # The expert names kt-kernel's loaders look for: (module holding experts, gate, up, down).
 DEEPSEEK_NAMES = ("mlp", "gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMES = ("block_sparse_moe", "w1", "w3", "w2")
-LAYER_PREFIXES = ("model.layers.{L}.", "model.language_model.layers.{L}.", "language_model.model.layers.{L}.")
+DSV4_NAMES = ("ffn", "w1", "w3", "w2")  # MXFP4's loader also tries the layer key without "model."
+LAYER_PREFIXES = (
+    "model.layers.{L}.",
+    "model.language_model.layers.{L}.",
+    "language_model.model.layers.{L}.",
+    "layers.{L}.",
+)
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,17 @@ class NativeMethod:
         plan.title = f"{det.family.title}: {det.expert_format.name} -> kt-kernel {self.method} ({self.help})"
         return plan, sink
 
-    def check_names(self, det: Detection) -> None:
+    def fits(self, det: Detection) -> bool:
+        """Whether kt's loader finds experts under this model's names."""
         hub = det.family.hub
         have = (hub.block, hub.projs.get("gate"), hub.projs.get("up"), hub.projs.get("down"))
-        if have in self.names and det.layer_prefix in LAYER_PREFIXES:
+        return have in self.names and det.layer_prefix in LAYER_PREFIXES
+
+    def check_names(self, det: Detection) -> None:
+        if self.fits(det):
             return
+        hub = det.family.hub
+        have = (hub.block, hub.projs.get("gate"), hub.projs.get("up"), hub.projs.get("down"))
         wanted = " or ".join(
             f"'model.layers.{{L}}.{b}.experts.{{E}}.{g}/{u}/{d}'" for b, g, u, d in self.names
         )
@@ -66,6 +78,7 @@ class NativeMethod:
                 | ({"allow_nonfinite": True} if o.allow_nonfinite else {})
             ),
             takes=takes,
+            fits=self.fits,
         )
 
 
@@ -86,5 +99,15 @@ METHODS = (
         "FP8 E4M3 per row",
     ),
     NativeMethod("kt-bf16", "BF16", hf.TARGET, {"dtype": "bf16"}, (DEEPSEEK_NAMES, MIXTRAL_NAMES), "BF16"),
+    NativeMethod(
+        "kt-gptq-int4",
+        "GPTQ_INT4",
+        kt_gptq.TARGET,
+        {"group_size": 128},
+        (DEEPSEEK_NAMES, MIXTRAL_NAMES),
+        "GPTQ INT4 symmetric, group 128",
+    ),
+    NativeMethod("kt-mxfp4", "MXFP4", kt_mx.MXFP4, {}, (DSV4_NAMES,), "MXFP4, E8M0 scale per 32"),
+    NativeMethod("kt-mxfp8", "MXFP8", kt_mx.MXFP8, {}, (MIXTRAL_NAMES,), "MXFP8, E8M0 scale per 32"),
 )
 TARGETS = [m.as_target() for m in METHODS]
