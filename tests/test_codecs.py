@@ -455,3 +455,20 @@ def test_gptq_encodes_a_single_group_per_row() -> None:
     assert parts["qzeros"].shape == (1, 8) and bool((parts["qzeros"] == 0x77777777).all())
     step = parts["scales"].float().T  # [N, 1]
     assert bool(((GptqCodec(group_size=128).decode(parts) - w).abs() <= step / 2 + 1e-3).all())
+
+
+def test_mxfp4_encode_under_flush_to_zero() -> None:
+    """kt-kernel's import turns on flush-to-zero; an all-zero MXFP4 group (scale 2^-127, a float32
+    subnormal) must still encode, to the same bytes as without it."""
+    from moeport.codecs.fp4 import mx_encode
+
+    w = randn(16, 128, seed=20)
+    w[3, :32] = 0.0
+    w[5, 64:96] = -0.0
+    expected = mx_encode(w)
+    torch.set_flush_denormal(True)
+    try:
+        got = mx_encode(w)
+    finally:
+        torch.set_flush_denormal(False)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

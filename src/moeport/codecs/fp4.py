@@ -107,7 +107,10 @@ def mx_encode(x: torch.Tensor, group: int = 32, ct: bool = False) -> tuple[torch
     amax = group_amax(x, group)
     _refuse_nonfinite(amax, "MXFP4 (E8M0 scales)")
     exp = mx_exponent(amax, ct)
-    divisor = torch.ldexp(torch.ones_like(amax), exp)
+    # an all-zero group's divisor (2^-127) is subnormal: a process running with flush-to-zero (kt-kernel
+    # sets it when imported) would divide by 0. Its codes are +-0 for any divisor, so use 1.
+    one = torch.ones_like(amax)
+    divisor = torch.where(amax > 0, torch.ldexp(one, exp), one)
     return e2m1_pack(x, divisor, group), (exp + 127).to(torch.uint8)
 
 
