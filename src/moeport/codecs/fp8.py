@@ -119,11 +119,9 @@ class Fp8BlockCodec:
     def decode_into(self, parts: Parts, out: torch.Tensor, where: str = "") -> bool:
         """Decode one [N, K] weight straight into `out` (float32 or bfloat16, on the CPU): no
         temporary, same values as decode(...).to(out.dtype). False: not handled here."""
-        into = {
-            torch.float32: cpu_kernels.fp8_block_dequant,
-            torch.bfloat16: cpu_kernels.fp8_block_dequant_bf16,
-        }
-        kernel = into.get(out.dtype)
+        kernel = _DECODE_INTO.get(out.dtype)
+        if out.dtype == torch.bfloat16 and self.block[0] * self.block[1] < 4096:
+            return False  # its table of 256 rounded products pays off on big blocks only (1x32: no)
         if kernel is None or not cpu_kernels.AVAILABLE or out.device.type != "cpu" or not out.is_contiguous():
             return False
         if any(t.device.type != "cpu" for t in parts.values()) or parts["weight"].dim() != 2:
