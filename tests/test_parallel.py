@@ -165,3 +165,17 @@ def test_threads_must_be_positive(tmp_path, tiny) -> None:
     done = _cli("convert", str(tiny), str(tmp_path / "out"), "--threads", "0")
     assert done.returncode == 2 and "--threads" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_weight_decoded_in_row_jobs_on_the_pool_is_the_same() -> None:
+    """FP8 decode cuts a weight into jobs of whole scale blocks of rows (verify's decodes use every
+    core that way): the same floats as one call, for a stack and a ragged last block."""
+    from moeport.codecs.fp8 import Fp8BlockCodec
+
+    w = torch.randn(2, 2500, 384, generator=torch.Generator().manual_seed(21)) * 0.02
+    fp8 = Fp8BlockCodec()
+    parts = fp8.encode(w)
+    alone = fp8.decode(parts)
+    with working(Workers(3)):
+        pooled = fp8.decode(parts)
+    assert torch.equal(alone, pooled)

@@ -11,6 +11,7 @@ Formats fp8-tensor, fp8-channel and fp8-block: an E4M3 `weight` whose scale's sh
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ from moeport.codecs import cpu_kernels
 from moeport.codecs.base import Parts, cdiv, check_dtype, check_finite, check_shape, divide, need, row_chunks
 from moeport.codecs.format import ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
 from moeport.errors import MoeportError
+from moeport.parallel import fan_out
 
 FP8_MAX = 448.0
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu, torch.uint8)
@@ -57,6 +59,8 @@ def e4m3_to_scaled_f16(w: torch.Tensor, where: str = "") -> torch.Tensor:
 def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
+
+_ROWS_PER_JOB = 1024  # rows of one weight decoded per job on a thread pool
 
 # CPU kernels that decode FP8-block into an output of this dtype directly
 _DECODE_INTO = {
@@ -98,8 +102,19 @@ class Fp8BlockCodec:
         if cpu_kernels.AVAILABLE and w.device.type == "cpu":
             check_no_nan_codes(w, where)
             out = torch.empty(w2.shape, dtype=torch.float32)
-            for e in range(w2.shape[0]):
-                cpu_kernels.fp8_block_dequant(w2[e], scale2[e], self.block, out=out[e])
+            step = bn * max(1, _ROWS_PER_JOB // bn)  # whole scale blocks of rows per job
+            jobs = [
+                functools.partial(
+                    cpu_kernels.fp8_block_dequant,
+                    w2[e, r : r + step],
+                    scale2[e, r // bn : cdiv(r + step, bn)],
+                    self.block,
+                    out[e, r : r + step],
+                )
+                for e in range(w2.shape[0])
+                for r in range(0, n, step)
+            ]
+            fan_out(jobs)  # on the active thread pool (verify, a stacked decode), else inline
             return out.reshape(w.shape)
         scale2 = scale2 * E4M3_VIA_F16_FACTOR
         if w.device.type != "cpu":  # one pass over every expert: the GPU has the memory for it

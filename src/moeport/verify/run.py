@@ -9,6 +9,7 @@ from pathlib import Path
 from moeport.convert.plan import Plan
 from moeport.detect import detect
 from moeport.errors import MoeportError
+from moeport.parallel import Workers, available_cores, working
 from moeport.sizes import format_size
 from moeport.sources import open_checkpoint
 from moeport.sources.checkpoint import Checkpoint
@@ -95,6 +96,22 @@ def _companion_of(key: str) -> str:
 
 
 def verify(
+    src: str | Path,
+    out: str | Path,
+    lossless: bool | None = None,
+    max_rel_error: float = 0.25,
+    outlier_factor: float = 4.0,
+    on_layer: Callable[[int | None], None] | None = None,
+    max_memory: int | None = None,
+    threads: int | None = None,
+) -> Report:
+    """`_verify`, its decodes spread over `threads` CPU threads (default: every core this process
+    may use): the kernels are serial, so a weight's rows are cut into jobs (moeport.parallel)."""
+    with working(Workers(threads or available_cores())):
+        return _verify(src, out, lossless, max_rel_error, outlier_factor, on_layer, max_memory)
+
+
+def _verify(
     src: str | Path,
     out: str | Path,
     lossless: bool | None = None,
