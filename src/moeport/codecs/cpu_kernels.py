@@ -112,6 +112,35 @@ if AVAILABLE:
                     quot[j] = x[i, base + j] / s + z
                 _round_pack_group(quot, qmin, qmax, offset, bits, packed[i], base)
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _group_scale_zero(lo, hi, qmin, qmax, symmetric, bf16_scale, eps, bits32, as_u32):  # pragma: no cover
+        """int_rtn's float32 steps for one group of min `lo` <= 0 <= max `hi`: (scale as stored,
+        zero point); shared by the fused FP8 and BF16 kernels."""
+        if symmetric:
+            s = (-lo if -lo > hi else hi) / np.float32((qmax - qmin) / 2)
+        else:
+            s = (hi - lo) / np.float32(qmax - qmin)
+        if s == 0:
+            s = eps
+        if bf16_scale:
+            s = _round_bf16(s, bits32, as_u32)
+        z = np.float32(0.0)
+        if not symmetric:
+            z = qmin - lo / s
+            z = np.float32(np.rint(qmax if z > qmax else (qmin if z < qmin else z)))
+        return s, z
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _pack_codes(codes, code_pairs, bits, group, prow, base):  # pragma: no cover - compiled
+        """One group's code bytes into the packed row: two 4-bit codes per byte, or one byte each."""
+        if bits == 4:  # two codes (< 16) as one little-endian uint16 lo | hi << 8 -> lo | hi << 4
+            for j in range(group // 2):
+                u = code_pairs[j]
+                prow[base // 2 + j] = np.uint8(u | (u >> np.uint16(4)))
+        else:
+            for j in range(group):
+                prow[base + j] = codes[j]
+
     @njit(cache=True, nogil=True, boundscheck=False)
     def _fp8_block_to_int(  # pragma: no cover - compiled
         w, bscale, lut, bn, bk, bits, group, symmetric, bf16_scale, eps, packed, scale, zero, nan
@@ -132,8 +161,6 @@ if AVAILABLE:
         qmin = np.float32(-(2 ** (bits - 1)))
         qmax = np.float32(2 ** (bits - 1) - 1)
         offset = np.float32(2 ** (bits - 1))
-        half_range = np.float32((qmax - qmin) / 2)
-        full_range = np.float32(qmax - qmin)
         two_m7 = np.float32(2.0**-7)
         for i in range(n):
             as_bits = np.empty(group, dtype=np.uint32)
@@ -159,16 +186,9 @@ if AVAILABLE:
                     nan[i] = True
                 hi = lut[pos] * sb
                 lo = np.float32(0.0) - lut[neg] * sb if neg > 0 else np.float32(0.0)
-                s = (-lo if -lo > hi else hi) / half_range if symmetric else (hi - lo) / full_range
-                if s == 0:
-                    s = eps
-                if bf16_scale:
-                    s = _round_bf16(s, bits32, as_u32)
+                s, z = _group_scale_zero(lo, hi, qmin, qmax, symmetric, bf16_scale, eps, bits32, as_u32)
                 scale[i, g] = s
-                z = np.float32(0.0)
                 if not symmetric:
-                    z = qmin - lo / s
-                    z = np.float32(np.rint(qmax if z > qmax else (qmin if z < qmin else z)))
                     zero[i, g] = z
                 for j in range(group):
                     b = np.uint32(wrow[base + j])
@@ -181,13 +201,7 @@ if AVAILABLE:
                         v = (v - (two_m7 if v > 0 else -two_m7)) * np.float32(2.0)
                     q = min(max(np.rint((v * sb) / s + z), qmin), qmax)
                     codes[j] = np.uint8(np.int32(q + offset))
-                if bits == 4:  # two codes (< 16) as one little-endian uint16 lo | hi << 8 -> lo | hi << 4
-                    for j in range(group // 2):
-                        u = code_pairs[j]
-                        prow[base // 2 + j] = np.uint8(u | (u >> np.uint16(4)))
-                else:
-                    for j in range(group):
-                        prow[base + j] = codes[j]
+                _pack_codes(codes, code_pairs, bits, group, prow, base)
 
 
 def _stored(scale: np.ndarray, scale_dtype: torch.dtype) -> torch.Tensor:
