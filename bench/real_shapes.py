@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import xxhash
+from gpu_path import pcie_gbps, write_gbps  # the same bounds as the GPU bench (bench/ is on sys.path)
 
 from moeport.convert.batching import Batcher, batching
 from moeport.convert.execute import describe_recipe, execute
@@ -145,35 +146,6 @@ def read_gbps(folder: Path) -> float:
     start = time.perf_counter()
     subprocess.run(cat, check=True)
     return size / (time.perf_counter() - start) / 1e9
-
-
-def write_gbps(folder: Path, nbytes: int = 2 * 2**30) -> float:
-    """Writing `nbytes` to one file and fsyncing it, as a conversion's output is."""
-    block = os.urandom(64 * 2**20)
-    path = folder / "write-bound.tmp"
-    start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(nbytes // len(block)):
-            os.write(fd, block)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    seconds = time.perf_counter() - start
-    path.unlink()
-    return nbytes / seconds / 1e9
-
-
-def pcie_gbps(nbytes: int = 2 * 2**30) -> float:
-    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(3):
-        dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    return 3 * nbytes / (time.perf_counter() - start) / 1e9
 
 
 def git_commit() -> str:

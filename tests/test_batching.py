@@ -52,10 +52,10 @@ def test_batched_output_is_byte_identical(checkpoint, tmp_path, model_type, layo
         assert plain[name] == batched[name], name
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_a_bad_weight_is_named(checkpoint, tmp_path, batched) -> None:
-    """A NaN code in one FP8 expert fails the conversion, batched or not, with that tensor's name,
-    and leaves no output."""
+@pytest.mark.parametrize(("batched", "threads"), [(False, 1), (True, 1), (False, 4)])
+def test_a_bad_weight_is_named(checkpoint, tmp_path, batched, threads) -> None:
+    """A NaN code in one FP8 expert fails the conversion, batched or not, on one thread or on the
+    pool (moeport.parallel), with that tensor's name, and leaves no output."""
     import re
     import shutil
 
@@ -72,5 +72,5 @@ def test_a_bad_weight_is_named(checkpoint, tmp_path, batched) -> None:
     save_file(tensors, str(shard), metadata={"format": "pt"})
     batcher = Batcher("cpu", max_elements=4 * 64 * 64) if batched else None
     with pytest.raises(MoeportError, match=rf"^{re.escape(bad)}: FP8 weight contains NaN codes"):
-        convert(src, tmp_path / "out", ("hub", "bf16"), batcher)
+        convert(src, tmp_path / "out", ("hub", "bf16"), batcher, threads=threads)
     assert not (tmp_path / "out").exists()
