@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,10 +81,10 @@ class Encode(OneToOne):
         decode-then-encode, without the float32 weight); else decode then encode."""
         tensors = {p: realize(t) for p, t in named.items()}
         parts = transcode(src, tensors, self.codec, where)
-        if not self.allow_nonfinite:
-            scales = [t for t in parts.values() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)]
-            if not all(bool(torch.isfinite(t).all()) for t in scales):  # find the row to name it
-                refuse_nonfinite(self.codec, src.decode(tensors, where), parts, [self.where], stacked=False)
+        if not self.allow_nonfinite:  # the float weight is decoded only to name a bad row
+            refuse_nonfinite(
+                self.codec, lambda: src.decode(tensors, where), parts, [self.where], stacked=False
+            )
         parts = {p: t.cpu() for p, t in parts.items()}
         _check_parts(parts, self.part_specs, self.where, ())
         return parts
@@ -216,14 +217,17 @@ def _check_parts(parts, part_specs: PartSpecs, where: str, lead: tuple[int, ...]
             raise MoeportError(f"{where}.{part}: encoded {got.dtype}{list(got.shape)}, planned {list(shape)}")
 
 
-def refuse_nonfinite(codec: Codec, w: torch.Tensor, parts: dict, names: list[str], stacked: bool) -> None:
+def refuse_nonfinite(
+    codec: Codec, w: torch.Tensor | Callable[[], torch.Tensor], parts: dict, names: list[str], stacked: bool
+) -> None:
     """NaN/Inf in a weight reaches the scales of its group or row (they are computed from its
     largest magnitude), so checking the small scale parts finds them without a pass over the
-    weight; only then is the weight searched, to name the row and the count."""
+    weight; only then is the weight searched (`w` may be a function giving it), to name the row
+    and the count."""
     scales = [t for t in parts.values() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)]
     if all(bool(torch.isfinite(t).all()) for t in scales):
         return
-    check_finite_weight(codec, w, names, stacked)
+    check_finite_weight(codec, w() if callable(w) else w, names, stacked)
     raise MoeportError(f"{names[0]}: the encoded scales hold NaN/Inf although the weight is finite")
 
 

@@ -37,9 +37,8 @@ from moeport.convert.destination import (
     recorded_pieces,
     staging_of,
 )
-from moeport.convert.plan import Plan, Unit, apply_unit
+from moeport.convert.plan import Plan, Unit, apply_unit, realize_outputs
 from moeport.errors import MoeportError, OutputWriteError
-from moeport.mappings.values import realize
 from moeport.parallel import Workers, available_cores, working
 from moeport.sinks.pieces import Piece, PieceFile, PieceWriter
 from moeport.sinks.safetensors_file import TensorSpec
@@ -210,18 +209,12 @@ def _tasks(
             wanted = {n: v for n, v in outs.items() if not skips(n)}
             outs.clear()
             step = _Step(unit, label, i == len(units) - 1, sum(out_bytes[n] for n in wanted))
-            yield step, functools.partial(_compute if eager else _stream, wanted)
+            yield step, functools.partial(_compute if eager else realize_outputs, wanted)
         del applied
 
 
-def _stream(outs: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    while outs:
-        name = next(iter(outs))
-        yield name, realize(outs.pop(name))
-
-
 def _compute(outs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
-    return list(_stream(outs))
+    return list(realize_outputs(outs))
 
 
 # Outputs of units computed ahead on the CPU pool: threads x this, or one unit when that is bigger.
