@@ -81,8 +81,11 @@ def build_sources(work: Path, layers: int, experts: int) -> dict[str, Path]:
     return src
 
 
-def convert(src: Path, dst: Path, to: str, extra: dict, device: str, threads: int) -> tuple[float, int]:
-    """One conversion in this process: (seconds, bytes written)."""
+def convert(
+    src: Path, dst: Path, to: str, extra: dict, device: str, threads: int, batch: bool = True
+) -> tuple[float, int]:
+    """One conversion in this process: (seconds, bytes written). On CUDA, `batch` False computes
+    weight by weight on `threads` host threads instead of batches on one."""
     shutil.rmtree(dst, ignore_errors=True)
     target = TARGETS[to]
     options = Options(**{**extra, "device": device})
@@ -90,7 +93,7 @@ def convert(src: Path, dst: Path, to: str, extra: dict, device: str, threads: in
         det = detect(ck)
         recipe = job_recipe(target, options, ck, det)
         plan, sink = target.build(ck, det, options, describe_recipe(**recipe))
-        batcher = Batcher(device) if device != "cpu" else None
+        batcher = Batcher(device) if device != "cpu" and batch else None
         result = execute(plan, ck, dst, sink, None, None, batcher, recipe=recipe, threads=threads)
     return result.seconds, result.bytes_written
 
@@ -172,6 +175,7 @@ def main() -> None:
     args = ap.parse_args()
     cores = available_cores()
     threads = [n for n in (int(x) for x in args.threads.split(",")) if n <= cores]
+    # "cuda": batched on one host thread; "cuda@N": weight by weight on N host threads
     devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
     names = list(JOBS) if args.jobs == "all" else [list(JOBS)[int(i) - 1] for i in args.jobs.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="moeport-real-"))
@@ -181,14 +185,15 @@ def main() -> None:
     size = {k: sum(f.stat().st_size for f in v.glob("*.safetensors")) for k, v in src.items()}
     report: dict = {
         "machine": f"{platform.node()}: {cores} cores, torch {torch.__version__}"
-        + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""),
+        + (f", {torch.cuda.get_device_name()}" if any(d.startswith("cuda") for d in devices) else ""),
         "commit": args.commit or git_commit(),
         "source_gb": {k: round(v / 1e9, 2) for k, v in size.items()},
         "build_s": round(time.perf_counter() - t0, 1),
     }
     bounds = {f"read {k}": read_gbps(v) for k, v in src.items()}
     bounds["write+fsync"] = write_gbps(args.out or work)
-    if "cuda" in devices:
+    bounds["write, writeback as it goes"] = write_gbps(args.out or work, writeback=True)
+    if any(d.startswith("cuda") for d in devices):
         bounds["PCIe H2D"] = pcie_gbps()
     report["bounds_gbps"] = {k: round(v, 2) for k, v in bounds.items()}
     print(json.dumps(report), flush=True)
@@ -196,14 +201,15 @@ def main() -> None:
     for name in names:
         kind, to, extra = JOBS[name]
         row: dict = {"job": name, "kernel_1t": round(kernel_rate(src[kind], to, extra, "cpu"), 3)}
-        if "cuda" in devices:
+        if any(d.startswith("cuda") for d in devices):
             row["kernel_cuda"] = round(kernel_rate(src[kind], to, extra, "cuda"), 2)
         reference = None
-        for device in devices:
-            for n in threads if device == "cpu" else [cores]:
+        for spec in devices:
+            device, _, host_threads = spec.partition("@")
+            for n in threads if device == "cpu" else [int(host_threads or cores)]:
                 out = (args.out or work) / "out"
-                seconds, written = convert(src[kind], out, to, extra, device, n)
-                key = f"{device}{n}" if device == "cpu" else "cuda"
+                seconds, written = convert(src[kind], out, to, extra, device, n, batch=not host_threads)
+                key = f"{device}{n}" if device == "cpu" else spec
                 row[key] = round(size[kind] / seconds / 1e9, 3)
                 row[f"{key}_out"] = round(written / seconds / 1e9, 3)
                 d = digest(out)
@@ -218,16 +224,18 @@ def main() -> None:
 
 
 def print_table(report: dict, threads: list[int], devices: list[str]) -> None:
-    cols = [f"cpu{n}" for n in threads] + (["cuda"] if "cuda" in devices else [])
+    cuda = [d for d in devices if d.startswith("cuda")]
+    cols = [f"cpu{n}" for n in threads if "cpu" in devices] + cuda
     head = ["job", "kernel 1 thread"] + [
-        c.replace("cpu", "CPU ") + (" thr" if c != "cuda" else "") for c in cols
+        c.replace("cpu", "CPU ") + " thr" if c.startswith("cpu") else c.replace("@", ", host threads ")
+        for c in cols
     ]
     print("| " + " | ".join(head) + " | N-thread / (N x kernel) | bytes equal |")
     print("|" + "---|" * (len(head) + 2))
     for row in report["jobs"]:
         k = row["kernel_1t"]
         cells = [row["job"], f"{k:.3f}"] + [f"{row[c]:.3f} ({row[c + '_out']:.2f})" for c in cols]
-        eff = ", ".join(f"{n}: {row[f'cpu{n}'] / (n * k):.2f}" for n in threads)
+        eff = ", ".join(f"{n}: {row[f'cpu{n}'] / (n * k):.2f}" for n in threads if f"cpu{n}" in row)
         same = all(row[f"{c}_same"] for c in cols)
         print("| " + " | ".join(cells) + f" | {eff} | {same} |")
 

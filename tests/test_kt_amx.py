@@ -164,3 +164,43 @@ def test_names():
         "_layer_3/_numa_1/INT4_up_5_917504Byte_quant_.kt",
         "_layer_3/_numa_1/INT4_up_5_1024Byte_scale_.kt",
     )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [(128, 128), (1, 32), (64, 96)])
+def test_fp8_block_fused_kernel_equals_decode_then_quantize(bits, block):
+    """The fused FP8-block -> kt kernel gives the bytes of decoding to bf16 then kt_quantize, for
+    every E4M3 code (subnormals, both zeros, the largest), block shapes that do not divide the
+    matrix, scales down to the subnormal range and up to where products round past bf16."""
+    from moeport.codecs.fp8 import Fp8BlockCodec
+
+    n, k = 256, 384
+    g = torch.Generator().manual_seed(bits * 7 + block[1])
+    codes = torch.randint(0, 256, (n, k), generator=g, dtype=torch.int32).to(torch.uint8)
+    codes[codes & 0x7F == 0x7F] = 0x11  # no NaN codes here
+    codes[3] = torch.arange(k) % 8  # zeros and subnormals only
+    codes[4, : k // 2] = 0x80  # -0
+    codes[5] = 0  # an all-zero row: d = 0
+    w = codes.view(torch.float8_e4m3fn)
+    gn, gk = -(-n // block[0]), -(-k // block[1])
+    scale = torch.exp2(torch.randint(-20, 10, (gn, gk), generator=g).float()) * (
+        1 + torch.rand(gn, gk, generator=g)
+    )
+    scale[0, 0] = 2.0**-130  # products in the float32 subnormal range
+    codec = Fp8BlockCodec(block=block)
+    parts = {"weight": w, "weight_scale_inv": scale}
+    want = K.kt_quantize(codec.decode(parts).bfloat16(), bits)
+    got = K.kt_quantize_fp8_block(w, scale, block, bits, "x")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[1].abs().sum() > 0 and got[0].abs().sum() > 0  # not a trivial all-zero output
+
+
+def test_fp8_block_fused_kernel_refuses_nan_and_overflow():
+    w = torch.randint(0, 0x70, (128, 128), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    w = w.to(torch.uint8)
+    w[9, 4] = 0xFF  # a NaN code
+    with pytest.raises(MoeportError, match=r"up_proj: row 9 contains NaN codes"):
+        K.kt_quantize_fp8_block(w.view(torch.float8_e4m3fn), torch.ones(1, 1), (128, 128), 4, "up_proj")
+    w[9, 4] = 0x10
+    with pytest.raises(MoeportError, match=r"row 0 .*beyond bf16"):
+        K.kt_quantize_fp8_block(w.view(torch.float8_e4m3fn), torch.full((1, 1), 3e38), (128, 128), 4, "up")

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - numba is a regular dependency; keep th
 
 AVAILABLE = njit is not None
 
-_E4M3_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+E4M3_LUT = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 if AVAILABLE:
 
@@ -220,7 +220,7 @@ def fp8_block_dequant(
     _fp8_block_dequant(
         weight.contiguous().view(torch.uint8).numpy(),
         scale.float().contiguous().numpy(),
-        _E4M3_LUT,
+        E4M3_LUT,
         block[0],
         block[1],
         out.numpy(),
@@ -234,7 +234,7 @@ def fp8_block_dequant_bf16(
     _fp8_block_dequant_bf16(
         weight.contiguous().view(torch.uint8).numpy(),
         scale.float().contiguous().numpy(),
-        _E4M3_LUT,
+        E4M3_LUT,
         block[0],
         block[1],
         out.view(torch.uint16).numpy(),
@@ -296,7 +296,7 @@ def fp8_block_to_int(
     _fp8_block_to_int(
         weight.contiguous().view(torch.uint8).numpy(),
         block_scale.float().contiguous().numpy(),
-        _E4M3_LUT,
+        E4M3_LUT,
         block[0],
         block[1],
         bits,

@@ -19,16 +19,11 @@ copy for the tile order; without numba an equivalent torch path runs (same bytes
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from moeport.codecs import kt_kernels
 from moeport.codecs.base import row_chunks
 from moeport.errors import MoeportError
-
-try:
-    from numba import njit
-except ImportError:  # pragma: no cover - numba is a regular dependency
-    njit = None
 
 N_STEP = 32  # rows per tile
 K_BLOCK = 3584  # k per k-block (elements)
@@ -38,7 +33,7 @@ K_PER_TILE = {8: 64, 4: 128}  # k per tile row
 METHOD = {4: "AMXINT4", 8: "AMXINT8"}
 PROJS = ("gate", "up", "down")
 
-_INV127 = np.float32(np.float32(1.0) / np.float32(127.0))  # 1.0f/127 in float32
+_INV127 = kt_kernels.INV127
 
 
 def _check_bits(bits: int) -> None:
@@ -156,55 +151,6 @@ def from_tile_order(image: torch.Tensor, n: int, k: int, bits: int) -> torch.Ten
 
 # --------------------------------------------------------------------------- quantize
 
-if njit is not None:
-
-    @njit(cache=True, nogil=True)
-    def _kt_quant_rows(xb, bits, inv127, q, scale, bad):  # pragma: no cover - compiled
-        """bf16 bit patterns [n, k] -> code bytes [n, k*bits/8] (INT4 tiles of 128 k packed) + scales."""
-        n, k = xb.shape
-        for i in range(n):
-            row = xb[i]
-            m = np.uint16(0)
-            for j in range(k):  # |x| max on the bit pattern: monotonic for non-NaN, vectorises
-                m = max(m, row[j] & np.uint16(0x7FFF))
-            if m >= np.uint16(0x7F80):
-                bad[i] = True
-                continue
-            buf = np.empty(k, dtype=np.float32)
-            u = buf.view(np.uint32)
-            u[0] = np.uint32(m) << np.uint32(16)
-            amax = buf[0]
-            if bits == 8:
-                d = amax * inv127
-            else:
-                d = np.float32(np.float64(amax) / 112.0)
-            scale[i] = d
-            out = q[i]
-            if d == np.float32(0.0):
-                for j in range(out.shape[0]):
-                    out[j] = 0
-                continue
-            inv = np.float32(1.0) / d
-            for j in range(k):
-                u[j] = np.uint32(row[j]) << np.uint32(16)
-            for j in range(k):
-                v = np.rint(buf[j] * inv)
-                buf[j] = np.float32(127.0) if v > 127.0 else (np.float32(-128.0) if v < -128.0 else v)
-            if bits == 8:
-                for j in range(k):
-                    out[j] = np.int8(buf[j])
-            else:
-                for t in range(k // 128):
-                    base = t * 128
-                    for j in range(64):
-                        lo = np.int32(buf[base + j])
-                        hi = np.int32(buf[base + 64 + j])
-                        lo4 = ((abs(lo) + 8) & 0xF0) >> 4
-                        hi4 = ((abs(hi) + 8) & 0xF0) >> 4
-                        lo4 = -lo4 if lo < 0 else lo4
-                        hi4 = -hi4 if hi < 0 else hi4
-                        out[t * 64 + j] = np.int8(np.uint8(((hi4 & 0xF) << 4) | (lo4 & 0xF)))
-
 
 def _codes_torch(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference path: float32 [n, k] -> (int8 codes [n, k] (q8 or q4), float32 scale [n])."""
@@ -255,6 +201,15 @@ def check_matrix(n: int, k: int, bits: int, where: str = "weight") -> None:
         )
 
 
+def _refuse_bad_rows(bad: torch.Tensor, where: str, what: str = "NaN or Inf") -> None:
+    if bool(bad.any()):
+        prefix = f"{where}: " if where else ""
+        raise MoeportError(
+            f"{prefix}row {int(bad.nonzero()[0])} contains {what} ({int(bad.sum())} row(s) in all); "
+            "kt-kernel's AMX format cannot hold them"
+        )
+
+
 def kt_codes(w: torch.Tensor, bits: int, where: str = "weight", use_numba: bool | None = None):
     """Row-major code bytes int8 [n, k*bits/8] and float32 scales [n] (before the tile order)."""
     _check_bits(bits)
@@ -262,34 +217,53 @@ def kt_codes(w: torch.Tensor, bits: int, where: str = "weight", use_numba: bool 
     n, k = wb.shape
     check_matrix(n, k, bits, where)
     if use_numba is None or wb.device.type != "cpu":
-        use_numba = njit is not None and wb.device.type == "cpu"
-    prefix = f"{where}: " if where else ""
+        use_numba = kt_kernels.AVAILABLE and wb.device.type == "cpu"
     if use_numba:
         q = torch.empty(n, row_bytes(k, bits), dtype=torch.int8)
         scale = torch.zeros(n, dtype=torch.float32)
         bad = torch.zeros(n, dtype=torch.bool)
-        _kt_quant_rows(wb.view(torch.uint16).numpy(), bits, _INV127, q.numpy(), scale.numpy(), bad.numpy())
-        if bad.any():
-            rows = int(bad.sum())
-            raise MoeportError(
-                f"{prefix}row {int(bad.nonzero()[0])} contains NaN or Inf ({rows} row(s) in all); "
-                "kt-kernel's AMX format cannot hold them"
-            )
+        kt_kernels._kt_quant_rows(
+            wb.view(torch.uint16).numpy(), bits, _INV127, q.numpy(), scale.numpy(), bad.numpy()
+        )
+        _refuse_bad_rows(bad, where)
         return q, scale
     q = torch.empty(n, row_bytes(k, bits), dtype=torch.int8, device=wb.device)
     scale = torch.empty(n, dtype=torch.float32, device=wb.device)
     for rs in row_chunks(n, k):
         x = wb[rs].float()
         if not torch.isfinite(x).all():
-            bad_rows = (~torch.isfinite(wb.float())).any(1)
-            raise MoeportError(
-                f"{prefix}row {int(bad_rows.nonzero()[0])} contains NaN or Inf ({int(bad_rows.sum())} row(s) "
-                "in all); kt-kernel's AMX format cannot hold them"
-            )
+            _refuse_bad_rows((~torch.isfinite(wb.float())).any(1).cpu(), where)
         c, d = _codes_torch(x, bits)
         q[rs] = c if bits == 8 else _pack_int4(c)
         scale[rs] = d
     return q, scale
+
+
+def kt_quantize_fp8_block(
+    weight: torch.Tensor, block_scale: torch.Tensor, block: tuple[int, int], bits: int, where: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8-block [n, k] (E4M3 + float32 block scales, on the CPU) -> what kt_quantize gives for
+    its bf16 decode, in one kernel (codecs/kt_kernels.py) without the bf16 matrix."""
+    _check_bits(bits)
+    n, k = weight.shape
+    check_matrix(n, k, bits, where)
+    q = torch.empty(n, row_bytes(k, bits), dtype=torch.int8)
+    scale = torch.zeros(n, dtype=torch.float32)
+    bad = torch.zeros(n, dtype=torch.bool)
+    kt_kernels._fp8_block_to_kt(
+        weight.contiguous().view(torch.uint8).numpy(),
+        block_scale.float().contiguous().numpy(),
+        kt_kernels.E4M3_LUT,
+        block[0],
+        block[1],
+        bits,
+        _INV127,
+        q.numpy(),
+        scale.numpy(),
+        bad.numpy(),
+    )
+    _refuse_bad_rows(bad, where, "NaN codes or values beyond bf16")
+    return to_tile_order(q, bits), scale
 
 
 def kt_quantize(

@@ -94,7 +94,7 @@ class Decode(Op):
         if (
             len(self.shape) == 2
             and not self.transpose
-            and self.dtype == torch.float32
+            and self.dtype in (torch.float32, torch.bfloat16)
             and self.device == "cpu"
         ):
             origin = (codec, named, self.where)

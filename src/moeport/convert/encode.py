@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from moeport.codecs.base import Codec
-from moeport.codecs.transcode import transcode
+from moeport.codecs.transcode import has_fused, transcode
 from moeport.convert.batching import active_batcher
 from moeport.device import stack_to, to_device, to_host
 from moeport.errors import MoeportError
@@ -58,8 +58,8 @@ class Encode(OneToOne):
                 _encode_batch, self.codec, self.part_specs, batcher.device, self.allow_nonfinite
             )
             encoded = batcher.submit(key, (v, self.where), math.prod(shape_of(v)), run)
-        elif isinstance(v, Lazy) and v.decoded_from is not None and self.device == "cpu":
-            encoded = once(lambda: self._transcode(*v.decoded_from))  # type: ignore[misc]
+        elif self.device == "cpu" and _fused_from(v, self.codec):
+            encoded = once(lambda: self._transcode(*v.decoded_from, via=v.dtype))  # type: ignore[misc]
         else:
             encoded = once(lambda: self._encode(realize(v)))  # one encode serves every part
         return {
@@ -76,14 +76,16 @@ class Encode(OneToOne):
         _check_parts(parts, self.part_specs, self.where, ())
         return parts
 
-    def _transcode(self, src: Codec, named: dict[str, Value], where: str) -> dict[str, torch.Tensor]:
-        """Encode a decode's parts through a fused CPU kernel where one exists (same bytes as
-        decode-then-encode, without the float32 weight); else decode then encode."""
+    def _transcode(
+        self, src: Codec, named: dict[str, Value], where: str, via: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """Encode a decode's parts through a fused CPU kernel (same bytes as decode-then-encode,
+        without the float weight)."""
         tensors = {p: realize(t) for p, t in named.items()}
-        parts = transcode(src, tensors, self.codec, where)
+        parts = transcode(src, tensors, self.codec, where, via)
         if not self.allow_nonfinite:  # the float weight is decoded only to name a bad row
             refuse_nonfinite(
-                self.codec, lambda: src.decode(tensors, where), parts, [self.where], stacked=False
+                self.codec, lambda: src.decode(tensors, where).to(via), parts, [self.where], stacked=False
             )
         parts = {p: t.cpu() for p, t in parts.items()}
         _check_parts(parts, self.part_specs, self.where, ())
@@ -194,6 +196,11 @@ def recode_specs(src: Codec, dst: Codec, shapes: dict[str, tuple[tuple[int, ...]
     meta = {p: torch.empty(shape, dtype=dtype, device="meta") for p, (shape, dtype) in shapes.items()}
     parts = dst.join(*src.split(meta))  # type: ignore[attr-defined]
     return tuple((p, t.dtype, tuple(t.shape)) for p, t in parts.items())
+
+
+def _fused_from(v: Value, codec: Codec) -> bool:
+    """`v` is a decode that a fused kernel can encode into `codec` from the stored parts."""
+    return isinstance(v, Lazy) and v.decoded_from is not None and has_fused(v.decoded_from[0], codec, v.dtype)
 
 
 def _abs_max(w: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ class Lazy:
     fill: Callable[[torch.Tensor], None] | None = None  # writes the value into a given tensor
     # item i along dim 0 without realising the whole (a source stack read one expert at a time)
     select: Callable[[int], Value] | None = None
-    # a float32 decode of stored parts: (codec, {part: value}, where). An encoder that has a fused
-    # kernel for (that codec -> its own) reads the parts instead of the float (codecs.transcode)
+    # a float32/bf16 decode of stored parts: (codec, {part: value}, where). An encoder that has a
+    # fused kernel for (that codec -> its own) reads the parts instead of the float (codecs.transcode)
     decoded_from: tuple | None = None
 
     def realize(self) -> torch.Tensor:
