@@ -69,10 +69,10 @@ def write_gbps(folder: Path, nbytes: int = 2 * 2**30, writeback: bool = False) -
     start = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for _ in range(nbytes // len(block)):
+        for i in range(nbytes // len(block)):
             os.write(fd, block)
             if writeback:
-                start_writeback(fd)
+                start_writeback(fd, i * len(block), len(block))
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -35,7 +35,7 @@ import torch
 import xxhash
 from gpu_path import pcie_gbps, write_gbps  # the same bounds as the GPU bench (bench/ is on sys.path)
 
-from moeport.convert.batching import Batcher, batching
+from moeport.convert.batching import DEFAULT_HOST_THREADS, Batcher, batching
 from moeport.convert.execute import describe_recipe, execute
 from moeport.convert.plan import apply_unit
 from moeport.detect import detect
@@ -82,10 +82,10 @@ def build_sources(work: Path, layers: int, experts: int) -> dict[str, Path]:
 
 
 def convert(
-    src: Path, dst: Path, to: str, extra: dict, device: str, threads: int, batch: bool = True
+    src: Path, dst: Path, to: str, extra: dict, device: str, threads: int, host_threads: int = 0
 ) -> tuple[float, int]:
-    """One conversion in this process: (seconds, bytes written). On CUDA, `batch` False computes
-    weight by weight on `threads` host threads instead of batches on one."""
+    """One conversion in this process: (seconds, bytes written). On CUDA, `host_threads` (0: the
+    default) host threads run its batches."""
     shutil.rmtree(dst, ignore_errors=True)
     target = TARGETS[to]
     options = Options(**{**extra, "device": device})
@@ -93,7 +93,9 @@ def convert(
         det = detect(ck)
         recipe = job_recipe(target, options, ck, det)
         plan, sink = target.build(ck, det, options, describe_recipe(**recipe))
-        batcher = Batcher(device) if device != "cpu" and batch else None
+        batcher = None
+        if device != "cpu":
+            batcher = Batcher(device, host_threads=host_threads or DEFAULT_HOST_THREADS)
         result = execute(plan, ck, dst, sink, None, None, batcher, recipe=recipe, threads=threads)
     return result.seconds, result.bytes_written
 
@@ -175,7 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     cores = available_cores()
     threads = [n for n in (int(x) for x in args.threads.split(",")) if n <= cores]
-    # "cuda": batched on one host thread; "cuda@N": weight by weight on N host threads
+    # "cuda": batches run by the default number of host threads; "cuda@N": by N host threads
     devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
     names = list(JOBS) if args.jobs == "all" else [list(JOBS)[int(i) - 1] for i in args.jobs.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="moeport-real-"))
@@ -206,9 +208,9 @@ def main() -> None:
         reference = None
         for spec in devices:
             device, _, host_threads = spec.partition("@")
-            for n in threads if device == "cpu" else [int(host_threads or cores)]:
+            for n in threads if device == "cpu" else [cores]:
                 out = (args.out or work) / "out"
-                seconds, written = convert(src[kind], out, to, extra, device, n, batch=not host_threads)
+                seconds, written = convert(src[kind], out, to, extra, device, n, int(host_threads or 0))
                 key = f"{device}{n}" if device == "cpu" else spec
                 row[key] = round(size[kind] / seconds / 1e9, 3)
                 row[f"{key}_out"] = round(written / seconds / 1e9, 3)

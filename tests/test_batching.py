@@ -39,12 +39,18 @@ def convert(src: Path, out: Path, job, batcher: Batcher | None, threads: int | N
         execute(plan, ck, out, 5 * 10**9, {}, batcher=batcher, threads=threads)
 
 
+@pytest.mark.parametrize("host_threads", [1, 3])
 @pytest.mark.parametrize(("model_type", "layout", "fmt", "job"), JOBS)
-def test_batched_output_is_byte_identical(checkpoint, tmp_path, model_type, layout, fmt, job) -> None:
+def test_batched_output_is_byte_identical(
+    checkpoint, tmp_path, model_type, layout, fmt, job, host_threads
+) -> None:
+    """Batches give the one-by-one bytes, also when several host threads ask for their jobs at
+    once (a job's batch runs once; the others wait for it)."""
     src = checkpoint(model_type, layout, fmt)
     convert(src, tmp_path / "one-by-one", job, None)
-    batcher = Batcher("cpu", max_elements=3 * 64 * 64)  # a few experts per batch: partial batches too
-    convert(src, tmp_path / "batched", job, batcher)
+    # a few experts per batch: partial batches too
+    batcher = Batcher("cpu", max_elements=3 * 64 * 64, host_threads=host_threads)
+    convert(src, tmp_path / "batched", job, batcher, threads=host_threads)
     assert batcher.jobs_run > batcher.batches_run > 0  # it did batch
     plain, batched = shard_bytes(tmp_path / "one-by-one"), shard_bytes(tmp_path / "batched")
     assert plain and plain.keys() == batched.keys()
@@ -52,7 +58,7 @@ def test_batched_output_is_byte_identical(checkpoint, tmp_path, model_type, layo
         assert plain[name] == batched[name], name
 
 
-@pytest.mark.parametrize(("batched", "threads"), [(False, 1), (True, 1), (False, 4)])
+@pytest.mark.parametrize(("batched", "threads"), [(False, 1), (True, 1), (False, 4), (True, 3)])
 def test_a_bad_weight_is_named(checkpoint, tmp_path, batched, threads) -> None:
     """A NaN code in one FP8 expert fails the conversion, batched or not, on one thread or on the
     pool (moeport.parallel), with that tensor's name, and leaves no output."""
@@ -70,7 +76,7 @@ def test_a_bad_weight_is_named(checkpoint, tmp_path, batched, threads) -> None:
     bad = "model.layers.1.mlp.experts.2.up_proj.weight"
     tensors[bad].view(torch.uint8)[3, 5] = 0x7F
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    batcher = Batcher("cpu", max_elements=4 * 64 * 64) if batched else None
+    batcher = Batcher("cpu", max_elements=4 * 64 * 64, host_threads=threads) if batched else None
     with pytest.raises(MoeportError, match=rf"^{re.escape(bad)}: FP8 weight contains NaN codes"):
         convert(src, tmp_path / "out", ("hub", "bf16"), batcher, threads=threads)
     assert not (tmp_path / "out").exists()

@@ -122,7 +122,8 @@ def _execute(
     todo = [u for u in plan.units if not all(piece_of[o] in kept for o in u.op.outputs)]
     report = on_progress or (lambda _label, _n: None)
     report("resuming" if kept else "starting", _in_bytes(plan.units, ck) - _in_bytes(todo, ck))
-    workers = Workers(1 if batcher is not None else threads)  # a GPU batch is its own parallelism
+    # on a GPU, a few host threads keep batches going; on the CPU, a thread per core computes
+    workers = Workers(min(threads, batcher.host_threads) if batcher is not None else threads)
     budget = BATCHED_PREFETCH_BYTES if batcher is not None else prefetch_budget(workers.threads)
     write_queue = BATCHED_PREFETCH_BYTES if batcher is not None else WRITE_BEHIND_BYTES
     reads = (n for u in todo for n in u.op.inputs if n not in u.op.sliced_inputs)
@@ -136,11 +137,11 @@ def _execute(
             batching(batcher),
             working(workers),
             # the CPU kernels run one per worker thread; torch's own threads would oversubscribe
-            _torch_threads(threads if batcher is not None else 1),
+            _torch_threads(max(1, threads // workers.threads) if batcher is not None else 1),
         ):
             out_bytes = {spec.name: spec.nbytes for spec in plan.specs}
             eager = workers.threads > 1
-            steps = _tasks(todo, ck, prefetch.get, writer.skips, out_bytes, eager)
+            steps = _tasks(todo, ck, prefetch.get, writer.skips, out_bytes, eager, batcher)
             budget = workers.threads * IN_FLIGHT_BYTES_PER_THREAD
             for step, outputs in workers.ordered(steps, lambda s: s.out_bytes, budget):
                 for name, tensor in outputs:
@@ -150,8 +151,8 @@ def _execute(
                 del outputs
                 report(step.label, _in_bytes([step.unit], ck))  # progress moves within a layer too
                 if step.last:  # the layer is written
-                    if batcher is not None:
-                        batcher.clear()
+                    if batcher is not None:  # its jobs nobody asked for (outputs kept on resume)
+                        batcher.clear(before=step.submitted)
                     ck.check_unchanged()
         copy_side_files(ck.root, staging)
         if plan.config is not None:
@@ -191,10 +192,17 @@ class _Step:
     label: str
     last: bool
     out_bytes: int
+    submitted: int = 0  # batched jobs submitted up to the end of this unit's layer
 
 
 def _tasks(
-    todo: list[Unit], ck: Checkpoint, fetch, skips, out_bytes: dict[str, int], eager: bool
+    todo: list[Unit],
+    ck: Checkpoint,
+    fetch,
+    skips,
+    out_bytes: dict[str, int],
+    eager: bool,
+    batcher: Batcher | None = None,
 ) -> Iterator[tuple[_Step, Callable[[], Any]]]:
     """The plan as (unit, compute) pairs in write order; compute gives the unit's (name, tensor)
     outputs, all computed in the calling thread when `eager` (a pool's worker: the outputs sharing
@@ -205,10 +213,12 @@ def _tasks(
         units = list(group)
         label = f"layer {layer}" if layer is not None else "other tensors"
         applied = [apply_unit(unit, ck, fetch) for unit in units]
+        submitted = batcher.submitted if batcher is not None else 0
         for i, (unit, outs) in enumerate(zip(units, applied, strict=True)):
             wanted = {n: v for n, v in outs.items() if not skips(n)}
             outs.clear()
-            step = _Step(unit, label, i == len(units) - 1, sum(out_bytes[n] for n in wanted))
+            size = sum(out_bytes[n] for n in wanted)
+            step = _Step(unit, label, i == len(units) - 1, size, submitted)
             yield step, functools.partial(_compute if eager else realize_outputs, wanted)
         del applied
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +75,16 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages, do not wait fo
 WRITEBACK_EVERY = 32 * 2**20  # bytes written between two writeback starts
 
 
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing a file's dirty pages now, without waiting.
+def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+    """Ask the kernel to start writing a file's dirty pages in [offset, offset + nbytes) (0: to
+    the end) now, without waiting for them.
 
     Why: Linux starts writeback only past a share of RAM (often gigabytes) or after 30 s, so
     without this a conversion fills the page cache at memory speed and the disk idles until the
     final fsync; the run then takes compute + flush time instead of the larger of the two. os has
     no sync_file_range, hence ctypes; errors are left to the fsync that publishes the file."""
     if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 class PartialFile:
@@ -93,24 +95,33 @@ class PartialFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        self._unflushed = 0
+        self._unflushed = 0  # bytes written since the last writeback started,
+        self._dirty = (0, 0)  # within this range of offsets
         try:
             self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise OutputWriteError(f"{self.partial}: cannot create ({exc.strerror})") from None
 
     def pwrite_all(self, buf: memoryview, offset: int) -> None:
+        """Write `buf` at `offset` in chunks of WRITEBACK_EVERY, starting each chunk's writeback
+        once it is in the page cache: the disk writes one chunk while the next is copied."""
         buf = buf.cast("B")
-        self._unflushed += len(buf)
         while len(buf):
-            try:
-                n = os.pwrite(self._fd, buf, offset)
-            except OSError as exc:
-                raise OutputWriteError(f"{self.partial}: write failed ({exc.strerror})") from None
-            buf, offset = buf[n:], offset + n
-        if self._unflushed >= WRITEBACK_EVERY:
-            start_writeback(self._fd)
-            self._unflushed = 0
+            chunk = buf[:WRITEBACK_EVERY]
+            start = offset
+            while len(chunk):
+                try:
+                    n = os.pwrite(self._fd, chunk, offset)
+                except OSError as exc:
+                    raise OutputWriteError(f"{self.partial}: write failed ({exc.strerror})") from None
+                chunk, offset = chunk[n:], offset + n
+            buf = buf[offset - start :]
+            lo, hi = self._dirty if self._unflushed else (start, offset)
+            self._dirty = (min(lo, start), max(hi, offset))
+            self._unflushed += offset - start
+            if self._unflushed >= WRITEBACK_EVERY:
+                start_writeback(self._fd, self._dirty[0], self._dirty[1] - self._dirty[0])
+                self._unflushed = 0
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self._fd, size)
@@ -151,6 +162,9 @@ class SafetensorsFileWriter:
         self._hash = new_checksum()
         self._hash.update(header)
         self._hashed_to = len(header)  # bytes hashed in order so far; -1 once out of order
+        # the hash runs beside the next pwrite (both release the GIL), in order, on its own thread
+        self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-hash")
+        self._hashed: Future | None = None
         self._file = PartialFile(self.path)
         try:
             self._file.pwrite_all(memoryview(header), 0)
@@ -186,12 +200,14 @@ class SafetensorsFileWriter:
         if data.numel():
             raw = memoryview(data.view(torch.uint8).numpy())
             offset = self._data_start + self._offsets[name]
-            self._file.pwrite_all(raw, offset)
             if offset == self._hashed_to:
-                self._hash.update(raw)
+                self._hashed = self._hashing.submit(self._hash.update, raw)
                 self._hashed_to += len(raw)
             else:
                 self._hashed_to = -1
+            self._file.pwrite_all(raw, offset)
+            if self._hashed is not None:  # bounded: one tensor's hash in flight, the disk is slower
+                self._hashed.result()
         self._pending.discard(name)
 
     def close(self) -> dict[str, object]:
@@ -201,6 +217,7 @@ class SafetensorsFileWriter:
             raise ValueError(
                 f"{self.path.name}: {len(self._pending)} planned tensors not written, e.g. {missing}"
             )
+        self._hashing.shutdown()
         in_order = self._hashed_to == self.size
         digest = self._hash.hexdigest() if in_order else file_checksum(self._file.partial)
         self._file.publish()
@@ -208,6 +225,7 @@ class SafetensorsFileWriter:
 
     def abort(self) -> None:
         """Remove the partial file; nothing half-written is left under the final name."""
+        self._hashing.shutdown(cancel_futures=True)
         self._file.abort()
 
 
