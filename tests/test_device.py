@@ -12,7 +12,6 @@ from moeport.errors import MoeportError
 def test_names_resolve() -> None:
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_device("auto", threads=16) == "cpu"  # many cores beat the GPU path's host thread
     with pytest.raises(MoeportError, match="expected cpu, cuda, cuda:N or auto"):
         resolve_device("tpu")
 

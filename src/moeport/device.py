@@ -1,9 +1,8 @@
 """Where decode/quantize math runs: `cpu`, `cuda` (or `cuda:N`), or `auto`.
 
-`auto` takes the CPU when it has at least `AUTO_CPU_THREADS` compute threads, else CUDA when
-usable: with the experts computed on every core at once (moeport.parallel), 16 cores reach the
-disk's write bound on DeepSeek-V3-shaped experts where the CUDA path, whose host side runs on
-one thread, stays at 51-88% of it (bench/RESULTS.md, "Real-sized experts").
+`auto` takes CUDA when usable, else the CPU: with its batches run by two host threads, an H200
+host's GPU path is as fast as all 16 of its cores or faster on DeepSeek-V3-shaped experts (up to
+1.26x, bench/RESULTS.md "Real-sized experts"), and it leaves the cores free.
 
 Reads and writes stay on the host; only the math moves. Every codec gives the same bytes on both
 (tests compare them), so the device is a speed choice, never a format choice.
@@ -15,13 +14,10 @@ import torch
 
 from moeport.errors import MoeportError
 
-AUTO_CPU_THREADS = 8
 
-
-def resolve_device(name: str, threads: int = 1) -> str:
-    """`threads`: the CPU compute threads the run would have (for `auto`)."""
+def resolve_device(name: str) -> str:
     if name == "auto":  # best effort: a CUDA that is present but cannot start leaves the CPU
-        if threads >= AUTO_CPU_THREADS or not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             return "cpu"
         try:
             return resolve_device("cuda")

@@ -52,7 +52,6 @@ def run_convert(
     from moeport.convert.execute import describe_recipe, execute
     from moeport.detect import detect
     from moeport.device import resolve_device
-    from moeport.parallel import available_cores
     from moeport.recipes import TARGETS, job_recipe
     from moeport.sources import open_checkpoint
 
@@ -60,7 +59,7 @@ def run_convert(
     if target is None:
         raise MoeportError(f"--to {to}: unknown target; expected one of {', '.join(TARGETS)}")
     target.refuse_unused(given)
-    device = resolve_device(options.device, flags.threads or available_cores())
+    device = resolve_device(options.device)
     options = Options(**{**options.__dict__, "device": device})
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
         # past a file-size limit, writes fail with EFBIG (reported) instead of killing the process
