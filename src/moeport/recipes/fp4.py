@@ -21,21 +21,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from moeport.codecs import CtMxfp4Codec, CtNvfp4Codec, Nvfp4Codec
+from moeport.codecs import CtMxfp4Codec, CtNvfp4Codec, GptOssMxfp4Codec, Nvfp4Codec
 from moeport.codecs.base import Codec
 from moeport.convert.plan import HF_QUANT_CONFIG
 from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
 from moeport.recipes.base import Options, Target
+from moeport.recipes.fp4_gptoss import plan_gpt_oss
 from moeport.recipes.gpu import ignore_regex, plan_gpu
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
 
-FLAVORS = {"nvfp4": ("compressed-tensors", "modelopt"), "mxfp4": ("compressed-tensors",)}
+FLAVORS = {"nvfp4": ("compressed-tensors", "modelopt"), "mxfp4": ("compressed-tensors", "gpt-oss")}
 _CODECS = {
     ("nvfp4", "compressed-tensors"): CtNvfp4Codec,
     ("nvfp4", "modelopt"): Nvfp4Codec,
     ("mxfp4", "compressed-tensors"): CtMxfp4Codec,
+    ("mxfp4", "gpt-oss"): GptOssMxfp4Codec,
 }
 # compressed-tensors weights args per scheme (as llmcompressor's NVFP4A16 / MXFP4A16 presets write them)
 _CT_WEIGHTS = {
@@ -126,13 +128,21 @@ def recipe_of(scheme: str, opts: Options) -> Recipe:
         raise MoeportError(f"--targets {opts.targets}: expected experts or all-linear")
     for pattern in opts.ignore:
         ignore_regex(pattern)
+    if flavor == "gpt-oss" and (opts.targets != "experts" or opts.ignore):
+        raise MoeportError(
+            "--flavor gpt-oss: GPT-OSS's MXFP4 holds the routed experts only, all of them; "
+            "drop --targets/--ignore (--flavor compressed-tensors takes them)"
+        )
     return Recipe(scheme, flavor, opts.targets, tuple(opts.ignore), opts.allow_nonfinite)
 
 
 def _target(scheme: str, help: str) -> Target:
     def build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
         recipe = recipe_of(scheme, opts)
-        plan = plan_gpu(ck, det, recipe, opts.device)
+        if recipe.flavor == "gpt-oss":
+            plan = plan_gpt_oss(ck, det, opts.device)
+        else:
+            plan = plan_gpu(ck, det, recipe, opts.device)
         plan.title = (
             f"{det.family.title}: {det.expert_format.name} -> {scheme} ({recipe.flavor}, {opts.targets})"
         )
@@ -161,6 +171,7 @@ TARGETS = [
     ),
     _target(
         "mxfp4",
-        "MXFP4 weights (E2M1, E8M0 scale per 32), 16-bit activations (--flavor compressed-tensors)",
+        "MXFP4 weights (E2M1, E8M0 scale per 32), 16-bit activations (--flavor compressed-tensors, "
+        "or gpt-oss: GPT-OSS's fused _blocks/_scales experts)",
     ),
 ]
