@@ -219,9 +219,10 @@ def test_gate_and_up_share_one_global_scale_and_fuse(outputs, tmp_path) -> None:
 
 def test_modelopt_flavour_files(outputs) -> None:
     hf_quant = json.loads((outputs["modelopt"] / "hf_quant_config.json").read_text())
-    assert hf_quant["quantization"]["quant_algo"] == "NVFP4" and hf_quant["quantization"]["group_size"] == 16
+    quant = hf_quant["quantization"]  # weight-only, as ModelOpt's export names it (NVFP4 is W4A4)
+    assert quant["quant_algo"] == "W4A16_NVFP4" and quant["group_size"] == 16
     cfg = json.loads((outputs["modelopt"] / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "modelopt" and cfg["quant_algo"] == "NVFP4"
+    assert cfg["quant_method"] == "modelopt" and cfg["quant_algo"] == "W4A16_NVFP4"
     assert "lm_head" in hf_quant["quantization"]["exclude_modules"] and "lm_head" in cfg["ignore"]
     assert not (outputs["ct"] / "hf_quant_config.json").exists()
     t = load_tensors(outputs["modelopt"])
