@@ -18,6 +18,7 @@ from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
 from moeport.recipes import gpu, hf, kt_gptq, kt_mx
 from moeport.recipes.base import Options, Target
+from moeport.recipes.kt_cpu import cpu_warning, host_flags
 from moeport.sources.checkpoint import Checkpoint
 
 # The expert names kt-kernel's loaders look for: (module holding experts, gate, up, down).
@@ -45,6 +46,7 @@ class NativeMethod:
         self.check_names(det)
         plan, sink = self.base.build(ck, det, replace(opts, layout="hub", **self.fixed), metadata)
         plan.title = f"{det.family.title}: {det.expert_format.name} -> kt-kernel {self.method} ({self.help})"
+        plan.warnings += filter(None, [cpu_warning(self.method, host_flags())])
         return plan, sink
 
     def fits(self, det: Detection) -> bool:
