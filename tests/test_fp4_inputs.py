@@ -16,6 +16,7 @@ from fixtures import load_tensors
 from safetensors.torch import save_file
 from test_convert_fp4 import here, raw
 from test_convert_gpu import load, logits
+from test_convert_kt import main  # noqa: F401 - fixture
 
 from moeport.errors import MoeportError
 
@@ -160,3 +161,18 @@ def test_safetensors_calibration_file_gives_the_json_bytes(calibrated, tmp_path)
     here(src, tmp_path / "js", "nvfp4", input_scales=str(root / "cal.json"))
     a, b = load_tensors(tmp_path / "st"), load_tensors(tmp_path / "js")
     assert sorted(a) == sorted(b) and all(torch.equal(raw(a[k]), raw(b[k])) for k in a)
+
+
+def test_cli_takes_input_scales_for_nvfp4_only(main, calibrated, tmp_path) -> None:  # noqa: F811
+    src, root, _ = calibrated
+    cal = str(root / "cal.json")
+    code, out, _ = main(
+        "convert", str(src), str(tmp_path / "a"), "--to", "nvfp4", "--input-scales", cal, "--dry-run"
+    )
+    assert code == 0 and "static input scales" in out
+    code, _, err = main("convert", str(src), str(tmp_path / "b"), "--to", "mxfp4", "--input-scales", cal)
+    assert code == 2 and "--input-scales: not an option of --to mxfp4" in err
+    missing = str(tmp_path / "none.json")
+    code, _, err = main("convert", str(src), str(tmp_path / "c"), "--to", "nvfp4", "--input-scales", missing)
+    assert code == 2 and f"--input-scales {missing}: cannot read it" in err
+    assert not any((tmp_path / d).exists() for d in "abc")

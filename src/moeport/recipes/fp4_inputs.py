@@ -102,7 +102,10 @@ def read_maxima(path: str) -> dict[str, float]:
 
 def file_digest(path: str) -> str:
     """What identifies the calibration data in the recorded recipe (a changed file is a new output)."""
-    return "xxh3-128:" + xxhash.xxh3_128(Path(path).read_bytes()).hexdigest()
+    try:
+        return "xxh3-128:" + xxhash.xxh3_128(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise MoeportError(f"--input-scales {path}: cannot read it ({exc.strerror})") from None
 
 
 def add_input_scales(plan: Plan, ck: Checkpoint, det: Detection, flavor: str, path: str) -> Plan:
