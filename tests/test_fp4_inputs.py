@@ -143,6 +143,7 @@ def test_modelopt_w4a4_input_scale_and_parent_keys(calibrated, tmp_path) -> None
             "q_proj: -1.0 is not a positive finite",
         ),
     ],
+    ids=["missing", "typo", "negative"],
 )
 def test_bad_calibration_files_are_refused(calibrated, tmp_path, edit, error) -> None:
     src, _, maxima = calibrated
