@@ -1,7 +1,7 @@
 """`--to nvfp4|mxfp4`: byte-checked against the libraries that write and read these formats.
 
 - the numba CPU kernel gives the torch path's bytes (every codec, bf16 and float32 weights, ties);
-- compressed-tensors' own NVFP4/MXFP4 compressors give our bytes from our weights and scales;
+- compressed-tensors' own NVFP4/MXFP4 compressors give our bytes (test_fp4_compressors.py);
 - llmcompressor's model-free PTQ (NVFP4A16, MXFP4A16) gives our bytes on the same checkpoint, except
   where it leaves gate and up of an expert with different global scales (its fused-set patterns
   only match `mlp.gate_proj`, `w1`): there ours share one, and only its fused re-layout is refused;
@@ -113,38 +113,6 @@ def test_mxfp4_spec_vectors() -> None:
     assert bytes(parts["_blocks"].flatten().tolist()).hex() == "eededdccccabaa890021224344545566"
 
 
-def test_compressed_tensors_compressors_give_our_bytes() -> None:
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
-
-    for preset, codec in (("NVFP4A16", CtNvfp4Codec()), ("MXFP4A16", CtMxfp4Codec())):
-        scheme: QuantizationScheme = preset_name_to_scheme(preset, ["Linear"])
-        fmt = "nvfp4-pack-quantized" if preset == "NVFP4A16" else "mxfp4-pack-quantized"
-        compressor = BaseCompressor.get_value_from_registry(fmt)
-        for seed in range(3):
-            w = weights(seed)
-            ours = codec.encode(w)
-            sd = {"weight": w}
-            if preset == "NVFP4A16":
-                sd |= {
-                    "weight_scale": ours["weight_scale"].float(),
-                    "weight_global_scale": ours["weight_global_scale"],
-                }
-            else:
-                sd["weight_scale"] = torch.ldexp(
-                    torch.ones(ours["weight_scale"].shape), ours["weight_scale"].int() - 127
-                )
-            theirs = compressor.compress(sd, scheme)
-            for part in ours:
-                assert torch.equal(raw(theirs[part]), raw(ours[part])), (
-                    preset,
-                    part,
-                )
-            back = compressor.decompress(dict(theirs), scheme)["weight"]
-            assert torch.equal(back.float(), codec.decode(ours).to(back.dtype).float()), preset
-
-
 def _own_and_shared(src: dict, base: str, codec) -> tuple[dict, dict]:
     m = re.match(r"(.*)\.(gate_proj|up_proj)\.$", base)
     own = codec.encode(src[base + "weight"])
@@ -219,9 +187,10 @@ def test_gate_and_up_share_one_global_scale_and_fuse(outputs, tmp_path) -> None:
 
 def test_modelopt_flavour_files(outputs) -> None:
     hf_quant = json.loads((outputs["modelopt"] / "hf_quant_config.json").read_text())
-    assert hf_quant["quantization"]["quant_algo"] == "NVFP4" and hf_quant["quantization"]["group_size"] == 16
+    quant = hf_quant["quantization"]  # weight-only, as ModelOpt's export names it (NVFP4 is W4A4)
+    assert quant["quant_algo"] == "W4A16_NVFP4" and quant["group_size"] == 16
     cfg = json.loads((outputs["modelopt"] / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "modelopt" and cfg["quant_algo"] == "NVFP4"
+    assert cfg["quant_method"] == "modelopt" and cfg["quant_algo"] == "W4A16_NVFP4"
     assert "lm_head" in hf_quant["quantization"]["exclude_modules"] and "lm_head" in cfg["ignore"]
     assert not (outputs["ct"] / "hf_quant_config.json").exists()
     t = load_tensors(outputs["modelopt"])

@@ -251,3 +251,13 @@ def test_compressed_tensors_mxfp4_moves_into_kt_mxfp4_unchanged(main, kt_checkpo
     )
     report = verify(ct, dst)
     assert report.ok and all(r.exact for r in report.tensors)
+
+
+@pytest.mark.parametrize(("to", "group"), [("kt-fp8", 128), ("kt-gptq-int4", 128)])
+def test_k_not_a_multiple_of_the_kernels_group_is_refused(main, checkpoint, tmp_path, to, group):  # noqa: F811
+    """Tiny Qwen3-MoE: hidden 64. kt-kernel derives its group from the scales and needs K % group == 0."""
+    code, out, err = main("convert", str(checkpoint("qwen3_moe")), str(tmp_path / "o"), "--to", to)
+    assert code == 2 and not (tmp_path / "o").exists()
+    assert (
+        f"reads one scale per {group} input columns, and Qwen3-MoE's hidden size 64 is not a multiple" in err
+    )

@@ -181,7 +181,7 @@ def convert(
         str,
         typer.Option(
             "--flavor",
-            metavar="compressed-tensors|modelopt",
+            metavar="compressed-tensors|modelopt|gpt-oss",
             help="nvfp4/mxfp4: checkpoint flavour (default compressed-tensors: what vLLM loads as A16).",
         ),
     ] = "",
@@ -227,6 +227,15 @@ def convert(
             help="Quantize weights holding NaN/Inf instead of refusing them (kt formats cannot hold them).",
         ),
     ] = False,
+    input_scales: Annotated[
+        str,
+        typer.Option(
+            "--input-scales",
+            metavar="FILE",
+            help="nvfp4: JSON or safetensors of each module's input absmax from calibration -> W4A4 "
+            "with static input scales (default: weight-only).",
+        ),
+    ] = "",
 ) -> None:
     """Convert a checkpoint layer by layer in bounded memory; a re-run resumes an interrupted one."""
     from moeport.cli.convert import RunFlags, run_convert
@@ -258,6 +267,7 @@ def convert(
         kt_layout=kt_layout,
         flavor=flavor,
         allow_nonfinite=allow_nonfinite,
+        input_scales=input_scales,
         device=device,
     )
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")

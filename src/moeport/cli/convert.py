@@ -68,6 +68,8 @@ def run_convert(
         det = detect(ck)
         recipe = job_recipe(target, options, ck, det)
         plan, sink = target.build(ck, det, options, describe_recipe(**recipe))
+        for warning in plan.warnings:
+            Console(stderr=True).print(warning, highlight=False, markup=False, soft_wrap=True)
         if flags.dry_run and flags.as_json:
             print(json.dumps(_plan_summary(plan, ck, dst), indent=2))
             return

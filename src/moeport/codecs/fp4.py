@@ -214,13 +214,26 @@ def nvfp4_scales_ct(bamax: torch.Tensor, gamax: torch.Tensor, dtype: torch.dtype
     is `t.reciprocal() * 2688` in torch), 1 for an all-zero weight; block scale global * (amax_b / 6),
     clamped to ±448, E4M3 (RNE), zero -> E4M3 eps 0.125; codes of x / (scale / global).
     -> (E4M3 scales, global [1] float32, divisors)."""
-    tiny = torch.finfo(dtype).tiny
-    gs = (gamax.to(dtype).clamp(min=tiny).reciprocal() * (E2M1_MAX * FP8_MAX)).float()
-    gs = torch.where(torch.isinf(gs), torch.ones_like(gs), gs).reshape(1)  # CT: amax 0 -> 1
+    gs = ct_global_scale(gamax, dtype)
     per_block = bamax.to(dtype) / torch.tensor(E2M1_MAX, dtype=dtype, device=bamax.device)
     s = (gs * per_block.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     s = torch.where(s.float() == 0, torch.full_like(s, 0.125), s)
     return s, gs, s.float() / gs
+
+
+def ct_global_scale(amax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """compressed-tensors' NVFP4 global scale (a divisor) of a tensor whose max |x| is `amax`, as
+    `generate_gparam` computes it in `dtype`: 2688 / amax, 1 for amax 0. float32 [1]; for weights
+    and for the static activation scale (`input_global_scale`) alike."""
+    tiny = torch.finfo(dtype).tiny
+    gs = (amax.to(dtype).clamp(min=tiny).reciprocal() * (E2M1_MAX * FP8_MAX)).float()
+    return torch.where(torch.isinf(gs), torch.ones_like(gs), gs).reshape(1)  # CT: amax 0 -> 1
+
+
+def modelopt_input_scale(amax: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's NVFP4 static activation scale (a multiplier, `input_scale` F32 []): amax / (6*448)
+    in float32, as `NVFP4QTensor.get_activation_scaling_factor` exports it."""
+    return divide(amax.float(), E2M1_MAX * FP8_MAX).reshape(())
 
 
 def nvfp4_encode(x: torch.Tensor, flavor: str, global_amax: torch.Tensor | None = None):

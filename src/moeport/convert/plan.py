@@ -40,6 +40,8 @@ class Plan:
     specs: list[TensorSpec] = field(default_factory=list)
     layer_of_output: dict[str, int | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # said before any work, also with --quiet (e.g. this CPU cannot run what is written: recipes.kt_cpu)
+    warnings: list[str] = field(default_factory=list)
     title: str = ""  # one line saying what this plan makes (dry run, summary)
     # JSON files written beside config.json (hf_quant_config.json...); None: one the source has is dropped
     side_files: dict[str, Any] = field(default_factory=dict)

@@ -18,6 +18,7 @@ from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
 from moeport.recipes import gpu, hf, kt_gptq, kt_mx
 from moeport.recipes.base import Options, Target
+from moeport.recipes.kt_cpu import cpu_warning, host_flags
 from moeport.sources.checkpoint import Checkpoint
 
 # The expert names kt-kernel's loaders look for: (module holding experts, gate, up, down).
@@ -40,11 +41,16 @@ class NativeMethod:
     fixed: dict[str, Any]  # the options kt's kernel requires (group size, dtype)
     names: tuple[tuple[str, str, str, str], ...]  # expert names its loader finds
     help: str
+    # kt-kernel reads one scale per `group` input columns (it derives group_size = K / scale columns,
+    # FP8 fixes it at 128, and its C++ requires K % group_size == 0): every expert K must divide
+    group: int | None = None
 
     def build(self, ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
         self.check_names(det)
+        self.check_alignment(det)
         plan, sink = self.base.build(ck, det, replace(opts, layout="hub", **self.fixed), metadata)
         plan.title = f"{det.family.title}: {det.expert_format.name} -> kt-kernel {self.method} ({self.help})"
+        plan.warnings += filter(None, [cpu_warning(self.method, host_flags())])
         return plan, sink
 
     def fits(self, det: Detection) -> bool:
@@ -67,6 +73,18 @@ class NativeMethod:
             f"{det.family.title} names them '{found}' (--to kt-int4 or kt-int8 write kt's own layout)"
         )
 
+    def check_alignment(self, det: Detection) -> None:
+        """One line before any work when some expert's K (hidden for gate/up, intermediate for down)
+        is not a multiple of the group kt-kernel's kernel reads."""
+        sizes = (("hidden size", det.hidden_size), ("expert intermediate size", det.expert_intermediate_size))
+        for what, k in sizes:
+            if self.group and k and k % self.group:
+                raise MoeportError(
+                    f"--to {self.target}: kt-kernel's {self.method} reads one scale per {self.group} input "
+                    f"columns, and {det.family.title}'s {what} {k} is not a multiple of {self.group} "
+                    "(--to kt-bf16 or kt-fp8-perchannel have no groups)"
+                )
+
     def as_target(self) -> Target:
         takes = frozenset({"max_shard_bytes", "allow_nonfinite"} & set(self.base.takes))
         return Target(
@@ -85,10 +103,16 @@ class NativeMethod:
 GPU = {t.name: t for t in gpu.TARGETS}
 METHODS = (
     NativeMethod(
-        "kt-rawint4", "RAWINT4", GPU["w4a16"], {"group_size": 32}, (DEEPSEEK_NAMES,), "INT4 group 32"
+        "kt-rawint4", "RAWINT4", GPU["w4a16"], {"group_size": 32}, (DEEPSEEK_NAMES,), "INT4 group 32", 32
     ),
     NativeMethod(
-        "kt-fp8", "FP8", GPU["fp8-block"], {}, (DEEPSEEK_NAMES, MIXTRAL_NAMES), "FP8 E4M3, 128x128 blocks"
+        "kt-fp8",
+        "FP8",
+        GPU["fp8-block"],
+        {},
+        (DEEPSEEK_NAMES, MIXTRAL_NAMES),
+        "FP8 E4M3, 128x128 blocks",
+        128,
     ),
     NativeMethod(
         "kt-fp8-perchannel",
@@ -106,8 +130,9 @@ METHODS = (
         {"group_size": 128},
         (DEEPSEEK_NAMES, MIXTRAL_NAMES),
         "GPTQ INT4 symmetric, group 128",
+        128,
     ),
-    NativeMethod("kt-mxfp4", "MXFP4", kt_mx.MXFP4, {}, (DSV4_NAMES,), "MXFP4, E8M0 scale per 32"),
-    NativeMethod("kt-mxfp8", "MXFP8", kt_mx.MXFP8, {}, (MIXTRAL_NAMES,), "MXFP8, E8M0 scale per 32"),
+    NativeMethod("kt-mxfp4", "MXFP4", kt_mx.MXFP4, {}, (DSV4_NAMES,), "MXFP4, E8M0 scale per 32", 32),
+    NativeMethod("kt-mxfp8", "MXFP8", kt_mx.MXFP8, {}, (MIXTRAL_NAMES,), "MXFP8, E8M0 scale per 32", 32),
 )
 TARGETS = [m.as_target() for m in METHODS]
