@@ -14,9 +14,11 @@ from fixtures import load_tensors
 from kt_support import import_kt, kt_wrapper
 from test_convert_kt import FAMILIES, I_SIZE, TOPK, E, H, _torch_moe, kt_checkpoint, main  # noqa: F401 - fixtures
 
+from moeport.detect import detect
+from moeport.report import inspect_report
 from moeport.sources import open_checkpoint
 from moeport.verify.canonical import hf_layers
-from moeport.verify.run import verify
+from moeport.verify.run import recipe_of, verify
 
 CASES = [  # (--to, kt-kernel method, families)
     ("kt-rawint4", "RAWINT4", ["deepseek_v3", "qwen3_moe", "glm_moe_dsa"]),
@@ -66,6 +68,9 @@ def test_native_output_runs_in_kt_kernel(monkeypatch, kt_checkpoint, tmp_path, t
     result = _convert(src, dst, "--to", to)
     assert result.returncode == 0, result.stderr
     assert verify(src, dst).ok
+    with open_checkpoint(dst) as ck:  # inspect names the method kt-kernel reads the folder with
+        made = inspect_report(dst, detect(ck), recipe_of(ck))["written_by"]
+    assert (made["target"], made["kt_method"]) == (to, method)
     layer = 1
     g = torch.Generator().manual_seed(3)
     x = torch.randn(8, H, generator=g).bfloat16()

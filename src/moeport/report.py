@@ -24,7 +24,25 @@ def ranges(layers: list[int]) -> str:
     return ", ".join(out)
 
 
-def inspect_report(path: Path, d: Detection) -> dict[str, Any]:
+# recipe fields that describe the conversion, not the source (those are in "source*")
+_SOURCE_FIELDS = ("source", "source_fingerprint", "source_family", "source_files")
+
+
+def written_by(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What the recorded recipe says of an output moeport wrote: its target, options and source;
+    for kt-kernel's native methods, the method and group size its loader reads ({} if none)."""
+    if not recipe.get("to"):
+        return {}
+    options = {k: v for k, v in recipe.items() if k not in ("to", *_SOURCE_FIELDS)}
+    out: dict[str, Any] = {"target": recipe["to"], "options": options, "source": recipe.get("source", "")}
+    if "method" in options:  # kt-kernel native: KTMoEWrapper(method=...) reads this folder
+        out["kt_method"] = options["method"]
+        if options.get("group_size"):
+            out["kt_group_size"] = options["group_size"]
+    return out
+
+
+def inspect_report(path: Path, d: Detection, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "path": str(path),
         "family": d.family.name,
@@ -58,6 +76,7 @@ def inspect_report(path: Path, d: Detection) -> dict[str, Any]:
             },
         },
         "warnings": d.warnings,
+        "written_by": written_by(recipe or {}),
     }
 
 

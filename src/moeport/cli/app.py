@@ -51,8 +51,10 @@ def inspect(
         form = "folders" if found[0].name == MANIFEST_NAME else "merged"
         report = kt_report(path, kt_description(path), found[1], form)
     else:
+        from moeport.verify.run import recipe_of
+
         with open_checkpoint(path) as ck:
-            report = inspect_report(path, detect(ck))
+            report = inspect_report(path, detect(ck), recipe_of(ck))
     if as_json:
         print(json.dumps(report, indent=2))
     elif found is not None:
@@ -118,6 +120,13 @@ def _print_inspect(r: dict) -> None:
         t.add_row(
             "bytes per layer", f"{len(sizes)} layers, {format_size(min(sizes))} to {format_size(max(sizes))}"
         )
+    made = r["written_by"]
+    if made:
+        opts = ", ".join(f"{k}={v}" for k, v in made["options"].items())
+        t.add_row("written by", escape(f"moeport --to {made['target']} ({opts}) from {made['source']}"))
+    if "kt_method" in made:
+        group = f", group size {made['kt_group_size']}" if "kt_group_size" in made else ""
+        t.add_row("kt-kernel", f"method {made['kt_method']}{group}: its native loader reads this folder")
     for w in r["warnings"]:
         t.add_row("[yellow]warning[/]", escape(w))
     out.print(t)
