@@ -33,9 +33,9 @@ from moeport.zoo.support import moe_model_types, support
 from moeport.zoo.tiny import EXPERTS, build_model, text_overrides, tiny_config
 
 MOE_TYPES = moe_model_types()
-# the subset run through the quantizing targets: derived families of each kind (per-expert hub,
-# renamed blocks, fused hub stacks, a multimodal wrapper) plus one zoo family as the control
-QUANT_TYPES = ["hunyuan_v1_moe", "ernie4_5_moe", "phimoe", "qwen3_vl_moe", "qwen3_moe"]
+# the subset run through the quantizing targets (time): derived families of each kind: per-expert
+# hub, renamed blocks (phimoe), a multimodal wrapper with fused hub stacks (qwen3_vl_moe)
+QUANT_TYPES = ["hunyuan_v1_moe", "phimoe", "qwen3_vl_moe"]
 MAX_PARAMS = 8_000_000  # a tiny model; a vision tower at transformers' default size is skipped
 RESULTS: dict[str, dict[str, str]] = {}
 
@@ -74,15 +74,20 @@ def _save_tiny(model_type: str, out: Path, hidden: int = 64, inter: int = 48, de
     return out
 
 
-def _logits(path: Path) -> torch.Tensor:
+def _load(path: Path):
+    """transformers' model class for the checkpoint, loaded by transformers (float32, eval)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
-    model = type(build_model(config, "meta")).from_pretrained(path, dtype=torch.float32).eval()
+    cls = type(build_model(AutoConfig.from_pretrained(path), "meta"))
+    model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), {k: v for k, v in info.items() if k != "error_msgs" and v}
+
+
+def _logits(model) -> torch.Tensor:
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(input_ids=ids)
-    return out.logits
+        out = model(input_ids=ids, use_cache=False)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state  # base models
 
 
 def _assert_identical(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
@@ -107,18 +112,36 @@ def test_moe_model_type_end_to_end(tmp_path: Path, model_type: str) -> None:
     if found.how == "not":
         pytest.skip(f"not supported: {found.why}")
     src = _save_tiny(model_type, tmp_path / "src")
+    reference, info = _load(src)
+    if info:  # transformers' own save_pretrained -> from_pretrained does not give its model back
+        _record(model_type, "build", "skip")
+        pytest.skip(
+            f"transformers' own save does not load back: {sorted(info)} {list(info.values())[0]}"[:200]
+        )
     with open_checkpoint(src) as ck:
         det = detect(ck)
     assert det.experts_per_layer == EXPERTS and det.moe_layers, model_type
-    assert det.family == found.family
+    # a causal-LM class may save its text config's model_type (llama4 -> llama4_text)
+    assert det.family == support(det.model_type).family
     _record(model_type, "inspect", "ok")
 
-    fused = _convert(src, tmp_path / "fused", "hf", layout="fused")
-    back = _convert(fused, tmp_path / "hub", "hf", layout="hub")
+    # transformers saves the hub layout, or its memory layout where a fresh model has no hub form
+    # to revert to (Qwen3-VL-MoE's [E, H, 2I] stacks): round trip through the other one
+    other, same = ("fused", "hub") if det.layout == det.family.hub else ("hub", "fused")
+    there = _convert(src, tmp_path / other, "hf", layout=other)
+    back = _convert(there, tmp_path / same, "hf", layout=same)
     _assert_identical(load_tensors(src), load_tensors(back))
     _record(model_type, "round trip", "ok")
 
-    assert torch.equal(_logits(fused), _logits(src)), f"{model_type}: logits differ on the fused output"
+    fused = there if other == "fused" else src
+    try:
+        expected = _logits(reference)
+    except Exception as e:  # transformers' own forward on its own tiny model: not ours to fix
+        _record(model_type, "logits", "skip")
+        pytest.skip(f"transformers' forward fails on the tiny source: {type(e).__name__}: {e}"[:200])
+    model, info = _load(fused)
+    assert not info, f"{model_type}: transformers loads the fused output with {info}"
+    assert torch.equal(_logits(model), expected), f"{model_type}: logits differ on the fused output"
     _record(model_type, "logits", "ok")
 
 
@@ -149,7 +172,7 @@ def test_qwen3_vl_moe_hub_stacks_are_transposed_and_convert_both_ways(tmp_path: 
         metadata={"format": "pt"},
     )
     (hub / "config.json").write_text((saved / "config.json").read_text())
-    assert torch.equal(_logits(hub), _logits(saved))  # transformers reads both forms alike
+    assert torch.equal(_logits(_load(hub)[0]), _logits(_load(saved)[0]))  # transformers reads both alike
     with open_checkpoint(hub) as ck:
         det = detect(ck)
     assert det.layout == derive_family("qwen3_vl_moe").hub and det.layout.transposed

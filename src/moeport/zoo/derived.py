@@ -115,6 +115,9 @@ def _fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str,
     if "gate_up_proj" not in stacks or "down_proj" not in stacks:
         raise NotDerivable(f"{model_type}: expert stacks {sorted(stacks)}, not a gated gate_up/down MLP")
     gate_up = stacks["gate_up_proj"]
+    if gate_up[:1] != stacks["down_proj"][:1]:  # LongCat: zero-compute experts in gate_up only
+        why = f"gate_up_proj holds {gate_up[0]} experts, down_proj {stacks['down_proj'][0]}"
+        raise NotDerivable(f"{model_type}: {why}")
     if len(gate_up) != 3 or hidden not in gate_up[1:]:
         raise NotDerivable(f"{model_type}: gate_up_proj {list(gate_up)} has no hidden dim {hidden}")
     transposed = gate_up[1] == hidden
@@ -140,11 +143,16 @@ def _hub_experts(
     """The hub layout: per-expert names (gate/up told apart by transformers' own converter), or fused."""
     per: dict[tuple[str, str], set[str]] = {}
     keys = []
+    experts = set()
     for key in hub_state:
         m = _HUB_KEY.match(key)
         if m:
             keys.append(key)
+            experts.add(int(m["E"]))
             per.setdefault((m["prefix"], m["block"]), set()).add(m["proj"])
+    if experts and experts != set(range(fused["experts"])):
+        why = f"its own save writes {len(experts)} experts per layer, its stacks hold {fused['experts']}"
+        raise NotDerivable(f"{model_type}: {why}")
     if per:
         if len(per) > 1:
             raise NotDerivable(f"{model_type}: hub experts under several module paths {sorted(per)}")
