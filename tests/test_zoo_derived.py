@@ -209,3 +209,26 @@ def test_multimodal_wrapper_of_a_zoo_text_model(checkpoint, tmp_path: Path) -> N
         assert torch.equal(fused[name], value)
     back = _convert(tmp_path / "fused", tmp_path / "hub", "hf", layout="hub")
     _assert_identical(load_tensors(wrapped), load_tensors(back))
+
+
+@pytest.mark.parametrize("model_type", ["llama4_text", "qwen3_vl_moe"])
+def test_fused_hub_stacks_to_per_expert_linears_and_back(tmp_path: Path, model_type: str) -> None:
+    """Llama-4 and Qwen3-VL-MoE keep [E, H, 2I] stacks (gate columns first, then up, as their
+    forward's `chunk(2, dim=-1)` reads them): per-expert `gate_proj/up_proj/down_proj` [I, H]
+    linears come out, and fusing them again gives the stacks back bit for bit."""
+    src = _save_tiny(model_type, tmp_path / "src")
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+    if not det.layout.transposed:  # Qwen3-VL-MoE: transformers saves [E, 2I, H]; the Hub's form first
+        src = _convert(src, tmp_path / "hub-form", "hf", layout="hub")
+    stacks = load_tensors(src)
+    linear = load_tensors(_convert(src, tmp_path / "linear", "hf", layout="linear"))
+    gate_up = next(
+        v for k, v in stacks.items() if k.endswith("layers.1." + det.layout.block + ".experts.gate_up_proj")
+    )
+    inter = gate_up.shape[-1] // 2
+    block = next(k for k in linear if k.endswith(".experts.3.gate_proj.weight") and "layers.1." in k)
+    assert torch.equal(linear[block], gate_up[3, :, :inter].T)
+    assert torch.equal(linear[block.replace("gate_proj", "up_proj")], gate_up[3, :, inter:].T)
+    back = _convert(tmp_path / "linear", tmp_path / "back", "hf", layout="hub")
+    _assert_identical(stacks, load_tensors(back))

@@ -33,6 +33,7 @@ MIN_SHARD_BYTES = 100_000  # below this a "shard size" is a typo, and would writ
 
 @app.command()
 def inspect(
+    ctx: typer.Context,
     path: Annotated[
         Path | None,
         typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id in the local cache."),
@@ -60,7 +61,9 @@ def inspect(
         print_families(out, as_json)
         return
     if path is None:
-        raise MoeportError("inspect needs a checkpoint path (or --families)")
+        from moeport.cli.families import missing_path
+
+        missing_path(ctx)
     path = resolve_source(path)
     found = kt_metadata(path) if path.is_dir() else None
     if found is not None:  # moeport's own kt-kernel output (merged or folders)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -26,3 +27,13 @@ def print_families(out: Console, as_json: bool) -> None:
     out.print(t)
     counts = {h: sum(r.how == h for r in rows) for h in ("zoo", "derived", "not")}
     out.print(", ".join(f"{n} {h}" for h, n in counts.items()))
+
+
+def missing_path(ctx: typer.Context) -> None:
+    """What typer says of a missing argument (the path is optional only for --families; a click
+    error raised in the command itself would escape typer's formatting)."""
+    import click
+    from typer import rich_utils
+
+    rich_utils.rich_format_error(click.UsageError("Missing argument 'path'.", ctx=ctx))
+    raise typer.Exit(2)
