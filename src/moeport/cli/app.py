@@ -33,7 +33,6 @@ MIN_SHARD_BYTES = 100_000  # below this a "shard size" is a typo, and would writ
 
 @app.command()
 def inspect(
-    ctx: typer.Context,
     path: Annotated[
         Path | None,
         typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id in the local cache."),
@@ -46,6 +45,7 @@ def inspect(
             "--families", help="List the MoE model types of the installed transformers, their support."
         ),
     ] = False,
+    ctx: typer.Context = None,  # type: ignore[assignment]  # typer passes it; demo calls without
 ) -> None:
     """Detect family, layers, experts and expert storage format of a checkpoint (headers only)."""
     from moeport.detect import detect
