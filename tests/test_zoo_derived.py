@@ -232,3 +232,24 @@ def test_fused_hub_stacks_to_per_expert_linears_and_back(tmp_path: Path, model_t
     assert torch.equal(linear[block.replace("gate_proj", "up_proj")], gate_up[3, :, inter:].T)
     back = _convert(tmp_path / "linear", tmp_path / "back", "hf", layout="hub")
     _assert_identical(stacks, load_tensors(back))
+
+
+ZOO_ONLY = {  # what the zoo knows that transformers' definitions do not give (why each entry stays)
+    "gpt_oss": "gate/up interleaved, expert biases, MXFP4 `_blocks`",
+    "deepseek_v4": "DeepSeek's public names (`attn.kv_norm`, `mtp.{L}.`) and expert_dtype",
+    "kimi_k2": "not a transformers model_type (DeepSeek-V3 classes)",
+}
+
+
+def test_zoo_expert_layouts_agree_with_transformers() -> None:
+    """Each zoo entry's expert layouts and renames are what derivation reads off transformers,
+    except where the zoo says more (ZOO_ONLY); optional router biases may differ."""
+    from moeport.zoo.families import FAMILIES
+
+    for family in FAMILIES:
+        for model_type in family.model_types:
+            if model_type in ZOO_ONLY:
+                continue
+            derived = derive_family(model_type)
+            for field in ("hub", "fused", "linear", "fused_renames", "router", "shared_expert"):
+                assert getattr(derived, field) == getattr(family, field), (model_type, field)
