@@ -35,9 +35,24 @@ class NotDerivable(MoeportError):
     """transformers' definitions of a model type do not give a layout moeport can use (why)."""
 
 
-@cache
 def derive_family(model_type: str) -> Family:
     """The Family of `model_type` as transformers defines it; NotDerivable says why not."""
+    found = _derive(model_type)
+    if isinstance(found, NotDerivable):
+        raise NotDerivable(str(found))
+    return found
+
+
+@cache
+def _derive(model_type: str) -> Family | NotDerivable:
+    """Derivation, remembered either way (a refusal costs as much as a family)."""
+    try:
+        return _derive_or_raise(model_type)
+    except NotDerivable as e:
+        return e
+
+
+def _derive_or_raise(model_type: str) -> Family:
     try:
         config = tiny_config(model_type, small_vision=False)
         model = build_model(config, "meta")
