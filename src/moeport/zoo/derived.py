@@ -316,7 +316,10 @@ def _block_members(
 def _declared(text) -> dict[str, Any]:
     """The tiny text config's values of the fields its class declares (the overrides it merely
     stored, e.g. `moe_num_experts` on a config that calls it `num_experts`, are left out)."""
-    declared = set(type(text)().to_dict())
+    try:
+        declared = set(type(text)().to_dict())
+    except Exception:  # a config class that validates its defaults away: every field it holds
+        declared = set(text.to_dict())
     return {k: v for k, v in text.to_dict().items() if k in declared}
 
 
