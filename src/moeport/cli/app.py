@@ -34,10 +34,18 @@ MIN_SHARD_BYTES = 100_000  # below this a "shard size" is a typo, and would writ
 @app.command()
 def inspect(
     path: Annotated[
-        Path, typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id in the local cache.")
-    ],
+        Path | None,
+        typer.Argument(help="Checkpoint folder, .safetensors file, or Hub repo id in the local cache."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Also print the bytes of every layer.")] = False,
+    families: Annotated[
+        bool,
+        typer.Option(
+            "--families", help="List the MoE model types of the installed transformers, their support."
+        ),
+    ] = False,
+    ctx: typer.Context = None,  # type: ignore[assignment]  # typer passes it; demo calls without
 ) -> None:
     """Detect family, layers, experts and expert storage format of a checkpoint (headers only)."""
     from moeport.detect import detect
@@ -45,6 +53,17 @@ def inspect(
     from moeport.sources import open_checkpoint
     from moeport.verify.kt_canonical import kt_description, kt_metadata
 
+    if families:
+        if path is not None:
+            raise MoeportError("inspect --families takes no checkpoint path")
+        from moeport.cli.families import print_families
+
+        print_families(out, as_json)
+        return
+    if path is None:
+        from moeport.cli.families import missing_path
+
+        missing_path(ctx)
     path = resolve_source(path)
     found = kt_metadata(path) if path.is_dir() else None
     if found is not None:  # moeport's own kt-kernel output (merged or folders)

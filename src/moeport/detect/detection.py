@@ -13,7 +13,13 @@ from moeport.detect.layout import LayerExperts, LayerNaming, LayoutMatch, find_n
 from moeport.detect.required import check_required
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
-from moeport.zoo.families import ExpertLayout, Family, family_for_model_type, known_model_types
+from moeport.zoo.derived import NotDerivable, lookup_family
+from moeport.zoo.families import (
+    ExpertLayout,
+    Family,
+    known_model_types,
+    wrapped_prefixes,
+)
 from moeport.zoo.model_config import ModelConfig
 
 
@@ -55,7 +61,7 @@ def detect(ck: Checkpoint) -> Detection:
         raise MoeportError(f"{ck.root}: no config.json (moeport needs it to tell the model family)")
     cfg = ModelConfig(ck.config)
     family, model_type = _family(cfg, ck)
-    match = _match_experts(ck, family)
+    match = _match_experts(ck, family, cfg.first_int(family.fields.hidden_size))
     num_layers = cfg.first_int(family.fields.num_layers)
     naming = _naming(ck, family, match, num_layers)
     match.layers.update(_mtp_experts(ck, family, match, naming))
@@ -156,26 +162,42 @@ def _mtp_experts(
 
 
 def _family(cfg: ModelConfig, ck: Checkpoint) -> tuple[Family, str]:
-    for model_type in cfg.model_types:
-        family = family_for_model_type(model_type)
-        if family is not None:
-            return family, model_type
-    found = "/".join(cfg.model_types) or "none"
-    raise MoeportError(
-        f"{ck.root / 'config.json'}: unknown model family (model_type {found}, architectures "
-        f"{cfg.raw.get('architectures')}); supported model_type values: "
-        f"{', '.join(known_model_types())}"
-    )
+    """The zoo's family of the wrapper or its text model, else one derived from transformers."""
+    try:
+        return lookup_family(cfg.model_types)
+    except NotDerivable as e:
+        found = "/".join(cfg.model_types) or "none"
+        raise MoeportError(
+            f"{ck.root / 'config.json'}: unknown model family (model_type {found}, architectures "
+            f"{cfg.raw.get('architectures')}; {e}); the zoo's model_type values: "
+            f"{', '.join(known_model_types())}; `moeport inspect --families` lists what transformers adds"
+        ) from e
 
 
-def _match_experts(ck: Checkpoint, family: Family) -> LayoutMatch:
+def _shapes_fit(ck: Checkpoint, match: LayoutMatch, hidden: int | None) -> bool:
+    """Whether a fused match's gate_up stack has the hidden dim where its layout puts it."""
+    if match.layout.kind != "fused" or hidden is None:
+        return True
+    parts = next(iter(match.layers.values())).parts.get((-1, match.layout.projs["gate_up"]), {})
+    if "weight" not in parts:
+        return True
+    shape = ck.info(parts["weight"]).shape
+    return len(shape) == 3 and (shape[1] == hidden) == match.layout.transposed
+
+
+def _match_experts(ck: Checkpoint, family: Family, hidden: int | None) -> LayoutMatch:
     keys = ck.keys()
-    matches = [
-        m
-        for layout in family.layouts
-        for prefix in family.layer_prefixes
-        if (m := match_layout(keys, layout, prefix)) is not None
-    ]
+    for prefixes in (family.layer_prefixes, wrapped_prefixes(family.layer_prefixes)):
+        matches = [
+            m
+            for layout in family.layouts
+            for prefix in prefixes
+            if (m := match_layout(keys, layout, prefix)) is not None
+        ]
+        if matches:
+            break
+    if len(matches) > 1:  # the same names in two layouts (Qwen3-VL-MoE's hub and fused stacks): by shape
+        matches = [m for m in matches if _shapes_fit(ck, m, hidden)] or matches
     if not matches:
         expected = " or ".join(
             f"'{t}'" for layout in family.layouts for t in layout.templates(family.layer_prefixes[0])[:1]

@@ -72,8 +72,12 @@ def relayout_experts(
     if kind_src == kind_dst == "fused":
         if src.layout.gate_up_interleaved != dst.layout.gate_up_interleaved:
             raise MoeportError(f"{src.prefix}: re-ordering interleaved gate/up rows is not supported")
+        # Qwen3-VL-MoE: the Hub's stacks are [E, H, 2I], transformers holds [E, 2I, H]
+        flip = src.layout.transposed != dst.layout.transposed
+        if flip and fmt.name not in FLOAT_FORMATS:
+            raise MoeportError(f"{src.prefix}: transposing {fmt.name} expert stacks is not supported")
         return [
-            Copy(name, dst.fused(role, part))
+            (Transpose if flip and part == "weight" else Copy)(name, dst.fused(role, part))
             for (_, role), group in parts.items()
             for part, name in group.items()
         ]

@@ -38,7 +38,7 @@ from moeport.zoo.families import ROLES
 from moeport.zoo.model_config import ModelConfig, rewrite_storage_fields
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LAYOUTS = ("hub", "fused")
+LAYOUTS = ("hub", "fused", "linear")  # linear: per-expert 2-D weights even where the hub form is fused
 _CONFIG_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 

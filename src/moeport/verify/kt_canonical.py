@@ -28,7 +28,8 @@ from moeport.sinks.kt_layout import PROJS, KtLayout, KtSlot
 from moeport.sinks.sharded import INDEX_NAME
 from moeport.sources.checkpoint import Checkpoint
 from moeport.verify.canonical import CanonicalLayer
-from moeport.zoo.families import Family, family_for_model_type
+from moeport.zoo.derived import NotDerivable, lookup_family
+from moeport.zoo.families import Family
 from moeport.zoo.model_config import ModelConfig
 
 ReadSlot = Callable[[KtSlot, str], torch.Tensor]
@@ -95,9 +96,9 @@ def merged_layers(ck: Checkpoint, kt: KtLayout) -> Iterator[CanonicalLayer]:
 
 
 def expert_names(kt: KtLayout, layer: int, family: Family, naming: LayerNaming) -> dict[tuple[int, str], str]:
-    block = f"{naming.prefix(layer)}{family.hub.block}"
+    block = f"{naming.prefix(layer)}{family.per_expert.block}"
     return {
-        (e, proj): f"{block}.experts.{e}.{family.hub.projs[proj]}.weight"
+        (e, proj): f"{block}.experts.{e}.{family.per_expert.projs[proj]}.weight"
         for e in range(kt.experts)
         for proj in PROJS
     }
@@ -117,10 +118,10 @@ def _experts(
 
 def _family(config: dict | None, where: Path) -> Family:
     cfg = ModelConfig(config or {})
-    family = next((f for f in map(family_for_model_type, cfg.model_types) if f is not None), None)
-    if family is None:
-        raise MoeportError(f"{where}: kt output needs the source config.json to name its tensors")
-    return family
+    try:
+        return lookup_family(cfg.model_types)[0]
+    except NotDerivable as e:
+        raise MoeportError(f"{where}: kt output needs the source config.json to name its tensors") from e
 
 
 def _layer_prefix(family: Family, keys: list[str]) -> str:

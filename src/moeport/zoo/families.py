@@ -257,6 +257,18 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+# Where multimodal checkpoints keep their language model (Kimi-K2.5 `language_model.model.`,
+# Qwen3-VL / Llama-4 in transformers `model.language_model.`): a family's layer prefixes under these
+# are tried when its own find nothing; vision towers and projectors are other tensors, carried.
+WRAPPERS = (("model.", "language_model.model."), ("model.", "model.language_model."), ("", "language_model."))
+
+
+def wrapped_prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    """The layer prefixes a multimodal wrapper gives the text model's `prefixes`."""
+    out = [w + p.removeprefix(head) for p in prefixes for head, w in WRAPPERS if p.startswith(head)]
+    return tuple(dict.fromkeys(p for p in out if p not in prefixes))
+
+
 _BY_MODEL_TYPE = {mt: f for f in FAMILIES for mt in f.model_types}
 
 

@@ -1,0 +1,87 @@
+"""Which MoE model types the installed transformers implements, and how moeport supports each.
+
+A model type counts as MoE when its config class (or one of its sub-configs) declares a field
+about experts; transformers' own config classes say it, no list is kept here. Each is supported
+from the zoo (hand-checked data), derived from transformers' definitions (zoo/derived.py), or not,
+with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+from moeport.zoo.derived import NotDerivable, derive_family
+from moeport.zoo.families import Family, family_for_model_type
+
+
+@dataclass(frozen=True)
+class Support:
+    model_type: str
+    how: str  # "zoo" | "derived" | "not"
+    family: Family | None
+    why: str  # the family's title, or the reason it is not supported
+
+
+@lru_cache(maxsize=1)
+def moe_model_types() -> tuple[str, ...]:
+    """Every model type of the installed transformers whose config declares expert fields."""
+    from transformers import CONFIG_MAPPING
+
+    return tuple(sorted(mt for mt in CONFIG_MAPPING.keys() if _declares_experts(CONFIG_MAPPING[mt])))
+
+
+def _declares_experts(cls: type, seen: frozenset[type] = frozenset()) -> bool:
+    try:
+        names = {f.name for f in dataclasses.fields(cls)}
+    except TypeError:  # not a dataclass config: its constructor's arguments
+        names = set(inspect.signature(cls.__init__).parameters)
+    if any("expert" in n for n in names):
+        return True
+    subs = (getattr(cls, "sub_configs", None) or {}).values()
+    return any(isinstance(s, type) and s not in seen and _declares_experts(s, seen | {cls}) for s in subs)
+
+
+def support(model_type: str) -> Support:
+    """How moeport supports `model_type`: the zoo first, else derived, else why not."""
+    family = family_for_model_type(model_type)
+    if family is not None:
+        return Support(model_type, "zoo", family, family.title)
+    try:
+        family = derive_family(model_type)
+    except NotDerivable as e:
+        why = str(e).removeprefix(f"{model_type}: ")
+        text = _text_model_type(model_type)
+        inner = support(text) if text not in (None, model_type) else None
+        if inner is not None and inner.family is not None:
+            # detection would try the text model's family under the wrapper's prefixes; unchecked here
+            why += f" (its text model {text} is {inner.how}; tried under wrapper prefixes, not checked)"
+        return Support(model_type, "not", None, why)
+    return Support(model_type, "derived", family, _summary(family))
+
+
+def _text_model_type(model_type: str) -> str | None:
+    """The model_type of a multimodal config's text sub-config class, where it declares one."""
+    from transformers import CONFIG_MAPPING
+
+    text = (getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {}).get("text_config")
+    return getattr(text, "model_type", None) if isinstance(text, type) else None
+
+
+def _summary(family: Family) -> str:
+    """One line: where the experts are, and their hub and fused forms."""
+    hub = family.hub
+    if hub.kind == "per-expert":
+        names = "/".join(hub.projs[r] for r in ("gate", "up", "down"))
+        form = f"hub {hub.block}.experts.{{E}}.{names}"
+    else:
+        form = f"hub {hub.block}.experts.gate_up_proj{' [E, H, 2I]' if hub.transposed else ''}"
+    fused = "same as hub" if family.fused == hub else f"fused {family.fused.block}.experts.gate_up_proj"
+    renames = f", {len(family.fused_renames)} rename(s)" if family.fused_renames else ""
+    return f"{family.layer_prefixes[0]}: {form}; {fused}{renames}"
+
+
+def all_support() -> list[Support]:
+    return [support(mt) for mt in moe_model_types()]
