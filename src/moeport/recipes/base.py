@@ -30,6 +30,7 @@ class Options:
     kt_layout: str = "merged"  # kt: merged | folders
     flavor: str = ""  # nvfp4/mxfp4: compressed-tensors | modelopt ("": the target's default)
     allow_nonfinite: bool = False  # quantize NaN/Inf weights instead of refusing them
+    gguf_type: str = "bf16"  # gguf: the GGML type of the weights (recipes/gguf.py)
     device: str = "cpu"  # where the math runs; never changes the bytes
     source_label: str = ""  # how the source is named in the output's metadata (default: its folder's name)
 
@@ -47,6 +48,7 @@ OPTION_FLAGS = {
     "kt_layout": "--kt-layout",
     "flavor": "--flavor",
     "allow_nonfinite": "--allow-nonfinite",
+    "gguf_type": "--gguf-type",
 }
 
 # (checkpoint, detection, options, metadata for the output files) -> the plan and its sink
