@@ -29,7 +29,7 @@ from moeport.recipes.hf import build_hf
 from moeport.sinks.gguf import GgufSink
 from moeport.sinks.safetensors_file import TensorSpec
 from moeport.sources.checkpoint import Checkpoint
-from moeport.zoo.gguf_arch import GgufArch, arch_for, rope_rows
+from moeport.zoo.gguf_arch import BY_MODEL_TYPE, GgufArch, arch_for, rope_rows
 
 GGUF_TYPES = ("bf16", "f16", "q8_0", "q4_0", "mxfp4")
 _FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -165,4 +165,5 @@ TARGET = Target(
     _build,
     fields=lambda o: {"gguf_type": o.gguf_type},
     takes=frozenset({"gguf_type", "max_shard_bytes"}),
+    fits=lambda det: det.family.name in BY_MODEL_TYPE,
 )
