@@ -44,6 +44,12 @@ def block_geometry(qtype: Any) -> tuple[int, int]:
     return _gguf().GGML_QUANT_SIZES[qtype]
 
 
+def marker(qtype: Any) -> torch.Tensor:
+    """The `ggml_type` part of a weight of `qtype`: its (block, bytes) shape, every byte the id,
+    one byte of memory (a broadcast view)."""
+    return torch.tensor(int(qtype), dtype=torch.uint8).expand(block_geometry(qtype))
+
+
 @dataclass(frozen=True)
 class GgmlCodec:
     """A GGML block type. `qtype` None: each weight says its own type in its `ggml_type` part
@@ -88,7 +94,7 @@ class GgmlCodec:
             q = gguf.quants.quantize(weight.detach().float().cpu().numpy(), self.qtype)
         except gguf.quants.QuantError as exc:
             raise MoeportError(f"cannot quantize to {self.qtype.name} ({exc})") from None
-        return {"weight": torch.from_numpy(np.ascontiguousarray(q))}
+        return {"weight": torch.from_numpy(np.ascontiguousarray(q)), MARKER: marker(self.qtype)}
 
 
 def _recognize(
@@ -97,13 +103,13 @@ def _recognize(
     marker, weight = active.get(MARKER), active.get("weight")
     if marker is None:
         return None
-    if weight is None or weight.dtype != "U8" or len(marker.shape) != 2:
+    if weight is None or weight.dtype != "U8" or len(marker.shape) < 2:
         raise MoeportError(f"{where}: a '{MARKER}' part needs a U8 'weight' and a (block, bytes) shape")
     return ExpertFormat("gguf")
 
 
 def _decoded_shape(shapes: dict[str, Shape], params: Params) -> Shape:
-    block, size = shapes[MARKER]
+    block, size = shapes[MARKER][-2:]
     *lead, rows, row_bytes = shapes["weight"]
     return (*lead, rows, row_bytes // size * block)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from moeport.codecs.ggml import MARKER, block_geometry
+from moeport.codecs.ggml import MARKER, block_geometry, marker
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint, FileIdentity, TensorInfo
 from moeport.zoo.gguf_arch import GgufArch, arch_named, rope_rows
@@ -39,7 +39,7 @@ class GgufCheckpoint(Checkpoint):
         self.files = files
         self.identities = identities
         self._info: dict[str, TensorInfo] = {}
-        self._markers: dict[str, tuple[int, tuple[int, int]]] = {}  # name -> (type id, shape)
+        self._markers: dict[str, Any] = {}  # `ggml_type` part -> its GGML type
         self._permute: dict[str, torch.Tensor] = {}  # q/k weight -> the rows llama.cpp permuted
         self._fds: dict[Path, int] = {}
         self._fd_lock = threading.Lock()
@@ -99,15 +99,14 @@ class GgufCheckpoint(Checkpoint):
 
     def _marker(self, weight: str, qtype: Any) -> None:
         name = weight.removesuffix(".weight") + "." + MARKER
-        shape = block_geometry(qtype)
-        self._markers[name] = (int(qtype), shape)
+        self._markers[name] = qtype
         # no bytes of its own: it stands for the type id (codecs/ggml.py)
-        self._info[name] = TensorInfo("U8", shape, self._info[weight].file, 0, 0)
+        self._info[name] = TensorInfo("U8", block_geometry(qtype), self._info[weight].file, 0, 0)
 
     def read(self, key: str) -> torch.Tensor:
-        marker = self._markers.get(key)
-        if marker is not None:
-            return torch.tensor(marker[0], dtype=torch.uint8).expand(marker[1])
+        qtype = self._markers.get(key)
+        if qtype is not None:
+            return marker(qtype)
         tensor = super().read(key)
         rows = self._permute.get(key)
         return tensor.index_select(0, rows) if rows is not None else tensor
