@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARCHS = {"qwen3_moe": "QWEN3MOE", "mixtral": "LLAMA"}
+ARCHS = {"qwen3_moe": "QWEN3MOE", "mixtral": "LLAMA", "deepseek_v3": "DEEPSEEK2"}
 EXPERT = re.compile(r"^(?P<head>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
 
 
@@ -34,6 +34,14 @@ def expected_gguf(tensors: dict[str, torch.Tensor], model_type: str, config: dic
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         t = t.float()
+        if name.endswith("kv_b_proj.weight"):  # DeepseekV2Model: MLA's kv_b split, k_b transposed
+            heads, nope = config["num_attention_heads"], config["qk_nope_head_dim"]
+            kv_b = t.view(heads, t.shape[0] // heads, t.shape[-1])
+            k_b, v_b = torch.split(kv_b, [nope, kv_b.shape[1] - nope], dim=1)
+            out[names.get_name(name.replace("kv_b", "k_b"), try_suffixes=(".weight",))] = k_b.transpose(1, 2)
+            out[names.get_name(name.replace("kv_b", "v_b"), try_suffixes=(".weight",))] = v_b
+            continue
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")  # as DeepseekV2Model does
         if model_type == "mixtral" and name.endswith(("q_proj.weight", "k_proj.weight")):
             kv = name.endswith("k_proj.weight")
             t = llama_permute(t, config["num_key_value_heads" if kv else "num_attention_heads"])

@@ -67,6 +67,8 @@ def _f32(name: str, shape: tuple[int, ...]) -> bool:
         ("qwen3_moe", "q4_0"),
         ("mixtral", "f16"),
         ("mixtral", "mxfp4"),
+        ("deepseek_v3", "bf16"),
+        ("deepseek_v3", "q8_0"),
     ],
 )
 def test_gguf_holds_what_llama_cpp_converter_would(main, sources, tmp_path, model_type, gguf_type):
@@ -87,6 +89,8 @@ def test_gguf_holds_what_llama_cpp_converter_would(main, sources, tmp_path, mode
             expected_kind = "MXFP4" if stacked else "Q8_0"
         else:
             expected_kind = gguf_type.upper()
+        if expected_kind not in ("F32", "F16", "BF16") and w.shape[-1] % 32:
+            expected_kind = "F16"  # llama.cpp's converter: rows not whole blocks fall back to F16
         assert kind == expected_kind, name
         if kind in ("F32", "F16", "BF16"):
             assert torch.equal(dequantized(kind, data), w.to(FLOATS[kind]).float()), name
@@ -122,6 +126,27 @@ def test_gguf_values_round_trip_exactly_through_moeport(main, sources, tmp_path)
     decoded = expected_gguf(load_tensors(tmp_path / "q8-hf"), "qwen3_moe", config)
     for name, (kind, data) in read_gguf(tmp_path / "q8" / "model.gguf").items():
         assert torch.equal(decoded[name], dequantized(kind, data)), name
+
+
+@pytest.mark.parametrize("gguf_type", ["bf16", "q8_0"])
+def test_deepseek_mla_kv_b_comes_back_whole(main, sources, tmp_path, gguf_type):
+    """llama.cpp stores kv_b_proj as k_b (transposed) and v_b: the GGUF source joins them again."""
+    src = sources("deepseek_v3")
+    assert main("convert", src, tmp_path / "g", "--to", "gguf", "--gguf-type", gguf_type, "--quiet")[0] == 0
+    assert (
+        main("convert", tmp_path / "g", tmp_path / "back", "--to", "hf", "--dtype", "fp32", "--quiet")[0] == 0
+    )
+    config = _config(src)
+    back = load_tensors(tmp_path / "back")
+    decoded = expected_gguf(back, "deepseek_v3", config)
+    for name, (kind, data) in read_gguf(tmp_path / "g" / "model.gguf").items():
+        assert torch.equal(decoded[name], dequantized(kind, data)), name
+    if gguf_type == "bf16":
+        source = load_tensors(src)
+        assert all(torch.equal(back[k], source[k].float()) for k in source)
+    back_config = json.loads((tmp_path / "back" / "config.json").read_text())
+    for field in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        assert back_config[field] == config[field], field
 
 
 def test_llama_arch_q_k_permutation_is_undone_on_read(main, sources, tmp_path):

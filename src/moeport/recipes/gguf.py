@@ -21,8 +21,8 @@ from moeport.convert.encode import Encode
 from moeport.convert.plan import Plan, Unit, finalize
 from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
+from moeport.mappings.llama_cpp import PermuteRows, SplitKvB
 from moeport.mappings.ops import Chain, Copy, Op, Stack
-from moeport.mappings.permute import PermuteRows
 from moeport.recipes.base import Options, Target
 from moeport.recipes.gguf_meta import file_type, model_keys
 from moeport.recipes.hf import build_hf
@@ -30,6 +30,7 @@ from moeport.sinks.gguf import GgufSink
 from moeport.sinks.safetensors_file import TensorSpec
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.gguf_arch import BY_MODEL_TYPE, GgufArch, arch_for, rope_rows
+from moeport.zoo.model_config import ModelConfig
 
 GGUF_TYPES = ("bf16", "f16", "q8_0", "q4_0", "mxfp4")
 _FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -53,12 +54,11 @@ class _GgufPlan:
 
     def __init__(self, ck: Checkpoint, det: Detection, arch: GgufArch, gguf_type: str):
         hf, _ = build_hf(ck, det, "linear", torch.float32)
-        self.hf = finalize(hf, ck)
+        self.heads = _heads(ck.config or {})
+        self.hf = finalize(self._llama_cpp_units(hf, ck, det), ck)
         self.arch = arch
         self.gguf_type = gguf_type
         self.spec = {s.name: s for s in self.hf.specs}
-        heads = _heads(ck.config or {})
-        self.heads = heads
         self.types: dict[str, Any] = {}
         members: dict[str, list[tuple[int | None, str]]] = defaultdict(list)  # GGUF name -> hub names
         unit_of: dict[str, int] = {}
@@ -69,6 +69,24 @@ class _GgufPlan:
                 unit_of[hub] = i
         self.members = members
         self.groups = _components(members, unit_of)
+
+    def _llama_cpp_units(self, hf: Plan, ck: Checkpoint, det: Detection) -> Plan:
+        """The hf units as llama.cpp's converter sees the model: MTP layers dropped (it skips
+        them), MLA's kv_b_proj split into k_b and v_b."""
+        layers = ModelConfig(ck.config or {}).first_int(("num_hidden_layers",))
+        units = [u for u in hf.units if layers is None or u.layer is None or u.layer < layers]
+        if len(units) < len(hf.units):
+            hf.notes.append(f"MTP layers (from {layers}) left out, as llama.cpp's converter does")
+        mla = ModelConfig(ck.config or {}).first_int(("qk_nope_head_dim",))
+        for i, unit in enumerate(units):
+            kv_b = [o for o in unit.op.outputs if o.endswith("self_attn.kv_b_proj.weight")]
+            if kv_b and mla:
+                split = [
+                    SplitKvB(n, (n.replace("kv_b", "k_b"), n.replace("kv_b", "v_b")), self.heads[0], mla)
+                    for n in kv_b
+                ]
+                units[i] = Unit(unit.layer, Chain((unit.op, *split)))
+        return Plan(units, hf.config, notes=hf.notes)
 
     def units(self) -> list[Unit]:
         out = []
@@ -140,8 +158,6 @@ def _components(members: dict[str, list], unit_of: dict[str, int]) -> list[tuple
 
 
 def _heads(config: dict[str, Any]) -> tuple[int, int]:
-    from moeport.zoo.model_config import ModelConfig
-
     mc = ModelConfig(config)
     heads = mc.first_int(("num_attention_heads",)) or 0
     return heads, mc.first_int(("num_key_value_heads",)) or heads

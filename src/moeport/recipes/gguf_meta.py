@@ -36,7 +36,7 @@ def model_keys(
     ck: Checkpoint, det: Detection, arch: GgufArch, ftype: int, metadata: dict[str, str]
 ) -> list[tuple[str, Any, Any]]:
     """(key, value, GGUFValueType) of the model, in the order llama.cpp's converter writes them."""
-    from gguf import GGUFValueType, GGUFWriter
+    from gguf import GGUFWriter
 
     w = GGUFWriter(None, arch.arch)  # a collector: kv_data only, no file
     w.add_name(ck.root.resolve().name)
@@ -52,10 +52,10 @@ def model_keys(
         if value is None or key in done:
             continue
         done.add(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MoeportError(f"config.json: '{field}' is {value!r}, expected a number")
-        vtype = GGUFValueType.FLOAT32 if isinstance(value, float) else GGUFValueType.UINT32
-        w.add_key_value(f"{a}.{key}", value, vtype)
+        w.add_key_value(f"{a}.{key}", value, _vtype(field, value))
+    if arch.derive_keys is not None:
+        for key, value in arch.derive_keys({**cfg.raw, **cfg.text}).items():
+            w.add_key_value(f"{a}.{key}", value, _vtype(key, value))
     w.add_expert_count(det.experts_per_layer)
     vocab = _vocab(ck.root, w, arch)
     if vocab is None:
@@ -65,6 +65,21 @@ def model_keys(
     if "moeport" in metadata:
         w.add_string(MOEPORT_KEY, metadata["moeport"])
     return [(k, v.value, v.type) for k, v in w.kv_data[0].items() if k != "general.architecture"]
+
+
+def _vtype(field: str, value: Any) -> Any:
+    """The GGUF value type llama.cpp's converter gives a hyper-parameter of this Python type."""
+    from gguf import GGUFValueType
+
+    if isinstance(value, bool):
+        return GGUFValueType.BOOL
+    if isinstance(value, int):
+        return GGUFValueType.UINT32
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32
+    if isinstance(value, str):
+        return GGUFValueType.STRING
+    raise MoeportError(f"config.json: '{field}' is {value!r}, expected a number")
 
 
 def _vocab(root: Path, w: Any, arch: GgufArch) -> Any:

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from moeport.codecs.ggml import MARKER, block_geometry, marker
+from moeport.codecs.ggml import MARKER, GgmlCodec, block_geometry, marker
+from moeport.dtypes import nbytes_of, torch_dtype_of
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint, FileIdentity, TensorInfo
-from moeport.zoo.gguf_arch import GgufArch, arch_named, rope_rows
+from moeport.zoo.gguf_arch import GgufArch, arch_named, merge_kv_b, rope_rows
 
 SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _FLOATS = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64"}
@@ -52,9 +53,12 @@ class GgufCheckpoint(Checkpoint):
         self.arch = arch_named(arch_name, str(files[0]))
         recipe = self.kv.get(MOEPORT_KEY)
         self.metadata = {f: ({"moeport": recipe} if isinstance(recipe, str) else {}) for f in files}
+        self._mla: dict[str, tuple[TensorInfo, Any, TensorInfo, Any]] = {}
         for path, reader in zip(files, readers, strict=True):
             for t in reader.tensors:
                 self._add(path, t)
+        if self.arch.mla:
+            self._merge_mla()
         self.config = gguf_config(self.arch, self.kv, self._info)
         del readers
 
@@ -103,10 +107,42 @@ class GgufCheckpoint(Checkpoint):
         # no bytes of its own: it stands for the type id (codecs/ggml.py)
         self._info[name] = TensorInfo("U8", block_geometry(qtype), self._info[weight].file, 0, 0)
 
+    def _merge_mla(self) -> None:
+        """llama.cpp stores MLA's kv_b_proj as k_b (transposed) and v_b; the hub form is one
+        tensor, presented as such (float32 when a half is quantized: it is small, and a
+        transposed block-quantized half cannot be moved without decoding it)."""
+        for k_name in [n for n in self._info if n.endswith("self_attn.k_b_proj.weight")]:
+            v_name = k_name.replace("k_b_proj", "v_b_proj")
+            if v_name not in self._info:
+                raise MoeportError(f"{self.files[0]}: '{k_name}' (attn_k_b) without its attn_v_b")
+            halves = []
+            for name in (k_name, v_name):
+                info = self._info.pop(name)
+                qtype = self._markers.pop(name.removesuffix(".weight") + "." + MARKER, None)
+                self._info.pop(name.removesuffix(".weight") + "." + MARKER, None)
+                halves += [info, qtype]
+            k, kq, v, vq = halves
+            heads, lora = k.shape[0], k.shape[1]
+            nope = k.shape[2] if kq is None else k.shape[2] // block_geometry(kq)[1] * block_geometry(kq)[0]
+            shape = (heads * (nope + v.shape[1]), lora)
+            dtype = k.dtype if kq is None and vq is None and k.dtype == v.dtype else "F32"
+            name = k_name.replace("k_b_proj", "kv_b_proj")
+            self._info[name] = TensorInfo(dtype, shape, k.file, nbytes_of(dtype, shape), k.offset)
+            self._mla[name] = (k, kq, v, vq)
+
+    def _half(self, key: str, info: TensorInfo, qtype: Any) -> torch.Tensor:
+        t = self._pread(key, info, info.offset, info.nbytes, info.shape)
+        return t.float() if qtype is None else GgmlCodec(qtype).decode({"weight": t}, key)
+
     def read(self, key: str) -> torch.Tensor:
         qtype = self._markers.get(key)
         if qtype is not None:
             return marker(qtype)
+        mla = self._mla.get(key)
+        if mla is not None:
+            k, kq, v, vq = mla
+            merged = merge_kv_b(self._half(key, k, kq), self._half(key, v, vq))
+            return merged.to(torch_dtype_of(self._info[key].dtype))
         tensor = super().read(key)
         rows = self._permute.get(key)
         return tensor.index_select(0, rows) if rows is not None else tensor
@@ -193,6 +229,15 @@ def gguf_config(arch: GgufArch, kv: dict[str, Any], info: dict[str, TensorInfo])
     for key, field in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         if (value := kv.get(f"tokenizer.ggml.{key}")) is not None:
             cfg[field] = value
+    if arch.derive_config is not None:
+        short = {k.removeprefix(f"{a}."): v for k, v in kv.items() if k.startswith(f"{a}.")}
+        try:
+            derived = arch.derive_config(short)
+        except KeyError as exc:
+            raise MoeportError(f"GGUF '{a}' model without '{a}.{exc.args[0]}'") from None
+        if "rope_scaling" in derived:  # transformers 5 keeps it with the theta
+            cfg.setdefault("rope_parameters", {}).update(derived.pop("rope_scaling"))
+        cfg.update(derived)
     for field, value in arch.config_defaults:
         cfg.setdefault(field, value)
     return json.loads(json.dumps(cfg))  # plain JSON types (numpy scalars from the reader)

@@ -14,6 +14,7 @@ its RoPE (`permute_qk`): the source undoes it, the target applies it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -73,6 +74,10 @@ class GgufArch:
     # config.json fields a GGUF does not state, as llama.cpp runs the arch (qwen3moe always
     # renormalises its top-k weights)
     config_defaults: tuple[tuple[str, Any], ...] = ()
+    # keys and config fields that are not one field for one key (DeepSeek's MLA sizes)
+    derive_keys: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    derive_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    mla: bool = False  # kv_b_proj is stored split in k_b (transposed) and v_b, as llama.cpp wants it
 
     @cached_property
     def _to_hub(self) -> list[tuple[re.Pattern[str], str]]:
@@ -108,6 +113,56 @@ def rope_rows(rows: int, heads: int) -> torch.Tensor:
     if heads <= 0 or rows % (2 * heads):
         raise MoeportError(f"cannot permute {rows} q/k rows for {heads} heads (llama.cpp's RoPE layout)")
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+def split_kv_b(kv_b: torch.Tensor, heads: int, nope: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's kv_b_proj [heads * (nope + v), lora] -> k_b [heads, lora, nope] (transposed for the
+    absorbed product) and v_b [heads, v, lora], as llama.cpp's DeepseekV2Model writes them."""
+    per = kv_b.view(heads, kv_b.shape[0] // heads, kv_b.shape[-1])
+    return per[:, :nope].transpose(1, 2).contiguous(), per[:, nope:].contiguous()
+
+
+def merge_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """The inverse of `split_kv_b`."""
+    merged = torch.cat([k_b.transpose(1, 2), v_b], dim=1)
+    return merged.reshape(-1, merged.shape[-1])
+
+
+def _mla_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V2/V3's MLA as llama.cpp's converter states it (absorbed: one KV head of
+    kv_lora_rank + rope dims)."""
+    lora, rope, nope = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"]
+    keys: dict[str, Any] = {
+        "attention.head_count_kv": 1,
+        "attention.key_length": lora + rope,
+        "attention.value_length": lora,
+        "attention.key_length_mla": nope + rope,
+        "expert_gating_func": 2,  # sigmoid (DeepSeek-V3, Kimi-K2)
+    }
+    scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "yarn" and "factor" in scaling:
+        keys["rope.scaling.type"] = "yarn"
+        keys["rope.scaling.factor"] = float(scaling["factor"])
+        keys["rope.scaling.original_context_length"] = int(scaling["original_max_position_embeddings"])
+        keys["rope.scaling.yarn_log_multiplier"] = 0.1 * float(scaling.get("mscale_all_dim", 0.0))
+    return keys
+
+
+def _mla_config(kv: dict[str, Any]) -> dict[str, Any]:
+    heads, rope = kv["attention.head_count"], kv["rope.dimension_count"]
+    cfg: dict[str, Any] = {
+        "num_key_value_heads": heads,
+        "qk_nope_head_dim": kv["attention.key_length_mla"] - rope,
+        "head_dim": rope,
+    }
+    if kv.get("rope.scaling.type") == "yarn":
+        cfg["rope_scaling"] = {
+            "rope_type": "yarn",
+            "factor": kv["rope.scaling.factor"],
+            "original_max_position_embeddings": kv["rope.scaling.original_context_length"],
+            "mscale_all_dim": kv.get("rope.scaling.yarn_log_multiplier", 0.0) / 0.1,
+        }
+    return cfg
 
 
 def _pattern(template: str) -> re.Pattern[str]:
@@ -193,6 +248,46 @@ ARCHS: dict[str, GgufArch] = {
         ),
     )
 }
+_DEEPSEEK2 = GgufArch(
+    "deepseek2",
+    "deepseek_v3",
+    "DeepseekV3ForCausalLM",
+    (
+        *[p for p in _ATTENTION if p[0].split(".")[-1] not in ("attn_q", "attn_k", "attn_v")],
+        ("blk.{L}.attn_q", "model.layers.{L}.self_attn.q_proj"),
+        ("blk.{L}.attn_q_a", "model.layers.{L}.self_attn.q_a_proj"),
+        ("blk.{L}.attn_q_a_norm", "model.layers.{L}.self_attn.q_a_layernorm"),
+        ("blk.{L}.attn_q_b", "model.layers.{L}.self_attn.q_b_proj"),
+        ("blk.{L}.attn_kv_a_mqa", "model.layers.{L}.self_attn.kv_a_proj_with_mqa"),
+        ("blk.{L}.attn_kv_a_norm", "model.layers.{L}.self_attn.kv_a_layernorm"),
+        ("blk.{L}.attn_k_b", "model.layers.{L}.self_attn.k_b_proj"),
+        ("blk.{L}.attn_v_b", "model.layers.{L}.self_attn.v_b_proj"),
+        *_MLP_EXPERTS,
+        ("blk.{L}.exp_probs_b.bias", "model.layers.{L}.mlp.gate.e_score_correction_bias"),
+        ("blk.{L}.ffn_gate_shexp", "model.layers.{L}.mlp.shared_experts.gate_proj"),
+        ("blk.{L}.ffn_up_shexp", "model.layers.{L}.mlp.shared_experts.up_proj"),
+        ("blk.{L}.ffn_down_shexp", "model.layers.{L}.mlp.shared_experts.down_proj"),
+    ),
+    (
+        *[p for p in _HPARAMS if p[0] != "num_key_value_heads"],
+        ("moe_intermediate_size", "expert_feed_forward_length"),
+        ("q_lora_rank", "attention.q_lora_rank"),
+        ("kv_lora_rank", "attention.kv_lora_rank"),
+        ("first_k_dense_replace", "leading_dense_block_count"),
+        ("n_shared_experts", "expert_shared_count"),
+        ("routed_scaling_factor", "expert_weights_scale"),
+        ("norm_topk_prob", "expert_weights_norm"),
+        ("n_group", "expert_group_count"),
+        ("topk_group", "expert_group_used_count"),
+        ("qk_rope_head_dim", "rope.dimension_count"),
+        ("v_head_dim", "attention.value_length_mla"),
+    ),
+    "n_routed_experts",
+    derive_keys=_mla_keys,
+    derive_config=_mla_config,
+    mla=True,
+)
+ARCHS[_DEEPSEEK2.arch] = _DEEPSEEK2
 BY_MODEL_TYPE = {a.model_type: a for a in ARCHS.values()}
 
 
