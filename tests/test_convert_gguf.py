@@ -246,3 +246,41 @@ def test_kt_kernel_llamafile_runs_our_gguf(monkeypatch, tmp_path, main):
     want = _torch_moe(x, ids, weights, [(gate[e], up[e], down[e]) for e in range(E)])
     err = float((got - want).norm() / want.norm())
     assert err < 0.03, f"LLAMAFILE on our Q8_0 GGUF: relative error {err:.4f}"
+
+
+def test_a_gguf_mixing_types_written_by_gguf_py_decodes_exactly(main, sources, tmp_path):
+    """A file like llama-quantize's mixes (Q4_K_M keeps some tensors in other types), written by
+    gguf-py's own GGUFWriter from our bf16 output: each tensor decodes as gguf-py decodes it."""
+    import gguf
+
+    src = sources("qwen3_moe")
+    assert main("convert", src, tmp_path / "g", "--to", "gguf", "--quiet")[0] == 0
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    (tmp_path / "m").mkdir()
+    writer = gguf.GGUFWriter(tmp_path / "m" / "mixed.gguf", "qwen3moe")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    kinds = ["Q4_0", "Q5_1", "Q8_0", "Q4_1"]
+    for i, t in enumerate(reader.tensors):
+        values = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+        if t.tensor_type.name == "F32":
+            writer.add_tensor(t.name, values.astype(np.float32))
+            continue
+        kind = gguf.GGMLQuantizationType[kinds[i % len(kinds)]]
+        writer.add_tensor(t.name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    code, _, err = main(
+        "convert", tmp_path / "m" / "mixed.gguf", tmp_path / "hf", "--to", "hf", "--dtype", "fp32", "--quiet"
+    )
+    assert code == 0, err
+    decoded = expected_gguf(load_tensors(tmp_path / "hf"), "qwen3_moe", _config(src))
+    stored = read_gguf(tmp_path / "m" / "mixed.gguf")
+    assert {kind for kind, _ in stored.values()} == {"F32", *kinds}
+    for name, (kind, data) in stored.items():
+        assert torch.equal(decoded[name], dequantized(kind, data)), name
