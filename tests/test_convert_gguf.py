@@ -284,3 +284,34 @@ def test_a_gguf_mixing_types_written_by_gguf_py_decodes_exactly(main, sources, t
     assert {kind for kind, _ in stored.values()} == {"F32", *kinds}
     for name, (kind, data) in stored.items():
         assert torch.equal(decoded[name], dequantized(kind, data)), name
+
+
+def test_tokenizer_goes_into_the_gguf_as_gguf_py_reads_it(main, sources, tmp_path):
+    """A byte-level BPE tokenizer (trained here by the `tokenizers` library, saved as
+    transformers saves it) is written with gguf-py's vocab readers: tokens in id order, merges,
+    special ids, the arch's pre-tokenizer name."""
+    import shutil
+
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    src = tmp_path / "src"
+    shutil.copytree(sources("qwen3_moe"), src)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(src)
+    assert main("convert", src, tmp_path / "g", "--to", "gguf", "--quiet")[0] == 0
+    fields = GGUFReader(tmp_path / "g" / "model.gguf").fields
+    vocab = json.loads((src / "tokenizer.json").read_text())["model"]
+    by_id = sorted(vocab["vocab"], key=vocab["vocab"].get)
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert fields["tokenizer.ggml.tokens"].contents() == by_id
+    merges = [m if isinstance(m, str) else " ".join(m) for m in vocab["merges"]]
+    assert fields["tokenizer.ggml.merges"].contents() == merges
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == vocab["vocab"]["<|endoftext|>"]

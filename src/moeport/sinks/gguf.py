@@ -52,11 +52,11 @@ class GgufSink:
         return [Piece(n, tuple(s)) for n, s in zip(gguf_names(len(shards)), shards, strict=True)]
 
     def open_piece(self, out_dir: Path, piece: Piece) -> GgufFileWriter:
-        names = [p for p in gguf_names(self._count(piece)) if p == piece.name]
-        index = gguf_names(self._count(piece)).index(names[0])
+        index = gguf_names(self._count(piece)).index(piece.name)
         return GgufFileWriter(out_dir / piece.name, self, piece, index)
 
     def _count(self, piece: Piece) -> int:
+        """How many files the set has (its name says so)."""
         if piece.name == f"{STEM}.gguf":
             return 1
         return int(piece.name.rsplit("-of-", 1)[1].removesuffix(".gguf"))
@@ -90,7 +90,7 @@ class GgufFileWriter:
         if count > 1:
             w.add_key_value(Keys.Split.LLM_KV_SPLIT_NO, index, GGUFValueType.UINT16)
             w.add_key_value(Keys.Split.LLM_KV_SPLIT_COUNT, count, GGUFValueType.UINT16)
-            total = sum(1 for _ in sink.types)
+            total = len(sink.types)  # every tensor of the set
             w.add_key_value(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, total, GGUFValueType.INT32)
         for spec in piece.specs:
             qtype = sink.types[spec.name]
