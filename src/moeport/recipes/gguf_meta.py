@@ -3,8 +3,9 @@
 Keys are collected through gguf-py's own `GGUFWriter.add_*` methods and vocabulary classes
 (`gguf.vocab`: BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab), so names and value
 types are the ones llama.cpp reads. The writer here only collects (it never opens a file); the
-sink (sinks/gguf.py) writes the collected keys. A source without tokenizer files gets gguf's
-`no_vocab` model plus `{arch}.vocab_size`, which llama.cpp loads (tokens can then be fed as ids).
+sink (sinks/gguf.py) writes the collected keys. A source without tokenizer files gets the `none`
+model plus `{arch}.vocab_size`, as llama.cpp's converter writes it and llama.cpp loads (tokens then
+go in as ids).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _vocab(root: Path, w: Any, arch: GgufArch) -> Any:
         except RuntimeError as exc:  # sentencepiece missing: say so rather than drop the vocabulary
             raise MoeportError(f"{root / 'tokenizer.model'}: {exc} (pip install sentencepiece)") from None
     if found is None:
-        w.add_tokenizer_model(gv.NoVocab.tokenizer_model)
+        w.add_tokenizer_model("none")  # llama.cpp's converter (`_set_vocab_none`); it reads vocab_size
         return None
     tokens, scores, types = [], [], []
     for text, score, kind in found.all_tokens():
