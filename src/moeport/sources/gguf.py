@@ -122,6 +122,8 @@ class GgufCheckpoint(Checkpoint):
                 self._info.pop(name.removesuffix(".weight") + "." + MARKER, None)
                 halves += [info, qtype]
             k, kq, v, vq = halves
+            if k_name.replace("k_b_proj", "kv_b_proj") in self._info:
+                continue  # the file also keeps kv_b whole (ik_llama.cpp's GGUFs): that one is read
             heads, lora = k.shape[0], k.shape[1]
             nope = k.shape[2] if kq is None else k.shape[2] // block_geometry(kq)[1] * block_geometry(kq)[0]
             shape = (heads * (nope + v.shape[1]), lora)

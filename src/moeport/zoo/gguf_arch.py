@@ -260,6 +260,7 @@ _DEEPSEEK2 = GgufArch(
         ("blk.{L}.attn_q_b", "model.layers.{L}.self_attn.q_b_proj"),
         ("blk.{L}.attn_kv_a_mqa", "model.layers.{L}.self_attn.kv_a_proj_with_mqa"),
         ("blk.{L}.attn_kv_a_norm", "model.layers.{L}.self_attn.kv_a_layernorm"),
+        ("blk.{L}.attn_kv_b", "model.layers.{L}.self_attn.kv_b_proj"),  # GGUFs from before the split
         ("blk.{L}.attn_k_b", "model.layers.{L}.self_attn.k_b_proj"),
         ("blk.{L}.attn_v_b", "model.layers.{L}.self_attn.v_b_proj"),
         *_MLP_EXPERTS,
