@@ -1,0 +1,100 @@
+"""llama.cpp itself runs our GGUFs: its logits on a tiny transformers-made model match transformers'.
+
+Optional: needs a llama.cpp tree with libllama built (`LLAMA_CPP_DIR`, the library found under
+`LLAMA_CPP_LIB` or `$LLAMA_CPP_DIR/build/bin`); llama-cpp-python does not build here in reasonable
+time (it compiles all of ggml), so the test compiles a 60-line C++ program against llama.h
+(tests/llama_cpp/logits.cpp) and skips, saying why, when no llama.cpp is given.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import tiny_config
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def logits_tool(tmp_path_factory) -> Path:
+    root = os.environ.get("LLAMA_CPP_DIR")
+    if not root:
+        pytest.skip("LLAMA_CPP_DIR not set (a llama.cpp tree with libllama built)")
+    root_path = Path(root)
+    lib = Path(os.environ.get("LLAMA_CPP_LIB", root_path / "build" / "bin"))
+    if not any(lib.glob("libllama.*")) or shutil.which("g++") is None:
+        pytest.skip(f"no libllama under {lib} (or no g++)")
+    exe = tmp_path_factory.mktemp("llama") / "logits"
+    cmd = [
+        "g++", "-O1", "-std=c++17", str(HERE / "llama_cpp" / "logits.cpp"), "-o", str(exe),
+        f"-I{root_path / 'include'}", f"-I{root_path / 'ggml' / 'include'}",
+        f"-L{lib}", "-lllama", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    return exe
+
+
+def _tiny(model_type: str, out: Path, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.02)
+            elif p.dim() >= 2:
+                p.mul_(4)  # bigger than init's 0.02 so the logits are far from flat
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [
+        ("qwen3_moe", {"norm_topk_prob": True}),  # llama.cpp's qwen3moe always renormalises
+        ("mixtral", {}),
+        ("deepseek_v3", {}),
+    ],
+)
+def test_llama_cpp_logits_match_transformers(logits_tool, tmp_path, model_type, overrides):
+    from transformers import AutoModelForCausalLM
+
+    src = _tiny(model_type, tmp_path / "src", **overrides)
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeport",
+        "convert",
+        str(src),
+        str(tmp_path / "g"),
+        "--to",
+        "gguf",
+        "--quiet",
+    ]
+    subprocess.run(cmd, check=True)
+    tokens = [3, 17, 42, 99, 5, 64, 7, 120]
+    run = subprocess.run(
+        [str(logits_tool), str(tmp_path / "g" / "model.gguf"), *map(str, tokens)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = torch.tensor([[float(x) for x in line.split()] for line in run.stdout.splitlines()])
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0]
+    assert got.shape == want.shape
+    err = float((got - want).norm() / want.norm())
+    assert err < 0.02, (
+        f"{model_type}: llama.cpp's logits differ from transformers' by {err:.4f} (relative L2)"
+    )
