@@ -66,30 +66,33 @@ def _topk_margin(logits: torch.Tensor, k: int) -> torch.Tensor:
     return top[:, k - 1] - top[:, k]
 
 
+QWEN3 = {"norm_topk_prob": True}  # llama.cpp's qwen3moe always renormalises
+
+
+def _convert(src: Path, dst: Path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "moeport", "convert", str(src), str(dst), "--quiet", *args]
+    subprocess.run(cmd, check=True)
+
+
 @pytest.mark.parametrize(
-    ("model_type", "overrides"),
+    ("model_type", "overrides", "gguf_type"),
     [
-        ("qwen3_moe", {"norm_topk_prob": True}),  # llama.cpp's qwen3moe always renormalises
-        ("mixtral", {}),
-        ("deepseek_v3", {}),
+        ("qwen3_moe", QWEN3, "bf16"),
+        ("qwen3_moe", QWEN3, "q8_0"),
+        ("mixtral", {}, "bf16"),
+        ("mixtral", {}, "mxfp4"),
+        ("deepseek_v3", {}, "bf16"),
+        ("deepseek_v3", {}, "q4_0"),
     ],
 )
-def test_llama_cpp_logits_match_transformers(logits_tool, tmp_path, model_type, overrides):
+def test_llama_cpp_logits_match_transformers(logits_tool, tmp_path, model_type, overrides, gguf_type):
+    """The reference is transformers on the GGUF's own numbers: moeport's GGUF source turned back
+    into a float32 checkpoint (so quantized outputs are compared on the same weights)."""
     from transformers import AutoModelForCausalLM
 
     src = _tiny(model_type, tmp_path / "src", **overrides)
-    cmd = [
-        sys.executable,
-        "-m",
-        "moeport",
-        "convert",
-        str(src),
-        str(tmp_path / "g"),
-        "--to",
-        "gguf",
-        "--quiet",
-    ]
-    subprocess.run(cmd, check=True)
+    _convert(src, tmp_path / "g", "--to", "gguf", "--gguf-type", gguf_type)
+    _convert(tmp_path / "g", tmp_path / "back", "--to", "hf", "--dtype", "fp32")
     tokens = [3, 17, 42, 99, 5, 64, 7, 120]
     run = subprocess.run(
         [str(logits_tool), str(tmp_path / "g" / "model.gguf"), *map(str, tokens)],
@@ -98,7 +101,7 @@ def test_llama_cpp_logits_match_transformers(logits_tool, tmp_path, model_type, 
     )
     assert run.returncode == 0, run.stderr[-2000:]
     got = torch.tensor([[float(x) for x in line.split()] for line in run.stdout.splitlines()])
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
     routers: list[torch.Tensor] = []
     for name, module in model.named_modules():
         if name.endswith(("mlp.gate", "block_sparse_moe.gate")):
@@ -117,6 +120,7 @@ def test_llama_cpp_logits_match_transformers(logits_tool, tmp_path, model_type, 
     assert int(clear.sum()) >= len(tokens) // 2, margins
     got, want = got[clear], want[clear]
     err = float((got - want).norm() / want.norm())
-    assert err < 0.02, (
-        f"{model_type}: llama.cpp's logits differ from transformers' by {err:.4f} (relative L2)"
+    # with block-quantized weights llama.cpp also rounds the activations to Q8_0 for the product
+    assert err < (0.02 if gguf_type == "bf16" else 0.05), (
+        f"{model_type} {gguf_type}: llama.cpp's logits differ from transformers' by {err:.4f} (relative L2)"
     )
