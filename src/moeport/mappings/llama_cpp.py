@@ -60,15 +60,17 @@ class SplitKvB(OneToMany):
         }
 
     def inverse(self) -> Op:
-        return MergeKvB(self.targets, self.source)
+        return MergeKvB(self.targets, self.source, self.heads, self.nope)
 
 
 @dataclass(frozen=True)
 class MergeKvB(ManyToOne):
     """k_b and v_b back into kv_b_proj (zoo.gguf_arch.merge_kv_b)."""
 
-    sources: tuple[str, ...]
+    sources: tuple[str, ...]  # (k_b, v_b)
     target: str
+    heads: int
+    nope: int
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         k, v = (values[s] for s in self.sources)
@@ -80,4 +82,4 @@ class MergeKvB(ManyToOne):
         }
 
     def inverse(self) -> Op:
-        raise MoeportError(f"{self.target}: split it with SplitKvB (the heads are not recorded here)")
+        return SplitKvB(self.target, self.sources, self.heads, self.nope)
