@@ -26,7 +26,8 @@ class PermuteRows(OneToOne):
         v = values[self.source]
         shape = shape_of(v)
         if not shape or shape[0] != len(self.order):
-            raise ValueError(f"{self.source}: {list(shape)} rows do not match a {len(self.order)}-row order")
+            want = len(self.order)
+            raise MoeportError(f"{self.source}: {list(shape)} does not have the {want} rows to permute")
         memo = Memo(v)
         rows = torch.tensor(self.order)
         return {self.target: Lazy(shape, v.dtype, is_meta(v), produce=lambda: memo().index_select(0, rows))}
