@@ -26,6 +26,7 @@ from moeport.codecs import (
 )
 from moeport.codecs.base import Codec
 from moeport.codecs.format import ExpertFormat, Part
+from moeport.codecs.ggml import GgmlCodec, quant_type
 from moeport.codecs.registry import FORMATS, classify, codec_for, decoded_shape, format_of, row_rule
 from moeport.dtypes import safetensors_name_of
 from moeport.errors import MoeportError
@@ -69,6 +70,7 @@ CASES: dict[tuple[str, str | None], list[tuple[Codec, dict]]] = {
     ("awq", None): [(AwqCodec(group_size=32), {"quant_method": "awq", "bits": 4, "group_size": 32})],
     ("ct-nvfp4", None): [(CtNvfp4Codec(), {"quant_method": "compressed-tensors"})],
     ("ct-mxfp4", None): [(CtMxfp4Codec(), {"quant_method": "compressed-tensors"})],
+    ("gguf", None): [(GgmlCodec(quant_type(t)), {}) for t in ("Q8_0", "Q4_0", "MXFP4")],
     ("ct-pack-quantized", None): [
         (PackQuantizedCodec(bits=4, group_size=32), CT_W4),
         (PackQuantizedCodec(bits=8, group_size=64, symmetric=False), CT_W8_ASYM),

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from moeport.cli.hub import resolve_source
 from moeport.errors import MoeportError
-from moeport.recipes import TARGETS, hf, kt
+from moeport.recipes import TARGETS, gguf, hf, kt
 from moeport.report import inspect_report, kt_report, ranges
 from moeport.sizes import format_size, parse_size
 
@@ -213,6 +213,10 @@ def convert(
             help="nvfp4/mxfp4: checkpoint flavour (default compressed-tensors: what vLLM loads as A16).",
         ),
     ] = "",
+    gguf_type: Annotated[
+        str,
+        typer.Option("--gguf-type", metavar=_choices(gguf.GGUF_TYPES), help="gguf: the weights' GGML type."),
+    ] = "bf16",
     max_memory: Annotated[
         str | None,
         typer.Option("--max-memory", help="Refuse to start if the estimated peak memory exceeds this."),
@@ -296,6 +300,7 @@ def convert(
         flavor=flavor,
         allow_nonfinite=allow_nonfinite,
         input_scales=input_scales,
+        gguf_type=gguf_type,
         device=device,
     )
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")

@@ -2,15 +2,16 @@
 
 Each codec module declares its formats (codecs.format.StorageFormat); this is the one list of them.
 A weight's format is the first whose `recognize` accepts its parts, so the order is part of the
-behaviour: marker formats first (`_blocks`, then `qweight`, then `weight_packed`), then a `weight`
-by dtype (float, E4M3, packed FP4). Within a family the last one raises for a group it cannot place.
+behaviour: marker formats first (`_blocks`, then `qweight`, then `weight_packed`, `ggml_type`),
+then a `weight` by dtype (float, E4M3, packed FP4). Within a family the last one raises for a
+group it cannot place.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from moeport.codecs import compressed_tensors, floats, fp4, fp8, gptq
+from moeport.codecs import compressed_tensors, floats, fp4, fp8, ggml, gptq
 from moeport.codecs.base import Codec
 from moeport.codecs.format import (
     PASSIVE_PARTS,
@@ -29,6 +30,7 @@ FORMATS: tuple[StorageFormat, ...] = (
     fp4.MXFP4_GPT_OSS,
     *gptq.FORMATS,
     *compressed_tensors.FORMATS,
+    ggml.GGUF,
     *floats.FORMATS,
     *fp8.FORMATS,
     fp4.NVFP4,

@@ -6,7 +6,7 @@ README read it. Adding a target is a recipe module and one line here.
 
 from __future__ import annotations
 
-from moeport.recipes import fp4, gpu, hf, kt, kt_native
+from moeport.recipes import fp4, gguf, gpu, hf, kt, kt_native
 from moeport.recipes.base import Options, Target, job_recipe
 
 TARGETS: dict[str, Target] = {
@@ -17,6 +17,7 @@ TARGETS: dict[str, Target] = {
         *fp4.TARGETS,
         *kt.TARGETS,
         *kt_native.TARGETS,
+        gguf.TARGET,
     )
 }
 

@@ -31,6 +31,7 @@ class Options:
     flavor: str = ""  # nvfp4/mxfp4: compressed-tensors | modelopt ("": the target's default)
     allow_nonfinite: bool = False  # quantize NaN/Inf weights instead of refusing them
     input_scales: str = ""  # nvfp4: calibration file of input absmax per module ("": weight-only)
+    gguf_type: str = "bf16"  # gguf: the GGML type of the weights (recipes/gguf.py)
     device: str = "cpu"  # where the math runs; never changes the bytes
     source_label: str = ""  # how the source is named in the output's metadata (default: its folder's name)
 
@@ -49,6 +50,7 @@ OPTION_FLAGS = {
     "flavor": "--flavor",
     "allow_nonfinite": "--allow-nonfinite",
     "input_scales": "--input-scales",
+    "gguf_type": "--gguf-type",
 }
 
 # (checkpoint, detection, options, metadata for the output files) -> the plan and its sink

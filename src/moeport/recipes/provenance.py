@@ -18,6 +18,7 @@ from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
 
 SAMPLE = 64 * 1024  # bytes of data hashed at each end of a shard
+GGUF_HEAD = 2**20  # bytes hashed as the "header" of a GGUF file (sources/gguf.py)
 
 
 def source_name(ck: Checkpoint, label: str = "") -> str:
@@ -30,7 +31,10 @@ def source_fingerprint(ck: Checkpoint) -> str:
     for path in sorted(ck.files):
         try:
             with open(path, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
+                # a GGUF's header length is not stored up front: its first MiB stands for it
+                gguf = f.read(4) == b"GGUF"
+                f.seek(0)
+                (size,) = (GGUF_HEAD,) if gguf else struct.unpack("<Q", f.read(8))
                 header = f.read(size)
                 head = f.read(SAMPLE)
                 end = f.seek(0, 2)

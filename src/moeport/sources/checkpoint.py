@@ -158,10 +158,14 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint folder or a single .safetensors file, validating every header."""
+    """Open a checkpoint folder, a single .safetensors file or a GGUF (file, split set or folder)."""
     path = Path(path)
     if not path.exists():
         raise MoeportError(f"{path}: no such file or folder")
+    if _holds_gguf(path):
+        from moeport.sources.gguf import open_gguf  # deferred: sources.gguf builds on this module
+
+        return open_gguf(path)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise MoeportError(f"{path}: expected a .safetensors file or a checkpoint folder")
@@ -173,6 +177,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if path.is_dir():
         _check_index(root, headers)
     return Checkpoint(root, headers, _load_config(root), identities)
+
+
+def _holds_gguf(path: Path) -> bool:
+    """A .gguf file, or a folder of them with no safetensors (what `--to gguf` writes)."""
+    if path.is_file():
+        return path.suffix == ".gguf"
+    return any(path.glob("*.gguf")) and not any(path.glob("*.safetensors"))
 
 
 def _shard_files(folder: Path) -> list[Path]:
