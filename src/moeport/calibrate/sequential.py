@@ -96,6 +96,7 @@ class Calibrator:
         saved = sorted(self._boundaries(), reverse=True)
         for b in saved:
             if b <= layer:
+                self.notes.append(f"gptq: resumed from the hidden states saved before layer {b}")
                 return b, torch.load(self._boundary_path(b), map_location=self.device, weights_only=True)
         return 0, self.model.embed(self.ids).float()
 
