@@ -112,13 +112,20 @@ def _text_rows(path: Path, root: Path) -> list[list[int]]:
     return rows
 
 
-def _tokenizer(root: Path, path: Path):
-    try:
-        from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-        return AutoTokenizer.from_pretrained(root, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise MoeportError(
-            f"--calibration {path}: text needs the checkpoint's tokenizer, which {root} lacks ({exc}); "
-            "give token ids instead (.json list of lists, .pt or .npy)"
-        ) from None
+
+def _tokenizer(root: Path, path: Path):
+    # transformers builds an empty tokenizer from a folder holding none: look for its files first
+    problem = "no tokenizer files" if not any((root / f).is_file() for f in TOKENIZER_FILES) else ""
+    if not problem:
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(root, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            problem = str(exc).splitlines()[0]
+    raise MoeportError(
+        f"--calibration {path}: text needs the checkpoint's tokenizer, which {root} lacks ({problem}); "
+        "give token ids instead (.json list of lists, .pt or .npy)"
+    )
