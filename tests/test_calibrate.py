@@ -138,3 +138,20 @@ def test_experts_short_of_tokens_fall_back_to_rtn_and_are_listed(checkpoint, tmp
     for name in listed:
         packed = name.removesuffix("weight") + "weight_packed"
         assert torch.equal(ours[packed], rtn[packed]), packed
+
+
+def test_experts_calibrated_in_chunks_give_the_same_bytes(checkpoint, tmp_path, monkeypatch) -> None:
+    """A Hessian budget of one expert at a time (a pass over the states per expert) changes
+    nothing: an expert's inputs do not depend on the other experts."""
+    from moeport.calibrate import sequential
+
+    src = checkpoint("deepseek_v3", "hub", "bf16")
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(4))
+    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
+    args = ("--to", "w4a16", "--group-size", "32", "--method", "gptq", "--calibration", tmp_path / "ids.json")
+    args += ("--samples", "8", "--seq-len", "16")
+    assert convert(src, tmp_path / "whole", *args).exit_code == 0
+    monkeypatch.setattr(sequential, "HESSIAN_BYTES", 1)
+    assert convert(src, tmp_path / "chunked", *args).exit_code == 0
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.safetensors")}
+    assert whole == {p.name: p.read_bytes() for p in (tmp_path / "chunked").glob("*.safetensors")}

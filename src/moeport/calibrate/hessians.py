@@ -6,7 +6,9 @@ the routing, so each expert's gate/up Hessian is built from the tokens routed to
 `all_experts`, from every token, as llmcompressor's MoE calibration does) and its down Hessian
 from act(gate) * up of those tokens. Gate and up share one Hessian (same input); with
 `all_experts` every expert shares it too. Other Linears (--targets all-linear) get a pre-hook each.
-Memory: K x K float32 per distinct Hessian.
+Memory: K x K float32 per distinct Hessian; a pass may take a subset of the experts (`experts`) so
+that a layer's Hessians are built a chunk of experts at a time (an expert's inputs do not depend
+on the other experts, so chunks give the same Hessians as one pass).
 """
 
 from __future__ import annotations
@@ -56,30 +58,41 @@ class LayerHessians:
     """The targeted weights of one layer (`wanted`, output names), their slots and Hessians."""
 
     def __init__(
-        self, module: nn.Module, prefix: str, layout: ExpertLayout, wanted: set[str], all_experts: bool
+        self,
+        module: nn.Module,
+        prefix: str,
+        layout: ExpertLayout,
+        wanted: set[str],
+        all_experts: bool,
+        experts: range | None = None,  # the experts this pass calibrates (None: all)
+        linears: bool = True,  # whether this pass calibrates the other targeted Linears
     ):
         self.prefix, self.all_experts = prefix, all_experts
         self.slots: dict[str, Slot] = {}
         self.acc: dict[str, Accumulator] = {}
+        self.covered: set[str] = set()  # the wanted weights this pass calibrates
+        self.expert_names: list[dict[str, str]] = []
         self._hooks: list[tuple[nn.Module, object]] = []
-        experts = _experts_module(module)
-        if experts is not None:
-            path, mod = experts
-            self._add_experts(path, mod, layout, wanted)
+        found = _experts_module(module)
+        if found is not None:
+            self._add_experts(found[1], layout)
+            self._chunk = experts if experts is not None else range(len(self.expert_names))
+            self.covered |= {n for e in self._chunk for n in self.expert_names[e].values()} & wanted
         for path, lin in module.named_modules():
             name = f"{prefix}{path}.weight"
             if isinstance(lin, nn.Linear) and name in wanted and name not in self.slots:
                 self.slots[name] = Slot(lin.weight, (slice(None),))
-                self._hooks.append((lin, self._linear_hook(name)))
+                if linears:
+                    self._hooks.append((lin, self._linear_hook(name)))
+                    self.covered.add(name)
         missing = sorted(wanted - set(self.slots))
         if missing:
             raise MoeportError(f"{missing[0]}: no such weight in transformers' {type(module).__name__}")
 
-    def _add_experts(self, path: str, mod: nn.Module, layout: ExpertLayout, wanted: set[str]) -> None:
+    def _add_experts(self, mod: nn.Module, layout: ExpertLayout) -> None:
         gate_up, down = mod.gate_up_proj, mod.down_proj
         inter = down.shape[-1]
         base = f"{self.prefix}{layout.block}.experts."
-        self.expert_names = []
         for e in range(gate_up.shape[0]):
             names = {r: f"{base}{e}.{layout.projs[r]}.weight" for r in ("gate", "up", "down")}
             self.expert_names.append(names)
@@ -110,7 +123,8 @@ class LayerHessians:
         index = index.reshape(hidden.shape[0], -1)
         if self.all_experts:
             self._accumulator("all", hidden.shape[-1], hidden).add(hidden)
-        for e, names in enumerate(self.expert_names):
+        for e in self._chunk:
+            names = self.expert_names[e]
             x = hidden if self.all_experts else hidden[(index == e).any(-1)]
             if x.shape[0] == 0:
                 continue
@@ -123,7 +137,7 @@ class LayerHessians:
     def hessian_of(self, name: str) -> tuple[torch.Tensor | None, int]:
         """(H, tokens) of an output weight; (None, 0) when no calibration token reached it."""
         key = name
-        for names in getattr(self, "expert_names", []):
+        for names in self.expert_names:
             if name in (names["gate"], names["up"]):
                 key = "all" if self.all_experts else names["gate"]
         acc = self.acc.get(key)
@@ -137,6 +151,15 @@ class LayerHessians:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def expert_count(module: nn.Module) -> tuple[int, int, int]:
+    """(experts, hidden, intermediate) of a layer's fused routed experts; (0, 0, 0) in a dense layer."""
+    found = _experts_module(module)
+    if found is None:
+        return 0, 0, 0
+    e, hidden, inter = found[1].down_proj.shape
+    return e, hidden, inter
 
 
 def _experts_module(module: nn.Module) -> tuple[str, nn.Module] | None:

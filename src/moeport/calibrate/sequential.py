@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from moeport.calibrate.family import FamilyModel
-from moeport.calibrate.hessians import LayerHessians
+from moeport.calibrate.hessians import LayerHessians, expert_count
 from moeport.calibrate.kernel import gptq_codes
 from moeport.codecs.compressed_tensors import PackQuantizedCodec
 from moeport.codecs.int_rtn import rtn_codes, rtn_dequantize, rtn_params
@@ -31,6 +31,7 @@ from moeport.sources.checkpoint import Checkpoint
 STATES_DIR = "gptq-states"
 KEEP_BOUNDARIES = 3  # newest boundary files kept (the rest deleted as the walk goes on)
 CHUNK_TOKENS = 8192  # tokens per forward call (bounds the activations of one call)
+HESSIAN_BYTES = 2 * 2**30  # Hessians held at once: a layer's experts are calibrated in chunks within it
 
 
 @dataclass(frozen=True)
@@ -104,34 +105,55 @@ class Calibrator:
         model, states = self.model, self._states
         assert states is not None
         module = model.load_layer(layer)
-        hs = LayerHessians(
-            module,
-            self.det.naming.prefix(layer),
-            self.det.family.per_expert,
-            self.wanted.get(layer, set()),
-            self.settings.all_experts,
-        )
+        wanted = self.wanted.get(layer, set())
         chunk = max(1, CHUNK_TOKENS // states.shape[1])
-        with hs.attached():
-            for _ in model.forward(module, states, chunk):
-                pass
         before = len(self.fallback)
-        for name in sorted(self.wanted.get(layer, set())):
-            self._results[name] = self._quantize(name, hs)
+        quantized = {}  # name -> (slot, codes, scale): set into the module once every pass is done
+        for experts in self._expert_chunks(module):
+            hs = LayerHessians(
+                module,
+                self.det.naming.prefix(layer),
+                self.det.family.per_expert,
+                wanted,
+                self.settings.all_experts,
+                experts,
+                linears=experts is None or experts.start == 0,
+            )
+            with hs.attached():
+                for _ in model.forward(module, states, chunk):
+                    pass
+            for name in sorted(hs.covered):
+                self._results[name], codes, scale = self._quantize(name, hs)
+                quantized[name] = (hs.slots[name], codes, scale)
+            del hs
+        for slot, codes, scale in quantized.values():  # the next layer sees the quantized weights
+            slot.set(rtn_dequantize(codes, scale, None))
         if len(self.fallback) > before:
             fell = self.fallback[before:]
             self.notes.append(
                 f"gptq: layer {layer}: {len(fell)} weight(s) fell back to RTN (fewer than "
                 f"{self.settings.min_tokens} calibration tokens, or no usable Hessian): {', '.join(fell)}"
             )
-        del hs
         out = torch.cat(list(model.forward(module, states, chunk)))  # the quantized layer's outputs
         model.unload(layer)
         self._states, self._next = out, layer + 1
         self.layers_run.append(layer)
         self._save_boundary(layer + 1, out)
 
-    def _quantize(self, name: str, hs: LayerHessians) -> dict[str, torch.Tensor]:
+    def _expert_chunks(self, module) -> list[range | None]:
+        """The experts calibrated per pass over the states, so that the Hessians held at once stay
+        under HESSIAN_BYTES (gate/up H x H and down I x I per expert; with all-experts the gate/up
+        one is shared); [None] for a dense layer."""
+        experts, hidden, inter = expert_count(module)
+        if not experts:
+            return [None]
+        shared = 4 * hidden * hidden if self.settings.all_experts else 0
+        per_expert = 4 * inter * inter + (0 if self.settings.all_experts else 4 * hidden * hidden)
+        size = max(1, min(experts, (HESSIAN_BYTES - shared) // per_expert))
+        return [range(s, min(s + size, experts)) for s in range(0, experts, size)]
+
+    def _quantize(self, name: str, hs: LayerHessians):
+        """(encoded parts, codes, scale) of one weight: GPTQ with its Hessian, else RTN."""
         s, slot = self.settings, hs.slots[name]
         w = slot.get().float()
         if not self.allow_nonfinite:
@@ -147,10 +169,10 @@ class Calibrator:
             self.fallback.append(f"{name} ({tokens} calibration tokens)")
         if codes is None:
             codes = rtn_codes(w, s.bits, scale, None)
-        slot.set(rtn_dequantize(codes, scale, None))  # the next layer sees the quantized weights
         packed = pack_int32(codes.to(torch.int32) + 2 ** (s.bits - 1), s.bits)
         n, k = w.shape
-        return {p: t.cpu() for p, t in self.codec.assemble(n, k, packed, scale, None).items()}
+        parts = {p: t.cpu() for p, t in self.codec.assemble(n, k, packed, scale, None).items()}
+        return parts, codes, scale
 
     def _boundary_path(self, b: int) -> Path:
         assert self.staging is not None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeport.calibrate.sequential import STATES_DIR, Calibrator, GptqSettings
+from moeport.calibrate.sequential import HESSIAN_BYTES, STATES_DIR, Calibrator, GptqSettings
 from moeport.calibrate.tokens import file_digest, load_samples
 from moeport.convert.encode import Encode
 from moeport.convert.plan import Plan, Unit
@@ -153,7 +153,8 @@ def _settings(scheme: str, opts: Options) -> GptqSettings:
 
 def _bound(ck: Checkpoint, det: Detection, ids, settings: GptqSettings) -> int:
     """Bytes the walk holds besides the RTN plan's: one layer in float32, the states in and out,
-    the Hessians of one layer (K x K float32 each; gate/up share one, all-experts one per layer)."""
+    the Hessians of one layer (K x K float32 each; gate/up share one, all-experts one per layer),
+    at most HESSIAN_BYTES (+ a shared one) as experts are calibrated in chunks."""
     text = _text_config(ck)
     hidden = int(text.get("hidden_size", 0))
     states = 2 * ids.numel() * hidden * 4
@@ -171,7 +172,7 @@ def _bound(ck: Checkpoint, det: Detection, ids, settings: GptqSettings) -> int:
     )
     inter = int(text.get("moe_intermediate_size") or text.get("intermediate_size") or 0)
     gate_up = (1 if settings.all_experts else experts) * hidden * hidden
-    hessians = 4 * (gate_up + experts * inter * inter)
+    hessians = min(4 * (gate_up + experts * inter * inter), HESSIAN_BYTES + 4 * hidden * hidden)
     return max(per_layer.values(), default=0) + states + hessians
 
 
