@@ -175,26 +175,36 @@ def test_within_llmcompressor_oneshot_gptq(checkpoint, calibration, tmp_path) ->
     assert err_ours <= 1.1 * err_theirs
 
 
-def test_killed_run_resumes_from_saved_states_byte_identical(checkpoint, calibration, tmp_path) -> None:
+def test_killed_run_resumes_from_saved_states_byte_identical(checkpoint, tmp_path) -> None:
     src = checkpoint("qwen3_moe", "hub", "bf16")
-    gptq(src, tmp_path / "whole", calibration)
+    ids = torch.randint(0, 128, (96, 64), generator=torch.Generator().manual_seed(5))  # layers of ~0.3 s
+    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
+    job = [*W4, "--method", "gptq", "--calibration", str(tmp_path / "ids.json"), "--samples", "96"]
+    job += ["--seq-len", "64"]
+    moeport("convert", src, tmp_path / "whole", *job)
     dst = tmp_path / "resumed"
-    args = [sys.executable, "-m", "moeport", "convert", str(src), str(dst), *W4, "--method", "gptq",
-            "--calibration", str(calibration), "--samples", str(SAMPLES), "--seq-len", str(SEQ),
-            "--quiet"]  # fmt: skip
+    args = [sys.executable, "-m", "moeport", "convert", str(src), str(dst), *job, "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    states = dst.parent / f"{dst.name}.moeport-partial" / "gptq-states" / "layer-00002.pt"
+    journal = dst.parent / f"{dst.name}.moeport-partial" / "moeport-journal.json"
+
+    def pieces_done() -> int:  # pieces: tensors outside the layers, then one per layer
+        try:
+            return len(json.loads(journal.read_text())["steps"])
+        except (OSError, ValueError):
+            return 0
+
     killed = False
     while proc.poll() is None:
-        if states.exists():
+        if pieces_done() >= 3:  # layers 0 and 1 published: the resumed run starts at layer 2
             proc.send_signal(signal.SIGKILL)
             killed = True
             break
         time.sleep(0.001)
     proc.wait()
     assert killed, "the run finished before the kill point"
-    summary = gptq(src, dst, calibration)
-    assert any("resumed from the hidden states saved before layer" in n for n in summary["notes"]), summary
+    summary = moeport("convert", src, dst, *job)
+    assert "gptq: resumed from the hidden states saved before layer 2" in summary["notes"], summary["notes"]
+    assert summary["pieces_kept"] == 3
     assert not (dst / "gptq-states").exists()
     whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.safetensors")}
     assert whole == {p.name: p.read_bytes() for p in dst.glob("*.safetensors")}
