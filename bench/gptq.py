@@ -37,7 +37,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
 src, dst, calib, group = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+# the synthetic checkpoint has no tokenizer and oneshot wants a processor: the ids are given already
+tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
 ids = json.load(open(calib))
 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
 ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
@@ -46,7 +50,8 @@ ignore = ["lm_head", "re:.*embed_tokens.*", "re:.*self_attn.*", "re:.*mlp\\.gate
           "re:model\\.layers\\.0\\.mlp\\..*"]
 recipe = GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=ignore,
                       dampening_frac=0.01, block_size=128, actorder=None)
-oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(ids), max_seq_length=len(ids[0]))
+oneshot(model=model, dataset=ds, recipe=recipe, processor=tok, num_calibration_samples=len(ids),
+        max_seq_length=len(ids[0]))
 model.save_pretrained(dst, save_compressed=True)
 """
 
