@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from moeport.calibrate.hessians import expert_count
 from moeport.convert.plan import Unit, run_unit
 from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
@@ -39,10 +40,19 @@ class FamilyModel:
         cfg._attn_implementation = "sdpa"  # eager attention without a mask is not causal
         cfg._experts_implementation = "eager"
         self.config = cfg
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+        if det.family.fused is None:
+            raise MoeportError(f"--method gptq: {det.family.title} has no transformers (fused) layout to run")
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(cfg)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MoeportError(
+                f"--method gptq: transformers cannot build {ck.root} ({str(exc).split('. ')[0]})"
+            ) from None
         inner = model.get_decoder()
         self.layers: nn.ModuleList = inner.layers
+        for layer in self.layers:
+            expert_count(layer)  # refuses expert modules GPTQ cannot calibrate, before any work
         self.rotary = type(inner.rotary_emb)(config=cfg).to(device) if hasattr(inner, "rotary_emb") else None
         plan, _ = build_hf(ck, det, "fused", torch.float32, device=device)
         self.units: dict[int | None, list[Unit]] = defaultdict(list)

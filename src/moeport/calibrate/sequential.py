@@ -65,14 +65,16 @@ class Calibrator:
         self._model: FamilyModel | None = None
         self._next = -1  # the layer whose input states `_states` holds
         self._states: torch.Tensor | None = None
-        self._results: dict[str, dict[str, torch.Tensor]] = {}
+        # layer -> weight -> encoded parts, waiting for their op (kept for the layer before the
+        # newest too: the executor's threads may still ask for them while the next layer runs)
+        self._results: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
 
     def parts(self, layer: int, name: str) -> dict[str, torch.Tensor]:
         """The encoded parts of weight `name` of `layer` (runs the walk up to that layer)."""
         with self._lock:
-            if name not in self._results:
+            if name not in self._results.get(layer, {}):
                 self._walk_to(layer)
-            return self._results.pop(name)
+            return self._results[layer].pop(name)
 
     @property
     def model(self) -> FamilyModel:
@@ -86,7 +88,8 @@ class Calibrator:
         try:
             if self._states is None or self._next > layer:
                 self._next, self._states = self._restart(layer)
-            self._results.clear()  # results of earlier layers were skipped (kept pieces)
+            for old in [L for L in self._results if L < layer - 1]:  # their units were skipped (kept)
+                del self._results[old]
             while self._next <= layer:
                 self._run(self._next)
         finally:
@@ -123,16 +126,18 @@ class Calibrator:
                 for _ in model.forward(module, states, chunk):
                     pass
             for name in sorted(hs.covered):
-                self._results[name], codes, scale = self._quantize(name, hs)
+                parts, codes, scale = self._quantize(name, hs)
+                self._results.setdefault(layer, {})[name] = parts
                 quantized[name] = (hs.slots[name], codes, scale)
             del hs
         for slot, codes, scale in quantized.values():  # the next layer sees the quantized weights
             slot.set(rtn_dequantize(codes, scale, None))
         if len(self.fallback) > before:
             fell = self.fallback[before:]
+            shown = ", ".join(fell[:30]) + (f", ... ({len(fell) - 30} more)" if len(fell) > 30 else "")
             self.notes.append(
                 f"gptq: layer {layer}: {len(fell)} weight(s) fell back to RTN (fewer than "
-                f"{self.settings.min_tokens} calibration tokens, or no usable Hessian): {', '.join(fell)}"
+                f"{self.settings.min_tokens} calibration tokens, or no usable Hessian): {shown}"
             )
         out = torch.cat(list(model.forward(module, states, chunk)))  # the quantized layer's outputs
         model.unload(layer)

@@ -101,6 +101,7 @@ def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str
         ck, det, settings, recipe.codec(), ids, wanted, staging, opts.device,
         threads=available_cores(), allow_nonfinite=opts.allow_nonfinite, notes=base.notes,
     )  # fmt: skip
+    _ = calib.model  # transformers' classes for the family, on meta: a refusal comes before any work
     units = [Unit(u.layer, _swap(u.op, calib, u.layer, layers)) for u in base.units]
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
     plan = GptqPlan(**{**fields, "units": units}, calibration_bytes=_bound(ck, det, ids, settings))
