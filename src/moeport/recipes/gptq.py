@@ -52,6 +52,32 @@ class GptqEncode(Encode):
         }
 
 
+@dataclass(frozen=True)
+class FromCalibration(Op):
+    """A unit whose every output comes from GptqEncode: its source tensors are never read by the
+    plan (the layer walk reads them to build the layer), so they are not read ahead either."""
+
+    op: Op
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.op.inputs
+
+    @property
+    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.op.outputs
+
+    @property
+    def sliced_inputs(self) -> tuple[str, ...]:
+        return self.op.inputs
+
+    def apply(self, values: dict[str, Value]) -> dict[str, Value]:
+        return self.op.apply(values)
+
+    def inverse(self) -> Op:
+        return self.op.inverse()
+
+
 @dataclass
 class GptqPlan(Plan):
     calibration_bytes: int = 0  # one float32 layer + the states + the layer's Hessians
@@ -102,7 +128,7 @@ def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str
         threads=available_cores(), allow_nonfinite=opts.allow_nonfinite, notes=base.notes,
     )  # fmt: skip
     _ = calib.model  # transformers' classes for the family, on meta: a refusal comes before any work
-    units = [Unit(u.layer, _swap(u.op, calib, u.layer, layers)) for u in base.units]
+    units = [Unit(u.layer, _unread(_swap(u.op, calib, u.layer, layers))) for u in base.units]
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
     plan = GptqPlan(**{**fields, "units": units}, calibration_bytes=_bound(ck, det, ids, settings))
     if plan.config is not None:
@@ -130,6 +156,12 @@ def _swap(op: Op, calib: Calibrator, layer: int | None, layers: int) -> Op:
         fields = {f.name: getattr(op, f.name) for f in dataclasses.fields(Encode)}
         return GptqEncode(**fields, calib=calib, layer=layer)
     return op
+
+
+def _unread(op: Op) -> Op:
+    encodes = [o for o in _ops(op) if isinstance(o, GptqEncode)]
+    by_gptq = {n for o in encodes for n in o.outputs}
+    return FromCalibration(op) if encodes and set(op.outputs) <= by_gptq else op
 
 
 def _text_config(ck: Checkpoint) -> dict[str, Any]:
