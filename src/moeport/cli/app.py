@@ -268,6 +268,19 @@ def convert(
             "with static input scales (default: weight-only).",
         ),
     ] = "",
+    method: Annotated[str, typer.Option(metavar="rtn|gptq", help="w4a16/w8a16: RTN or GPTQ.")] = "rtn",
+    calibration: Annotated[
+        Path | None, typer.Option(help="gptq: token ids (.json/.pt/.npy) or text.")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="gptq: calibration samples.")] = 512,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="gptq: tokens per sample.")] = 2048,
+    dampening: Annotated[float, typer.Option(help="gptq: fraction of mean(diag H) added to H.")] = 0.01,
+    act_order: Annotated[
+        bool, typer.Option("--act-order", help="gptq: columns by decreasing activation.")
+    ] = False,
+    all_experts: Annotated[
+        bool, typer.Option("--all-experts", help="gptq: every token calibrates every expert.")
+    ] = False,
 ) -> None:
     """Convert a checkpoint layer by layer in bounded memory; a re-run resumes an interrupted one."""
     from moeport.cli.convert import RunFlags, run_convert
@@ -302,6 +315,8 @@ def convert(
         input_scales=input_scales,
         gguf_type=gguf_type,
         device=device,
+        **dict(method=method, calibration=str(calibration or ""), samples=samples, seq_len=seq_len),
+        **dict(dampening=dampening, act_order=act_order, all_experts=all_experts),  # gptq
     )
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
     if limit is not None and limit <= 0:

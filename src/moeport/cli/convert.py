@@ -60,7 +60,9 @@ def run_convert(
         raise MoeportError(f"--to {to}: unknown target; expected one of {', '.join(TARGETS)}")
     target.refuse_unused(given)
     device = resolve_device(options.device)
-    options = Options(**{**options.__dict__, "device": device})
+    from moeport.convert.destination import staging_of
+
+    options = Options(**{**options.__dict__, "device": device, "staging": str(staging_of(dst))})
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
         # past a file-size limit, writes fail with EFBIG (reported) instead of killing the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

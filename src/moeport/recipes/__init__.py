@@ -6,14 +6,14 @@ README read it. Adding a target is a recipe module and one line here.
 
 from __future__ import annotations
 
-from moeport.recipes import fp4, gguf, gpu, hf, kt, kt_native
+from moeport.recipes import fp4, gguf, gptq, gpu, hf, kt, kt_native
 from moeport.recipes.base import Options, Target, job_recipe
 
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         hf.TARGET,
-        *gpu.TARGETS,
+        *(gptq.with_method(t) if t.name in gpu.INT_SCHEMES else t for t in gpu.TARGETS),
         *fp4.TARGETS,
         *kt.TARGETS,
         *kt_native.TARGETS,

@@ -34,6 +34,14 @@ class Options:
     gguf_type: str = "bf16"  # gguf: the GGML type of the weights (recipes/gguf.py)
     device: str = "cpu"  # where the math runs; never changes the bytes
     source_label: str = ""  # how the source is named in the output's metadata (default: its folder's name)
+    method: str = "rtn"  # w4a16/w8a16: rtn | gptq (calibrated, recipes/gptq.py)
+    calibration: str = ""  # gptq: token ids (.json/.pt/.npy) or text (.txt/.jsonl) file
+    samples: int = 512  # gptq: calibration samples
+    seq_len: int = 2048  # gptq: tokens per sample
+    dampening: float = 0.01  # gptq: fraction of mean(diag H) added to the diagonal
+    act_order: bool = False  # gptq: quantize columns by decreasing activation
+    all_experts: bool = False  # gptq: every calibration token reaches every expert's Hessian
+    staging: str = ""  # where a run may keep resumable state (DST's staging folder; set by the CLI)
 
 
 # The target-specific options, as the command line spells them. A target declares which it takes
@@ -51,6 +59,13 @@ OPTION_FLAGS = {
     "allow_nonfinite": "--allow-nonfinite",
     "input_scales": "--input-scales",
     "gguf_type": "--gguf-type",
+    "method": "--method",
+    "calibration": "--calibration",
+    "samples": "--samples",
+    "seq_len": "--seq-len",
+    "dampening": "--dampening",
+    "act_order": "--act-order",
+    "all_experts": "--all-experts",
 }
 
 # (checkpoint, detection, options, metadata for the output files) -> the plan and its sink
