@@ -10,12 +10,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from moeport.cli.hub import resolve_source
+from moeport.cli.inspect_view import print_inspect, print_kt, print_layer_bytes
 from moeport.errors import MoeportError
 from moeport.recipes import TARGETS, gguf, hf, kt
-from moeport.report import inspect_report, kt_report, ranges
+from moeport.report import inspect_report, kt_report
 from moeport.sizes import format_size, parse_size
 
 app = typer.Typer(
@@ -77,78 +77,11 @@ def inspect(
     if as_json:
         print(json.dumps(report, indent=2))
     elif found is not None:
-        _print_kt(report)
+        print_kt(out, report)
     else:
-        _print_inspect(report)
+        print_inspect(out, report)
         if verbose:
-            _print_layer_bytes(report["bytes"]["per_layer"])
-
-
-def _print_layer_bytes(per_layer: dict[str, dict[str, int]]) -> None:
-    t = Table(title="bytes per layer", title_justify="left")
-    for col in ("layer", "total", "experts"):
-        t.add_column(col, justify="right")
-    for layer, b in per_layer.items():
-        t.add_row(layer, format_size(b["total"]), format_size(b["experts"]))
-    out.print(t)
-
-
-def _print_kt(r: dict) -> None:
-    ex = r["experts"]
-    t = Table(show_header=False, title=f"[bold]{escape(r['path'])}[/]", title_justify="left")
-    t.add_column(style="cyan")
-    t.add_column()
-    t.add_row("kind", f"kt-kernel CPU experts, {r['kt_layout']} form")
-    t.add_row("method", f"{r['method']}, T={r['threadpool_count']} (--numa)")
-    t.add_row("layers", f"{len(r['layers'])}: {ranges(r['layers'])}")
-    t.add_row(
-        "experts",
-        f"{ex['per_layer']} per layer; hidden {ex['hidden_size']}, intermediate {ex['intermediate_size']}",
-    )
-    t.add_row("source", escape(f"{r['source_family'] or '?'}, {r['source_format'] or '?'}"))
-    t.add_row("bytes", f"total {format_size(r['bytes']['total'])}")
-    out.print(t)
-
-
-def _print_inspect(r: dict) -> None:
-    ex, lay, by = r["experts"], r["layers"], r["bytes"]
-    t = Table(show_header=False, title=f"[bold]{escape(str(r['path']))}[/]", title_justify="left")
-    t.add_column(style="cyan")
-    t.add_column()
-    t.add_row("family", f"{r['family_title']} ({r['family']}, model_type {r['model_type']})")
-    t.add_row(
-        "layers",
-        f"{lay['num_hidden_layers']}: dense {ranges(lay['dense'])} | MoE {ranges(lay['moe'])}"
-        f" | MTP {ranges(lay['mtp'])}",
-    )
-    t.add_row(
-        "experts",
-        f"{ex['per_layer']} routed, {ex['per_token']} per token, {ex['shared']} shared; "
-        f"hidden {ex['hidden_size']}, expert intermediate {ex['intermediate_size']}",
-    )
-    t.add_row("layout", ex["layout"] + (" (gate/up interleaved)" if ex["gate_up_interleaved"] else ""))
-    fmt = r["expert_format"]
-    t.add_row("expert format", fmt["name"] + "".join(f", {k}={v}" for k, v in fmt.items() if k != "name"))
-    t.add_row("expert tensors", escape("\n".join(r["expert_tensors"])))
-    t.add_row("router", escape("\n".join(r["router_tensors"])) or "-")
-    total, experts, other = (format_size(by[k]) for k in ("total", "experts", "non_expert"))
-    t.add_row("bytes", f"total {total}, experts {experts}, non-expert {other}")
-    per_layer = by["per_layer"]
-    if per_layer:
-        sizes = [v["total"] for v in per_layer.values()]
-        t.add_row(
-            "bytes per layer", f"{len(sizes)} layers, {format_size(min(sizes))} to {format_size(max(sizes))}"
-        )
-    made = r["written_by"]
-    if made:
-        opts = ", ".join(f"{k}={v}" for k, v in made["options"].items())
-        t.add_row("written by", escape(f"moeport --to {made['target']} ({opts}) from {made['source']}"))
-    if "kt_method" in made:
-        group = f", group size {made['kt_group_size']}" if "kt_group_size" in made else ""
-        t.add_row("kt-kernel", f"method {made['kt_method']}{group}: its native loader reads this folder")
-    for w in r["warnings"]:
-        t.add_row("[yellow]warning[/]", escape(w))
-    out.print(t)
+            print_layer_bytes(out, report["bytes"]["per_layer"])
 
 
 def _targets_help() -> str:
