@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from moeport.recipes import TARGETS
+from moeport.recipes import TARGETS, hf
 from moeport.sizes import format_size, parse_size
 
 
@@ -73,7 +73,8 @@ def test_help_shows_the_choices_from_the_registry() -> None:
     result = run_cli("convert", "--help")
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.replace("│", " ").split())
-    for choices in ("--layout [hub|fused]", "--dtype [keep|bf16|fp16|fp32]", "--kt-layout [merged|folders]"):
+    layouts = "|".join(hf.LAYOUTS)
+    for choices in (f"--layout [{layouts}]", "--dtype [keep|bf16|fp16|fp32]", "--kt-layout [merged|folders]"):
         assert choices in text, choices
     assert all(f"{name}: " in text for name in TARGETS)
 
