@@ -63,7 +63,7 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[byt
 def _sync_file_range() -> ctypes._CFuncPtr | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux: the final fsync does all the flushing
+    except (OSError, AttributeError, TypeError):  # not Linux: the final fsync does all the flushing
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     fn.restype = ctypes.c_int
