@@ -48,7 +48,8 @@ def table(results: dict[str, dict[str, str]]) -> str:
     summary = (
         f"{counts['zoo']} zoo, {counts['derived']} derived, {counts['not']} not supported "
         "(`moeport inspect --families` lists every one with the reason); ✓ passed, skip: transformers' "
-        "own forward fails on the tiny model, –: not run (w4a16/kt-int4 run on a subset, for time)."
+        "own forward fails on the tiny model, –: not run (the tiny model could not be built); kt-int4 of "
+        "transposed stacks (Llama-4) goes through `--to hf --layout linear` first, as its refusal says."
     )
     return "\n".join(rows) + "\n\n" + summary + "\n"
 

@@ -42,9 +42,10 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
         )
     layout = det.layout
     if layout.transposed or layout.gate_up_interleaved:
+        how = "with gate/up interleaved" if layout.gate_up_interleaved else "transposed ([E, H, 2I])"
         raise MoeportError(
-            f"{ck.root}: {det.family.title} experts (interleaved/transposed gate_up with biases) "
-            "have no kt-kernel AMX equivalent"
+            f"{ck.root}: {det.family.title} stores its experts {how}; kt's AMX layout is planned from "
+            "[2I, H] stacks or per-expert linears: convert with --to hf --layout linear first"
         )
     found_layers = det.naming.expert_layers(ck.keys(), layout)
     if not found_layers:
