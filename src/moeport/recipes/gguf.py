@@ -60,15 +60,14 @@ class _GgufPlan:
         self.types: dict[str, Any] = {}
         self.copied: dict[str, str] = {}  # GGUF name -> the source format its rows come from
         members: dict[str, list[tuple[int | None, str]]] = defaultdict(list)  # GGUF name -> hub names
-        unit_of: dict[str, int] = {}
+        unit_of: dict[str, set[int]] = {}  # hub name -> the hf units giving it (a stored weight's parts)
         for i, unit in enumerate(self.hf.units):
             for out in unit.op.outputs:
                 hub = self.stored.part_of.get(out, out)  # a stored weight's parts count as it
-                if hub in unit_of:
-                    continue
-                name, expert = arch.gguf_name(hub)
-                members[name].append((expert, hub))
-                unit_of[hub] = i
+                if hub not in unit_of:
+                    name, expert = arch.gguf_name(hub)
+                    members[name].append((expert, hub))
+                unit_of.setdefault(hub, set()).add(i)
         self.members = members
         self.groups = _components(members, unit_of)
 
@@ -167,7 +166,7 @@ class _GgufPlan:
         return Encode(src, base, GgmlCodec(qtype), specs, allow_nonfinite=self.allow_nonfinite, label=label)
 
 
-def _components(members: dict[str, list], unit_of: dict[str, int]) -> list[tuple[list[str], list[int]]]:
+def _components(members: dict[str, list], unit_of: dict[str, set[int]]) -> list[tuple[list[str], list[int]]]:
     """GGUF names whose sources come from common hf units, merged (union-find), in plan order."""
     parent: dict[int, int] = {}
 
@@ -177,12 +176,12 @@ def _components(members: dict[str, list], unit_of: dict[str, int]) -> list[tuple
         return i
 
     for hubs in members.values():
-        ids = [unit_of[h] for _, h in hubs]
+        ids = [i for _, h in hubs for i in sorted(unit_of[h])]
         for i in ids[1:]:
             parent[find(i)] = find(ids[0])
     groups: dict[int, tuple[list[str], set[int]]] = {}
     for name, hubs in members.items():
-        ids = {unit_of[h] for _, h in hubs}
+        ids = {i for _, h in hubs for i in unit_of[h]}
         root = find(next(iter(ids)))
         names, units = groups.setdefault(root, ([], set()))
         names.append(name)
