@@ -60,6 +60,7 @@ class GgmlCodec:
     name: str = "gguf"
     stacked_decode: ClassVar[bool] = False
     stacked_encode: ClassVar[bool] = False
+    scales_in_blocks: ClassVar[bool] = True  # no float part shows NaN/Inf: encode.refuse_nonfinite
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -127,6 +128,7 @@ class GgmlMxfp4Codec:
     stacked_decode: ClassVar[bool] = False
     stacked_encode: ClassVar[bool] = False
     kind: ClassVar[str] = "mxfp4"
+    scales_in_blocks: ClassVar[bool] = True
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         return GgmlCodec(quant_type("MXFP4")).decode(parts, where)

@@ -231,10 +231,10 @@ def refuse_nonfinite(
     """NaN/Inf in a weight reaches the scales of its group or row (they are computed from its
     largest magnitude), so checking the small scale parts finds them without a pass over the
     weight; only then is the weight searched (`w` may be a function giving it), to name the row
-    and the count. A codec with no float part (its scales inside byte blocks) has its weight
-    searched every time."""
+    and the count. A codec whose scales sit inside byte blocks (`scales_in_blocks`) has its
+    weight searched every time."""
     scales = [t for t in parts.values() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)]
-    if not scales:  # scales packed inside byte blocks (GGML's Q8_0...): only the weight can tell
+    if getattr(codec, "scales_in_blocks", False):  # GGML's Q8_0...: only the weight can tell
         check_finite_weight(codec, w() if callable(w) else w, names, stacked)
         return
     if all(bool(torch.isfinite(t).all()) for t in scales):
