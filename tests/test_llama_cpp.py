@@ -83,6 +83,7 @@ def _convert(src: Path, dst: Path, *args: str) -> None:
         ("mixtral", {}, "mxfp4"),
         ("deepseek_v3", {}, "bf16"),
         ("deepseek_v3", {}, "q4_0"),
+        ("gpt_oss", {}, "bf16"),
     ],
 )
 def test_llama_cpp_logits_match_transformers(logits_tool, tmp_path, model_type, overrides, gguf_type):
@@ -104,7 +105,7 @@ def test_llama_cpp_logits_match_transformers(logits_tool, tmp_path, model_type, 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
     routers: list[torch.Tensor] = []
     for name, module in model.named_modules():
-        if name.endswith(("mlp.gate", "block_sparse_moe.gate")):
+        if name.endswith(("mlp.gate", "block_sparse_moe.gate", "mlp.router")):
             module.register_forward_hook(
                 lambda _m, _i, out: routers.append(out[0] if isinstance(out, tuple) else out)
             )
@@ -124,3 +125,25 @@ def test_llama_cpp_logits_match_transformers(logits_tool, tmp_path, model_type, 
     assert err < (0.02 if gguf_type == "bf16" else 0.05), (
         f"{model_type} {gguf_type}: llama.cpp's logits differ from transformers' by {err:.4f} (relative L2)"
     )
+
+
+def _logits(tool: Path, gguf: Path, tokens: list[int]) -> torch.Tensor:
+    run = subprocess.run([str(tool), str(gguf), *map(str, tokens)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return torch.tensor([[float(x) for x in line.split()] for line in run.stdout.splitlines()])
+
+
+def test_llama_cpp_runs_gpt_oss_mxfp4_experts_as_their_values(logits_tool, tmp_path):
+    """GPT-OSS's own MXFP4 experts (`--to mxfp4 --flavor gpt-oss`) moved into the GGUF without
+    requantizing: llama.cpp's MXFP4 kernels give the logits of the same numbers written as BF16
+    (`--to gguf --gguf-type bf16` of that GGUF: E2M1 x E8M0 values are exact in BF16)."""
+    src = _tiny("gpt_oss", tmp_path / "src")
+    _convert(src, tmp_path / "mx", "--to", "mxfp4", "--flavor", "gpt-oss")
+    _convert(tmp_path / "mx", tmp_path / "g", "--to", "gguf", "--gguf-type", "mxfp4")
+    _convert(tmp_path / "g", tmp_path / "bf16", "--to", "gguf", "--gguf-type", "bf16")
+    tokens = [3, 17, 42, 99, 5, 64, 7, 120]
+    got = _logits(logits_tool, tmp_path / "g" / "model.gguf", tokens)
+    want = _logits(logits_tool, tmp_path / "bf16" / "model.gguf", tokens)
+    assert got.shape == (len(tokens), 128)
+    # the rest of the model is Q8_0 in one file and its BF16 rounding in the other
+    assert float((got - want).norm() / want.norm()) < 0.01

@@ -19,6 +19,7 @@ import torch
 
 from moeport.codecs.base import Parts, need
 from moeport.codecs.format import REPLICATED, ExpertFormat, Params, Part, RowRule, Shape, StorageFormat
+from moeport.codecs.fp4 import pack_nibbles, unpack_nibbles
 from moeport.errors import MoeportError
 
 MARKER = "ggml_type"
@@ -59,6 +60,7 @@ class GgmlCodec:
     name: str = "gguf"
     stacked_decode: ClassVar[bool] = False
     stacked_encode: ClassVar[bool] = False
+    scales_in_blocks: ClassVar[bool] = True  # no float part shows NaN/Inf: encode.refuse_nonfinite
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -90,11 +92,63 @@ class GgmlCodec:
             raise MoeportError(
                 f"{self.qtype.name} needs rows of a multiple of {block} values, got {weight.shape[-1]}"
             )
-        try:
-            q = gguf.quants.quantize(weight.detach().float().cpu().numpy(), self.qtype)
+        try:  # NaN/Inf are refused by the caller, naming the weight (not numpy's warnings)
+            with np.errstate(all="ignore"):
+                q = gguf.quants.quantize(weight.detach().float().cpu().numpy(), self.qtype)
         except gguf.quants.QuantError as exc:
             raise MoeportError(f"cannot quantize to {self.qtype.name} ({exc})") from None
         return {"weight": torch.from_numpy(np.ascontiguousarray(q)), MARKER: marker(self.qtype)}
+
+    # Lossless moves (convert.encode.Recode): GGML rows go as they are stored, with their type
+    # marker; joining into a typed codec checks that the rows are of its type.
+    kind: ClassVar[str] = "ggml"
+
+    def split(self, parts: Parts) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return parts["weight"], parts[MARKER] if MARKER in parts else marker(self.qtype), None
+
+    def join(self, rows: torch.Tensor, type_marker: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
+        if self.qtype is None:
+            return {"weight": rows, MARKER: type_marker}
+        if not type_marker.is_meta and int(type_marker.reshape(-1)[0]) != int(self.qtype):
+            got = quant_type(int(type_marker.reshape(-1)[0])).name
+            raise MoeportError(f"GGML {got} rows cannot be copied as {self.qtype.name}")
+        return {"weight": rows}
+
+
+@dataclass(frozen=True)
+class GgmlMxfp4Codec:
+    """GGML's MXFP4 rows, as one more MXFP4 layout (`kind` mxfp4): lossless moves from and to the
+    HF-side ones (compressed-tensors, GPT-OSS, DeepSeek-V4) re-pack the same E2M1 codes and E8M0
+    scales. A GGML block of 32 values is 17 bytes: the E8M0 byte, then 16 bytes whose low nibble is
+    element j and high nibble element j + 16 (gguf.quants.MXFP4; llama.cpp's GptOssModel repacks
+    GPT-OSS's blocks so), where HF-side layouts put elements 2j / 2j + 1 in one byte."""
+
+    name: str = "gguf-mxfp4"
+    required: tuple[str, ...] = ("weight",)
+    stacked_decode: ClassVar[bool] = False
+    stacked_encode: ClassVar[bool] = False
+    kind: ClassVar[str] = "mxfp4"
+    scales_in_blocks: ClassVar[bool] = True
+
+    def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
+        return GgmlCodec(quant_type("MXFP4")).decode(parts, where)
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": GgmlCodec(quant_type("MXFP4")).encode(weight)["weight"]}
+
+    def split(self, parts: Parts) -> tuple[torch.Tensor, torch.Tensor, None]:
+        w = parts["weight"]
+        blocks = w.reshape(*w.shape[:-1], w.shape[-1] // 17, 17)
+        qs = blocks[..., 1:]
+        codes = torch.cat((qs & 0x0F, qs >> 4), dim=-1).flatten(-2)  # [.., N, K] in element order
+        return pack_nibbles(codes), blocks[..., 0].contiguous(), None
+
+    def join(self, packed: torch.Tensor, scales: torch.Tensor, multiplier: Any) -> dict[str, torch.Tensor]:
+        codes = unpack_nibbles(packed)
+        g = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 32, 32)
+        qs = g[..., :16] | (g[..., 16:] << 4)
+        blocks = torch.cat((scales.view(torch.uint8).unsqueeze(-1), qs), dim=-1)
+        return {"weight": blocks.flatten(-2)}
 
 
 def _recognize(

@@ -36,6 +36,7 @@ class Encode(OneToOne):
     part_specs: PartSpecs
     device: str = "cpu"
     allow_nonfinite: bool = False  # quantize NaN/Inf anyway (the user said so)
+    label: str = ""  # the weight's name in errors when the output's means little to the user
 
     @property
     def target(self) -> str:  # type: ignore[override]
@@ -47,7 +48,7 @@ class Encode(OneToOne):
 
     @property
     def where(self) -> str:
-        return self.base.rstrip(".")
+        return self.label or self.base.rstrip(".")
 
     def apply(self, values: dict[str, Value]) -> dict[str, Value]:
         v = values[self.source]
@@ -230,8 +231,12 @@ def refuse_nonfinite(
     """NaN/Inf in a weight reaches the scales of its group or row (they are computed from its
     largest magnitude), so checking the small scale parts finds them without a pass over the
     weight; only then is the weight searched (`w` may be a function giving it), to name the row
-    and the count."""
+    and the count. A codec whose scales sit inside byte blocks (`scales_in_blocks`) has its
+    weight searched every time."""
     scales = [t for t in parts.values() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    if getattr(codec, "scales_in_blocks", False):  # GGML's Q8_0...: only the weight can tell
+        check_finite_weight(codec, w() if callable(w) else w, names, stacked)
+        return
     if all(bool(torch.isfinite(t).all()) for t in scales):
         return
     check_finite_weight(codec, w() if callable(w) else w, names, stacked)

@@ -75,8 +75,9 @@ class GgufCheckpoint(Checkpoint):
             shape = (*shape[:-1], ne[0] // block * size)
         nbytes = int(t.n_bytes)
         if stacked:
-            if len(shape) != 3:
-                raise MoeportError(f"{path}: expert stack '{t.name}' is {list(shape)}, expected [E, N, K]")
+            if len(shape) != 3 - t.name.endswith(".bias"):  # GPT-OSS's expert biases: [E, N]
+                want = "[E, N]" if t.name.endswith(".bias") else "[E, N, K]"
+                raise MoeportError(f"{path}: expert stack '{t.name}' is {list(shape)}, expected {want}")
             per = nbytes // shape[0]
             for e in range(shape[0]):
                 name = hub.replace("{E}", str(e))

@@ -148,6 +148,43 @@ def _mla_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     return keys
 
 
+def _yarn_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    """YaRN context extension (GPT-OSS: factor 32 over 4096), as TextModel's converter states it."""
+    scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) != "yarn" or "factor" not in scaling:
+        return {}
+    keys: dict[str, Any] = {
+        "rope.scaling.type": "yarn",
+        "rope.scaling.factor": float(scaling["factor"]),
+        "rope.scaling.original_context_length": int(scaling["original_max_position_embeddings"]),
+    }
+    for field, key in (
+        ("beta_fast", "rope.scaling.yarn_beta_fast"),
+        ("beta_slow", "rope.scaling.yarn_beta_slow"),
+    ):
+        if field in scaling:
+            keys[key] = float(scaling[field])
+    return keys
+
+
+def _yarn_config(kv: dict[str, Any]) -> dict[str, Any]:
+    if kv.get("rope.scaling.type") != "yarn":
+        return {}
+    scaling = {
+        "rope_type": "yarn",
+        "factor": kv["rope.scaling.factor"],
+        "original_max_position_embeddings": kv["rope.scaling.original_context_length"],
+        "truncate": False,  # GPT-OSS's own config (transformers' default would truncate)
+    }
+    for field, key in (
+        ("beta_fast", "rope.scaling.yarn_beta_fast"),
+        ("beta_slow", "rope.scaling.yarn_beta_slow"),
+    ):
+        if key in kv:
+            scaling[field] = kv[key]
+    return {"rope_scaling": scaling}
+
+
 def _mla_config(kv: dict[str, Any]) -> dict[str, Any]:
     heads, rope = kv["attention.head_count"], kv["rope.dimension_count"]
     cfg: dict[str, Any] = {
@@ -289,6 +326,31 @@ _DEEPSEEK2 = GgufArch(
     mla=True,
 )
 ARCHS[_DEEPSEEK2.arch] = _DEEPSEEK2
+_GPT_OSS = GgufArch(  # llama.cpp's GptOssModel (convert_hf_to_gguf.py), gguf-py's GPT_OSS tensors
+    "gpt-oss",
+    "gpt_oss",
+    "GptOssForCausalLM",
+    (
+        *[p for p in _ATTENTION if p[0] != "blk.{L}.ffn_norm"],
+        ("blk.{L}.post_attention_norm", "model.layers.{L}.post_attention_layernorm"),
+        ("blk.{L}.attn_sinks.weight", "model.layers.{L}.self_attn.sinks"),  # it adds `.weight`
+        ("blk.{L}.ffn_gate_inp", "model.layers.{L}.mlp.router"),
+        ("blk.{L}.ffn_gate_exps", "model.layers.{L}.mlp.experts.{E}.gate_proj"),
+        ("blk.{L}.ffn_up_exps", "model.layers.{L}.mlp.experts.{E}.up_proj"),
+        ("blk.{L}.ffn_down_exps", "model.layers.{L}.mlp.experts.{E}.down_proj"),
+    ),
+    (
+        *_HPARAMS,
+        ("head_dim", "attention.key_length"),
+        ("head_dim", "attention.value_length"),
+        ("sliding_window", "attention.sliding_window"),
+        ("intermediate_size", "expert_feed_forward_length"),
+    ),
+    "num_local_experts",
+    derive_keys=_yarn_keys,
+    derive_config=_yarn_config,
+)
+ARCHS[_GPT_OSS.arch] = _GPT_OSS
 BY_MODEL_TYPE = {a.model_type: a for a in ARCHS.values()}
 
 
