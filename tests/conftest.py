@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,3 +40,22 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "ds"
     write_synthetic(out, SyntheticSpec.tiny())
     return out
+
+
+@pytest.fixture
+def main(monkeypatch, capsys):
+    """The CLI in this process (saves torch's import per call): main(*args) -> (exit code,
+    stdout, stderr)."""
+    from moeport.cli.app import main as cli_main
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["moeport", *map(str, args)])
+        try:
+            cli_main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        cap = capsys.readouterr()
+        return code, cap.out, cap.err
+
+    return run

@@ -8,7 +8,6 @@ from gguf-py's name table, llama.cpp's q/k permutation formula and `gguf.quants.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +17,6 @@ from fixtures import build_transformers_checkpoint, load_tensors
 from gguf_support import dequantized, expected_gguf, read_gguf
 
 FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-@pytest.fixture
-def main(monkeypatch, capsys):
-    """The CLI in this process: main(*args) -> (exit code, stdout, stderr)."""
-    from moeport.cli.app import main as cli_main
-
-    def run(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["moeport", *map(str, args)])
-        try:
-            cli_main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        cap = capsys.readouterr()
-        return code, cap.out, cap.err
-
-    return run
 
 
 @pytest.fixture(scope="module")

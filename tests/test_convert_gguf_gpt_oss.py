@@ -9,7 +9,6 @@ name map; the source is a tiny GptOssForCausalLM written by transformers.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +18,6 @@ from fixtures import build_transformers_checkpoint, load_tensors
 from gguf_support import dequantized, read_gguf
 
 FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16}
-
-
-@pytest.fixture
-def main(monkeypatch, capsys):
-    """The CLI in this process: main(*args) -> (exit code, stdout, stderr)."""
-    from moeport.cli.app import main as cli_main
-
-    def run(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["moeport", *map(str, args)])
-        try:
-            cli_main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        cap = capsys.readouterr()
-        return code, cap.out, cap.err
-
-    return run
 
 
 @pytest.fixture(scope="module")

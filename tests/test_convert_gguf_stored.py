@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +19,6 @@ from safetensors.torch import save_file
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.$")
-
-
-@pytest.fixture
-def main(monkeypatch, capsys):
-    """The CLI in this process: main(*args) -> (exit code, stdout, stderr)."""
-    from moeport.cli.app import main as cli_main
-
-    def run(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["moeport", *map(str, args)])
-        try:
-            cli_main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        cap = capsys.readouterr()
-        return code, cap.out, cap.err
-
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -100,19 +100,12 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def main(monkeypatch, capsys):
-    """The CLI in this process (saves torch's import per call): main(*args) -> (exit code, out, err)."""
-    from moeport.cli.app import main as cli_main
+def main(main):
+    """conftest's in-process CLI, with stdout and stderr on one line each (whitespace collapsed)."""
 
     def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["moeport", *args])
-        try:
-            cli_main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        cap = capsys.readouterr()
-        return code, " ".join(cap.out.split()), " ".join(cap.err.split())
+        code, out, err = main(*args)
+        return code, " ".join(out.split()), " ".join(err.split())
 
     return run
 
