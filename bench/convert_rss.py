@@ -36,10 +36,10 @@ m.save_pretrained(sys.argv[2], save_original_format=False)
 """
 
 
-def peak_rss(cmd: list[str]) -> tuple[float, int]:
-    """Run `cmd`; return (seconds, peak RSS in bytes of it and its children)."""
+def peak_rss(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run `cmd` (in `env`); return (seconds, peak RSS in bytes of it and its children)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     stop = threading.Event()
 

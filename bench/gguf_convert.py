@@ -15,43 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
-
-
-def peak_rss(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run `cmd`; (seconds, peak RSS in bytes of it and its children)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, done = 0, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                rss = root.memory_info().rss + sum(c.memory_info().rss for c in root.children(recursive=True))
-                peak = max(peak, rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.01)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    _, err = proc.communicate()
-    done.set()
-    t.join()
-    if proc.returncode:
-        raise SystemExit(f"{cmd[:3]} failed:\n{err[-3000:]}")
-    return time.perf_counter() - start, peak
+from convert_rss import peak_rss  # the same peak-RSS sampling as bench/convert_rss.py (bench/ is on sys.path)
 
 
 def make_source(out: Path, gb: float) -> Path:
