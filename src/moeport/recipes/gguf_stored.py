@@ -25,7 +25,7 @@ from moeport.dtypes import torch_dtype_of
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Copy
 from moeport.recipes.fused import same_kind_source
-from moeport.recipes.gpu import _expert_regex
+from moeport.recipes.gpu import expert_regex
 from moeport.sinks.safetensors_file import TensorSpec
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.gguf_arch import GgufArch
@@ -73,7 +73,7 @@ class Stored:
 
     def experts(self, plan: Plan, det: Detection, codec: Codec) -> None:
         """Routed experts the hf plan kept in their stored format (`keep_experts`); biases are floats."""
-        expert_part = _expert_regex(det, part=r"\w+")
+        expert_part = expert_regex(det, part=r"\w+")
         for unit in plan.units:
             for out in unit.op.outputs:
                 prefix, _, part = out.rpartition(".")

@@ -125,8 +125,8 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
     )
     base = finalize(base, ck)  # specs of the float plan tell which outputs are 2-D weights
     spec_of = {s.name: s for s in base.specs}
-    expert_re = _expert_regex(det)
-    expert_part_re = _expert_regex(det, part=r"\w+")
+    expert_re = expert_regex(det)
+    expert_part_re = expert_regex(det, part=r"\w+")
     always = [re.compile(p) for p in ALWAYS_IGNORED]
     user = [(p, ignore_regex(p)) for p in recipe.ignore]
     matched = dict.fromkeys(recipe.ignore, 0)  # modules each --ignore pattern matched
@@ -279,7 +279,7 @@ def ignore_regex(pattern: str) -> re.Pattern[str]:
         raise MoeportError(f"--ignore {pattern!r}: not a regular expression ({exc})") from None
 
 
-def _expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
+def expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
     """Routed-expert tensors under hub names, `part` being a regex of the last name segment."""
     layout = det.family.per_expert
     prefix = det.naming.pattern()
