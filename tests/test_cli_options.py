@@ -70,7 +70,7 @@ def test_ignore_matching_nothing_is_refused(checkpoint, tmp_path) -> None:
 
 
 HF = "(it takes --layout, --dtype, --max-shard-size)"
-KT = "(it takes --numa, --kt-layout)"
+KT = "(it takes --numa, --kt-layout, --kt-any-cpu)"
 INT = (
     "(it takes --group-size, --targets, --ignore, --max-shard-size, --allow-nonfinite, --method, "
     "--calibration, --samples, --seq-len, --dampening, --act-order, --all-experts)"

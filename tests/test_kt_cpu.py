@@ -1,5 +1,6 @@
-"""kt-kernel's CPU needs per method, checked at convert time: a one-line WARNING (not a refusal) when
-this machine could not run what it writes (converting on a build box for another one is legitimate)."""
+"""kt-kernel's CPU needs per method, checked at convert time: a one-line refusal when this machine
+could not run what it would write, and with --kt-any-cpu (converting on a build box for another
+machine) a one-line WARNING and the output."""
 
 from __future__ import annotations
 
@@ -37,12 +38,18 @@ def test_every_kt_method_states_its_cpu_needs() -> None:
 
 
 @pytest.mark.parametrize("to", ["kt-fp8-perchannel", "kt-int4"])
-def test_convert_warns_in_one_line_and_writes(main, kt_checkpoint, tmp_path, monkeypatch, to) -> None:  # noqa: F811
+def test_convert_refuses_or_warns_for_another_machine(main, kt_checkpoint, tmp_path, monkeypatch, to) -> None:  # noqa: F811
     for module in (kt, kt_native):  # the machine this runs on, as an AVX2-only host would report it
         monkeypatch.setattr(module, "host_flags", lambda: ZEN2)
-    code, _, err = main(
-        "convert", str(kt_checkpoint("deepseek_v3")), str(tmp_path / "o"), "--to", to, "--quiet"
+    args = ("convert", str(kt_checkpoint("deepseek_v3")), str(tmp_path / "o"), "--to", to, "--quiet")
+    code, _, err = main(*args)
+    assert code == 2 and not (tmp_path / "o").exists()
+    method = "FP8_PERCHANNEL" if to == "kt-fp8-perchannel" else "AMXINT4"
+    assert err.count("error:") == 1 and err.endswith(  # (what precedes: the fixture's checkpoint writing)
+        f"error: kt-kernel runs {method} only on CPUs with AVX-512 (avx512f, avx512bw) and this one lacks "
+        "avx512f, avx512bw; to write it for another machine, add --kt-any-cpu"
     )
+    code, _, err = main(*args, "--kt-any-cpu")
     assert code == 0 and (tmp_path / "o").is_dir()
     warning = err.split("WARNING: ")[1:]
     assert len(warning) == 1 and "lacks avx512f, avx512bw" in warning[0] and "another machine" in warning[0]

@@ -192,6 +192,13 @@ def convert(
             help="Quantize weights holding NaN/Inf instead of refusing them (kt formats cannot hold them).",
         ),
     ] = False,
+    kt_any_cpu: Annotated[
+        bool,
+        typer.Option(
+            "--kt-any-cpu",
+            help="kt: write a method this CPU could not run in kt-kernel (for another machine).",
+        ),
+    ] = False,
     input_scales: Annotated[
         str,
         typer.Option(
@@ -245,6 +252,7 @@ def convert(
         kt_layout=kt_layout,
         flavor=flavor,
         allow_nonfinite=allow_nonfinite,
+        kt_any_cpu=kt_any_cpu,
         input_scales=input_scales,
         gguf_type=gguf_type,
         device=device,

@@ -30,6 +30,7 @@ class Options:
     kt_layout: str = "merged"  # kt: merged | folders
     flavor: str = ""  # nvfp4/mxfp4: compressed-tensors | modelopt ("": the target's default)
     allow_nonfinite: bool = False  # quantize NaN/Inf weights instead of refusing them
+    kt_any_cpu: bool = False  # kt: write a method this CPU could not run (for another machine)
     input_scales: str = ""  # nvfp4: calibration file of input absmax per module ("": weight-only)
     gguf_type: str = "bf16"  # gguf: the GGML type of the weights (recipes/gguf.py)
     device: str = "cpu"  # where the math runs; never changes the bytes
@@ -57,6 +58,7 @@ OPTION_FLAGS = {
     "kt_layout": "--kt-layout",
     "flavor": "--flavor",
     "allow_nonfinite": "--allow-nonfinite",
+    "kt_any_cpu": "--kt-any-cpu",
     "input_scales": "--input-scales",
     "gguf_type": "--gguf-type",
     "method": "--method",

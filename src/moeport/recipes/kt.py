@@ -21,7 +21,7 @@ from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Copy, Op, Split, Unstack
 from moeport.mappings.rules import ROWS, VECTOR
 from moeport.recipes.base import Options, Target
-from moeport.recipes.kt_cpu import cpu_warning, host_flags
+from moeport.recipes.kt_cpu import check_cpu, host_flags
 from moeport.recipes.kt_shapes import expert_shape
 from moeport.recipes.provenance import source_name
 from moeport.sinks.kt import KtFoldersSink, KtMergedSink
@@ -193,7 +193,7 @@ class _Builder:
 def _build(bits: int):
     def build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
         plan, kt = plan_kt(ck, det, bits, opts)
-        plan.warnings += filter(None, [cpu_warning(kt.method, host_flags())])
+        plan.warnings += filter(None, [check_cpu(kt.method, host_flags(), opts.kt_any_cpu)])
         meta = {
             **metadata,
             "source": source_name(ck, opts.source_label),
@@ -225,7 +225,7 @@ TARGETS = [
         f"kt-kernel {K.method_name(bits)} CPU experts (--numa T, --kt-layout {'|'.join(KT_LAYOUTS)})",
         _build(bits),
         _fields(bits),
-        takes=frozenset({"numa", "kt_layout"}),
+        takes=frozenset({"numa", "kt_layout", "kt_any_cpu"}),
     )
     for bits in (4, 8)
 ]

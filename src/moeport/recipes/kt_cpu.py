@@ -9,13 +9,16 @@ avx512_base,avx2}`, picked by `_cpu_detect.detect_cpu_features` from /proc/cpuin
 - RAWINT4, FP8, BF16, GPTQ_INT4, MXFP4, MXFP8: also `AVX2*_MOE` fallbacks, compiled in every variant
   (AVX-VNNI picks a faster INT4 path): AVX2 at least.
 
-Converting is legitimate on a build machine for another one, so a missing feature is a one-line
-WARNING (the output is still right), never a refusal.
+A missing feature refuses the conversion in one line before any work (kt-kernel could not run the
+output on this machine); converting on a build machine for another one is legitimate, so
+`--kt-any-cpu` turns the refusal into a one-line WARNING (the output is the same).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from moeport.errors import MoeportError
 
 AVX512 = ("avx512f", "avx512bw")
 AVX2 = ("avx2",)
@@ -59,4 +62,17 @@ def cpu_warning(method: str, flags: set[str] | None) -> str | None:
     return (
         f"WARNING: kt-kernel runs {method} only on CPUs with {_NAMES[NEEDS[method]]}; this one lacks "
         f"{', '.join(lacking)}: the output is right, but for another machine (kt-kernel refuses it here)"
+    )
+
+
+def check_cpu(method: str, flags: set[str] | None, any_cpu: bool) -> str | None:
+    """Refuse (one line) writing `method` on a CPU that kt-kernel could not run it on, unless the
+    user converts for another machine (`any_cpu`: then the warning line, for the plan's notes)."""
+    warning = cpu_warning(method, flags)
+    if warning is None or any_cpu:
+        return warning
+    lacking = ", ".join(missing(method, flags or set()))
+    raise MoeportError(
+        f"kt-kernel runs {method} only on CPUs with {_NAMES[NEEDS[method]]} and this one lacks {lacking}; "
+        "to write it for another machine, add --kt-any-cpu"
     )

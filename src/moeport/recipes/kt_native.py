@@ -18,7 +18,7 @@ from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
 from moeport.recipes import gpu, hf, kt_gptq, kt_mx
 from moeport.recipes.base import Options, Target
-from moeport.recipes.kt_cpu import cpu_warning, host_flags
+from moeport.recipes.kt_cpu import check_cpu, host_flags
 from moeport.sources.checkpoint import Checkpoint
 
 # The expert names kt-kernel's loaders look for: (module holding experts, gate, up, down).
@@ -50,7 +50,7 @@ class NativeMethod:
         self.check_alignment(det)
         plan, sink = self.base.build(ck, det, replace(opts, layout="hub", **self.fixed), metadata)
         plan.title = f"{det.family.title}: {det.expert_format.name} -> kt-kernel {self.method} ({self.help})"
-        plan.warnings += filter(None, [cpu_warning(self.method, host_flags())])
+        plan.warnings += filter(None, [check_cpu(self.method, host_flags(), opts.kt_any_cpu)])
         return plan, sink
 
     def fits(self, det: Detection) -> bool:
@@ -86,7 +86,7 @@ class NativeMethod:
                 )
 
     def as_target(self) -> Target:
-        takes = frozenset({"max_shard_bytes", "allow_nonfinite"} & set(self.base.takes))
+        takes = frozenset({"max_shard_bytes", "allow_nonfinite"} & set(self.base.takes)) | {"kt_any_cpu"}
         return Target(
             self.target,
             f"kt-kernel {self.method}: {self.help}, a Hugging Face folder its native loader reads",
