@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from moeport.codecs import kt_kernels
+from moeport.codecs import cpu_kernels, kt_kernels
 from moeport.codecs.base import row_chunks
 from moeport.errors import MoeportError
 
@@ -253,7 +253,7 @@ def kt_quantize_fp8_block(
     kt_kernels._fp8_block_to_kt(
         weight.contiguous().view(torch.uint8).numpy(),
         block_scale.float().contiguous().numpy(),
-        kt_kernels.E4M3_LUT,
+        cpu_kernels.E4M3_LUT,
         block[0],
         block[1],
         bits,

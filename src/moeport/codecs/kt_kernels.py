@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from moeport.codecs.cpu_kernels import E4M3_LUT  # noqa: F401 - every E4M3 byte's float32 value
-
 try:
     from numba import njit
 except ImportError:  # pragma: no cover - numba is a regular dependency
