@@ -9,6 +9,11 @@ siblings, memory bandwidth, allocation) or the pipeline around it does (read-ahe
 Every MoE unit's inputs of `--layers` layers are read into memory first; then the units run on the
 same thread pool a conversion uses (moeport.parallel.Workers), their outputs computed and dropped.
 
+Two probes of the machine itself run first, on the same thread counts: an arithmetic loop held in
+registers (how many cores' worth of compute N threads get: turbo clocks, vCPUs that share a
+host core) and a copy of private 256 MiB buffers per thread (memory bandwidth). A job that
+scales as the arithmetic probe does is at the CPU's limit, not ours.
+
 `--pin cores` runs N threads on N distinct physical cores (one logical CPU of each, from
 /sys/devices/system/cpu/*/topology), `--pin siblings` on N/2 cores with both of their logical
 CPUs, `--pin all` (default) on every CPU the process may use. The CPU topology is printed.
@@ -59,6 +64,49 @@ def cpus_for(n: int, pin: str, cores: dict[int, list[int]]) -> set[int] | None:
     return chosen if len(chosen) == n else None
 
 
+def _probe_kernels():
+    from numba import njit
+
+    @njit(nogil=True, cache=True)
+    def spin(n):  # pragma: no cover - compiled
+        a = b = c = d = 1.0
+        for _ in range(n):  # four independent multiply-add chains, no memory traffic
+            a = a * 0.999999 + 1e-7
+            b = b * 0.999998 + 2e-7
+            c = c * 0.999997 + 3e-7
+            d = d * 0.999996 + 4e-7
+        return a + b + c + d
+
+    return spin
+
+
+def probe(threads: int, which: str) -> float:
+    """Aggregate rate of `threads` threads running the arithmetic or copy probe (units/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if which == "alu":
+        spin = _probe_kernels()
+        spin(10)
+        steps = 200_000_000
+
+        def work() -> None:
+            spin(steps)
+    else:
+        steps = 256 * 2**20 * 8  # bytes read and written per thread: 8 copies of 256 MiB
+        bufs = [(torch.randn(2**26), torch.empty(2**26)) for _ in range(threads)]
+
+        def work() -> None:
+            src, dst = bufs.pop()
+            for _ in range(8):
+                dst.copy_(src)
+
+    with ThreadPoolExecutor(threads) as pool:
+        start = time.perf_counter()
+        list(pool.map(lambda _: work(), range(threads)))
+        seconds = time.perf_counter() - start
+    return threads * steps / seconds / 1e9
+
+
 def held_units(src: Path, to: str, extra: dict, layers: int):
     """(checkpoint, units of the MoE layers, their inputs in memory, source bytes)."""
     ck = open_checkpoint(src).__enter__()
@@ -102,6 +150,14 @@ def main() -> None:
     everything = os.sched_getaffinity(0)
     cores = topology()
     print(json.dumps({"logical_cpus": len(everything), "physical_cores": len(cores), "cores": cores}))
+    probes: dict[str, dict[str, float]] = {}
+    for which in ("alu", "copy"):
+        rates = {n: max(probe(n, which) for _ in range(2)) for n in (int(x) for x in args.threads.split(","))}
+        one = rates[min(rates)] / min(rates)
+        probes[which] = {str(n): round(r / (n * one), 2) for n, r in rates.items()}
+        probes[which + " rate"] = {str(n): round(r, 2) for n, r in rates.items()}
+    # arithmetic: G multiply-adds/s per chain step x4; copy: GB/s of bytes copied
+    print(json.dumps({"probes, N threads / (N x one)": probes}), flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="moeport-kscale-"))
     work.mkdir(parents=True, exist_ok=True)
     src = build_sources(work, args.layers, args.experts)
@@ -110,7 +166,7 @@ def main() -> None:
         name = list(JOBS)[int(number) - 1]
         kind, to, extra = JOBS[name]
         ck, units, tensors, nbytes = held_units(src[kind], to, extra, args.layers)
-        run(ck, units[:2], tensors, 1)  # compile / warm the kernels
+        run(ck, units, tensors, 2)  # compile / warm the kernels of every kind of unit
         rates: dict[str, float] = {}
         for pin in args.pin.split(","):
             for n in (int(x) for x in args.threads.split(",")):
@@ -119,7 +175,8 @@ def main() -> None:
                     continue
                 os.sched_setaffinity(0, cpus)
                 try:
-                    rates[f"{pin} {n}"] = nbytes / run(ck, units, tensors, n) / 1e9
+                    best = min(run(ck, units, tensors, n) for _ in range(2))
+                    rates[f"{pin} {n}"] = nbytes / best / 1e9
                 finally:
                     os.sched_setaffinity(0, everything)
         one = rates.get("all 1") or rates.get("cores 1")
@@ -135,7 +192,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del tensors
     if args.json:
-        args.json.write_text(json.dumps({"cores": cores, "jobs": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"cores": cores, "probes": probes, "jobs": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

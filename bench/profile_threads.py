@@ -54,18 +54,20 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--top", type=int, default=6)
+    ap.add_argument("--out", type=Path, default=None, help="where the output goes (default: in --work)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moeport-prof-"))
     work.mkdir(parents=True, exist_ok=True)
     name = list(JOBS)[args.job - 1]
     kind, to, extra = JOBS[name]
     src = build_sources(work, args.layers, args.experts)[kind]
-    convert(src, work / "out", to, extra, args.device, args.threads, args.host_threads)  # warm-up
+    out = args.out or work / "out"
+    convert(src, out, to, extra, args.device, args.threads, args.host_threads)  # warm-up
     counts: dict = collections.defaultdict(collections.Counter)
     stop = threading.Event()
     sampler = threading.Thread(target=sample, args=(stop, 0.005, counts), daemon=True)
     sampler.start()
-    seconds, written = convert(src, work / "out", to, extra, args.device, args.threads, args.host_threads)
+    seconds, written = convert(src, out, to, extra, args.device, args.threads, args.host_threads)
     stop.set()
     sampler.join()
     rate = written / seconds / 1e9
