@@ -249,15 +249,31 @@ def _nbytes(f, key: str) -> int:
     return t.numel() * t.element_size()
 
 
-@pytest.mark.parametrize("model_type,block", [("deepseek_v3", (128, 64)), ("qwen3_moe", (128, 128))])
-def test_fp8_block_source_bytes(main, kt_checkpoint, tmp_path, model_type, block):
+@pytest.mark.parametrize(
+    "model_type,block,fused",
+    [
+        ("deepseek_v3", (128, 64), 3),  # every NUMA slice on block boundaries: all through the fused kernel
+        ("qwen3_moe", (128, 128), 3),  # fused [E, 2I, H] stacks too
+        ("deepseek_v3", (256, 128), 1),  # gate/up slices cut a block of rows: decoded first; down fused
+    ],
+)
+def test_fp8_block_source_bytes(main, kt_checkpoint, tmp_path, monkeypatch, model_type, block, fused):
     """FP8-block experts (any block size; per-expert or fused [E, 2I, H]) decoded, rounded to bf16,
-    quantized: equal to kt_quantize of the independently decoded source."""
+    quantized: equal to kt_quantize of the independently decoded source. A slice whose rows or
+    columns lie on scale-block boundaries is encoded from its own FP8 parts by the fused kernel
+    (counted here), the rest from the bf16 decode: the same bytes either way."""
+    from moeport.codecs import kt_kernels
     from moeport.codecs.fp8 import Fp8BlockCodec
 
+    calls = []
+    kernel = kt_kernels._fp8_block_to_kt
+    monkeypatch.setattr(kt_kernels, "_fp8_block_to_kt", lambda *a: calls.append(a[0].shape) or kernel(*a))
     src = kt_checkpoint(model_type, block)
     dst = tmp_path / "kt"
     convert(main, src, dst, "--to", "kt-int4", "--numa", "2", "--quiet")
+    weight_map = json.loads((dst / INDEX_NAME).read_text())["weight_map"]
+    slices = len([k for k in weight_map if "_exps." in k and k.endswith(".weight")])
+    assert len(calls) == slices * fused // 3 and slices > 0
     layer, e = 1, 2
     codec = Fp8BlockCodec(block=block, scale_name="weight_scale_inv")
     with safe_open(str(src / "model.safetensors"), "pt") as f:

@@ -94,6 +94,19 @@ class Fp8BlockCodec:
         check_shape(s, (*w.shape[:-2], cdiv(n, bn), cdiv(k, bk)), where, self.scale_name)
         return w, check_finite(e8m0_from_bytes(s), where, self.scale_name)
 
+    def cut(
+        self, shape: tuple[int, ...], dim: int, start: int, length: int
+    ) -> dict[str, tuple[int, int, int]] | None:
+        """The stored parts of rows (`dim` 0) or columns (1) [start, start + length) of the decoded
+        [n, k] weight, as (dim, start, length) per part; None when the cut splits a scale block.
+        A fused encoder then reads a slice's own FP8 parts (kt's per-NUMA slices of an expert)."""
+        if len(shape) != 2:
+            return None
+        b = self.block[dim]
+        if start % b or (length % b and start + length != shape[dim]):
+            return None
+        return {"weight": (dim, start, length), self.scale_name: (dim, start // b, cdiv(length, b))}
+
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         w, scale = self.checked(parts, where)
         n, k = w.shape[-2:]

@@ -17,7 +17,17 @@ import torch
 
 from moeport.codecs.format import RowRule
 from moeport.errors import MoeportError
-from moeport.mappings.values import Lazy, Memo, Value, derived, fill_into, is_meta, realize, shape_of
+from moeport.mappings.values import (
+    Lazy,
+    Memo,
+    Value,
+    cut_origin,
+    derived,
+    fill_into,
+    is_meta,
+    realize,
+    shape_of,
+)
 from moeport.parallel import fan_out
 
 
@@ -267,6 +277,7 @@ class Split(OneToMany):
         meta = is_meta(v)
         out: dict[str, Value] = {}
         start = 0
+        stored: dict[str, Memo] = {}  # a decode's stored parts, shared by the pieces cut from them
         for i, (t, n) in enumerate(zip(self.targets, units, strict=True)):
             piece_shape = list(shape)
             piece_shape[axis] = n
@@ -275,6 +286,8 @@ class Split(OneToMany):
             else:
                 piece = self._narrowed(axis, start, n)
             out[t] = derived(memo, tuple(piece_shape), v.dtype, meta, piece)
+            if not self.interleave:  # a fused encoder can read this piece's own stored parts
+                out[t].decoded_from = cut_origin(v, axis % len(shape), start, n, stored)
             start += n
         return out
 

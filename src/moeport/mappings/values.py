@@ -125,3 +125,29 @@ def derived(memo: Memo, shape: tuple[int, ...], dtype: torch.dtype, meta: bool, 
     if memo.device_resident and not meta:
         return DeviceLazy(shape, dtype, produce=lambda: fn(memo()), on_device=lambda: fn(memo.on_device()))
     return Lazy(shape, dtype, meta, produce=lambda: fn(memo()))
+
+
+def cut_origin(v: Value, dim: int, start: int, length: int, memos: dict[str, Memo]) -> tuple | None:
+    """The `decoded_from` of rows/columns [start, start + length) of a decode `v` (see Lazy), when
+    its codec can cut its stored parts there (`codec.cut`); else None. `memos` shares each stored
+    part among the pieces of one split, so it is read once."""
+    origin = v.decoded_from if isinstance(v, Lazy) else None
+    cut = getattr(origin[0], "cut", None) if origin is not None else None
+    if origin is None or cut is None:
+        return None
+    codec, named, where = origin
+    cuts = cut(shape_of(v), dim, start, length)
+    if cuts is None or set(cuts) != set(named):
+        return None
+    parts: dict[str, Value] = {}
+    for part, (d, s, n) in cuts.items():
+        memo = memos.setdefault(part, Memo(named[part]))
+        shape = list(shape_of(named[part]))
+        shape[d] = n
+        parts[part] = derived(memo, tuple(shape), named[part].dtype, is_meta(v), _narrow(d, s, n))
+    what = "rows" if dim == 0 else "columns"
+    return codec, parts, f"{where} ({what} {start}:{start + length})"
+
+
+def _narrow(dim: int, start: int, length: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: t.narrow(dim, start, length)
