@@ -143,9 +143,7 @@ class _Builder:
             else:
                 rule = VECTOR if proj == "down" else ROWS  # down [H, I] is cut along its columns
                 ops.append(Split(name, tuple(f"{name}#{proj}{t}" for t in range(tp)), rule, (part,) * tp))
-        for slot in self.kt.slots(layer):
-            if slot.expert != e:
-                continue
+        for slot in self.kt.expert_slots(layer, e):
             source = mats.get(slot.proj, mats.get("gate_up"))
             ops.append(self._encode(f"{source}#{slot.proj}{slot.t}", slot))
 

@@ -74,9 +74,13 @@ class KtLayout:
     def slots(self, layer: int) -> Iterator[KtSlot]:
         """A layer's slices in output order: expert, then TP slice, then gate/up/down."""
         for e in range(self.experts):
-            for t in range(self.tp):
-                for proj, n, k in self.mats():
-                    yield KtSlot(layer, proj, e, t, n, k)
+            yield from self.expert_slots(layer, e)
+
+    def expert_slots(self, layer: int, expert: int) -> Iterator[KtSlot]:
+        """One expert's slices, in output order (a plan asks per expert: not the whole layer's)."""
+        for t in range(self.tp):
+            for proj, n, k in self.mats():
+                yield KtSlot(layer, proj, expert, t, n, k)
 
     def specs(self, slot: KtSlot) -> tuple[TensorSpec, TensorSpec]:
         weight = TensorSpec(slot.key("weight"), "I8", (slot.n * slot.k * self.bits // 8,))
