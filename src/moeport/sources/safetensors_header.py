@@ -77,11 +77,13 @@ class _Duplicate(Exception):
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """JSON objects whose keys repeat are refused (json keeps the last one silently)."""
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: find the key that repeats (a real model has 1e5 objects)
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
     return out
 
 
