@@ -109,7 +109,11 @@ def _backbone(model_type: str) -> str:
     """Said where transformers' only model classes for the type are backbones (VitPose+): a vision
     feature extractor, whose 'experts' moeport does not take for a language model's."""
     from transformers import CONFIG_MAPPING
+    from transformers.models.auto import modeling_auto as auto
 
+    mapped = (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    if any(model_type in names for names in (*mapped, auto.MODEL_MAPPING_NAMES)):
+        return ""  # a language or multimodal model class maps it (names only: no module imported)
     classes = declared_model_classes(CONFIG_MAPPING[model_type])
     if not classes or not all(c.__name__.endswith("Backbone") for c in classes):
         return ""
