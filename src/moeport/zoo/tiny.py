@@ -92,6 +92,8 @@ TYPE_OVERRIDES: dict[str, dict[str, Any] | Callable[[dict[str, Any]], dict[str, 
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     # Qwen3-Omni's talker reads `spatial_merge_size`, which its config class does not declare
     "Qwen3OmniMoeTalkerConfig": dict(spatial_merge_size=2),
+    # Step-3.5 (Step3p7's text model) builds a sliding-window mask whatever its layer types
+    "step3p5": dict(sliding_window=512),
     # VitPose+: the per-dataset heads' width, taken out of the (tiny) hidden size
     "vitpose_backbone": dict(part_features=16),
     # ERNIE-4.5-VL: 3-D RoPE sections for its tiny head dim (the default [22, 22, 20] fits 128)
