@@ -101,3 +101,8 @@ def test_config_without_an_auto_class_builds_the_class_its_module_declares(model
 def test_unknown_model_type_is_one_line() -> None:
     with pytest.raises(MoeportError, match="'no_such_moe' is not in the installed transformers"):
         tiny_config("no_such_moe")
+
+
+def test_a_familys_own_layer_types_are_kept() -> None:
+    """Only all-dense or missing `mlp_layer_types` are filled: DeepSeek-V4's hash-routed layers stay."""
+    assert set(tiny_config("deepseek_v4").mlp_layer_types) == {"hash_moe"}

@@ -42,7 +42,6 @@ def text_overrides(hidden: int = 64, inter: int = 48, dense: int = 80, layers: i
         moe_num_experts=EXPERTS,
         n_shared_experts=1,
         first_k_dense_replace=1,
-        num_dense_layers=1,
         n_group=1,
         topk_group=1,
         # multi-head latent attention (DeepSeek-V2/V3 and their kin): consistent tiny ranks
@@ -144,7 +143,7 @@ def _call(cls: type, text: dict[str, Any], small: bool) -> dict[str, Any]:
             }
         elif isinstance(sub, type) and _is_wrapper(sub):
             out[key] = _call(sub, text, small)
-        elif small:
+        elif small and key in _default_towers(cls):
             out[key] = dict(VISION)
     return out
 
@@ -162,6 +161,17 @@ def _tied_vocab(cls: type, text: dict[str, Any]) -> dict[str, Any]:
     except TypeError:  # not a dataclass config
         return {}
     return {n: text["vocab_size"] for n in names if n.endswith("vocab_size") and n != "vocab_size"}
+
+
+def _default_towers(cls: type) -> set[str]:
+    """The towers a wrapper gets tiny: its vision tower, and the others it builds by default (an
+    audio tower it leaves None is not added)."""
+    subs = set(getattr(cls, "sub_configs", None) or {})
+    try:
+        default = cls()
+    except Exception:  # defaults that do not validate alone: every declared sub-config
+        return subs
+    return {k for k in subs if k == "vision_config" or getattr(default, k, None) is not None}
 
 
 def _answered(cls: type, kwargs: dict[str, Any]):
@@ -192,7 +202,7 @@ def _per_layer_types(config):
     it per layer (DeepSeek-OCR-2), or make all dense for a tiny depth (GLM-5-Next: its first 3):
     transformers' convention, the first layer dense and the rest sparse, as the overrides ask."""
     text = config.get_text_config()
-    if "mlp_layer_types" in text.to_dict() and "sparse" not in (text.mlp_layer_types or ()):
+    if "mlp_layer_types" in text.to_dict() and set(text.mlp_layer_types or ("dense",)) == {"dense"}:
         text.mlp_layer_types = ["dense"] + ["sparse"] * (text.num_hidden_layers - 1)
     return config
 
