@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 from moeport.errors import MoeportError
@@ -136,11 +137,7 @@ def _call(cls: type, text: dict[str, Any], small: bool) -> dict[str, Any]:
     out: dict[str, Any] = dict(own)
     for key, sub in (getattr(cls, "sub_configs", None) or {}).items():
         if key == "text_config":
-            out[key] = {
-                **text,
-                **_tied_vocab(sub, text),
-                **TYPE_OVERRIDES.get(getattr(sub, "model_type", ""), {}),
-            }
+            out[key] = {**text, **_tied_vocab(sub, text), **_own(sub.model_type or sub.__name__, text)}
         elif isinstance(sub, type) and _is_wrapper(sub):
             out[key] = _call(sub, text, small)
         elif small and key in _default_towers(cls):
@@ -149,6 +146,7 @@ def _call(cls: type, text: dict[str, Any], small: bool) -> dict[str, Any]:
 
 
 def _own(key: str, text: dict[str, Any]) -> dict[str, Any]:
+    """TYPE_OVERRIDES of a config class (by model_type, or class name), given the tiny text fields."""
     own = TYPE_OVERRIDES.get(key, {})
     return own(text) if callable(own) else dict(own)
 
@@ -163,6 +161,7 @@ def _tied_vocab(cls: type, text: dict[str, Any]) -> dict[str, Any]:
     return {n: text["vocab_size"] for n in names if n.endswith("vocab_size") and n != "vocab_size"}
 
 
+@cache
 def _default_towers(cls: type) -> set[str]:
     """The towers a wrapper gets tiny: its vision tower, and the others it builds by default (an
     audio tower it leaves None is not added)."""
