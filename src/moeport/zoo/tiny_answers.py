@@ -33,9 +33,8 @@ def candidates(cls: type, kwargs: Kwargs, message: str) -> Iterator[Kwargs]:
 
 
 def _dicts(kwargs: Kwargs) -> dict[str, Kwargs]:
-    """The field dicts of the call: '' for a plain config, else each `*_config` (sub-config) dict."""
-    subs = {k: v for k, v in kwargs.items() if k.endswith("_config") and isinstance(v, dict)}
-    return subs or {"": kwargs}
+    """The field dicts of the call: '' for its top level, and each `*_config` (sub-config) dict."""
+    return {"": kwargs, **{k: v for k, v in kwargs.items() if k.endswith("_config") and isinstance(v, dict)}}
 
 
 def _text(kwargs: Kwargs) -> Kwargs:
@@ -142,6 +141,8 @@ def _reverts(kwargs: Kwargs, message: str) -> Iterator[Kwargs]:
     named, valued = [], []
     for key, fields in _dicts(kwargs).items():
         for name, value in fields.items():
+            if isinstance(value, dict):  # a sub-config: its own fields are candidates, not all of it
+                continue
             if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", message):
                 named.append((key, name))
             elif type(value) is int and value in numbers:
