@@ -11,6 +11,14 @@ from moeport.errors import MoeportError
 from moeport.zoo.support import moe_model_types
 
 runner = CliRunner()
+TINY_CONFIG_TYPES = (
+    "dots3_note dots3_note_vision_encoder ernie4_5_vl_moe ernie4_5_vl_moe_text glm5_next glm5_next_text "
+    "hy_v4_vl "
+    "hy_v4_vl_text inkling2 inkling2_loop muse_spark zaya dbrx deepseek_ocr2 lfm2_moe deepseek_ocr2_text "
+    "diffusion_gemma_text qwen3_omni_moe qwen3_omni_moe_text qwen3_omni_moe_talker_text step3p5 "
+    "unlimited_ocr_text vitpose_backbone"
+).split()
+UNBUILT = ("refuses a tiny config", "cannot build it", "no causal-LM", "no model class")
 
 
 def test_families_lists_every_moe_model_type_with_how_it_is_supported() -> None:
@@ -24,6 +32,18 @@ def test_families_lists_every_moe_model_type_with_how_it_is_supported() -> None:
     # transformers' SwitchTransformers keeps each expert as its own module: said, not guessed
     assert rows["switch_transformers"]["support"] == "not"
     assert "separate modules" in rows["switch_transformers"]["detail"]
+
+    # tiny configs transformers refused, or model classes not found, before: each now builds, and
+    # is derived or says the structural reason derivation stops at
+    for model_type in TINY_CONFIG_TYPES:
+        detail = rows[model_type]["detail"]
+        assert not any(why in detail for why in UNBUILT), (model_type, detail)
+    for model_type in ("lfm2_moe", "dots3_note", "qwen3_omni_moe_text", "step3p5", "unlimited_ocr_text"):
+        assert rows[model_type]["support"] == "derived", rows[model_type]
+    # a sub-config type's checkpoints come from its wrapper: named, with the wrapper's support
+    assert "a sub-model of qwen3_omni_moe: " in rows["qwen3_omni_moe_talker_text"]["detail"]
+    assert "a sub-model of step3p7: " in rows["step3p5"]["detail"]
+    assert "vision backbone (VitPoseBackbone), not a language model" in rows["vitpose_backbone"]["detail"]
 
     table = runner.invoke(app, ["inspect", "--families"])
     assert table.exit_code == 0 and "hunyuan_v1_moe" in table.stdout and " derived, " in table.stdout

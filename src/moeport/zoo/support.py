@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from moeport.zoo.derived import NotDerivable, derive_family
 from moeport.zoo.families import Family, family_for_model_type
+from moeport.zoo.tiny import declared_model_classes
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,66 @@ def support(model_type: str) -> Support:
         if inner is not None and inner.family is not None:
             # detection would try the text model's family under the wrapper's prefixes; unchecked here
             why += f" (its text model {text} is {inner.how}; tried under wrapper prefixes, not checked)"
-        return Support(model_type, "not", None, why)
-    return Support(model_type, "derived", family, _summary(family))
+        return Support(model_type, "not", None, why + _backbone(model_type) + _held_by(model_type))
+    return Support(model_type, "derived", family, _summary(family) + _held_by(model_type))
+
+
+def _held_by(model_type: str) -> str:
+    """Where checkpoints of a sub-config type come from: the wrappers holding its config class
+    (Qwen3-Omni's thinker text and talker, DeepSeek-OCR-2's text model), and how each is supported.
+    Detection reads a wrapper's checkpoint with the wrapper's family, else its text model's."""
+    holders = _holders().get(model_type, ())
+    if not holders:
+        return ""
+    return f" (a sub-model of {', '.join(f'{h}: {_how(h)}' for h in holders)})"
+
+
+def _how(model_type: str) -> str:
+    """zoo / derived / not of a wrapper, without its own wrapper note (no recursion through support)."""
+    if family_for_model_type(model_type) is not None:
+        return "zoo"
+    try:
+        derive_family(model_type)
+    except NotDerivable:
+        return "not"
+    return "derived"
+
+
+@lru_cache(maxsize=1)
+def _holders() -> dict[str, tuple[str, ...]]:
+    """model_type -> the MoE model types whose config holds its config class, at any depth."""
+    from transformers import CONFIG_MAPPING
+
+    by_class = {CONFIG_MAPPING[mt]: mt for mt in moe_model_types()}
+    held: dict[str, list[str]] = {}
+    for outer in moe_model_types():
+        for cls in _sub_classes(CONFIG_MAPPING[outer]):
+            if cls in by_class and by_class[cls] != outer:
+                held.setdefault(by_class[cls], []).append(outer)
+    return {k: tuple(sorted(set(v))) for k, v in held.items()}
+
+
+def _sub_classes(cls: type, seen: frozenset[type] = frozenset()) -> list[type]:
+    subs = [
+        s for s in (getattr(cls, "sub_configs", None) or {}).values() if isinstance(s, type) and s not in seen
+    ]
+    return subs + [c for s in subs for c in _sub_classes(s, seen | {cls})]
+
+
+def _backbone(model_type: str) -> str:
+    """Said where transformers' only model classes for the type are backbones (VitPose+): a vision
+    feature extractor, whose 'experts' moeport does not take for a language model's."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto import modeling_auto as auto
+
+    mapped = (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    if any(model_type in names for names in (*mapped, auto.MODEL_MAPPING_NAMES)):
+        return ""  # a language or multimodal model class maps it (names only: no module imported)
+    classes = declared_model_classes(CONFIG_MAPPING[model_type])
+    if not classes or not all(c.__name__.endswith("Backbone") for c in classes):
+        return ""
+    names = ", ".join(c.__name__ for c in classes)
+    return f"; transformers' class for it is a vision backbone ({names}), not a language model"
 
 
 def _text_model_type(model_type: str) -> str | None:

@@ -9,10 +9,14 @@ so a transposed stack cannot be mistaken for a plain one.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 from moeport.errors import MoeportError
+from moeport.zoo.tiny_answers import candidates
 
 EXPERTS = 4
 PER_TOKEN = 2
@@ -66,59 +70,194 @@ VISION = dict(
     temporal_patch_size=2,
 )
 
-# (error text transformers gives, the override that answers it): configs that validate more
-_FIXES: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("key_value_heads", {"num_key_value_heads": 4}),
-    ("num_mtp_layers", {"num_mtp_layers": 0}),
-    ("num_nextn_predict_layers", {"num_nextn_predict_layers": 0}),
-)
+# Per-type data (by model_type, or class name for a sub-config without one) where no rule
+# reaches: fields transformers' own defaults leave out although its model class reads them (every
+# real checkpoint's config.json sets them), and configs whose names for the common facts are their
+# own (a function of the tiny text fields).
+TYPE_OVERRIDES: dict[str, dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]]] = {
+    # Dbrx: its own names; DbrxAttention reads `attn_config.rope_theta`, which the class does not declare
+    "dbrx": lambda t: dict(
+        d_model=t["hidden_size"],
+        n_heads=t["num_attention_heads"],
+        n_layers=t["num_hidden_layers"],
+        max_seq_len=128,
+        attn_config={"kv_n_heads": t["num_key_value_heads"], "rope_theta": 500000.0},
+        ffn_config={
+            "ffn_hidden_size": t["moe_intermediate_size"],
+            "moe_num_experts": EXPERTS,
+            "moe_top_k": PER_TOKEN,
+        },
+    ),
+    # LFM2-MoE: no default `layer_types` (LFM2's config builds one); one conv and one attention layer
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    # Qwen3-Omni's talker reads `spatial_merge_size`, which its config class does not declare
+    "Qwen3OmniMoeTalkerConfig": dict(spatial_merge_size=2),
+    # Step-3.5 (Step3p7's text model) builds a sliding-window mask whatever its layer types
+    "step3p5": dict(sliding_window=512),
+    # VitPose+: the per-dataset heads' width, taken out of the (tiny) hidden size
+    "vitpose_backbone": dict(part_features=16),
+    # ERNIE-4.5-VL: 3-D RoPE sections for its tiny head dim (the default [22, 22, 20] fits 128)
+    "ernie4_5_vl_moe_text": dict(
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [2, 1, 1]}
+    ),
+}
+_STEPS = 12  # refusals answered in a row at most (each answer moves transformers past one)
 
 
 def tiny_config(model_type: str, text: dict[str, Any] | None = None, small_vision: bool = True):
-    """transformers' config of `model_type` with tiny text sizes (and a tiny vision tower where
-    the config has one and accepts it). Raises MoeportError with transformers' reason."""
+    """transformers' config of `model_type` with tiny text sizes (and tiny vision/audio towers
+    where the config has them and accepts them). A refusal is answered from its message and the
+    class's defaults (zoo/tiny_answers.py); MoeportError gives transformers' last reason."""
     from transformers import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
         raise MoeportError(f"model_type '{model_type}' is not in the installed transformers")
     cls = CONFIG_MAPPING[model_type]
     text = dict(text or text_overrides())
-    subs = set(getattr(cls, "sub_configs", None) or {})
     last: Exception | None = None
-    for vision in (True, False) if small_vision and "vision_config" in subs else (False,):
-        fixes: dict[str, Any] = {}
-        for _ in range(len(_FIXES) + 1):
-            kwargs = {**text, **fixes}
-            try:
-                if "text_config" in subs:
-                    extra = {"vision_config": VISION} if vision else {}
-                    return cls(text_config=kwargs, **extra)
-                return cls(**kwargs)
-            except Exception as e:  # transformers validates configs with its own exception types
-                last = e
-                fix = next((f for key, f in _FIXES if key in str(e) and not f.keys() <= fixes.keys()), None)
-                if fix is None:
-                    break
-                fixes.update(fix)
+    for small in (True, False) if small_vision and _is_wrapper(cls) else (False,):
+        config, last = _answered(cls, _call(cls, text, small))
+        if config is not None:
+            return _per_layer_types(config)
     raise MoeportError(f"{model_type}: transformers refuses a tiny config ({_one_line(last)})")
 
 
+def _is_wrapper(cls: type) -> bool:
+    """A config holding a `text_config`, itself or in a sub-config (Qwen3-Omni: thinker, talker)."""
+    subs = getattr(cls, "sub_configs", None) or {}
+    return "text_config" in subs or any(isinstance(s, type) and _is_wrapper(s) for s in subs.values())
+
+
+def _call(cls: type, text: dict[str, Any], small: bool) -> dict[str, Any]:
+    """The config call: tiny text fields, or a wrapper's `text_config` (at any depth) with tiny
+    towers beside it where `small`."""
+    own = _own(cls.model_type or cls.__name__, text)
+    if not _is_wrapper(cls):
+        return {**text, **_tied_vocab(cls, text), **own}
+    out: dict[str, Any] = dict(own)
+    for key, sub in (getattr(cls, "sub_configs", None) or {}).items():
+        if key == "text_config":
+            out[key] = {**text, **_tied_vocab(sub, text), **_own(sub.model_type or sub.__name__, text)}
+        elif isinstance(sub, type) and _is_wrapper(sub):
+            out[key] = _call(sub, text, small)
+        elif small and key in _default_towers(cls):
+            out[key] = dict(VISION)
+    return out
+
+
+def _own(key: str, text: dict[str, Any]) -> dict[str, Any]:
+    """TYPE_OVERRIDES of a config class (by model_type, or class name), given the tiny text fields."""
+    own = TYPE_OVERRIDES.get(key, {})
+    return own(text) if callable(own) else dict(own)
+
+
+def _tied_vocab(cls: type, text: dict[str, Any]) -> dict[str, Any]:
+    """The config's other vocabulary sizes (Inkling-2's `unpadded_vocab_size`, which transformers
+    slices the padded one to) at the tiny vocabulary, so no slice runs past it."""
+    try:
+        names = [f.name for f in dataclasses.fields(cls)]
+    except TypeError:  # not a dataclass config
+        return {}
+    return {n: text["vocab_size"] for n in names if n.endswith("vocab_size") and n != "vocab_size"}
+
+
+@cache
+def _default_towers(cls: type) -> set[str]:
+    """The towers a wrapper gets tiny: its vision tower, and the others it builds by default (an
+    audio tower it leaves None is not added)."""
+    subs = set(getattr(cls, "sub_configs", None) or {})
+    try:
+        default = cls()
+    except Exception:  # defaults that do not validate alone: every declared sub-config
+        return subs
+    return {k for k in subs if k == "vision_config" or getattr(default, k, None) is not None}
+
+
+def _answered(cls: type, kwargs: dict[str, Any]):
+    """(config, None), or (None, transformers' last refusal) when no answer moves it further."""
+    config, error = _make(cls, kwargs)
+    for _ in range(_STEPS):
+        if config is not None:
+            return config, None
+        for changed in candidates(cls, kwargs, str(error)):
+            tried, again = _make(cls, changed)
+            if tried is not None or str(again) != str(error):
+                kwargs, config, error = changed, tried, again
+                break
+        else:
+            return None, error
+    return config, error
+
+
+def _make(cls: type, kwargs: dict[str, Any]):
+    try:
+        return cls(**kwargs), None
+    except Exception as e:  # transformers validates configs with its own exception types
+        return None, e
+
+
+def _per_layer_types(config):
+    """`mlp_layer_types` that transformers' defaults leave None although its model class indexes
+    it per layer (DeepSeek-OCR-2), or make all dense for a tiny depth (GLM-5-Next: its first 3):
+    transformers' convention, the first layer dense and the rest sparse, as the overrides ask."""
+    text = config.get_text_config()
+    if "mlp_layer_types" in text.to_dict() and set(text.mlp_layer_types or ("dense",)) == {"dense"}:
+        text.mlp_layer_types = ["dense"] + ["sparse"] * (text.num_hidden_layers - 1)
+    return config
+
+
 def build_model(config, device: str = "meta"):
-    """The causal-LM (or image-text-to-text, or base) model transformers builds for `config`."""
+    """The causal-LM (or image-text-to-text, or base) model transformers builds for `config`; for
+    a config type no auto class maps (a wrapper's text or talker config), the model class its
+    modeling module declares for that config."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModel):
+    builders = [auto.from_config for auto in (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModel)]
+    builders += [cls._from_config for cls in declared_model_classes(type(config))]
+    for build in builders:
         try:
             with torch.device(device):
-                return auto.from_config(config)
+                return build(config)
         except ValueError as e:
             if "Unrecognized configuration class" in str(e):
                 continue
             raise MoeportError(f"{config.model_type}: transformers cannot build it ({_one_line(e)})") from e
         except Exception as e:  # a model class failing on a tiny config: its reason, one line
             raise MoeportError(f"{config.model_type}: transformers cannot build it ({_one_line(e)})") from e
-    raise MoeportError(f"{config.model_type}: no causal-LM, image-text or base model class in transformers")
+    raise MoeportError(f"{config.model_type}: no model class in transformers takes {type(config).__name__}")
+
+
+_CLASS_ORDER = ("ForCausalLM", "ForConditionalGeneration", "Model", "Backbone")
+
+
+def declared_model_classes(config_cls: type) -> list[type]:
+    """Model classes of the config's own modeling module whose `config_class` is exactly it,
+    causal LM first, then conditional generation, then base model."""
+    import importlib
+    import inspect as pyinspect
+
+    from transformers import PreTrainedModel
+
+    module = config_cls.__module__.replace(".configuration_", ".modeling_")
+    try:
+        found = vars(importlib.import_module(module)).values()
+    except ImportError:  # a config without a modeling module
+        return []
+    classes = [
+        c
+        for c in found
+        if pyinspect.isclass(c)
+        and issubclass(c, PreTrainedModel)
+        and c.__module__ == module
+        and c.__dict__.get("config_class", getattr(c, "config_class", None)) is config_cls
+        and "PreTrained" not in c.__name__
+    ]
+    rank = {
+        c: next((i for i, s in enumerate(_CLASS_ORDER) if c.__name__.endswith(s)), len(_CLASS_ORDER))
+        for c in classes
+    }
+    return sorted((c for c in classes if rank[c] < len(_CLASS_ORDER)), key=lambda c: (rank[c], c.__name__))
 
 
 def _one_line(e: BaseException | None) -> str:
