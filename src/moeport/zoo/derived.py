@@ -313,8 +313,15 @@ def _fields(model_type: str, text: dict[str, Any], inter: int) -> ConfigFields:
     if not experts:
         raise NotDerivable(f"{model_type}: its config has no field holding the expert count")
     defaults = ConfigFields()
+
+    def declared(names: tuple[str, ...]) -> tuple[str, ...]:  # optional facts: only names it has
+        return tuple(n for n in names if n in text)
+
     return ConfigFields(
         num_experts=experts,
         experts_per_token=named(PER_TOKEN, ("per_tok", "topk", "top_k")) or defaults.experts_per_token,
         expert_intermediate=named(inter, ("intermediate", "ffn")) or defaults.expert_intermediate,
+        first_dense=declared(defaults.first_dense),
+        mtp_layers=declared(defaults.mtp_layers),
+        shared_experts=declared(defaults.shared_experts),
     )
