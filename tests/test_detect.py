@@ -10,7 +10,7 @@ from fixtures import FAMILY_CONFIGS, tiny_config, tiny_model
 from typer.testing import CliRunner
 
 from moeport.cli.app import app
-from moeport.zoo import family_for_model_type
+from moeport.zoo.derived import lookup_family
 
 runner = CliRunner()
 
@@ -27,7 +27,7 @@ def inspect_json(path) -> dict:
 def test_inspect_matches_model_config(checkpoint, model_type: str, layout: str, fmt: str) -> None:
     report = inspect_json(checkpoint(model_type, layout, fmt))
     cfg = tiny_config(model_type).get_text_config()
-    family = family_for_model_type(model_type)
+    family = lookup_family([model_type])[0]  # the zoo's, else derived from transformers
 
     assert report["family"] == family.name
     assert report["model_type"] == model_type
@@ -80,7 +80,7 @@ def test_expert_bytes_match_the_model_parameters(checkpoint) -> None:
 def test_zoo_fused_layout_is_what_transformers_holds() -> None:
     """Every fixture family's declared fused layout names the parameters of transformers' own modules."""
     for model_type in FAMILY_CONFIGS:
-        family = family_for_model_type(model_type)
+        family = lookup_family([model_type])[0]
         names = set(tiny_model(model_type).state_dict())
         held = [
             p

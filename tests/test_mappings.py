@@ -132,6 +132,20 @@ def test_rename_inverts_and_refuses_what_does_not() -> None:
         move.check([*text, "model.visual.blocks.0.attn.qkv.weight"], "ck")
 
 
+def test_rename_wildcard_carries_any_index_both_ways() -> None:
+    """'*' stands for an index: one pair renames every block of a stack, and gives it back."""
+    sam = Rename((("sam.blocks", "sam.layers"), ("sam.blocks.*.norm1", "sam.layers.*.ln1")))
+    keys = ["m.sam.blocks.37.norm1.bias", "m.sam.blocks.2.attn.qkv.weight", "m.sam.blocks.x.norm1"]
+    assert [sam(k) for k in keys] == [
+        "m.sam.layers.37.ln1.bias",
+        "m.sam.layers.2.attn.qkv.weight",
+        "m.sam.layers.x.norm1",  # '*' matches an index only
+    ]
+    sam.check(keys, "ck")
+    with pytest.raises(ValueError, match="number of"):
+        Rename((("blocks.*.norm1", "layers.norm1"),))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_asymmetric_pack_quantized_gate_and_up_fuse_exactly(bits):
     """Zero points are packed along N, 32/bits rows per int32: fusing gate and up concatenates

@@ -266,6 +266,15 @@ def test_zoo_expert_layouts_agree_with_transformers() -> None:
                 assert getattr(derived, field) == getattr(family, field), (model_type, field)
 
 
+def test_every_zoo_entry_says_what_transformers_lacks() -> None:
+    """The zoo keeps only what derivation does not give: each entry says why it is data."""
+    from moeport.zoo.families import FAMILIES
+
+    assert all(f.zoo_because for f in FAMILIES), [f.name for f in FAMILIES if not f.zoo_because]
+    for model_type in ("qwen2_moe", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "minimax_m2", "minimax"):
+        assert support(model_type).how == "derived", model_type  # pruned: derivation reproduces them
+
+
 def test_llama4_multimodal_checkpoint_converts_with_its_vision_tower_untouched(tmp_path: Path) -> None:
     """Llama-4 as transformers saves the multimodal model (`language_model.model.layers.{L}.`,
     `vision_model.`, `multi_modal_projector.`): the text experts are found under the wrapper,

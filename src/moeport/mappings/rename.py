@@ -5,6 +5,8 @@ Substring replacement is not invertible in general ('.attn.' -> '.self_attn.' ea
 fragment first, in one simultaneous pass. The inverse swaps the pairs; `check` proves on the
 actual keys that the rename is one-to-one and that the inverse gives every key back.
 A fragment starting with '^' only matches at the start of a key (e.g. '^head' -> 'lm_head').
+A segment '*' matches any index ('blocks.*.norm1' -> 'layers.*.layer_norm1'), and the indices it
+matched fill the other side's '*' in order: a rename that holds for every layer of a stack.
 `aliases` are pairs applied first, forward only: other spellings of the same tensor that sources
 use (DeepSeek-V4's public `attn.kv_norm` for transformers' `attn.norm`); the inverse gives the
 spelling the aliases lead to, and `check` proves the round trip to that spelling.
@@ -28,6 +30,9 @@ class Rename:
             sources = [a for a, _ in rules]
             if len(set(sources)) != len(sources):
                 raise ValueError(f"rename has a fragment twice: {sources}")
+            for a, b in rules:
+                if _segments(a).count("*") != _segments(b).count("*"):
+                    raise ValueError(f"rename '{a}' -> '{b}' has a different number of '*' on each side")
 
     def inverse(self) -> Rename:
         return Rename(tuple((b, a) for a, b in self.pairs))
@@ -63,14 +68,31 @@ def _apply(pairs: tuple[tuple[str, str], ...], key: str) -> str:
         for src, dst, anchored in rules:
             if anchored and i != 0:
                 continue
-            if segments[i : i + len(src)] == src:
-                out.extend(dst)
+            found = _match(src, segments[i : i + len(src)])
+            if found is not None:
+                indices = iter(found)
+                out.extend(next(indices) if d == "*" else d for d in dst)
                 i += len(src)
                 break
         else:
             out.append(segments[i])
             i += 1
     return ".".join(out)
+
+
+def _match(src: list[str], segments: list[str]) -> list[str] | None:
+    """The indices '*' matched, or None where `src` does not match `segments`."""
+    if "*" not in src:  # the common case, compared at C speed
+        return [] if segments == src else None
+    if len(segments) != len(src):
+        return None
+    found = []
+    for want, got in zip(src, segments, strict=True):
+        if want == "*" and got.isdigit():
+            found.append(got)
+        elif want != got:
+            return None
+    return found
 
 
 def _segments(fragment: str) -> list[str]:

@@ -96,7 +96,9 @@ def build_hf(
         if layer in layers:
             prefix = det.naming.prefix(layer)
             src = LayerNames(det.layout, prefix)
-            dst = LayerNames(dst_layout, prefix)
+            # a wrapper's prefix may be renamed too (MiniMax-M3-VL: `language_model.model.` ->
+            # `model.language_model.`)
+            dst = LayerNames(dst_layout, rename(prefix.removesuffix(".")) + ".")
             for op in builder.experts(layers[layer].parts, det, src, dst):
                 units.append(Unit(layer, op))
 

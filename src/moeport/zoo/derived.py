@@ -19,6 +19,7 @@ from typing import Any
 
 from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
+from moeport.zoo.derived_renames import carried_names, segment_renames
 from moeport.zoo.families import ConfigFields, ExpertLayout, Family, family_for_model_type
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
 
@@ -64,9 +65,10 @@ def _derive_or_raise(model_type: str) -> Family:
     fused, fused_keys = _fused_experts(model_type, state, hidden)
     hub_state = _revert(model, state)
     hub_layout, hub_prefix, hub_keys = _hub_experts(model_type, model, hub_state, fused, hidden)
-    renames = _renames(model_type, state, hub_state, set(fused_keys), set(hub_keys))
+    renames = _renames(model_type, model, state, hub_state, set(hub_keys))
     layer = _moe_layer(state, fused)
-    router, bias, shared = _block_members(state, fused, layer, renames, hub_layout, hub_prefix)
+    scored = EXPERTS + int(getattr(text, "n_shared_experts", None) or 0)  # Inkling's router scores both
+    router, bias, shared = _block_members(state, fused, layer, renames, hub_layout, hub_prefix, scored)
     if not router:
         where = f"{fused['prefix']}{layer}.{fused['block']}"
         raise NotDerivable(f"{model_type}: no router tensor under '{where}'")
@@ -230,49 +232,15 @@ def _gate_up_sources(model_type: str, model) -> tuple[str, str, bool]:
 
 
 def _renames(
-    model_type: str, state: dict, hub_state: dict, fused_experts: set[str], hub_experts: set[str]
+    model_type: str, model, state: dict, hub_state: dict, hub_experts: set[str]
 ) -> tuple[tuple[str, str], ...]:
-    """Segment renames hub -> fused for non-expert tensors, from the pairs transformers renames
-    (a renamed tensor is the same object on both sides), checked to give every name and invert."""
-    by_id = {id(v): k for k, v in state.items() if k not in fused_experts}
-    pairs: dict[str, str] = {}
-    moved: list[tuple[str, str]] = []
-    for hub_key, value in hub_state.items():
-        if hub_key in hub_experts:
-            continue
-        fused_key = by_id.get(id(value))
-        if fused_key is None:
-            raise NotDerivable(f"{model_type}: transformers converts '{hub_key}' (not a rename) on load")
-        moved.append((hub_key, fused_key))
-        if hub_key != fused_key:
-            a, b = _segment_diff(hub_key, fused_key)
-            if pairs.setdefault(a, b) != b:
-                raise NotDerivable(f"{model_type}: '{a}' is renamed both to '{pairs[a]}' and '{b}'")
-    rename = Rename(tuple(sorted(pairs.items())))
-    for hub_key, fused_key in moved:
-        if rename(hub_key) != fused_key:
-            got = rename(hub_key)
-            raise NotDerivable(
-                f"{model_type}: renames {sorted(pairs.items())} give '{got}', not '{fused_key}'"
-            )
+    """Segment renames hub -> fused for non-expert tensors (zoo/derived_renames.py): transformers'
+    renames, and the names under which tensors it converts on load are carried."""
     try:
-        rename.check([h for h, _ in moved], model_type)
+        moved = carried_names(model, state, hub_state, hub_experts)
+        return segment_renames(moved)
     except MoeportError as e:
-        raise NotDerivable(str(e)) from e
-    return rename.pairs
-
-
-def _segment_diff(a: str, b: str) -> tuple[str, str]:
-    """The differing middle of two dotted names as a rename pair ('^' where it starts the key)."""
-    sa, sb = a.split("."), b.split(".")
-    head = 0
-    while head < min(len(sa), len(sb)) - 1 and sa[head] == sb[head]:
-        head += 1
-    tail = 0
-    while tail < min(len(sa), len(sb)) - head - 1 and sa[-1 - tail] == sb[-1 - tail]:
-        tail += 1
-    mid_a, mid_b = ".".join(sa[head : len(sa) - tail]), ".".join(sb[head : len(sb) - tail])
-    return (f"^{mid_a}", mid_b) if head == 0 else (mid_a, mid_b)
+        raise NotDerivable(f"{model_type}: {e}") from e
 
 
 def _moe_layer(state: dict, fused: dict[str, Any]) -> int:
@@ -287,9 +255,12 @@ def _block_members(
     renames: tuple[tuple[str, str], ...],
     hub: ExpertLayout,
     hub_prefix: str,
+    scored: int = 0,
 ) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
-    """Router weights ([E, H] or [H, E]), router biases ([E]) and the shared-expert module of a
-    MoE block, named relative to the block in both layouts."""
+    """Router weights ([E, H] or [H, E]; [E + shared, H] where the router scores the shared
+    experts too, `scored` rows), router biases ([E]) and the shared-expert module of a MoE block
+    (its parameters, or sub-modules, under a name with 'shared'; not a `shared_expert_gate`),
+    named relative to the block in both layouts."""
     block = f"{fused['prefix']}{layer}.{fused['block']}"
     back = Rename(renames).inverse()
     hub_block = f"{hub_prefix}{layer}.{hub.block}."
@@ -302,11 +273,12 @@ def _block_members(
             continue
         rel = key[len(block) :]
         first = rel.split(".")[0]
-        if "shared" in first and rel.count(".") >= 2:
+        if "shared" in first and not first.endswith("gate"):
             shared = shared or first
             continue
         names = [rel] + ([h[len(hub_block) :]] if (h := back(key)).startswith(hub_block) else [])
-        if len(value.shape) == 2 and experts in value.shape and rel.endswith(".weight"):
+        rows = {experts, scored}
+        if len(value.shape) == 2 and rows & set(value.shape) and rel.endswith(".weight"):
             router += names
         elif experts in value.shape and value.numel() == experts:
             bias += names
@@ -315,12 +287,16 @@ def _block_members(
 
 def _declared(text) -> dict[str, Any]:
     """The tiny text config's values of the fields its class declares (the overrides it merely
-    stored, e.g. `moe_num_experts` on a config that calls it `num_experts`, are left out)."""
+    stored, e.g. `moe_num_experts` on a config that calls it `num_experts`, are left out), and of
+    the names its `attribute_map` reads them by: transformers 5 saves Qwen3-MoE's expert count as
+    `num_local_experts`, while the Hub's config.json files say `num_experts`."""
     try:
         declared = set(type(text)().to_dict())
     except Exception:  # a config class that validates its defaults away: every field it holds
         declared = set(text.to_dict())
-    return {k: v for k, v in text.to_dict().items() if k in declared}
+    values = {k: v for k, v in text.to_dict().items() if k in declared}
+    aliases = getattr(type(text), "attribute_map", None) or {}
+    return values | {alias: values[name] for alias, name in aliases.items() if name in values}
 
 
 def _fields(model_type: str, text: dict[str, Any], inter: int) -> ConfigFields:
@@ -337,8 +313,15 @@ def _fields(model_type: str, text: dict[str, Any], inter: int) -> ConfigFields:
     if not experts:
         raise NotDerivable(f"{model_type}: its config has no field holding the expert count")
     defaults = ConfigFields()
+
+    def declared(names: tuple[str, ...]) -> tuple[str, ...]:  # optional facts: only names it has
+        return tuple(n for n in names if n in text)
+
     return ConfigFields(
         num_experts=experts,
         experts_per_token=named(PER_TOKEN, ("per_tok", "topk", "top_k")) or defaults.experts_per_token,
         expert_intermediate=named(inter, ("intermediate", "ffn")) or defaults.expert_intermediate,
+        first_dense=declared(defaults.first_dense),
+        mtp_layers=declared(defaults.mtp_layers),
+        shared_experts=declared(defaults.shared_experts),
     )

@@ -1,4 +1,6 @@
-"""The zoo: every supported MoE family described as data.
+"""The zoo: the MoE families transformers does not describe, or describes otherwise than their
+checkpoints, as data. Every other MoE model type is derived from transformers (zoo/derived.py);
+each entry says in `zoo_because` what transformers lacks or gets wrong for it.
 
 Templates use `{L}` for the layer index and `{E}` for the expert index. Facts were checked against
 the model classes of transformers 5.x (tiny models saved with `save_pretrained`, which writes the hub
@@ -111,6 +113,9 @@ class Family:
     # Per-expert 2-D linears of a family whose only public layout is fused (GPT-OSS): what targets
     # that quantize weight by weight write (llmcompressor's linearised experts), biases beside them.
     linear: ExpertLayout | None = None
+    # What transformers' own definitions lack or get wrong for this family: why it is zoo data
+    # instead of derived (empty for derived families).
+    zoo_because: str = ""
 
     @property
     def per_expert(self) -> ExpertLayout:
@@ -161,6 +166,8 @@ FAMILIES: tuple[Family, ...] = (
         hub=HUB_MLP,
         router_bias=("gate.e_score_correction_bias",),
         shared_expert="shared_experts",
+        zoo_because="`kimi_k2` is no transformers model_type (Kimi-K2 ships DeepSeek-V3's classes); "
+        "GGUF's deepseek2 table and kt know the four model types as this one family",
     ),
     Family(
         "deepseek_v4",
@@ -176,16 +183,18 @@ FAMILIES: tuple[Family, ...] = (
         # the public checkpoints' attention KV norm; transformers saves it as `attn.norm`
         hub_aliases=(("attn.kv_norm", "attn.norm"),),
         storage_fields=(StorageField("expert_dtype", (("mxfp4-deepseek-v4", "fp4"), ("fp8-block", "fp8"))),),
+        zoo_because="the public checkpoints' names (`layers.{L}.`, `attn.kv_norm`, MTP `mtp.{L}.`) and "
+        "`expert_dtype`, which transformers' DeepSeek-V4 neither saves nor reads",
     ),
     Family(
-        "qwen2_moe",
-        "Qwen2-MoE",
-        ("qwen2_moe",),
+        "qwen3_moe",
+        "Qwen3-MoE",
+        ("qwen3_moe",),
         hub=HUB_MLP,
-        shared_expert="shared_expert",
         fields=QWEN_FIELDS,
+        zoo_because="nothing: derivation reproduces it; it stays until the suite's reference family "
+        "(26 test modules) has run through derivation",
     ),
-    Family("qwen3_moe", "Qwen3-MoE", ("qwen3_moe",), hub=HUB_MLP, fields=QWEN_FIELDS),
     Family(
         "qwen3_next",
         "Qwen3-Next",
@@ -194,6 +203,7 @@ FAMILIES: tuple[Family, ...] = (
         mtp_prefixes=("mtp.layers.{L}.",),
         shared_expert="shared_expert",
         fields=QWEN_FIELDS,
+        zoo_because="its MTP layer is stored apart (`mtp.layers.{L}.`), and transformers' model holds none",
     ),
     Family(
         "qwen3_5_moe",
@@ -204,31 +214,7 @@ FAMILIES: tuple[Family, ...] = (
         mtp_prefixes=("mtp.layers.{L}.",),
         shared_expert="shared_expert",
         fields=QWEN_FIELDS,
-    ),
-    Family(
-        "glm4_moe",
-        "GLM-4.5/4.6/4.7",
-        ("glm4_moe", "glm4_moe_lite"),
-        hub=HUB_MLP,
-        router_bias=("gate.e_score_correction_bias",),
-        shared_expert="shared_experts",
-    ),
-    Family(
-        "glm_moe_dsa",
-        "GLM-5/5.1",
-        ("glm_moe_dsa",),
-        hub=HUB_MLP,
-        router_bias=("gate.e_score_correction_bias",),
-        shared_expert="shared_experts",
-    ),
-    Family(
-        "minimax_m2",
-        "MiniMax-M2/M2.1/M2.5",
-        ("minimax_m2", "minimax"),
-        hub=HUB_W123,
-        router_bias=("e_score_correction_bias",),
-        fields=MIXTRAL_FIELDS,
-        fused_renames=(("block_sparse_moe", "mlp"),),
+        zoo_because="its MTP layer is stored apart (`mtp.layers.{L}.`), and transformers' model holds none",
     ),
     Family(
         "mixtral",
@@ -237,6 +223,8 @@ FAMILIES: tuple[Family, ...] = (
         hub=HUB_W123,
         fields=MIXTRAL_FIELDS,
         fused_renames=(("block_sparse_moe", "mlp"),),
+        zoo_because="nothing: derivation reproduces it; it stays until its 10 test modules (GGUF's llama "
+        "arch, kt, GPTQ) have run through derivation",
     ),
     Family(
         "gpt_oss",
@@ -254,6 +242,8 @@ FAMILIES: tuple[Family, ...] = (
             mtp_layers=(),
             shared_experts=(),
         ),
+        zoo_because="gate/up rows interleaved, expert biases and MXFP4 `_blocks`/`_scales`: its hub "
+        "form is the fused stacks, which derivation does not take",
     ),
 )
 

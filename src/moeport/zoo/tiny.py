@@ -27,6 +27,7 @@ def text_overrides(hidden: int = 64, inter: int = 48, dense: int = 80, layers: i
     dense layers first), 4 experts, 2 per token, one shared expert."""
     return dict(
         vocab_size=256,
+        unpadded_vocab_size=250,  # Inkling2 pads its unembedding to vocab_size on the Hub
         hidden_size=hidden,
         intermediate_size=dense,
         moe_intermediate_size=inter,
@@ -69,6 +70,35 @@ VISION = dict(
     spatial_merge_size=2,
     temporal_patch_size=2,
 )
+
+
+def sub_configs(model_type: str, hidden: int) -> dict[str, Any]:
+    """Tiny sub-configs and projector sizes of the multimodal configs VISION does not reach (a SAM
+    + CLIP pair, an audio encoder): at transformers' defaults they hold hundreds of millions of weights."""
+    if model_type == "minimax_m3_vl":
+        return {"projector_hidden_size": hidden}
+    if model_type == "qwen3_omni_moe_thinker":
+        audio = dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32)
+        audio.update(output_dim=hidden, downsample_hidden_size=16, num_mel_bins=16)
+        vision = {**VISION, "out_hidden_size": hidden, "deepstack_visual_indexes": [0]}
+        return {"vision_config": vision, "audio_config": audio}
+    if model_type == "unlimited_ocr":
+        sam = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2)
+        sam.update(mlp_dim=64, image_size=64, patch_size=16, window_size=2, global_attn_indexes=[1])
+        sam["downsample_channels"] = [16, 32]
+        clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        clip.update(image_size=32, patch_size=16)
+        return {"vision_config": {"sam_config": sam, "encoder_config": clip}}
+    return {}
+
+
+# text fields of one model type that no other uses the same way, tiny (model_type -> overrides)
+TEXT_EXTRAS: dict[str, dict[str, Any]] = {
+    "kimi_linear": dict(linear_num_heads=2, linear_head_dim=16),  # its linear attention: 32 x 128
+    "inkling_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8),
+    "minimax_m3_vl": dict(shared_intermediate_size=48, dense_intermediate_size=80),
+}
+
 
 # Per-type data (by model_type, or class name for a sub-config without one) where no rule
 # reaches: fields transformers' own defaults leave out although its model class reads them (every
@@ -113,10 +143,13 @@ def tiny_config(model_type: str, text: dict[str, Any] | None = None, small_visio
     if model_type not in CONFIG_MAPPING:
         raise MoeportError(f"model_type '{model_type}' is not in the installed transformers")
     cls = CONFIG_MAPPING[model_type]
-    text = dict(text or text_overrides())
+    text = {**(text or text_overrides()), **TEXT_EXTRAS.get(model_type, {})}
     last: Exception | None = None
     for small in (True, False) if small_vision and _is_wrapper(cls) else (False,):
-        config, last = _answered(cls, _call(cls, text, small))
+        kwargs = _call(cls, text, small)
+        if small:  # towers VISION does not fit (SAM + CLIP, audio), projector widths
+            kwargs.update(sub_configs(model_type, text["hidden_size"]))
+        config, last = _answered(cls, kwargs)
         if config is not None:
             return _per_layer_types(config)
     raise MoeportError(f"{model_type}: transformers refuses a tiny config ({_one_line(last)})")

@@ -1,0 +1,84 @@
+"""Renames of derived families: segment pairs that hold for every layer of a real checkpoint, and
+tensors transformers converts on load carried where its loader still converts them.
+
+The oracle is transformers' own key renaming (`rename_source_key`, what `from_pretrained` applies),
+asked about layer and block indices the tiny model does not have.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import load_tensors
+from test_zoo_derived import _convert, _load, _logits, _save_tiny
+
+from moeport.mappings.rename import Rename
+from moeport.zoo.derived import _revert, derive_family
+from moeport.zoo.derived_renames import segment_renames
+from moeport.zoo.tiny import build_model, tiny_config
+
+# one type per kind of rename this module derives (Laguna's and Sarvam-MoE's: the tests below)
+TYPES = {
+    "bailing_hybrid": "conv1d stack on load; `attention.A_log` -> `self_attn.forget_gate.A_log`",
+    "minimax_m3_vl": "wrapper swap `language_model.model` -> `model.language_model`",
+    "qwen3_omni_moe_thinker": "towers moved under `model.`, the text model under `model.language_model`",
+    "unlimited_ocr": "SAM blocks `blocks.{N}.norm1` -> `layers.{N}.layer_norm1` (a '*' pair)",
+}
+
+
+def _transformers_names(model_type: str) -> tuple[Rename, dict[str, str]]:
+    """Our derived rename, and transformers' own name (before any converter) for each hub key of
+    the tiny model, with every stack index moved past the tiny model's (layer 1 -> 41, block 3 -> 43)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    model = build_model(tiny_config(model_type, small_vision=False), "meta")
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    names = {}
+    for key in _revert(model, model.state_dict()):
+        if re.search(r"\.experts\.\d+\.", key):
+            continue
+        far = re.sub(r"\b(layers|blocks)\.(\d+)\.", lambda m: f"{m[1]}.{int(m[2]) + 40}.", key)
+        names[far] = rename_source_key(far, renamings, [])[0]
+    return Rename(derive_family(model_type).fused_renames), names
+
+
+@pytest.mark.parametrize("model_type", sorted(TYPES))
+def test_derived_renames_are_transformers_renames_at_any_index(model_type: str) -> None:
+    rename, names = _transformers_names(model_type)
+    wrong = {k: (rename(k), v) for k, v in names.items() if rename(k) != v}
+    assert not wrong, list(wrong.items())[:3]
+    rename.check(names, model_type)
+
+
+def test_a_shorter_pair_grows_context_only_where_it_would_misfire() -> None:
+    """Laguna: `experts` -> `gate` alone would turn `mlp.gate.weight` into `mlp.experts.weight` on
+    the way back; the pair keeps the one segment that tells them apart, and nothing more."""
+    mlp = "model.layers.1.mlp"
+    moved = {
+        f"{mlp}.experts.e_score_correction_bias": f"{mlp}.gate.e_score_correction_bias",
+        f"{mlp}.gate.weight": f"{mlp}.gate.weight",
+        f"{mlp}.shared_expert.up_proj.weight": f"{mlp}.shared_experts.up_proj.weight",
+    }
+    assert segment_renames(moved) == (
+        ("experts.e_score_correction_bias", "gate.e_score_correction_bias"),
+        ("shared_expert", "shared_experts"),
+    )
+
+
+def test_a_tensor_converted_on_load_is_carried_and_transformers_converts_it(tmp_path: Path) -> None:
+    """Sarvam-MoE's `attention.query_key_value` is split into q/k/v by transformers on load: the
+    fused output keeps it whole under `self_attn.query_key_value`, transformers' loader splits it
+    (same logits as the source), and the hub layout gets the Hub's name back."""
+    src = _save_tiny("sarvam_moe", tmp_path / "src")
+    fused = _convert(src, tmp_path / "fused", "hf", layout="fused")
+    tensors = load_tensors(fused)
+    qkv = "model.layers.1.self_attn.query_key_value.weight"
+    assert torch.equal(tensors[qkv], load_tensors(src)["model.layers.1.attention.query_key_value.weight"])
+    assert not any(k.endswith("self_attn.q_proj.weight") for k in tensors)
+    model, info = _load(fused)
+    assert not info
+    assert torch.equal(_logits(model), _logits(_load(src)[0]))
