@@ -101,7 +101,7 @@ def detect(ck: Checkpoint) -> Detection:
         warnings.append(f"config says the first {first_dense} layers are dense; dense layers found: {dense}")
 
     check_required(ck, family, match.layout, naming, (moe, [L for L in mtp if L in layers]))
-    block = f"{match.layer_prefix}{match.layout.block}."
+    block = f"{match.layer_prefix}{match.layout.block_prefix}"
     return Detection(
         family=family,
         model_type=model_type,

@@ -30,10 +30,13 @@ class LayerNames:
 
     def per_expert(self, e: int, role: str, part: str) -> str:
         part = part[1:] if part.startswith("_") else part
-        return f"{self.prefix}{self.layout.block}.experts.{e}.{self.layout.projs[role]}.{part}"
+        return f"{self.prefix}{self.layout.base}{e}.{self.layout.projs[role]}.{part}"
 
     def fused(self, fused_role: str, part: str) -> str:
-        return f"{self.prefix}{self.layout.block}.experts.{self.layout.projs[fused_role]}{fused_suffix(part)}"
+        name = f"{self.prefix}{self.layout.base}{self.layout.projs[fused_role]}"
+        if self.layout.dotted:  # a module's parameters: `input_linear.weight`
+            return f"{name}.{part.removeprefix('_')}"
+        return f"{name}{fused_suffix(part)}"
 
 
 def fused_suffix(part: str) -> str:

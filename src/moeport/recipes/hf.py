@@ -96,7 +96,7 @@ def build_hf(
         if layer in layers:
             prefix = det.naming.prefix(layer)
             src = LayerNames(det.layout, prefix)
-            dst = LayerNames(dst_layout, prefix)
+            dst = LayerNames(dst_layout, rename(prefix))  # a renamed wrapper (Aria) moves its experts too
             for op in builder.experts(layers[layer].parts, det, src, dst):
                 units.append(Unit(layer, op))
 
@@ -130,7 +130,7 @@ def _decodes(op: Op) -> bool:
 
 def _rename_between(det: Detection, layout: str, canonical: bool = False) -> Rename:
     family = det.family
-    src_is_hub = family.hub == family.fused or det.layout == family.hub
+    src_is_hub = family.hub == family.fused or det.layout != family.fused  # per-expert linears: hub names
     aliases = family.hub_aliases if src_is_hub else ()
     if family.hub == family.fused or src_is_hub == (layout != "fused"):
         return Rename((), aliases) if canonical and aliases else IDENTITY

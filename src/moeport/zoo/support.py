@@ -75,10 +75,10 @@ def _summary(family: Family) -> str:
     hub = family.hub
     if hub.kind == "per-expert":
         names = "/".join(hub.projs[r] for r in ("gate", "up", "down"))
-        form = f"hub {hub.block}.experts.{{E}}.{names}"
+        form = f"hub {hub.base}{{E}}.{names}"
     else:
-        form = f"hub {hub.block}.experts.gate_up_proj{' [E, H, 2I]' if hub.transposed else ''}"
-    fused = "same as hub" if family.fused == hub else f"fused {family.fused.block}.experts.gate_up_proj"
+        form = f"hub {hub.templates('')[0]}{' [E, H, 2I]' if hub.transposed else ''}"
+    fused = "same as hub" if family.fused == hub else f"fused {family.fused.templates('')[0]}"
     renames = f", {len(family.fused_renames)} rename(s)" if family.fused_renames else ""
     return f"{family.layer_prefixes[0]}: {form}; {fused}{renames}"
 
