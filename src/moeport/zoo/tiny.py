@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from moeport.errors import MoeportError
+from moeport.zoo.tiny_moe import moe_switches
 
 EXPERTS = 4
 PER_TOKEN = 2
@@ -23,6 +24,7 @@ def text_overrides(hidden: int = 64, inter: int = 48, dense: int = 80, layers: i
     dense layers first), 4 experts, 2 per token, one shared expert."""
     return dict(
         vocab_size=256,
+        vocab_size_per_layer_input=256,  # Gemma-4: its per-layer embeddings are vocab-sized
         hidden_size=hidden,
         intermediate_size=dense,
         moe_intermediate_size=inter,
@@ -76,7 +78,16 @@ _FIXES: tuple[tuple[str, dict[str, Any]], ...] = (
 
 def tiny_config(model_type: str, text: dict[str, Any] | None = None, small_vision: bool = True):
     """transformers' config of `model_type` with tiny text sizes (and a tiny vision tower where
-    the config has one and accepts it). Raises MoeportError with transformers' reason."""
+    the config has one and accepts it), with at least one MoE layer (zoo/tiny_moe.py). Raises
+    MoeportError with transformers' reason."""
+    config = _tiny_config(model_type, text, small_vision)
+    switches = moe_switches(config.get_text_config(), PER_TOKEN)
+    if not switches:
+        return config
+    return _tiny_config(model_type, {**(text or text_overrides()), **switches}, small_vision)
+
+
+def _tiny_config(model_type: str, text: dict[str, Any] | None, small_vision: bool):
     from transformers import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
