@@ -64,7 +64,8 @@ def _derive_or_raise(model_type: str) -> Family:
     hub = fused_layout if hub_layout == fused_layout else hub_layout
     linear = None
     if hub.kind == "fused":  # per-expert 2-D linears where the Hub has fused stacks only
-        linear = ExpertLayout("per-expert", hub.block, dict(LINEAR_NAMES))  # under `experts.`
+        names = {r: LINEAR_NAMES[r] for r in hub.roles}  # under `experts.`
+        linear = ExpertLayout("per-expert", hub.block, names)
     prefixes = tuple(dict.fromkeys((hub_prefix + "{L}.", fused["prefix"] + "{L}.")))
     return Family(
         name=model_type,

@@ -26,6 +26,7 @@ _LAYER_KEY = re.compile(r"^(?P<prefix>.*?\.|)(?P<L>\d+)\.(?P<rest>.+)$")
 _SOURCE_PROJ = re.compile(r"experts\.\*\.(\w+)\.weight")
 _ATTENTION = re.compile(r"(^|\.)(self_)?att(n|ention)(\.|$)")  # JetMoE's mixture of attention heads
 FUSED_NAMES = {"gate_up": "gate_up_proj", "down": "down_proj"}
+UP_DOWN = {"up": "up_proj", "down": "down_proj"}
 BIAS = "_bias"
 
 
@@ -92,12 +93,16 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
         raise NotDerivable(f"{model_type}: experts under several module paths {sorted(paths)}")
     (prefix, module), stacks = next(iter(found.items()))
     names = _gate_up_down(model_type, stacks)
-    gate_up, down = stacks[names["gate_up"]][1], stacks[names["down"]][1]
+    first = next(iter(names))  # gate_up, or up where the MLP is not gated
+    gate_up, down = stacks[names[first]][1], stacks[names["down"]][1]
     if gate_up[:1] != down[:1]:  # LongCat: zero-compute experts in gate_up only
         raise NotDerivable(f"{model_type}: gate_up_proj holds {gate_up[0]} experts, down_proj {down[0]}")
-    transposed, inter = _orient(model_type, gate_up, down, hidden)
+    if first == "gate_up":
+        transposed, inter = _orient(model_type, gate_up, down, hidden)
+    else:
+        transposed, inter = _orient_up(model_type, gate_up, down, hidden)
     block, container = _where(module)
-    dotted = stacks[names["gate_up"]][2]
+    dotted = stacks[names[first]][2]
     layout = ExpertLayout("fused", block, names, transposed=transposed, container=container, dotted=dotted)
     wanted = set(names.values()) | {n + BIAS for n in names.values()}
     keys = []
@@ -110,10 +115,23 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
     return {**out, "intermediate": inter, "layers": layers}, keys
 
 
+def _orient_up(model_type: str, up: tuple[int, ...], down: tuple[int, ...], hidden: int) -> tuple[bool, int]:
+    """(transposed, intermediate) of a non-gated pair: up [E, I, H] with down [E, H, I], or both
+    transposed; only the hidden size tells the two apart."""
+    if len(up) != 3 or down != (up[0], up[2], up[1]) or hidden not in up[1:]:
+        why = f"up {list(up)} and down {list(down)} do not chain as an MLP of hidden size {hidden}"
+        raise NotDerivable(f"{model_type}: {why}")
+    transposed = up[1] == hidden
+    return transposed, up[2] if transposed else up[1]
+
+
 def _gate_up_down(model_type: str, stacks: dict[str, tuple[str, tuple[int, ...], bool]]) -> dict[str, str]:
-    """Which stack is gate_up and which down: transformers' names, else the only two stacks."""
+    """Which stack is gate_up (or up, not gated) and which down: transformers' names, else the
+    only two stacks by how their shapes chain."""
     if set(FUSED_NAMES.values()) <= set(stacks):
         return dict(FUSED_NAMES)
+    if set(stacks) == set(UP_DOWN.values()):  # Nemotron-H: ReLU² experts, no gate
+        return dict(UP_DOWN)
     if len(stacks) == 2:
         a, b = sorted(stacks)
         ga, gb = stacks[a][1], stacks[b][1]
@@ -147,6 +165,8 @@ def hub_experts(
         if len(per) > 1:
             raise NotDerivable(f"{model_type}: hub experts under several module paths {sorted(per)}")
         (prefix, block), projs = next(iter(per.items()))
+        if not fused["layout"].gated:
+            return _hub_up_down(model_type, model, block, projs), prefix, keys
         gate, up, interleaved = gate_up_sources(model_type, model)
         down = sorted(projs - {gate, up})
         if {gate, up} - projs or len(down) != 1:
@@ -199,6 +219,31 @@ def _hub_stacks(
         "fused", block, names, memory.gate_up_interleaved, transposed, container=container, dotted=dotted
     )
     return layout, prefix, list(hub_of.values())
+
+
+def _hub_up_down(model_type: str, model, block: str, projs: set[str]) -> ExpertLayout:
+    """Per-expert hub names of a non-gated MLP: the projections transformers stacks into up and down."""
+    sources = stack_sources(model)
+    memory = {"up": sources.get("up_proj", []), "down": sources.get("down_proj", [])}
+    if any(len(v) != 1 for v in memory.values()) or {v[0] for v in memory.values()} != projs:
+        raise NotDerivable(f"{model_type}: hub expert projections {sorted(projs)} do not fit up/down stacks")
+    return ExpertLayout("per-expert", block.removesuffix("."), {r: v[0] for r, v in memory.items()})
+
+
+def stack_sources(model) -> dict[str, list[str]]:
+    """Per-expert projection names each in-memory stack is built from (transformers' converters)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    out: dict[str, list[str]] = {}
+    for conv in get_model_conversion_mapping(model, add_legacy=False):
+        if isinstance(conv, WeightConverter) and len(conv.target_patterns) == 1:
+            target = str(conv.target_patterns[0]).rpartition(".")[2]
+            projs = [
+                m[1] for p in conv.source_patterns if (m := _SOURCE_PROJ.search(str(p).replace("\\", "")))
+            ]
+            out.setdefault(target, []).extend(projs)
+    return out
 
 
 def hub_transposes(model) -> bool:

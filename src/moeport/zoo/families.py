@@ -33,6 +33,21 @@ class ExpertLayout:
     dotted: bool = False  # fused tensors named `{name}.weight` (a module's parameter), not `{name}`
 
     @property
+    def gated(self) -> bool:
+        """Gate and up projections (SwiGLU); False: up and down only (Nemotron-H's ReLU² experts)."""
+        return "gate" in self.projs or "gate_up" in self.projs
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The per-expert roles, in order: gate, up, down, or up, down for a non-gated MLP."""
+        return ROLES if self.gated else ("up", "down")
+
+    @property
+    def fused_roles(self) -> tuple[str, ...]:
+        """The stacks of a fused layout, in order: gate_up, down, or up, down for a non-gated MLP."""
+        return ("gate_up", "down") if self.gated else ("up", "down")
+
+    @property
     def block_prefix(self) -> str:
         """The block's name relative to the layer, with its dot ('mlp.'), '' for the layer itself."""
         return f"{self.block}." if self.block else ""
@@ -46,8 +61,8 @@ class ExpertLayout:
         base = f"{layer_prefix}{self.base}"
         dot = ".weight" if self.dotted else ""
         if self.kind == "per-expert":
-            return [f"{base}{{E}}.{self.projs[r]}.weight" for r in ROLES]
-        return [f"{base}{self.projs['gate_up']}{dot}", f"{base}{self.projs['down']}{dot}"]
+            return [f"{base}{{E}}.{self.projs[r]}.weight" for r in self.roles]
+        return [f"{base}{self.projs[r]}{dot}" for r in self.fused_roles]
 
 
 HUB_MLP = ExpertLayout("per-expert", "mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})

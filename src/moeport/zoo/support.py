@@ -74,7 +74,7 @@ def _summary(family: Family) -> str:
     """One line: where the experts are, and their hub and fused forms."""
     hub = family.hub
     if hub.kind == "per-expert":
-        names = "/".join(hub.projs[r] for r in ("gate", "up", "down"))
+        names = "/".join(hub.projs[r] for r in hub.roles)
         form = f"hub {hub.base}{{E}}.{names}"
     else:
         form = f"hub {hub.templates('')[0]}{' [E, H, 2I]' if hub.transposed else ''}"
