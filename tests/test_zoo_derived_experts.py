@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_zoo_derived import _convert, _save_tiny
+from test_zoo_derived import _convert, _record, _save_tiny
 
 from moeport.detect import detect
 from moeport.errors import MoeportError
@@ -41,6 +41,8 @@ def test_non_gated_experts_quantize_and_kt_refuses_in_one_line(tmp_path: Path) -
         _convert(src, tmp_path / "kt", "kt-int4", numa=1)
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "kt").exists()
+    _record("nemotron_h", "w4a16", "ok")  # README's table (bench/families_table.py runs this module too)
+    _record("nemotron_h", "kt-int4", "refused (not gated)")
 
 
 def test_non_gated_round_trip_stacks_each_role(tmp_path: Path) -> None:

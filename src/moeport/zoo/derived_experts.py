@@ -86,7 +86,10 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
             found.setdefault((m["prefix"], module), {})[name] = (key, tuple(value.shape), dotted)
     if not found:
         per_expert = next((k for k in state if ".experts." in k), None)
+        rows = next((k for k, v in state.items() if "embed" in k and v.shape[:1] == (EXPERTS,)), None)
         why = f"experts are separate modules ('{per_expert}')" if per_expert else "no routed experts"
+        if rows and not per_expert:  # Doge's cross-domain MoE: one row of an embedding per expert
+            why = f"experts are embedding rows ('{rows}' [E, H]), not linear layers"
         raise NotDerivable(f"{model_type}: {why} in transformers' model, no fused expert stacks")
     paths = {(prefix, module) for prefix, module in found}
     if len({(p, m) for p, m in paths}) > 1:
