@@ -77,7 +77,7 @@ def _derive_or_raise(model_type: str) -> Family:
         router=router,
         router_bias=bias,
         shared_expert=shared,
-        fields=_fields(model_type, _declared(text), fused["intermediate"]),
+        fields=_fields(model_type, _declared(text), fused["intermediate"], fused["hidden"], hidden),
         fused_renames=renames,
         linear=linear,
     )
@@ -201,7 +201,9 @@ def _declared(text) -> dict[str, Any]:
     return {k: v for k, v in text.to_dict().items() if k in declared}
 
 
-def _fields(model_type: str, text: dict[str, Any], inter: int) -> ConfigFields:
+def _fields(
+    model_type: str, text: dict[str, Any], inter: int, expert_hidden: int, hidden: int
+) -> ConfigFields:
     """Config names of the facts, found by the values the tiny config was given."""
 
     def named(value: int, words: Iterable[str], avoid: Iterable[str] = ("shared",)) -> tuple[str, ...]:
@@ -219,4 +221,7 @@ def _fields(model_type: str, text: dict[str, Any], inter: int) -> ConfigFields:
         num_experts=experts,
         experts_per_token=named(PER_TOKEN, ("per_tok", "topk", "top_k")) or defaults.experts_per_token,
         expert_intermediate=named(inter, ("intermediate", "ffn")) or defaults.expert_intermediate,
+        # the experts' own hidden size where it is not the model's (MuseSpark's `moe_hidden_size`)
+        hidden_size=(named(expert_hidden, ("hidden",)) if expert_hidden != hidden else ())
+        or defaults.hidden_size,
     )

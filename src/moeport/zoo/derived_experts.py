@@ -70,7 +70,7 @@ def _orient(
 def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, Any], list[str]]:
     """transformers' in-memory experts: one module path, gate_up and down stacks (transposed or
     not), biases beside them; the dict holds prefix, block ('mlp.' or ''), layout, experts,
-    intermediate and the MoE layers."""
+    intermediate, the experts' hidden size and the MoE layers."""
     found: dict[tuple[str, str], dict[str, tuple[str, tuple[int, ...], bool]]] = {}
     for key, value in state.items():
         m = _LAYER_KEY.match(key)
@@ -115,7 +115,8 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
             keys.append(key)
     layers = sorted({int(m["L"]) for k in keys if (m := _LAYER_KEY.match(k))})
     out = {"prefix": prefix, "block": layout.block_prefix, "layout": layout, "experts": gate_up[0]}
-    return {**out, "intermediate": inter, "layers": layers}, keys
+    expert_hidden = gate_up[1] if transposed else gate_up[2]
+    return {**out, "intermediate": inter, "hidden": expert_hidden, "layers": layers}, keys
 
 
 def _orient_up(model_type: str, up: tuple[int, ...], down: tuple[int, ...], hidden: int) -> tuple[bool, int]:

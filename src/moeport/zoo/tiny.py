@@ -26,6 +26,7 @@ def text_overrides(hidden: int = 64, inter: int = 48, dense: int = 80, layers: i
         vocab_size=256,
         vocab_size_per_layer_input=256,  # Gemma-4: its per-layer embeddings are vocab-sized
         hidden_size=hidden,
+        moe_hidden_size=2 * hidden,  # MuseSpark: experts work in their own, wider hidden size
         intermediate_size=dense,
         moe_intermediate_size=inter,
         expert_intermediate_size=inter,
