@@ -41,7 +41,10 @@ def test_non_gated_experts_quantize_and_kt_refuses_in_one_line(tmp_path: Path) -
         _convert(src, tmp_path / "kt", "kt-int4", numa=1)
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "kt").exists()
-    _record("nemotron_h", "w4a16", "ok")  # README's table (bench/families_table.py runs this module too)
+    # README's table (bench/families_table.py runs this module too): built here at its own sizes
+    # (test_zoo_derived's 256-wide matrix model is over its parameter limit)
+    _record("nemotron_h", "build", "ok")
+    _record("nemotron_h", "w4a16", "ok")
     _record("nemotron_h", "kt-int4", "refused (not gated)")
 
 
