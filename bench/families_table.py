@@ -1,7 +1,8 @@
-"""README's table of MoE model types x jobs, generated from tests/test_zoo_derived.py's results.
+"""README's table of MoE model types x jobs, generated from tests/test_zoo_derived*.py's results.
 
-Runs that test module (in this process, with MOEPORT_FAMILY_RESULTS pointing at a temporary file
-the tests record each job's outcome in), then prints the table as Markdown; `--write` replaces the
+Runs those test modules (test_zoo_derived.py and test_zoo_derived_experts.py, in this process,
+with MOEPORT_FAMILY_RESULTS pointing at a temporary file the tests record each job's outcome in),
+then prints the table as Markdown; `--write` replaces the
 table between README's `<!-- families-table -->` markers. Nothing in the table is typed by hand.
 
     PYTHONPATH=src python bench/families_table.py --write
@@ -27,7 +28,8 @@ def run_tests(results: Path) -> dict[str, dict[str, str]]:
 
     os.environ["MOEPORT_FAMILY_RESULTS"] = str(results)
     sys.path.insert(0, str(ROOT / "tests"))
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_zoo_derived.py")])
+    tests = [str(ROOT / "tests" / name) for name in ("test_zoo_derived.py", "test_zoo_derived_experts.py")]
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *tests])
     if code not in (0, 1):
         raise SystemExit(f"pytest exited {code}")
     return json.loads(results.read_text()) if results.exists() else {}
@@ -49,7 +51,9 @@ def table(results: dict[str, dict[str, str]]) -> str:
         f"{counts['zoo']} zoo, {counts['derived']} derived, {counts['not']} not supported "
         "(`moeport inspect --families` lists every one with the reason); ✓ passed, skip: transformers' "
         "own forward fails on the tiny model, –: not run (the tiny model could not be built); kt-int4 of "
-        "transposed stacks (Llama-4) goes through `--to hf --layout linear` first, as its refusal says."
+        "transposed stacks (Llama-4) goes through `--to hf --layout linear` first, as its refusal says; "
+        "refused: kt-kernel's pre-flight refusal in one line (its AMX experts have no bias term and are "
+        "gated SwiGLU only)."
     )
     return "\n".join(rows) + "\n\n" + summary + "\n"
 

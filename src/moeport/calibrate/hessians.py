@@ -92,7 +92,7 @@ class LayerHessians:
     def _add_experts(self, mod: nn.Module, layout: ExpertLayout) -> None:
         gate_up, down = mod.gate_up_proj, mod.down_proj
         inter = down.shape[-1]
-        base = f"{self.prefix}{layout.block}.experts."
+        base = f"{self.prefix}{layout.base}"
         for e in range(gate_up.shape[0]):
             names = {r: f"{base}{e}.{layout.projs[r]}.weight" for r in ("gate", "up", "down")}
             self.expert_names.append(names)

@@ -69,7 +69,8 @@ def detect(ck: Checkpoint) -> Detection:
     first = min(layers)
     counts = {L: _expert_count(ck, match, L) for L in layers}
     ref_expert = 0 if match.layout.kind == "per-expert" else -1
-    proj = match.layout.projs["gate"] if match.layout.kind == "per-expert" else match.layout.projs["gate_up"]
+    roles = match.layout.roles if match.layout.kind == "per-expert" else match.layout.fused_roles
+    proj = match.layout.projs[roles[0]]
     ref_parts = layers[first].parts.get((ref_expert, proj))
     if ref_parts is None:
         raise MoeportError(
@@ -101,7 +102,7 @@ def detect(ck: Checkpoint) -> Detection:
         warnings.append(f"config says the first {first_dense} layers are dense; dense layers found: {dense}")
 
     check_required(ck, family, match.layout, naming, (moe, [L for L in mtp if L in layers]))
-    block = f"{match.layer_prefix}{match.layout.block}."
+    block = f"{match.layer_prefix}{match.layout.block_prefix}"
     return Detection(
         family=family,
         model_type=model_type,
@@ -178,11 +179,13 @@ def _shapes_fit(ck: Checkpoint, match: LayoutMatch, hidden: int | None) -> bool:
     """Whether a fused match's gate_up stack has the hidden dim where its layout puts it."""
     if match.layout.kind != "fused" or hidden is None:
         return True
-    parts = next(iter(match.layers.values())).parts.get((-1, match.layout.projs["gate_up"]), {})
+    parts = next(iter(match.layers.values())).parts.get(
+        (-1, match.layout.projs[match.layout.fused_roles[0]]), {}
+    )
     if "weight" not in parts:
         return True
     shape = ck.info(parts["weight"]).shape
-    return len(shape) == 3 and (shape[1] == hidden) == match.layout.transposed
+    return len(shape) == 3 and (shape[1] == hidden) == match.layout.transposed  # up [E, I, H] alike
 
 
 def _match_experts(ck: Checkpoint, family: Family, hidden: int | None) -> LayoutMatch:
@@ -233,7 +236,7 @@ def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int) -> int:
                 f"{ck.root}: layer {layer} lacks experts {missing[:5]} (has {len(found.experts)} of {n})"
             )
         return n
-    key = next(iter(found.parts[(-1, match.layout.projs["gate_up"])].values()))
+    key = next(iter(found.parts[(-1, match.layout.projs[match.layout.fused_roles[0]])].values()))
     return ck.info(key).shape[0]
 
 

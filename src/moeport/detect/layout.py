@@ -99,13 +99,15 @@ def layer_prefix_pattern(layer_prefix: str) -> str:
 
 def _expert_regex(layout: ExpertLayout, layer_prefix: str) -> re.Pattern[str]:
     prefix = layer_prefix_pattern(layer_prefix)
-    block = re.escape(layout.block)
+    base = re.escape(layout.base)
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     if layout.kind == "per-expert":
         tail = rf"(?P<E>\d+)\.(?P<proj>{projs})\.(?P<part>[A-Za-z0-9_]+)"
+    elif layout.dotted:  # module parameters: `input_linear.weight`, `input_linear.weight_scale`
+        tail = rf"(?P<proj>{projs})\.(?P<part>[A-Za-z0-9_]+)"
     else:
         tail = rf"(?P<proj>{projs})(?P<part>_[A-Za-z0-9_]+|\.weight)?"
-    return re.compile(rf"^{prefix}{block}\.experts\.{tail}$")
+    return re.compile(rf"^{prefix}{base}{tail}$")
 
 
 def match_layout(keys: list[str], layout: ExpertLayout, layer_prefix: str) -> LayoutMatch | None:
@@ -132,7 +134,7 @@ _FUSED_OWN_SUFFIXES = ("_blocks", "_scales", "_bias")
 
 def _normalise_part(part: str, kind: str) -> str:
     """Give fused companions per-expert names: '' -> 'weight', '_scale_inv' -> 'weight_scale_inv'."""
-    if kind == "per-expert" or part in _FUSED_OWN_SUFFIXES:
+    if kind == "per-expert" or part in _FUSED_OWN_SUFFIXES or not part.startswith(("_", ".")) and part:
         return part
     if part in ("", ".weight"):
         return "weight"

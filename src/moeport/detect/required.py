@@ -29,7 +29,7 @@ def check_required(
         if not layers:
             continue
         rel = {L: by_layer.get(L, set()) for L in layers}
-        block = f"{layout.block}."
+        block = layout.block_prefix
         for L in layers:
             if not any(block + r in rel[L] for r in family.router):
                 names = " or ".join(f"'{naming.prefix(L)}{block}{r}'" for r in family.router)

@@ -21,6 +21,11 @@ from moeport.zoo.families import ROLES, ExpertLayout
 FUSED_ROLES = {"gate": "gate_up", "up": "gate_up", "down": "down"}
 
 
+def roles_in(layout: ExpertLayout, fused_role: str) -> list[str]:
+    """The per-expert roles a fused stack holds: gate and up in gate_up; itself when not gated."""
+    return [r for r in ROLES if FUSED_ROLES[r] == fused_role] if layout.gated else [fused_role]
+
+
 @dataclass(frozen=True)
 class LayerNames:
     """Names of one layer's expert tensors under a layout (prefix is the layer, e.g. 'model.layers.3.')."""
@@ -30,10 +35,13 @@ class LayerNames:
 
     def per_expert(self, e: int, role: str, part: str) -> str:
         part = part[1:] if part.startswith("_") else part
-        return f"{self.prefix}{self.layout.block}.experts.{e}.{self.layout.projs[role]}.{part}"
+        return f"{self.prefix}{self.layout.base}{e}.{self.layout.projs[role]}.{part}"
 
     def fused(self, fused_role: str, part: str) -> str:
-        return f"{self.prefix}{self.layout.block}.experts.{self.layout.projs[fused_role]}{fused_suffix(part)}"
+        name = f"{self.prefix}{self.layout.base}{self.layout.projs[fused_role]}"
+        if self.layout.dotted:  # a module's parameters: `input_linear.weight`
+            return f"{name}.{part.removeprefix('_')}"
+        return f"{name}{fused_suffix(part)}"
 
 
 def fused_suffix(part: str) -> str:
@@ -63,6 +71,10 @@ def relayout_experts(
 ) -> list[Op]:
     """Ops taking the expert tensors named in `parts` (laid out as `src`) to `dst` names."""
     kind_src, kind_dst = src.layout.kind, dst.layout.kind
+    if src.layout.gated != dst.layout.gated:
+        raise MoeportError(f"{src.prefix}: gated and non-gated expert layouts do not convert into each other")
+    if not src.layout.gated and kind_src != kind_dst:
+        return _restack(parts, experts, src, dst, fmt, shape_of)
     if kind_src == kind_dst == "per-expert":
         return [
             Copy(name, dst.per_expert(e, role, part))
@@ -161,9 +173,39 @@ def _fuse(
     return ops
 
 
-def _check_companions(parts: Parts, experts: int) -> None:
+def _restack(
+    parts: Parts, experts: int, src: LayerNames, dst: LayerNames, fmt: ExpertFormat, shape_of: ShapeOf
+):
+    """Non-gated experts (up, down): each role's experts stacked, or unstacked as the inverse."""
+    if src.layout.kind == "per-expert":
+        _check_companions(parts, experts, src.layout.roles)
+        return _stack_roles(parts, experts, dst.layout.transposed and fmt.name in FLOAT_FORMATS, dst.fused)
+    per_expert: Parts = {
+        (e, role): {part: dst.per_expert(e, role, hub_part(fmt, part)) for part in parts[(-1, role)]}
+        for e in range(experts)
+        for role in dst.layout.roles
+    }
+    transposed = src.layout.transposed and fmt.name in FLOAT_FORMATS
+    forward = _stack_roles(per_expert, experts, transposed, lambda role, part: parts[(-1, role)][part])
+    return [op.inverse() for op in forward]
+
+
+def _stack_roles(parts: Parts, experts: int, transposed: bool, name: Callable[[str, str], str]) -> list[Op]:
+    ops: list[Op] = []
+    for role in ("up", "down"):
+        for part in parts[(0, role)]:
+            sources = tuple(parts[(e, role)][part] for e in range(experts))
+            target = name(role, part)
+            if transposed and part == "weight":  # [E, N, K] -> [E, K, N]
+                ops.append(Chain((Stack(sources, f"{target}#rows"), Transpose(f"{target}#rows", target))))
+            else:
+                ops.append(Stack(sources, target))
+    return ops
+
+
+def _check_companions(parts: Parts, experts: int, roles: tuple[str, ...] = ROLES) -> None:
     """Every expert and role must carry the same companion parts as expert 0's gate."""
-    for role in ROLES:
+    for role in roles:
         ref = parts.get((0, role))
         if ref is None:
             raise MoeportError(f"expert 0 has no {role} projection")
@@ -179,7 +221,7 @@ def _check_companions(parts: Parts, experts: int) -> None:
                 raise MoeportError(
                     f"{example}: missing companion tensor(s) {sorted(missing)} that expert 0 has"
                 )
-    if set(parts[(0, "gate")]) != set(parts[(0, "up")]):
+    if "gate" in roles and set(parts[(0, "gate")]) != set(parts[(0, "up")]):
         raise MoeportError(
             f"{next(iter(parts[(0, 'up')].values()))}: gate and up carry different companions "
             f"{sorted(parts[(0, 'gate')])} vs {sorted(parts[(0, 'up')])}"

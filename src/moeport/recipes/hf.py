@@ -28,13 +28,12 @@ from moeport.detect.detection import Detection
 from moeport.detect.formats import ExpertFormat, Part
 from moeport.dtypes import safetensors_name_of
 from moeport.errors import MoeportError
-from moeport.mappings.experts import FUSED_ROLES, LayerNames, Parts, relayout_experts
+from moeport.mappings.experts import LayerNames, Parts, relayout_experts, roles_in
 from moeport.mappings.ops import Chain, Copy, Op
 from moeport.mappings.rename import IDENTITY, Rename
 from moeport.recipes.base import Options, Target
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
-from moeport.zoo.families import ROLES
 from moeport.zoo.model_config import ModelConfig, rewrite_storage_fields
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -96,8 +95,8 @@ def build_hf(
         if layer in layers:
             prefix = det.naming.prefix(layer)
             src = LayerNames(det.layout, prefix)
-            # a wrapper's prefix may be renamed too (MiniMax-M3-VL: `language_model.model.` ->
-            # `model.language_model.`)
+            # a wrapper's prefix may be renamed too, its experts with it (MiniMax-M3-VL:
+            # `language_model.model.` -> `model.language_model.`; Aria)
             dst = LayerNames(dst_layout, rename(prefix.removesuffix(".")) + ".")
             for op in builder.experts(layers[layer].parts, det, src, dst):
                 units.append(Unit(layer, op))
@@ -132,7 +131,7 @@ def _decodes(op: Op) -> bool:
 
 def _rename_between(det: Detection, layout: str, canonical: bool = False) -> Rename:
     family = det.family
-    src_is_hub = family.hub == family.fused or det.layout == family.hub
+    src_is_hub = family.hub == family.fused or det.layout != family.fused  # per-expert linears: hub names
     aliases = family.hub_aliases if src_is_hub else ()
     if family.hub == family.fused or src_is_hub == (layout != "fused"):
         return Rename((), aliases) if canonical and aliases else IDENTITY
@@ -249,7 +248,7 @@ class _Builder:
             names = set(group.values())
             mine = [op for op in ops if names & set(op.inputs)]
             if is_float:
-                roles = [r for r in ROLES if FUSED_ROLES[r] == fused_role]
+                roles = roles_in(src.layout, fused_role)
                 finish: list[Op] = [
                     Cast(dst.per_expert(e, r, "weight"), dst.per_expert(e, r, "weight"), self.dtype)
                     for e in range(experts)
@@ -260,13 +259,12 @@ class _Builder:
                 stack = decoded_shape(
                     fmt, {p: self.shape_of(n) for p, n in active.items()}, next(iter(names))
                 )
-                finish = self._decode_each(active, stack, fused_role, experts, fmt, dst)
+                finish = self._decode_each(active, stack, roles_in(src.layout, fused_role), experts, fmt, dst)
                 self.dequantized += 1
             out.append(Chain((*mine, *finish)))
         return out
 
-    def _decode_each(self, active, stack, fused_role: str, experts: int, fmt: ExpertFormat, dst) -> list[Op]:
-        roles = [r for r in ROLES if FUSED_ROLES[r] == fused_role]
+    def _decode_each(self, active, stack, roles: list[str], experts: int, fmt: ExpertFormat, dst) -> list[Op]:
         shape = (stack[-2] // len(roles), stack[-1])
         return [
             Decode(
@@ -316,7 +314,7 @@ def _roles(found: dict[tuple[int, str], dict[str, str]], det: Detection) -> Part
     out: Parts = {}
     for (e, proj), group in found.items():
         role = role_of[proj]
-        if det.layout.kind == "fused" and role not in FUSED_ROLES.values():
+        if det.layout.kind == "fused" and role not in det.layout.fused_roles:
             raise MoeportError(f"{next(iter(group.values()))}: unexpected fused expert tensor")
         out[(e, role)] = dict(group)
     return out

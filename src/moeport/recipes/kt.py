@@ -41,6 +41,11 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             f"--numa {opts.numa}: expected a positive number of NUMA slices (kt's threadpool_count)"
         )
     layout = det.layout
+    if not layout.gated:
+        raise MoeportError(
+            f"{ck.root}: {det.family.title} experts are up/down only (no gate); kt-kernel runs gated "
+            "(SwiGLU) experts only"
+        )
     if layout.transposed or layout.gate_up_interleaved:
         how = "with gate/up interleaved" if layout.gate_up_interleaved else "transposed ([E, H, 2I])"
         raise MoeportError(

@@ -96,9 +96,9 @@ def merged_layers(ck: Checkpoint, kt: KtLayout) -> Iterator[CanonicalLayer]:
 
 
 def expert_names(kt: KtLayout, layer: int, family: Family, naming: LayerNaming) -> dict[tuple[int, str], str]:
-    block = f"{naming.prefix(layer)}{family.per_expert.block}"
+    base = f"{naming.prefix(layer)}{family.per_expert.base}"
     return {
-        (e, proj): f"{block}.experts.{e}.{family.per_expert.projs[proj]}.weight"
+        (e, proj): f"{base}{e}.{family.per_expert.projs[proj]}.weight"
         for e in range(kt.experts)
         for proj in PROJS
     }

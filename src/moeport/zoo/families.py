@@ -21,19 +21,50 @@ class ExpertLayout:
 
     per-expert: `{layer}{block}.experts.{E}.{proj}.<companion>` with one proj name per role.
     fused: `{layer}{block}.experts.{gate_up}<suffix>` [E, 2I, H] and `{down}<suffix>` [E, H, I].
+    `block` may be "" (experts directly in the layer: Mistral-Large-4's hub, Gemma-4) and
+    `container` "" (stacks that are the block's own modules: Granite's `input_linear.weight`);
+    `dotted` fused names are module parameters, `{gate_up}.weight`, companions `{gate_up}.<part>`.
     """
 
     kind: str  # "per-expert" | "fused"
-    block: str  # module holding experts/router: "mlp", "block_sparse_moe", "ffn"
+    block: str  # module holding experts/router: "mlp", "block_sparse_moe", "ffn", or ""
     projs: dict[str, str]  # per-expert: role -> proj name; fused: "gate_up"/"down" -> tensor name
     gate_up_interleaved: bool = False  # GPT-OSS: fused rows alternate gate, up
     transposed: bool = False  # GPT-OSS unquantized: [E, H, 2I] / [E, I, H]
+    container: str = "experts"  # the module of the experts inside the block ("" : the block itself)
+    dotted: bool = False  # fused tensors named `{name}.weight` (a module's parameter), not `{name}`
+
+    @property
+    def gated(self) -> bool:
+        """Gate and up projections (SwiGLU); False: up and down only (Nemotron-H's ReLU² experts)."""
+        return "gate" in self.projs or "gate_up" in self.projs
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The per-expert roles, in order: gate, up, down, or up, down for a non-gated MLP."""
+        return ROLES if self.gated else ("up", "down")
+
+    @property
+    def fused_roles(self) -> tuple[str, ...]:
+        """The stacks of a fused layout, in order: gate_up, down, or up, down for a non-gated MLP."""
+        return ("gate_up", "down") if self.gated else ("up", "down")
+
+    @property
+    def block_prefix(self) -> str:
+        """The block's name relative to the layer, with its dot ('mlp.'), '' for the layer itself."""
+        return f"{self.block}." if self.block else ""
+
+    @property
+    def base(self) -> str:
+        """Where the expert tensors start, relative to the layer ('mlp.experts.')."""
+        return self.block_prefix + (f"{self.container}." if self.container else "")
 
     def templates(self, layer_prefix: str) -> list[str]:
-        base = f"{layer_prefix}{self.block}.experts."
+        base = f"{layer_prefix}{self.base}"
+        dot = ".weight" if self.dotted else ""
         if self.kind == "per-expert":
-            return [f"{base}{{E}}.{self.projs[r]}.weight" for r in ROLES]
-        return [f"{base}{self.projs['gate_up']}", f"{base}{self.projs['down']}"]
+            return [f"{base}{{E}}.{self.projs[r]}.weight" for r in self.roles]
+        return [f"{base}{self.projs[r]}{dot}" for r in self.fused_roles]
 
 
 HUB_MLP = ExpertLayout("per-expert", "mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})

@@ -133,11 +133,11 @@ def _summary(family: Family) -> str:
     """One line: where the experts are, and their hub and fused forms."""
     hub = family.hub
     if hub.kind == "per-expert":
-        names = "/".join(hub.projs[r] for r in ("gate", "up", "down"))
-        form = f"hub {hub.block}.experts.{{E}}.{names}"
+        names = "/".join(hub.projs[r] for r in hub.roles)
+        form = f"hub {hub.base}{{E}}.{names}"
     else:
-        form = f"hub {hub.block}.experts.gate_up_proj{' [E, H, 2I]' if hub.transposed else ''}"
-    fused = "same as hub" if family.fused == hub else f"fused {family.fused.block}.experts.gate_up_proj"
+        form = f"hub {hub.templates('')[0]}{' [E, H, 2I]' if hub.transposed else ''}"
+    fused = "same as hub" if family.fused == hub else f"fused {family.fused.templates('')[0]}"
     renames = f", {len(family.fused_renames)} rename(s)" if family.fused_renames else ""
     return f"{family.layer_prefixes[0]}: {form}; {fused}{renames}"
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from moeport.errors import MoeportError
 from moeport.zoo.tiny_answers import candidates
+from moeport.zoo.tiny_moe import moe_switches
 
 EXPERTS = 4
 PER_TOKEN = 2
@@ -28,7 +29,9 @@ def text_overrides(hidden: int = 64, inter: int = 48, dense: int = 80, layers: i
     return dict(
         vocab_size=256,
         unpadded_vocab_size=250,  # Inkling2 pads its unembedding to vocab_size on the Hub
+        vocab_size_per_layer_input=256,  # Gemma-4: its per-layer embeddings are vocab-sized
         hidden_size=hidden,
+        moe_hidden_size=2 * hidden,  # MuseSpark: experts work in their own, wider hidden size
         intermediate_size=dense,
         moe_intermediate_size=inter,
         expert_intermediate_size=inter,
@@ -136,8 +139,17 @@ _STEPS = 12  # refusals answered in a row at most (each answer moves transformer
 
 def tiny_config(model_type: str, text: dict[str, Any] | None = None, small_vision: bool = True):
     """transformers' config of `model_type` with tiny text sizes (and tiny vision/audio towers
-    where the config has them and accepts them). A refusal is answered from its message and the
-    class's defaults (zoo/tiny_answers.py); MoeportError gives transformers' last reason."""
+    where the config has them and accepts them), with at least one MoE layer (zoo/tiny_moe.py). A
+    refusal is answered from its message and the class's defaults (zoo/tiny_answers.py);
+    MoeportError gives transformers' last reason."""
+    config = _tiny_config(model_type, text, small_vision)
+    switches = moe_switches(config.get_text_config(), PER_TOKEN)
+    if not switches:
+        return config
+    return _tiny_config(model_type, {**(text or text_overrides()), **switches}, small_vision)
+
+
+def _tiny_config(model_type: str, text: dict[str, Any] | None, small_vision: bool):
     from transformers import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
