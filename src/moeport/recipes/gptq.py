@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeport.calibrate.sequential import HESSIAN_BYTES, STATES_DIR, Calibrator, GptqSettings
+from moeport.calibrate.sequential import CHUNK_TOKENS, HESSIAN_BYTES, STATES_DIR, Calibrator, GptqSettings
 from moeport.calibrate.tokens import file_digest, load_samples
 from moeport.convert.encode import Encode
 from moeport.convert.plan import Plan, Unit
@@ -32,7 +32,9 @@ from moeport.sinks.sharded import HfSink, plan_shards, shard_names
 from moeport.sources.checkpoint import Checkpoint
 
 METHODS = ("rtn", "gptq")
-GPTQ_OPTIONS = ("calibration", "samples", "seq_len", "dampening", "act_order", "all_experts")
+GPTQ_OPTIONS = ("calibration", "samples", "seq_len", "dampening", "act_order", "all_experts", "spill_states")
+# States in and out held in memory up to this; past it (or with --spill-states) they go to a file
+SPILL_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -123,14 +125,17 @@ def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str
                 if isinstance(op, Encode):
                     wanted.setdefault(unit.layer, set()).add(op.source)
     staging = Path(opts.staging) if opts.staging else None
+    hidden = int(_text_config(ck).get("hidden_size", 0))
+    states_bytes = 2 * ids.numel() * hidden * 4  # in and out, float32
+    spill = opts.spill_states if opts.spill_states is not None else states_bytes > SPILL_BYTES
     calib = Calibrator(
         ck, det, settings, recipe.codec(), ids, wanted, staging, opts.device,
-        threads=available_cores(), allow_nonfinite=opts.allow_nonfinite, notes=base.notes,
+        threads=available_cores(), allow_nonfinite=opts.allow_nonfinite, spill=spill, notes=base.notes,
     )  # fmt: skip
     _ = calib.model  # transformers' classes for the family, on meta: a refusal comes before any work
     units = [Unit(u.layer, _unread(_swap(u.op, calib, u.layer, layers))) for u in base.units]
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
-    plan = GptqPlan(**{**fields, "units": units}, calibration_bytes=_bound(ck, det, ids, settings))
+    plan = GptqPlan(**{**fields, "units": units}, calibration_bytes=_bound(ck, det, ids, settings, spill))
     if plan.config is not None:
         plan.config["quantization_config"] = _record(plan.config["quantization_config"], opts, ids)
     n = sum(len(v) for v in wanted.values())
@@ -141,6 +146,11 @@ def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str
         f"memory bound: the RTN bound + {plan.calibration_bytes / 2**20:.1f} MiB (one float32 layer, "
         "the states in and out, the layer's Hessians)"
     )
+    where = "in memory" if not spill else (
+        f"spilled to {STATES_DIR}/ in the staging folder (up to 3 x {states_bytes / 2**21:.1f} MiB on disk), "
+        f"read {calib.chunk} samples at a time"
+    )  # fmt: skip
+    plan.notes.append(f"gptq: calibration states ({states_bytes / 2**20:.1f} MiB in and out) {where}")
     plan.title = f"{det.family.title}: {det.expert_format.name} -> {scheme} GPTQ ({opts.targets})"
     return plan, GptqSink(opts.max_shard_bytes, metadata, layer_of=plan.layer_of_output)
 
@@ -184,13 +194,15 @@ def _settings(scheme: str, opts: Options) -> GptqSettings:
     return GptqSettings(bits, opts.group_size, opts.dampening, opts.act_order, opts.all_experts)
 
 
-def _bound(ck: Checkpoint, det: Detection, ids, settings: GptqSettings) -> int:
-    """Bytes the walk holds besides the RTN plan's: one layer in float32, the states in and out,
-    the Hessians of one layer (K x K float32 each; gate/up share one, all-experts one per layer),
-    at most HESSIAN_BYTES (+ a shared one) as experts are calibrated in chunks."""
+def _bound(ck: Checkpoint, det: Detection, ids, settings: GptqSettings, spill: bool) -> int:
+    """Bytes the walk holds besides the RTN plan's: one layer in float32, the states in and out
+    (spilled: one chunk of samples of each), the Hessians of one layer (K x K float32 each;
+    gate/up share one, all-experts one per layer), at most HESSIAN_BYTES (+ a shared one) as
+    experts are calibrated in chunks."""
     text = _text_config(ck)
     hidden = int(text.get("hidden_size", 0))
-    states = 2 * ids.numel() * hidden * 4
+    rows = ids.shape[0] if not spill else min(ids.shape[0], max(1, CHUNK_TOKENS // ids.shape[1]))
+    states = 2 * rows * ids.shape[1] * hidden * 4
     per_layer: dict[int, int] = {}
     for key in ck.keys():
         layer = det.naming.layer_of(key)
