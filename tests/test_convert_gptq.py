@@ -233,3 +233,18 @@ def test_killed_run_resumes_from_saved_states_byte_identical(checkpoint, tmp_pat
     assert not (dst / "gptq-states").exists()
     whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.safetensors")}
     assert whole == {p.name: p.read_bytes() for p in dst.glob("*.safetensors")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (bench/gptq_devices.py)")
+def test_cpu_and_cuda_outputs_agree_within_the_stated_tolerance(tmp_path) -> None:
+    """bench/gptq_devices.py on a tiny DeepSeek-V3 made by transformers: the CUDA output's logit
+    error within 2% of the CPU output's, at most 5% of the int4 codes differing."""
+    script = ROOT / "bench" / "gptq_devices.py"
+    args = ["--devices", "cpu,cuda", "--layers", "3", "--samples", "32", "--seq-len", "64"]
+    args += ["--work", str(tmp_path), "--json", str(tmp_path / "result.json")]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert (tmp_path / "result.json").exists(), done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    print(json.dumps(result["rows"]))
+    assert not result["skipped"] and [r["device"] for r in result["rows"]] == ["cpu", "cuda"]
+    assert result["ok"] and done.returncode == 0, result["rows"]
