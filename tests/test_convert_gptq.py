@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,10 @@ def test_spilled_states_give_the_same_bytes_and_spill_by_default_past_the_budget
     assert not (tmp_path / "spilled" / "gptq-states").exists()
     memory = {p.name: p.read_bytes() for p in (tmp_path / "memory").glob("*.safetensors")}
     assert memory == {p.name: p.read_bytes() for p in (tmp_path / "spilled").glob("*.safetensors")}
+    # the stated bound counts one chunk (2 samples) of states in and out instead of all 16 of each
+    found = [re.search(r"the RTN bound \+ ([\d.]+) MiB", " ".join(s["notes"])) for s in (kept, spilled)]
+    bounds = [float(f.group(1)) for f in found if f]
+    assert bounds[0] - bounds[1] == pytest.approx(2 * (SAMPLES - 2) * SEQ * 64 * 4 / 2**20, abs=0.1)
 
 
 @pytest.mark.parametrize("spill", ["--no-spill-states", "--spill-states"])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeport.calibrate.sequential import CHUNK_TOKENS, HESSIAN_BYTES, STATES_DIR, Calibrator, GptqSettings
+from moeport.calibrate.sequential import HESSIAN_BYTES, STATES_DIR, Calibrator, GptqSettings
 from moeport.calibrate.tokens import file_digest, load_samples
 from moeport.convert.encode import Encode
 from moeport.convert.plan import Plan, Unit
@@ -35,6 +35,9 @@ METHODS = ("rtn", "gptq")
 GPTQ_OPTIONS = ("calibration", "samples", "seq_len", "dampening", "act_order", "all_experts", "spill_states")
 # States in and out held in memory up to this; past it (or with --spill-states) they go to a file
 SPILL_BYTES = 2 * 2**30
+# One forward call's activations, in copies of its hidden states (residual, norms, attention, the
+# experts' inputs and the Hessian hook's act(gate) * up): measured 10-13 on bench/gptq.py's models
+ACTIVATION_COPIES = 14
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str
     _ = calib.model  # transformers' classes for the family, on meta: a refusal comes before any work
     units = [Unit(u.layer, _unread(_swap(u.op, calib, u.layer, layers))) for u in base.units]
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
-    plan = GptqPlan(**{**fields, "units": units}, calibration_bytes=_bound(ck, det, ids, settings, spill))
+    plan = GptqPlan(**{**fields, "units": units}, calibration_bytes=_bound(ck, det, calib))
     if plan.config is not None:
         plan.config["quantization_config"] = _record(plan.config["quantization_config"], opts, ids)
     n = sum(len(v) for v in wanted.values())
@@ -144,7 +147,7 @@ def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str
         f"(dampening {settings.dampening}, act-order {'on' if settings.act_order else 'off'}, "
         f"{'every token to every expert' if settings.all_experts else 'routed tokens per expert'}); "
         f"memory bound: the RTN bound + {plan.calibration_bytes / 2**20:.1f} MiB (one float32 layer, "
-        "the states in and out, the layer's Hessians)"
+        "the states in and out, the layer's Hessians, one forward call's activations)"
     )
     where = "in memory" if not spill else (
         f"spilled to {STATES_DIR}/ in the staging folder (up to 3 x {states_bytes / 2**21:.1f} MiB on disk), "
@@ -194,15 +197,17 @@ def _settings(scheme: str, opts: Options) -> GptqSettings:
     return GptqSettings(bits, opts.group_size, opts.dampening, opts.act_order, opts.all_experts)
 
 
-def _bound(ck: Checkpoint, det: Detection, ids, settings: GptqSettings, spill: bool) -> int:
+def _bound(ck: Checkpoint, det: Detection, calib: Calibrator) -> int:
     """Bytes the walk holds besides the RTN plan's: one layer in float32, the states in and out
-    (spilled: one chunk of samples of each), the Hessians of one layer (K x K float32 each;
-    gate/up share one, all-experts one per layer), at most HESSIAN_BYTES (+ a shared one) as
-    experts are calibrated in chunks."""
+    (spilled: one forward call's tokens of each), the Hessians of one layer (K x K float32 each;
+    gate/up share one, all-experts one per layer; at most HESSIAN_BYTES + a shared one, as experts
+    are calibrated in chunks) and one forward call's activations."""
     text = _text_config(ck)
     hidden = int(text.get("hidden_size", 0))
-    rows = ids.shape[0] if not spill else min(ids.shape[0], max(1, CHUNK_TOKENS // ids.shape[1]))
-    states = 2 * rows * ids.shape[1] * hidden * 4
+    ids, settings = calib.ids, calib.settings
+    call = min(ids.shape[0], calib.chunk) * ids.shape[1]  # tokens per forward call
+    states = 2 * (ids.numel() if not calib.spill else call) * hidden * 4
+    activations = ACTIVATION_COPIES * call * hidden * 4
     per_layer: dict[int, int] = {}
     for key in ck.keys():
         layer = det.naming.layer_of(key)
@@ -218,7 +223,7 @@ def _bound(ck: Checkpoint, det: Detection, ids, settings: GptqSettings, spill: b
     inter = int(text.get("moe_intermediate_size") or text.get("intermediate_size") or 0)
     gate_up = (1 if settings.all_experts else experts) * hidden * hidden
     hessians = min(4 * (gate_up + experts * inter * inter), HESSIAN_BYTES + 4 * hidden * hidden)
-    return max(per_layer.values(), default=0) + states + hessians
+    return max(per_layer.values(), default=0) + states + hessians + activations
 
 
 def _record(quant: dict[str, Any], opts: Options, ids) -> dict[str, Any]:
