@@ -93,6 +93,7 @@ def convert(*args: str):
     [
         (("--to", "w4a16", "--method", "gptq"), "--method gptq needs --calibration FILE"),
         (("--to", "w4a16", "--calibration", "{ids}"), "--calibration: only with --method gptq"),
+        (("--to", "w4a16", "--no-spill-states"), "--spill-states: only with --method gptq"),
         (("--to", "w4a16", "--method", "gptq", "--calibration", "{bad}"), "outside the vocabulary (0..127)"),
         (("--to", "w4a16", "--method", "gptq", "--calibration", "{txt}"), "give token ids instead"),
         (("--to", "w4a16", "--method", "gptq", "--calibration", "{csv}"), "unknown kind"),

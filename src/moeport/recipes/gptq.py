@@ -257,6 +257,8 @@ def with_method(target: Target) -> Target:
             return build_gptq(ck, det, opts, metadata, scheme)
         if opts.calibration:
             raise MoeportError("--calibration: only with --method gptq (RTN takes no calibration data)")
+        if opts.spill_states is not None:
+            raise MoeportError("--spill-states: only with --method gptq (RTN keeps no calibration states)")
         return target.build(ck, det, opts, metadata)
 
     def fields(opts: Options) -> dict[str, object]:
