@@ -66,6 +66,7 @@ class Calibrator:
     layers_run: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        fixed_mmap_threshold()  # from the plan on: the executor's work before the walk counts too
         self._lock = threading.Lock()
         self._model: FamilyModel | None = None
         self._next = -1  # the layer whose input states `_states` holds
@@ -90,7 +91,6 @@ class Calibrator:
     def _walk_to(self, layer: int) -> None:
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # the executor runs torch on one thread per worker
-        fixed_mmap_threshold()
         try:
             if self._states is None or self._next > layer:
                 self._next, self._states = self._restart(layer)
