@@ -93,6 +93,7 @@ def convert(*args: str):
     [
         (("--to", "w4a16", "--method", "gptq"), "--method gptq needs --calibration FILE"),
         (("--to", "w4a16", "--calibration", "{ids}"), "--calibration: only with --method gptq"),
+        (("--to", "w4a16", "--no-spill-states"), "--spill-states: only with --method gptq"),
         (("--to", "w4a16", "--method", "gptq", "--calibration", "{bad}"), "outside the vocabulary (0..127)"),
         (("--to", "w4a16", "--method", "gptq", "--calibration", "{txt}"), "give token ids instead"),
         (("--to", "w4a16", "--method", "gptq", "--calibration", "{csv}"), "unknown kind"),
@@ -155,3 +156,23 @@ def test_experts_calibrated_in_chunks_give_the_same_bytes(checkpoint, tmp_path, 
     assert convert(src, tmp_path / "chunked", *args).exit_code == 0
     whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.safetensors")}
     assert whole == {p.name: p.read_bytes() for p in (tmp_path / "chunked").glob("*.safetensors")}
+
+
+def test_states_files_round_trip_in_chunks_and_other_runs_files_are_not_used(tmp_path) -> None:
+    """A boundary file read whole or a chunk of samples at a time gives the states written; a file
+    of another shape (another run's, or cut short by a crash) is not taken as this run's."""
+    from moeport.calibrate import states as st
+
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(4))
+    st.save(x, tmp_path / "gptq-states" / "layer-00002.f32")
+    path = tmp_path / "gptq-states" / "layer-00002.f32"
+    assert not path.with_suffix(".tmp").exists()
+    whole, spilled = st.load(path, (5, 3, 8), "cpu", False), st.load(path, (5, 3, 8), "cpu", True)
+    assert torch.equal(torch.cat(list(whole.chunks(2))), x)
+    assert [c.shape[0] for c in spilled.chunks(2)] == [2, 2, 1]
+    assert torch.equal(torch.cat(list(spilled.chunks(2))), x)
+    assert st.load(path, (6, 3, 8), "cpu", True) is None
+    writer = st.StatesWriter((5, 3, 8), "cpu", tmp_path / "gptq-states" / "layer-00003.f32")
+    writer.write(0, x[:2])
+    writer.abandon()  # an error mid-layer: no boundary file, no temporary left
+    assert sorted(p.name for p in (tmp_path / "gptq-states").iterdir()) == ["layer-00002.f32"]

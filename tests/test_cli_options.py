@@ -73,7 +73,7 @@ HF = "(it takes --layout, --dtype, --max-shard-size)"
 KT = "(it takes --numa, --kt-layout, --kt-any-cpu)"
 INT = (
     "(it takes --group-size, --targets, --ignore, --max-shard-size, --allow-nonfinite, --method, "
-    "--calibration, --samples, --seq-len, --dampening, --act-order, --all-experts)"
+    "--calibration, --samples, --seq-len, --dampening, --act-order, --all-experts, --spill-states)"
 )
 FP8 = "(it takes --targets, --ignore, --max-shard-size, --allow-nonfinite)"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,13 +176,42 @@ def test_within_llmcompressor_oneshot_gptq(checkpoint, calibration, tmp_path) ->
     assert err_ours <= 1.1 * err_theirs
 
 
-def test_killed_run_resumes_from_saved_states_byte_identical(checkpoint, tmp_path) -> None:
+def test_spilled_states_give_the_same_bytes_and_spill_by_default_past_the_budget(
+    checkpoint, calibration, tmp_path, monkeypatch
+) -> None:
+    """States read and written a chunk of samples at a time from the staging folder's files (here
+    2 samples per chunk, 8 chunks) give the bytes of states held in memory; past the budget the
+    default spills without being asked."""
+    from moeport.calibrate import sequential
+    from moeport.recipes import gptq as recipe
+
+    monkeypatch.setattr(sequential, "CHUNK_TOKENS", 2 * SEQ)
+    src = checkpoint("qwen3_moe", "hub", "bf16")
+    kept = gptq(src, tmp_path / "memory", calibration, "--no-spill-states")
+    assert any("in memory" in n for n in kept["notes"]), kept["notes"]
+    monkeypatch.setattr(recipe, "SPILL_BYTES", 1024)  # the states: 2 x 16 x 32 x 64 x 4 B = 256 KiB
+    spilled = gptq(src, tmp_path / "spilled", calibration)
+    assert any("spilled to gptq-states/" in n and "read 2 samples at a time" in n for n in spilled["notes"])
+    assert not (tmp_path / "spilled" / "gptq-states").exists()
+    memory = {p.name: p.read_bytes() for p in (tmp_path / "memory").glob("*.safetensors")}
+    assert memory == {p.name: p.read_bytes() for p in (tmp_path / "spilled").glob("*.safetensors")}
+    # the stated bound counts one chunk (2 samples) of states in and out instead of all 16 of each
+    found = [re.search(r"the RTN bound \+ ([\d.]+) MiB", " ".join(s["notes"])) for s in (kept, spilled)]
+    bounds = [float(f.group(1)) for f in found if f]
+    assert bounds[0] - bounds[1] == pytest.approx(2 * (SAMPLES - 2) * SEQ * 64 * 4 / 2**20, abs=0.1)
+
+
+@pytest.mark.parametrize("spill", ["--no-spill-states", "--spill-states"])
+def test_killed_run_resumes_from_saved_states_byte_identical(checkpoint, tmp_path, spill) -> None:
+    """Killed after two layers were published, a re-run starts from the states saved before layer
+    2 (in memory or spilled: the boundary file is the same either way)."""
     src = checkpoint("qwen3_moe", "hub", "bf16")
     ids = torch.randint(0, 128, (96, 64), generator=torch.Generator().manual_seed(5))  # layers of ~0.3 s
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
     job = [*W4, "--method", "gptq", "--calibration", str(tmp_path / "ids.json"), "--samples", "96"]
     job += ["--seq-len", "64"]
     moeport("convert", src, tmp_path / "whole", *job)
+    job.append(spill)
     dst = tmp_path / "resumed"
     args = [sys.executable, "-m", "moeport", "convert", str(src), str(dst), *job, "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -208,3 +238,18 @@ def test_killed_run_resumes_from_saved_states_byte_identical(checkpoint, tmp_pat
     assert not (dst / "gptq-states").exists()
     whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.safetensors")}
     assert whole == {p.name: p.read_bytes() for p in dst.glob("*.safetensors")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (bench/gptq_devices.py)")
+def test_cpu_and_cuda_outputs_agree_within_the_stated_tolerance(tmp_path) -> None:
+    """bench/gptq_devices.py on a tiny DeepSeek-V3 made by transformers: the CUDA output's logit
+    error within 2% of the CPU output's, at most 5% of the int4 codes differing."""
+    script = ROOT / "bench" / "gptq_devices.py"
+    args = ["--devices", "cpu,cuda", "--layers", "3", "--samples", "32", "--seq-len", "64"]
+    args += ["--work", str(tmp_path), "--json", str(tmp_path / "result.json")]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert (tmp_path / "result.json").exists(), done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    print(json.dumps(result["rows"]))
+    assert not result["skipped"] and [r["device"] for r in result["rows"]] == ["cpu", "cuda"]
+    assert result["ok"] and done.returncode == 0, result["rows"]

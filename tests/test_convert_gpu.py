@@ -185,7 +185,7 @@ def test_cli_writes_w8a16_per_channel_and_refuses_bad_options(checkpoint, tmp_pa
     assert bad.stderr == (
         "error: --layout: not an option of --to w4a16 (it takes --group-size, --targets, --ignore, "
         "--max-shard-size, --allow-nonfinite, --method, --calibration, --samples, --seq-len, "
-        "--dampening, --act-order, --all-experts)\n"
+        "--dampening, --act-order, --all-experts, --spill-states)\n"
     )
 
 

@@ -10,7 +10,7 @@ by moeport's codecs, so FP8, MXFP4 or GPTQ sources work as BF16 ones do.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -63,13 +63,12 @@ class FamilyModel:
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The first hidden states: the checkpoint's embed_tokens rows for `ids` (float32)."""
+    def embedding(self) -> torch.Tensor:
+        """The checkpoint's embed_tokens table (float32, on the device): states[i] = table[ids[i]]."""
         for unit in self.units[None]:
             name = next((o for o in unit.op.outputs if o.endswith("embed_tokens.weight")), None)
             if name is not None:
-                table = dict(run_unit(unit, self.ck))[name]
-                return table.to(self.device)[ids.to(self.device)]
+                return dict(run_unit(unit, self.ck))[name].to(self.device)
         raise MoeportError(f"{self.ck.root}: no embed_tokens.weight to start the calibration from")
 
     def layer_inputs(self, states: torch.Tensor) -> dict[str, object]:
@@ -119,10 +118,9 @@ class FamilyModel:
         """Give the layer's memory back (its parameters return to `meta`)."""
         self.layers[layer].to("meta")
 
-    def forward(self, module: nn.Module, states: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
-        """The layer's outputs for `states` [S, T, H], `chunk` samples at a time."""
+    def forward(self, module: nn.Module, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The layer's outputs for each chunk of states [samples, T, H] (calibrate/states.py)."""
         with torch.no_grad():
-            for i in range(0, states.shape[0], chunk):
-                x = states[i : i + chunk]
+            for x in chunks:
                 out = module(x, **self.layer_inputs(x))
                 yield out[0] if isinstance(out, tuple) else out

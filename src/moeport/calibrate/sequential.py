@@ -4,23 +4,25 @@ the QUANTIZED layer's outputs to L + 1.
 Plan ops (recipes/gptq.py `GptqEncode`) ask `Calibrator.parts(layer, name)` for their encoded
 parts; the first ask for a layer runs that layer (and any before it not yet run), under a lock,
 so the executor's threads, read-ahead and journal work as for RTN. Memory: one decoder layer in
-float32, the calibration states (samples x seq_len x hidden x 4 B, in and out), the layer's
-Hessians and the encoded parts of one layer. The states at each layer boundary are saved in the
-staging folder (`gptq-states/`, the last few kept), so a resumed run starts from the newest one
-at or before its first unfinished layer instead of from the embeddings.
+float32, the calibration states (samples x seq_len x hidden x 4 B, in and out; with `spill`, one
+chunk of samples of each, the rest in a file), the layer's Hessians and the encoded parts of one
+layer. The states at each layer boundary are saved in the staging folder (`gptq-states/`, the
+last few kept), so a resumed run starts from the newest one at or before its first unfinished
+layer instead of from the embeddings.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from moeport.calibrate import states as st
 from moeport.calibrate.family import FamilyModel
+from moeport.calibrate.heap import fixed_mmap_threshold, give_back_freed_memory
 from moeport.calibrate.hessians import LayerHessians, expert_count
 from moeport.calibrate.kernel import gptq_codes
 from moeport.codecs.compressed_tensors import PackQuantizedCodec
@@ -58,15 +60,17 @@ class Calibrator:
     device: str = "cpu"
     threads: int = 1
     allow_nonfinite: bool = False
+    spill: bool = False  # states in a file of the staging folder, a chunk of samples in memory
     notes: list[str] = field(default_factory=list)  # the plan's: which weights fell back to RTN
     fallback: list[str] = field(default_factory=list)  # weights that got RTN, and why
     layers_run: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        fixed_mmap_threshold()  # from the plan on: the executor's work before the walk counts too
         self._lock = threading.Lock()
         self._model: FamilyModel | None = None
         self._next = -1  # the layer whose input states `_states` holds
-        self._states: torch.Tensor | None = None
+        self._states: st.States | None = None
         # layer -> weight -> encoded parts, waiting for their op (kept for the layer before the
         # newest too: the executor's threads may still ask for them while the next layer runs)
         self._results: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
@@ -97,21 +101,49 @@ class Calibrator:
         finally:
             torch.set_num_threads(before)
 
-    def _restart(self, layer: int) -> tuple[int, torch.Tensor]:
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.ids.shape, int(self.model.config.hidden_size))
+
+    @property
+    def chunk(self) -> int:
+        """Samples per forward call (and per read of spilled states): bounds one call's activations."""
+        return max(1, CHUNK_TOKENS // self.ids.shape[1])
+
+    def _restart(self, layer: int) -> tuple[int, st.States]:
         """The newest saved states at or before `layer`, else the embeddings of the samples."""
-        saved = sorted(self._boundaries(), reverse=True)
-        for b in saved:
-            if b <= layer:
+        for b in sorted((b for b in self._boundaries() if b <= layer), reverse=True):
+            states = st.load(self._boundary_path(b), self.shape, self.device, self.spill)
+            if states is not None:
                 self.notes.append(f"gptq: resumed from the hidden states saved before layer {b}")
-                return b, torch.load(self._boundary_path(b), map_location=self.device, weights_only=True)
-        return 0, self.model.embed(self.ids).float()
+                self._forget_after(b)
+                return b, states
+        self._forget_after(-1)
+        table, ids = self.model.embedding(), self.ids.to(self.device)
+        writer = self._writer(0)
+        for i in range(0, ids.shape[0], self.chunk):
+            writer.write(i, table[ids[i : i + self.chunk]])
+        del table
+        return 0, writer.finish()
+
+    def _forget_after(self, b: int) -> None:
+        """Boundaries past the restart point are rewritten as the walk reaches them (same bytes);
+        removed now so that keeping the newest few never drops the one the walk is reading."""
+        for later in self._boundaries():
+            if later > b:
+                self._boundary_path(later).unlink(missing_ok=True)
+
+    def _writer(self, b: int) -> st.StatesWriter:
+        """Where the states before layer `b` go: memory, or (spill) that boundary's file."""
+        if not self.spill:
+            return st.StatesWriter(self.shape, self.device)
+        return st.StatesWriter(self.shape, self.device, self._boundary_path(b))
 
     def _run(self, layer: int) -> None:
         model, states = self.model, self._states
         assert states is not None
         module = model.load_layer(layer)
         wanted = self.wanted.get(layer, set())
-        chunk = max(1, CHUNK_TOKENS // states.shape[1])
         before = len(self.fallback)
         quantized = {}  # name -> (slot, codes, scale): set into the module once every pass is done
         for experts in self._expert_chunks(module):
@@ -125,12 +157,13 @@ class Calibrator:
                 linears=experts is None or experts.start == 0,
             )
             with hs.attached():
-                for _ in model.forward(module, states, chunk):
+                for _ in model.forward(module, states.chunks(self.chunk)):
                     pass
             for name in sorted(hs.covered):
                 parts, codes, scale = self._quantize(name, hs)
                 self._results.setdefault(layer, {})[name] = parts
                 quantized[name] = (hs.slots[name], codes, scale)
+            hs.release()
             del hs
         for slot, codes, scale in quantized.values():  # the next layer sees the quantized weights
             slot.set(rtn_dequantize(codes, scale, None))
@@ -141,13 +174,31 @@ class Calibrator:
                 f"gptq: layer {layer}: {len(fell)} weight(s) fell back to RTN (fewer than "
                 f"{self.settings.min_tokens} calibration tokens, or no usable Hessian): {shown}"
             )
-        out = torch.cat(list(model.forward(module, states, chunk)))  # the quantized layer's outputs
+        out = None
+        if layer + 1 < model.num_layers:  # the last layer's outputs reach no calibrated layer
+            out = self._propagate(module, states, layer + 1)
         model.unload(layer)
-        del module, quantized
-        _give_back_freed_memory()
-        self._states, self._next = out, layer + 1
+        del module, quantized, states
+        self._states, self._next = out, layer + 1  # the input states are freed here
+        give_back_freed_memory()
         self.layers_run.append(layer)
-        self._save_boundary(layer + 1, out)
+
+    def _propagate(self, module, states: st.States, b: int) -> st.States:
+        """The quantized layer's outputs: the states before layer `b`, saved as its boundary."""
+        writer, start = self._writer(b), 0
+        try:
+            for y in self.model.forward(module, states.chunks(self.chunk)):
+                writer.write(start, y)
+                start += y.shape[0]
+        except BaseException:
+            writer.abandon()
+            raise
+        out = writer.finish()
+        if not self.spill and self._staging_ready():
+            st.save(out.tensor, self._boundary_path(b))  # type: ignore[attr-defined]
+        for old in sorted(self._boundaries())[:-KEEP_BOUNDARIES]:
+            self._boundary_path(old).unlink(missing_ok=True)
+        return out
 
     def _expert_chunks(self, module) -> list[range | None]:
         """The experts calibrated per pass over the states, so that the Hessians held at once stay
@@ -184,34 +235,17 @@ class Calibrator:
         return parts, codes, scale
 
     def _boundary_path(self, b: int) -> Path:
-        assert self.staging is not None
-        return self.staging / STATES_DIR / f"layer-{b:05d}.pt"
+        return self._states_dir() / f"layer-{b:05d}{st.SUFFIX}"
+
+    def _states_dir(self) -> Path:
+        if self.staging is None:  # not run by the executor (no staging folder): a private one
+            self.staging = Path(tempfile.mkdtemp(prefix="moeport-gptq-"))
+        return self.staging / STATES_DIR
+
+    def _staging_ready(self) -> bool:
+        return self.staging is not None and self.staging.is_dir()
 
     def _boundaries(self) -> list[int]:
         if self.staging is None or not (self.staging / STATES_DIR).is_dir():
             return []
-        return [int(p.stem.split("-")[1]) for p in (self.staging / STATES_DIR).glob("layer-*.pt")]
-
-    def _save_boundary(self, b: int, states: torch.Tensor) -> None:
-        """Atomically (temporary name, rename); older boundaries beyond the newest few deleted."""
-        if self.staging is None or not self.staging.is_dir() or b >= self.model.num_layers:
-            return
-        path = self._boundary_path(b)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(states.cpu(), tmp)
-        tmp.replace(path)
-        for old in sorted(self._boundaries())[:-KEEP_BOUNDARIES]:
-            self._boundary_path(old).unlink(missing_ok=True)
-
-
-def _give_back_freed_memory() -> None:
-    """Return the heap pages freed by the layer to the OS (glibc `malloc_trim`). Without it glibc
-    keeps a layer's temporaries (states, activations: a few MB each, under its dynamic mmap
-    threshold) in a fragmented heap, and the peak RSS grows with the number of layers (measured,
-    bench/RESULTS.md "GPTQ"); with it the peak stays one layer's whatever the depth."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+        return [int(p.stem.split("-")[1]) for p in (self.staging / STATES_DIR).glob(f"layer-*{st.SUFFIX}")]

@@ -221,6 +221,14 @@ def convert(
     all_experts: Annotated[
         bool, typer.Option("--all-experts", help="gptq: every token calibrates every expert.")
     ] = False,
+    spill_states: Annotated[
+        bool | None,
+        typer.Option(
+            "--spill-states/--no-spill-states",
+            help="gptq: keep the calibration states in a file of the staging folder, a chunk in memory "
+            "(default: when in + out exceed 2 GiB). Same bytes either way.",
+        ),
+    ] = None,
 ) -> None:
     """Convert a checkpoint layer by layer in bounded memory; a re-run resumes an interrupted one."""
     from moeport.cli.convert import RunFlags, run_convert
@@ -257,7 +265,7 @@ def convert(
         gguf_type=gguf_type,
         device=device,
         **dict(method=method, calibration=str(calibration or ""), samples=samples, seq_len=seq_len),
-        **dict(dampening=dampening, act_order=act_order, all_experts=all_experts),  # gptq
+        **dict(dampening=dampening, act_order=act_order, all_experts=all_experts, spill_states=spill_states),
     )
     limit = None if max_memory is None else parse_size(max_memory, "--max-memory")
     if limit is not None and limit <= 0:

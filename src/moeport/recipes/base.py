@@ -42,6 +42,7 @@ class Options:
     dampening: float = 0.01  # gptq: fraction of mean(diag H) added to the diagonal
     act_order: bool = False  # gptq: quantize columns by decreasing activation
     all_experts: bool = False  # gptq: every calibration token reaches every expert's Hessian
+    spill_states: bool | None = None  # gptq: states in a staging file (None: when over a budget)
     staging: str = ""  # where a run may keep resumable state (DST's staging folder; set by the CLI)
 
 
@@ -68,6 +69,7 @@ OPTION_FLAGS = {
     "dampening": "--dampening",
     "act_order": "--act-order",
     "all_experts": "--all-experts",
+    "spill_states": "--spill-states",
 }
 
 # (checkpoint, detection, options, metadata for the output files) -> the plan and its sink

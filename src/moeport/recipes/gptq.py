@@ -32,7 +32,12 @@ from moeport.sinks.sharded import HfSink, plan_shards, shard_names
 from moeport.sources.checkpoint import Checkpoint
 
 METHODS = ("rtn", "gptq")
-GPTQ_OPTIONS = ("calibration", "samples", "seq_len", "dampening", "act_order", "all_experts")
+GPTQ_OPTIONS = ("calibration", "samples", "seq_len", "dampening", "act_order", "all_experts", "spill_states")
+# States in and out held in memory up to this; past it (or with --spill-states) they go to a file
+SPILL_BYTES = 2 * 2**30
+# One forward call's activations, in copies of its hidden states (residual, norms, attention, the
+# experts' inputs and the Hessian hook's act(gate) * up): measured 10-13 on bench/gptq.py's models
+ACTIVATION_COPIES = 14
 
 
 @dataclass(frozen=True)
@@ -123,14 +128,17 @@ def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str
                 if isinstance(op, Encode):
                     wanted.setdefault(unit.layer, set()).add(op.source)
     staging = Path(opts.staging) if opts.staging else None
+    hidden = int(_text_config(ck).get("hidden_size", 0))
+    states_bytes = 2 * ids.numel() * hidden * 4  # in and out, float32
+    spill = opts.spill_states if opts.spill_states is not None else states_bytes > SPILL_BYTES
     calib = Calibrator(
         ck, det, settings, recipe.codec(), ids, wanted, staging, opts.device,
-        threads=available_cores(), allow_nonfinite=opts.allow_nonfinite, notes=base.notes,
+        threads=available_cores(), allow_nonfinite=opts.allow_nonfinite, spill=spill, notes=base.notes,
     )  # fmt: skip
     _ = calib.model  # transformers' classes for the family, on meta: a refusal comes before any work
     units = [Unit(u.layer, _unread(_swap(u.op, calib, u.layer, layers))) for u in base.units]
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Plan)}
-    plan = GptqPlan(**{**fields, "units": units}, calibration_bytes=_bound(ck, det, ids, settings))
+    plan = GptqPlan(**{**fields, "units": units}, calibration_bytes=_bound(ck, det, calib))
     if plan.config is not None:
         plan.config["quantization_config"] = _record(plan.config["quantization_config"], opts, ids)
     n = sum(len(v) for v in wanted.values())
@@ -139,8 +147,13 @@ def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str
         f"(dampening {settings.dampening}, act-order {'on' if settings.act_order else 'off'}, "
         f"{'every token to every expert' if settings.all_experts else 'routed tokens per expert'}); "
         f"memory bound: the RTN bound + {plan.calibration_bytes / 2**20:.1f} MiB (one float32 layer, "
-        "the states in and out, the layer's Hessians)"
+        "the states in and out, the layer's Hessians, one forward call's activations)"
     )
+    where = "in memory" if not spill else (
+        f"spilled to {STATES_DIR}/ in the staging folder (up to 3 x {states_bytes / 2**21:.1f} MiB on disk), "
+        f"read {calib.chunk} samples at a time"
+    )  # fmt: skip
+    plan.notes.append(f"gptq: calibration states ({states_bytes / 2**20:.1f} MiB in and out) {where}")
     plan.title = f"{det.family.title}: {det.expert_format.name} -> {scheme} GPTQ ({opts.targets})"
     return plan, GptqSink(opts.max_shard_bytes, metadata, layer_of=plan.layer_of_output)
 
@@ -184,13 +197,17 @@ def _settings(scheme: str, opts: Options) -> GptqSettings:
     return GptqSettings(bits, opts.group_size, opts.dampening, opts.act_order, opts.all_experts)
 
 
-def _bound(ck: Checkpoint, det: Detection, ids, settings: GptqSettings) -> int:
-    """Bytes the walk holds besides the RTN plan's: one layer in float32, the states in and out,
-    the Hessians of one layer (K x K float32 each; gate/up share one, all-experts one per layer),
-    at most HESSIAN_BYTES (+ a shared one) as experts are calibrated in chunks."""
+def _bound(ck: Checkpoint, det: Detection, calib: Calibrator) -> int:
+    """Bytes the walk holds besides the RTN plan's: one layer in float32, the states in and out
+    (spilled: one forward call's tokens of each), the Hessians of one layer (K x K float32 each;
+    gate/up share one, all-experts one per layer; at most HESSIAN_BYTES + a shared one, as experts
+    are calibrated in chunks) and one forward call's activations."""
     text = _text_config(ck)
     hidden = int(text.get("hidden_size", 0))
-    states = 2 * ids.numel() * hidden * 4
+    ids, settings = calib.ids, calib.settings
+    call = min(ids.shape[0], calib.chunk) * ids.shape[1]  # tokens per forward call
+    states = 2 * (ids.numel() if not calib.spill else call) * hidden * 4
+    activations = ACTIVATION_COPIES * call * hidden * 4
     per_layer: dict[int, int] = {}
     for key in ck.keys():
         layer = det.naming.layer_of(key)
@@ -206,7 +223,7 @@ def _bound(ck: Checkpoint, det: Detection, ids, settings: GptqSettings) -> int:
     inter = int(text.get("moe_intermediate_size") or text.get("intermediate_size") or 0)
     gate_up = (1 if settings.all_experts else experts) * hidden * hidden
     hessians = min(4 * (gate_up + experts * inter * inter), HESSIAN_BYTES + 4 * hidden * hidden)
-    return max(per_layer.values(), default=0) + states + hessians
+    return max(per_layer.values(), default=0) + states + hessians + activations
 
 
 def _record(quant: dict[str, Any], opts: Options, ids) -> dict[str, Any]:
@@ -240,6 +257,8 @@ def with_method(target: Target) -> Target:
             return build_gptq(ck, det, opts, metadata, scheme)
         if opts.calibration:
             raise MoeportError("--calibration: only with --method gptq (RTN takes no calibration data)")
+        if opts.spill_states is not None:
+            raise MoeportError("--spill-states: only with --method gptq (RTN keeps no calibration states)")
         return target.build(ck, det, opts, metadata)
 
     def fields(opts: Options) -> dict[str, object]:
