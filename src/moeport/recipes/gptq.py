@@ -1,8 +1,9 @@
-"""`--to w4a16|w8a16 --method gptq --calibration FILE`: the RTN recipe's plan, with every targeted
-decoder-layer weight encoded by GPTQ instead of round-to-nearest.
+"""`--to w4a16|w8a16|kt-gptq-int4 --method gptq --calibration FILE`: the RTN recipe's plan, with
+every targeted decoder-layer weight encoded by GPTQ instead of round-to-nearest.
 
-Same output format as RTN (compressed-tensors pack-quantized, min-max scales, same names and
-shapes); only the codes differ, and `quantization_config` records the GPTQ settings. The plan is
+Same output format as RTN (compressed-tensors pack-quantized, or kt-gptq-int4's AutoGPTQ v1 storage;
+the codec's own min-max scales, same names and shapes); only the codes differ, and
+`quantization_config` records the GPTQ settings. The plan is
 recipes/gpu.py's: its `Encode` ops of decoder-layer weights become `GptqEncode`, whose parts come
 from the layer walk (calibrate/sequential.py). MTP layers, which calibration never reaches, keep
 RTN. The sink is the HF one with shards cut at layer boundaries, so the journal resumes per layer.
