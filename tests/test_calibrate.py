@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from moeport.calibrate.kernel import gptq_codes
 from moeport.calibrate.tokens import load_samples
 from moeport.cli.app import app
+from moeport.codecs import GptqCodec, PackQuantizedCodec
 from moeport.codecs.int_rtn import rtn_codes, rtn_dequantize, rtn_params
 from moeport.errors import MoeportError
 
@@ -35,6 +36,37 @@ def test_uncorrelated_inputs_give_rtn_codes_exactly(bits, act_order) -> None:
     scale, _ = rtn_params(w, bits, 32, True, torch.bfloat16)
     h = torch.diag(torch.rand(96, generator=torch.Generator().manual_seed(1)) + 0.5)
     assert torch.equal(gptq_codes(w, h, scale, bits, 0.01, act_order), rtn_codes(w, bits, scale, None))
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [
+        GptqCodec(group_size=128),
+        GptqCodec(group_size=32, checkpoint_format="gptq_v2"),
+        GptqCodec(group_size=-1),
+        PackQuantizedCodec(bits=4, group_size=32),
+        PackQuantizedCodec(bits=8, group_size=None),
+    ],
+    ids=["gptq-v1-g128", "gptq-v2-g32", "gptq-channel", "w4a16-g32", "w8a16-channel"],
+)
+def test_identity_hessian_gives_the_codecs_own_rtn_bytes(codec) -> None:
+    """The codec's scale rule and its parts from codes (`code_scale`, `from_codes`, what the layer
+    walk writes): with H = I GPTQ moves no error, so every part equals `encode`'s, including a
+    group of zeros (GPTQ storage: the scale of [-1, 1]), an all-positive group (AutoGPTQ's sym rule
+    keeps min 0 there) and values a hair below a half step (round(x/s) + 8, not round(x/s + 8))."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 256, generator=g)
+    w[1, :128] = 0
+    w[2, :128] = w[2, :128].abs()
+    step = 2**-4  # a group whose scale is exactly `step` (amax 7.5 steps), values a hair below x.5
+    halves = (torch.arange(31) % 14 - 6.5) * (1 - 2**-22) * step
+    w[3, :32] = torch.cat([torch.tensor([-7.5 * step]), halves])
+    scale = codec.code_scale(w)
+    codes = gptq_codes(w, torch.eye(256), scale, codec.bits, 0.01)
+    ours, rtn = codec.from_codes(codes, scale), codec.encode(w)
+    assert sorted(ours) == sorted(rtn)
+    for part in rtn:
+        assert rtn[part].dtype == ours[part].dtype and torch.equal(ours[part], rtn[part]), part
 
 
 @pytest.mark.parametrize("act_order", [False, True])

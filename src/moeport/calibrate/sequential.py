@@ -25,9 +25,8 @@ from moeport.calibrate.family import FamilyModel
 from moeport.calibrate.heap import fixed_mmap_threshold, give_back_freed_memory
 from moeport.calibrate.hessians import LayerHessians, expert_count
 from moeport.calibrate.kernel import gptq_codes
-from moeport.codecs.compressed_tensors import PackQuantizedCodec
-from moeport.codecs.int_rtn import rtn_codes, rtn_dequantize, rtn_params
-from moeport.codecs.packing import pack_int32
+from moeport.codecs.base import CodesCodec
+from moeport.codecs.int_rtn import rtn_codes, rtn_dequantize
 from moeport.convert.encode import check_finite_weight
 from moeport.detect.detection import Detection
 from moeport.sources.checkpoint import Checkpoint
@@ -40,8 +39,8 @@ HESSIAN_BYTES = 2 * 2**30  # Hessians held at once: a layer's experts are calibr
 
 @dataclass(frozen=True)
 class GptqSettings:
-    bits: int
-    group_size: int | None
+    """The GPTQ run's choices; bits, groups and scales are the codec's (`CodesCodec`)."""
+
     dampening: float = 0.01
     act_order: bool = False
     all_experts: bool = False
@@ -53,7 +52,7 @@ class Calibrator:
     ck: Checkpoint
     det: Detection
     settings: GptqSettings
-    codec: PackQuantizedCodec
+    codec: CodesCodec  # pack-quantized (w4a16/w8a16) or GPTQ (kt-gptq-int4)
     ids: torch.Tensor  # [samples, seq_len]
     wanted: dict[int, set[str]]  # layer -> targeted output weight names
     staging: Path | None = None
@@ -218,20 +217,18 @@ class Calibrator:
         w = slot.get().float()
         if not self.allow_nonfinite:
             check_finite_weight(self.codec, w, [name], stacked=False)
-        scale, _ = rtn_params(w, s.bits, s.group_size, True, self.codec.scale_dtype)
+        scale, bits = self.codec.code_scale(w), self.codec.bits  # the format's own min-max rule
         h, tokens = hs.hessian_of(name)
         codes = None
         if h is not None and tokens >= s.min_tokens:
-            codes = gptq_codes(w, h, scale, s.bits, s.dampening, s.act_order)
+            codes = gptq_codes(w, h, scale, bits, s.dampening, s.act_order)
             if codes is None:
                 self.fallback.append(f"{name} (Hessian not positive definite)")
         else:
             self.fallback.append(f"{name} ({tokens} calibration tokens)")
         if codes is None:
-            codes = rtn_codes(w, s.bits, scale, None)
-        packed = pack_int32(codes.to(torch.int32) + 2 ** (s.bits - 1), s.bits)
-        n, k = w.shape
-        parts = {p: t.cpu() for p, t in self.codec.assemble(n, k, packed, scale, None).items()}
+            codes = rtn_codes(w, bits, scale, None)
+        parts = {p: t.cpu() for p, t in self.codec.from_codes(codes, scale).items()}
         return parts, codes, scale
 
     def _boundary_path(self, b: int) -> Path:

@@ -208,7 +208,9 @@ def convert(
             "with static input scales (default: weight-only).",
         ),
     ] = "",
-    method: Annotated[str, typer.Option(metavar="rtn|gptq", help="w4a16/w8a16: RTN or GPTQ.")] = "rtn",
+    method: Annotated[
+        str, typer.Option(metavar="rtn|gptq", help="w4a16/w8a16/kt-gptq-int4: RTN or GPTQ.")
+    ] = "rtn",
     calibration: Annotated[
         Path | None, typer.Option(help="gptq: token ids (.json/.pt/.npy) or text.")
     ] = None,

@@ -37,6 +37,20 @@ class Codec(Protocol):
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+class CodesCodec(Codec, Protocol):
+    """A symmetric integer format that takes codes chosen elsewhere (GPTQ): its scale rule and how
+    signed codes [N, K] (zero point 0, value = code * scale of the column's group) and per-group
+    scales [N, G] become its parts. With the codes of round-to-nearest, `from_codes` gives `encode`'s
+    bytes, so GPTQ with an identity Hessian writes exactly the codec's own RTN output."""
+
+    @property
+    def bits(self) -> int: ...
+
+    def code_scale(self, weight: torch.Tensor) -> torch.Tensor: ...
+
+    def from_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
 def need(parts: Parts, names: tuple[str, ...], where: str, codec: str) -> None:
     missing = [n for n in names if n not in parts]
     if missing:

@@ -84,6 +84,18 @@ class PackQuantizedCodec:
             packed = pack_int32(rtn_codes(weight, self.bits, scale, zero).to(torch.int32) + offset, self.bits)
         return self.assemble(n, k, packed, scale, zero)
 
+    def code_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """Per-group scales [N, G] (scale_dtype) of `weight` [N, K] as `encode` chooses them."""
+        if not self.symmetric:
+            raise MoeportError("GPTQ codes are written to symmetric pack-quantized storage only")
+        return rtn_params(weight, self.bits, self.group_size, True, self.scale_dtype)[0]
+
+    def from_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parts of signed codes [N, K] (-2^(b-1)..2^(b-1)-1) with `scale` [N, G], zero point 0."""
+        n, k = codes.shape
+        packed = pack_int32(codes.to(torch.int32) + 2 ** (self.bits - 1), self.bits)
+        return self.assemble(n, k, packed, scale, None)
+
     def assemble(
         self, n: int, k: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:

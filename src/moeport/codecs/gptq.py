@@ -25,10 +25,12 @@ BITS = 4
 MAXQ = 2**BITS - 1
 
 
-def _rtn_unsigned(
+def _params_unsigned(
     w: torch.Tensor, group: int, sym: bool, min_zero: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, K] -> codes [N, K] in 0..15, scales fp16 [N, G], zeros [N, G] (true zero points >= min_zero)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> scales fp16 [N, G], zeros [N, G] (true zero points >= min_zero): AutoGPTQ's rule
+    (0 always representable; sym: scale = 2 * amax / 15 when the group has a negative value, zero 8;
+    an all-zero group gets the scale of [-1, 1])."""
     n, k = w.shape
     if k % group:
         raise MoeportError(f"input dim {k} is not a multiple of group size {group}")
@@ -45,7 +47,19 @@ def _rtn_unsigned(
         if sym
         else torch.round(-lo / scale.float()).clamp(min_zero, MAXQ)
     )
-    codes = torch.round(g / scale.float().unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, MAXQ)
+    return scale, zero
+
+
+def _rtn_unsigned(
+    w: torch.Tensor, group: int, sym: bool, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] -> codes [N, K] in 0..15, scales fp16 [N, G], zeros [N, G] (true zero points >= min_zero)."""
+    n, k = w.shape
+    scale, zero = _params_unsigned(w, group, sym, min_zero)
+    g = w.float().reshape(n, k // group, group)
+    # round(x / scale) + zero, as AutoGPTQ's and AutoAWQ's quantizers (and GPTQ's codes) do:
+    # round(x / scale + zero) would differ where adding the zero rounds x / scale onto a half
+    codes = (torch.round(g / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, MAXQ)
     return codes.reshape(n, k).to(torch.int32), scale, zero.to(torch.int32)
 
 
@@ -58,6 +72,7 @@ class GptqCodec:
     required: tuple[str, ...] = ("qweight", "qzeros", "scales")
     stacked_decode: ClassVar[bool] = False
     stacked_encode: ClassVar[bool] = False
+    bits: ClassVar[int] = BITS
 
     def decode(self, parts: Parts, where: str = "") -> torch.Tensor:
         need(parts, self.required, where, self.name)
@@ -90,17 +105,39 @@ class GptqCodec:
 
     def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         n, k = weight.shape
-        group = k if self.group_size == -1 else self.group_size
         v1 = self.checkpoint_format == "gptq"
         # v1 stores zero-1: a true zero of 0 would wrap to 15 (read back as 16), so zeros start at 1
-        codes, scale, zero = _rtn_unsigned(weight, group, self.sym, min_zero=1 if v1 else 0)
-        stored_zero = zero - 1 if v1 else zero
+        codes, scale, zero = _rtn_unsigned(weight, self._group(k), self.sym, min_zero=1 if v1 else 0)
+        return self._parts(codes, scale, zero)
+
+    def code_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """Per-group scales [N, G] (fp16) of `weight` [N, K] as `encode` chooses them (symmetric)."""
+        self._need_sym()
+        return _params_unsigned(weight, self._group(weight.shape[-1]), sym=True)[0]
+
+    def from_codes(self, codes: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parts of signed codes [N, K] in -8..7 with `scale` [N, G] (symmetric: zero point 8)."""
+        self._need_sym()
+        zero = torch.full(scale.shape, (MAXQ + 1) // 2, dtype=torch.int32, device=codes.device)
+        return self._parts(codes.to(torch.int32) + (MAXQ + 1) // 2, scale, zero)
+
+    def _parts(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+        """AutoGPTQ's tensors from unsigned codes [N, K], fp16 scales and true zero points [N, G]."""
+        k = codes.shape[-1]
+        stored_zero = zero - 1 if self.checkpoint_format == "gptq" else zero
         return {
             "qweight": pack_int32(codes.T, BITS, dim=0),
             "qzeros": pack_int32(stored_zero.T, BITS, dim=-1),
             "scales": scale.T.contiguous(),
-            "g_idx": (torch.arange(k) // group).to(torch.int32),
+            "g_idx": (torch.arange(k, device=codes.device) // self._group(k)).to(torch.int32),
         }
+
+    def _group(self, k: int) -> int:
+        return k if self.group_size == -1 else self.group_size
+
+    def _need_sym(self) -> None:
+        if not self.sym:
+            raise MoeportError("GPTQ codes are written to symmetric GPTQ storage only (sym: true)")
 
 
 @dataclass(frozen=True)

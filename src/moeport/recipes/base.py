@@ -35,7 +35,7 @@ class Options:
     gguf_type: str = "bf16"  # gguf: the GGML type of the weights (recipes/gguf.py)
     device: str = "cpu"  # where the math runs; never changes the bytes
     source_label: str = ""  # how the source is named in the output's metadata (default: its folder's name)
-    method: str = "rtn"  # w4a16/w8a16: rtn | gptq (calibrated, recipes/gptq.py)
+    method: str = "rtn"  # w4a16/w8a16/kt-gptq-int4: rtn | gptq (calibrated, recipes/gptq.py)
     calibration: str = ""  # gptq: token ids (.json/.pt/.npy) or text (.txt/.jsonl) file
     samples: int = 512  # gptq: calibration samples
     seq_len: int = 2048  # gptq: tokens per sample

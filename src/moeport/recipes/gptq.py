@@ -1,8 +1,9 @@
-"""`--to w4a16|w8a16 --method gptq --calibration FILE`: the RTN recipe's plan, with every targeted
-decoder-layer weight encoded by GPTQ instead of round-to-nearest.
+"""`--to w4a16|w8a16|kt-gptq-int4 --method gptq --calibration FILE`: the RTN recipe's plan, with
+every targeted decoder-layer weight encoded by GPTQ instead of round-to-nearest.
 
-Same output format as RTN (compressed-tensors pack-quantized, min-max scales, same names and
-shapes); only the codes differ, and `quantization_config` records the GPTQ settings. The plan is
+Same output format as RTN (compressed-tensors pack-quantized, or kt-gptq-int4's AutoGPTQ v1 storage;
+the codec's own min-max scales, same names and shapes); only the codes differ, and
+`quantization_config` records the GPTQ settings. The plan is
 recipes/gpu.py's: its `Encode` ops of decoder-layer weights become `GptqEncode`, whose parts come
 from the layer walk (calibrate/sequential.py). MTP layers, which calibration never reaches, keep
 RTN. The sink is the HF one with shards cut at layer boundaries, so the journal resumes per layer.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,9 +116,11 @@ class GptqSink(HfSink):
         super().finish(out_dir, pieces)
 
 
-def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str], scheme: str):
-    recipe = recipe_of(scheme, opts)
-    settings = _settings(scheme, opts)
+def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str], recipe: Any):
+    """The GPTQ plan of a GPU recipe (recipes/gpu.py's plan_gpu contract) whose codec takes codes
+    (codecs/base.py `CodesCodec`): pack-quantized for w4a16/w8a16, GPTQ for kt-gptq-int4."""
+    scheme = recipe.scheme
+    settings = _settings(opts)
     layers = _num_layers(ck)
     vocab = int(_text_config(ck).get("vocab_size", 0)) or 2**62
     ids = load_samples(Path(opts.calibration), ck.root, opts.samples, opts.seq_len, vocab)
@@ -186,15 +190,14 @@ def _num_layers(ck: Checkpoint) -> int:
     return int(_text_config(ck).get("num_hidden_layers", 0))
 
 
-def _settings(scheme: str, opts: Options) -> GptqSettings:
+def _settings(opts: Options) -> GptqSettings:
     if not opts.calibration:
         raise MoeportError("--method gptq needs --calibration FILE (token ids or text)")
     if opts.samples < 1 or opts.seq_len < 1:
         raise MoeportError(f"--samples {opts.samples} --seq-len {opts.seq_len}: expected positive numbers")
     if not 0 <= opts.dampening < 10:
         raise MoeportError(f"--dampening {opts.dampening}: expected a fraction of mean(diag H), e.g. 0.01")
-    bits = 4 if scheme == "w4a16" else 8
-    return GptqSettings(bits, opts.group_size, opts.dampening, opts.act_order, opts.all_experts)
+    return GptqSettings(opts.dampening, opts.act_order, opts.all_experts)
 
 
 def _bound(ck: Checkpoint, det: Detection, calib: Calibrator) -> int:
@@ -228,8 +231,11 @@ def _bound(ck: Checkpoint, det: Detection, calib: Calibrator) -> int:
 
 def _record(quant: dict[str, Any], opts: Options, ids) -> dict[str, Any]:
     """quantization_config as RTN's, with the GPTQ settings: compressed-tensors' `actorder` says
-    static order (groups on the original columns, no g_idx), `gptq` the rest (ignored by loaders)."""
+    static order (groups on the original columns, no g_idx), `gptq` the rest (ignored by loaders);
+    a GPTQModel config (kt-gptq-int4) also gets its own `damp_percent` field."""
     quant = dict(quant)
+    if quant.get("quant_method") == "gptq":
+        quant["damp_percent"] = opts.dampening
     if opts.act_order:
         for group in quant.get("config_groups", {}).values():
             group["weights"]["actorder"] = "static"
@@ -246,15 +252,26 @@ def _record(quant: dict[str, Any], opts: Options, ids) -> dict[str, Any]:
     return quant
 
 
-def with_method(target: Target) -> Target:
-    """`target` (w4a16/w8a16) taking --method rtn|gptq and the GPTQ options."""
+def with_method(
+    target: Target,
+    recipe_for: Callable[[Options], Any] | None = None,
+    method_field: str = "method",
+    act_order: str = "",
+) -> Target:
+    """`target` taking --method rtn|gptq and the GPTQ options. `recipe_for`: the GPU recipe of the
+    user's options (default: recipes/gpu.py's for the target's scheme); `method_field`: the recorded
+    recipe's key for the method (kt-kernel targets record their kt method under "method");
+    `act_order`: why --act-order is refused ("" if taken)."""
     scheme = target.name
+    recipe_of_opts = recipe_for or (lambda opts: recipe_of(scheme, opts))
 
     def build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
         if opts.method not in METHODS:
             raise MoeportError(f"--method {opts.method}: expected one of {', '.join(METHODS)}")
         if opts.method == "gptq":
-            return build_gptq(ck, det, opts, metadata, scheme)
+            if opts.act_order and act_order:
+                raise MoeportError(f"--act-order: not with --to {scheme} ({act_order})")
+            return build_gptq(ck, det, opts, metadata, recipe_of_opts(opts))
         if opts.calibration:
             raise MoeportError("--calibration: only with --method gptq (RTN takes no calibration data)")
         if opts.spill_states is not None:
@@ -268,8 +285,9 @@ def with_method(target: Target) -> Target:
         path = Path(opts.calibration)
         calibration = {"name": path.name, "sha256": file_digest(path)} if path.is_file() else str(path)
         return out | {
-            "method": "gptq", "calibration": calibration, "samples": opts.samples, "seq_len": opts.seq_len,
-            "dampening": opts.dampening, "act_order": opts.act_order, "all_experts": opts.all_experts,
+            method_field: "gptq", "calibration": calibration, "samples": opts.samples,
+            "seq_len": opts.seq_len, "dampening": opts.dampening, "act_order": opts.act_order,
+            "all_experts": opts.all_experts,
         }  # fmt: skip
 
     takes = target.takes | {"method", *GPTQ_OPTIONS}

@@ -2,7 +2,9 @@
 kt-kernel's `GPTQSafeTensorLoader`, every other linear in 16 bits, and a config that says so.
 
 Experts: AutoGPTQ v1 storage (codecs.gptq: `qweight` I32 [K/8, N], `scales` F16 [K/g, N], `qzeros`
-all 0x77777777, `g_idx` = k // g), RTN with GPTQ's symmetric parameter rule (no calibration data).
+all 0x77777777, `g_idx` = k // g), RTN with GPTQ's symmetric parameter rule by default; with
+`--method gptq --calibration FILE` the codes come from calibrated GPTQ (recipes/gptq.py, the layer
+walk of calibrate/), same scales and storage. No act-order: kt refuses `desc_act: true`.
 kt reads `qweight` and `scales` only, derives the group size from the scales' rows, and refuses
 `desc_act: true` and `sym: false` from config.json.
 
@@ -23,6 +25,7 @@ from moeport.codecs import GptqCodec
 from moeport.codecs.base import Codec
 from moeport.detect.detection import Detection
 from moeport.recipes.base import Options, Target
+from moeport.recipes.gptq import with_method
 from moeport.recipes.gpu import plan_gpu
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
@@ -72,15 +75,25 @@ class GptqRecipe:
         }
 
 
+def recipe_of(opts: Options) -> GptqRecipe:
+    return GptqRecipe(opts.group_size or 128, allow_nonfinite=opts.allow_nonfinite)
+
+
 def build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str]):
-    recipe = GptqRecipe(opts.group_size or 128, allow_nonfinite=opts.allow_nonfinite)
-    plan = plan_gpu(ck, det, recipe, opts.device)
+    plan = plan_gpu(ck, det, recipe_of(opts), opts.device)
     return plan, HfSink(opts.max_shard_bytes, metadata)
 
 
-TARGET = Target(
-    "kt-gptq-int4",
-    "symmetric GPTQ INT4 experts, the rest unquantized",
-    build,
-    takes=frozenset({"max_shard_bytes", "allow_nonfinite"}),
+# --method gptq: the recorded recipe keeps "method" for kt's method name (GPTQ_INT4), so GPTQ is
+# recorded as "quantizer"; act-order would need desc_act: true, which kt-kernel's loader refuses.
+TARGET = with_method(
+    Target(
+        "kt-gptq-int4",
+        "symmetric GPTQ INT4 experts, the rest unquantized",
+        build,
+        takes=frozenset({"max_shard_bytes", "allow_nonfinite"}),
+    ),
+    recipe_for=recipe_of,
+    method_field="quantizer",
+    act_order="kt-kernel's GPTQ_INT4 loader refuses desc_act: true, and act-order needs it",
 )

@@ -18,6 +18,7 @@ from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
 from moeport.recipes import gpu, hf, kt_gptq, kt_mx
 from moeport.recipes.base import Options, Target
+from moeport.recipes.gptq import GPTQ_OPTIONS
 from moeport.recipes.kt_cpu import check_cpu, host_flags
 from moeport.sources.checkpoint import Checkpoint
 
@@ -49,7 +50,8 @@ class NativeMethod:
         self.check_names(det)
         self.check_alignment(det)
         plan, sink = self.base.build(ck, det, replace(opts, layout="hub", **self.fixed), metadata)
-        plan.title = f"{det.family.title}: {det.expert_format.name} -> kt-kernel {self.method} ({self.help})"
+        how = f"{self.help}, calibrated GPTQ" if opts.method == "gptq" else self.help
+        plan.title = f"{det.family.title}: {det.expert_format.name} -> kt-kernel {self.method} ({how})"
         plan.warnings += filter(None, [check_cpu(self.method, host_flags(), opts.kt_any_cpu)])
         return plan, sink
 
@@ -86,7 +88,9 @@ class NativeMethod:
                 )
 
     def as_target(self) -> Target:
-        takes = frozenset({"max_shard_bytes", "allow_nonfinite"} & set(self.base.takes)) | {"kt_any_cpu"}
+        passed = {"max_shard_bytes", "allow_nonfinite", "method", *GPTQ_OPTIONS}  # the base's to take
+        takes = frozenset(passed & set(self.base.takes)) | {"kt_any_cpu"}
+        calibrated = "method" in self.base.takes  # kt-gptq-int4: its base records the GPTQ options
         return Target(
             self.target,
             f"kt-kernel {self.method}: {self.help}, a Hugging Face folder its native loader reads",
@@ -94,6 +98,7 @@ class NativeMethod:
             fields=lambda o: (
                 {"method": self.method, **self.fixed}
                 | ({"allow_nonfinite": True} if o.allow_nonfinite else {})
+                | (self.base.fields(o) if calibrated else {})
             ),
             takes=takes,
             fits=self.fits,
