@@ -195,6 +195,9 @@ def test_spilled_states_give_the_same_bytes_and_spill_by_default_past_the_budget
     assert not (tmp_path / "spilled" / "gptq-states").exists()
     memory = {p.name: p.read_bytes() for p in (tmp_path / "memory").glob("*.safetensors")}
     assert memory == {p.name: p.read_bytes() for p in (tmp_path / "spilled").glob("*.safetensors")}
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "memory"), "--json"])
+    made = json.loads(shown.stdout)["written_by"]  # the recorded recipe; no kt-kernel method here
+    assert (made["target"], made["options"]["method"], "kt_method" in made) == ("w4a16", "gptq", False)
     # the stated bound counts one chunk (2 samples) of states in and out instead of all 16 of each
     found = [re.search(r"the RTN bound \+ ([\d.]+) MiB", " ".join(s["notes"])) for s in (kept, spilled)]
     bounds = [float(f.group(1)) for f in found if f]

@@ -35,7 +35,8 @@ def written_by(recipe: dict[str, Any]) -> dict[str, Any]:
         return {}
     options = {k: v for k, v in recipe.items() if k not in ("to", *_SOURCE_FIELDS)}
     out: dict[str, Any] = {"target": recipe["to"], "options": options, "source": recipe.get("source", "")}
-    if "method" in options:  # kt-kernel native: KTMoEWrapper(method=...) reads this folder
+    # kt-kernel native: KTMoEWrapper(method=...) reads this folder (a w4a16 `method` is rtn/gptq)
+    if "method" in options and str(recipe["to"]).startswith("kt-"):
         out["kt_method"] = options["method"]
         if options.get("group_size"):
             out["kt_group_size"] = options["group_size"]
