@@ -83,7 +83,7 @@ def relayout_experts(
         ]
     if kind_src == kind_dst == "fused":
         if src.layout.gate_up_interleaved != dst.layout.gate_up_interleaved:
-            raise MoeportError(f"{src.prefix}: re-ordering interleaved gate/up rows is not supported")
+            return _reorder(parts, experts, src, dst, fmt, shape_of, rows_of)
         # Qwen3-VL-MoE: the Hub's stacks are [E, H, 2I], transformers holds [E, 2I, H]
         flip = src.layout.transposed != dst.layout.transposed
         if flip and fmt.name not in FLOAT_FORMATS:
@@ -97,6 +97,47 @@ def relayout_experts(
         _check_companions(parts, experts)
         return _fuse(parts, experts, src, dst, fmt, shape_of, rows_of)
     # fused -> per-expert: the inverse of fusing `dst`-named experts into these fused tensors.
+    per_expert, per_shape, rows = _unfused(parts, experts, src, dst, fmt, shape_of, rows_of)
+    # the fused names are the actual inputs (they may be intermediates, e.g. decoded tensors)
+    forward = _fuse(
+        per_expert,
+        experts,
+        dst,
+        src,
+        fmt,
+        per_shape.__getitem__,
+        lambda _: rows // 2,
+        fused_name=lambda role, part: parts[(-1, role)][part],
+    )
+    return [op.inverse() for op in forward]
+
+
+def _reorder(
+    parts: Parts, experts: int, src: LayerNames, dst: LayerNames, fmt: ExpertFormat, shape_of, rows_of
+) -> list[Op]:
+    """Fused stacks to fused stacks whose gate/up rows are ordered otherwise (Inkling's hub
+    alternates them, transformers holds gate then up): each stack is cut into its experts' gate
+    and up (named under the layer's `#split.` scratch prefix) and fused again, one chain per
+    stored part, so the rows are re-ordered by the same ops that fuse and split experts."""
+    scratch = LayerNames(_SCRATCH, f"{src.prefix}#split.")
+    per_expert, per_shape, rows = _unfused(parts, experts, src, scratch, fmt, shape_of, rows_of)
+    cut = relayout_experts(parts, experts, src, scratch, fmt, shape_of, rows_of)
+    fused = _fuse(per_expert, experts, scratch, dst, fmt, per_shape.__getitem__, lambda _: rows // 2)
+    out: list[Op] = []
+    for op in cut:
+        (again,) = [f for f in fused if set(f.inputs) <= set(op.outputs)]
+        out.append(Chain((op, again)))
+    return out
+
+
+_SCRATCH = ExpertLayout("per-expert", "", {"gate": "gate", "up": "up", "down": "down"})
+
+
+def _unfused(
+    parts: Parts, experts: int, src: LayerNames, dst: LayerNames, fmt: ExpertFormat, shape_of, rows_of
+) -> tuple[Parts, dict[str, tuple[int, ...]], int]:
+    """The per-expert parts (named as `dst`) fused stacks hold, each one's shape, and the
+    fused gate_up rows."""
     gate_up = parts.get((-1, "gate_up"))
     down = parts.get((-1, "down"))
     if gate_up is None or down is None:
@@ -117,18 +158,7 @@ def relayout_experts(
         for (_, role), group in per_expert.items()
         for part, name in group.items()
     }
-    # the fused names are the actual inputs (they may be intermediates, e.g. decoded tensors)
-    forward = _fuse(
-        per_expert,
-        experts,
-        dst,
-        src,
-        fmt,
-        per_shape.__getitem__,
-        lambda _: rows // 2,
-        fused_name=lambda role, part: parts[(-1, role)][part],
-    )
-    return [op.inverse() for op in forward]
+    return per_expert, per_shape, rows
 
 
 def _fuse(

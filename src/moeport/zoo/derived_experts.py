@@ -195,9 +195,12 @@ def _hub_stacks(
     for key, value in hub_state.items():
         if id(value) in role_of:
             hub_of[role_of[id(value)]] = key
-    if set(hub_of) != set(fused_keys):
-        missing = sorted(set(fused_keys) - set(hub_of))[:1]
-        raise NotDerivable(f"{model_type}: transformers converts '{missing[0]}' (not a rename) on save")
+    interleaved = memory.gate_up_interleaved
+    if set(hub_of) != set(fused_keys):  # Inkling: the hub's gate/up rows alternate
+        from moeport.zoo.derived_interleave import interleaved_stacks  # it imports NotDerivable
+
+        hub_of |= interleaved_stacks(model_type, model, state, hub_state, set(fused_keys) - set(hub_of))
+        interleaved = True
     names: dict[str, str] = {}
     where: set[tuple[str, str, bool]] = set()
     for mem_key, hub_key in hub_of.items():
@@ -219,9 +222,7 @@ def _hub_stacks(
     names = {role: names[role] for role in memory.projs}  # the memory layout's role order
     block, container = _where(module)
     transposed = memory.transposed != hub_transposes(model)
-    layout = ExpertLayout(
-        "fused", block, names, memory.gate_up_interleaved, transposed, container=container, dotted=dotted
-    )
+    layout = ExpertLayout("fused", block, names, interleaved, transposed, container=container, dotted=dotted)
     return layout, prefix, list(hub_of.values())
 
 
