@@ -191,39 +191,43 @@ def _hub_stacks(
     module path and names read off the hub keys."""
     memory: ExpertLayout = fused["layout"]
     role_of = {id(state[k]): k for k in fused_keys}
-    hub_of: dict[str, str] = {}  # memory key -> hub key
+    hub_of: dict[str, dict[str, str]] = {}  # memory key -> {role: hub key}, role None: the memory's
     for key, value in hub_state.items():
         if id(value) in role_of:
-            hub_of[role_of[id(value)]] = key
+            hub_of[role_of[id(value)]] = {"": key}
     interleaved = memory.gate_up_interleaved
-    if set(hub_of) != set(fused_keys):  # Inkling: the hub's gate/up rows alternate
-        from moeport.zoo.derived_interleave import interleaved_stacks  # it imports NotDerivable
+    if set(hub_of) != set(fused_keys):  # Inkling's interleaved rows, Step-3.7's gate and up stacks
+        from moeport.zoo.derived_gate_up import INTERLEAVED, converted_gate_up  # it imports NotDerivable
 
-        hub_of |= interleaved_stacks(model_type, model, state, hub_state, set(fused_keys) - set(hub_of))
-        interleaved = True
+        found, how = converted_gate_up(model_type, model, state, hub_state, set(fused_keys) - set(hub_of))
+        hub_of |= found
+        interleaved = how == INTERLEAVED
     names: dict[str, str] = {}
     where: set[tuple[str, str, bool]] = set()
-    for mem_key, hub_key in hub_of.items():
-        m, h = _LAYER_KEY.match(mem_key), _LAYER_KEY.match(hub_key)
-        if not m or not h:
-            raise NotDerivable(f"{model_type}: hub expert stack '{hub_key}' is not under a layer")
-        _, mem_name, _ = stack_name(m["rest"])
-        is_bias = mem_name.endswith(BIAS) and mem_name.removesuffix(BIAS) in memory.projs.values()
-        if is_bias:
-            continue
-        module, name, dotted = stack_name(h["rest"])
-        role = next(r for r, n in memory.projs.items() if n == mem_name)
-        if names.setdefault(role, name) != name:
-            raise NotDerivable(f"{model_type}: hub names its {role} stacks both '{names[role]}' and '{name}'")
-        where.add((h["prefix"], module, dotted))
+    for mem_key, by_role in hub_of.items():
+        for hub_role, hub_key in by_role.items():
+            m, h = _LAYER_KEY.match(mem_key), _LAYER_KEY.match(hub_key)
+            if not m or not h:
+                raise NotDerivable(f"{model_type}: hub expert stack '{hub_key}' is not under a layer")
+            _, mem_name, _ = stack_name(m["rest"])
+            is_bias = mem_name.endswith(BIAS) and mem_name.removesuffix(BIAS) in memory.projs.values()
+            if is_bias:
+                continue
+            module, name, dotted = stack_name(h["rest"])
+            role = hub_role or next(r for r, n in memory.projs.items() if n == mem_name)
+            if names.setdefault(role, name) != name:
+                why = f"hub names its {role} stacks both '{names[role]}' and '{name}'"
+                raise NotDerivable(f"{model_type}: {why}")
+            where.add((h["prefix"], module, dotted))
     if len(where) != 1:
         raise NotDerivable(f"{model_type}: hub expert stacks under several module paths {sorted(where)}")
     prefix, module, dotted = next(iter(where))
-    names = {role: names[role] for role in memory.projs}  # the memory layout's role order
+    order = ("gate", "up", "down") if "gate" in names else memory.projs  # the memory layout's roles
+    names = {role: names[role] for role in order}
     block, container = _where(module)
     transposed = memory.transposed != hub_transposes(model)
     layout = ExpertLayout("fused", block, names, interleaved, transposed, container=container, dotted=dotted)
-    return layout, prefix, list(hub_of.values())
+    return layout, prefix, [k for by_role in hub_of.values() for k in by_role.values()]
 
 
 def _hub_up_down(model_type: str, model, block: str, projs: set[str]) -> ExpertLayout:
