@@ -90,6 +90,11 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
         why = f"experts are separate modules ('{per_expert}')" if per_expert else "no routed experts"
         if rows and not per_expert:  # Doge's cross-domain MoE: one row of an embedding per expert
             why = f"experts are embedding rows ('{rows}' [E, H]), not linear layers"
+        flat = [k for k, v in state.items() if ".experts." in k and v.dim() == 2 and not v.shape[0] % EXPERTS]
+        if flat and flat[0] == per_expert and not per_expert.endswith((".weight", ".bias")):
+            # DBRX: a bare parameter `ffn.experts.mlp.w1` [E * I, H], not a module's linear per expert
+            shape = list(state[flat[0]].shape)
+            why = f"experts are one 2-D parameter per role ('{flat[0]}' {shape}: [E * I, H], not [E, N, K])"
         raise NotDerivable(f"{model_type}: {why} in transformers' model, no fused expert stacks")
     paths = {(prefix, module) for prefix, module in found}
     if len({(p, m) for p, m in paths}) > 1:
@@ -99,7 +104,10 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
     first = next(iter(names))  # gate_up, or up where the MLP is not gated
     gate_up, down = stacks[names[first]][1], stacks[names["down"]][1]
     if gate_up[:1] != down[:1]:  # LongCat: zero-compute experts in gate_up only
-        raise NotDerivable(f"{model_type}: gate_up_proj holds {gate_up[0]} experts, down_proj {down[0]}")
+        why = f"gate_up_proj holds {gate_up[0]} experts, down_proj {down[0]}"
+        if gate_up[0] > down[0]:  # allocated for the zero-compute (identity) experts too, never read
+            why += f" ({gate_up[0] - down[0]} zero-compute experts with gate/up weights it never reads)"
+        raise NotDerivable(f"{model_type}: {why}")
     if first == "gate_up":
         transposed, inter = _orient(model_type, gate_up, down, hidden)
     else:
