@@ -221,7 +221,7 @@ def _join(
     else:
         joined = parts[(-1, "gate_up")]
         rows = (rows_of(joined) // 2,) * 2
-        names = {r: {p: dst.fused(r, hub_part(fmt, p)) for p in joined} for r in ("gate", "up")}
+        names = {r: {p: dst.fused(r, p) for p in joined} for r in ("gate", "up")}
         names["gate_up"] = joined
     if set(names["gate"]) != set(names["up"]):
         raise MoeportError(f"{src.prefix}: gate and up stacks carry different parts")

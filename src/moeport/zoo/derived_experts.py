@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from moeport.errors import MoeportError
+from moeport.zoo.derived_gate_up import INTERLEAVED, converted_gate_up
 from moeport.zoo.families import ExpertLayout
 from moeport.zoo.tiny import EXPERTS
 
@@ -199,15 +200,16 @@ def _hub_stacks(
     module path and names read off the hub keys."""
     memory: ExpertLayout = fused["layout"]
     role_of = {id(state[k]): k for k in fused_keys}
-    hub_of: dict[str, dict[str, str]] = {}  # memory key -> {role: hub key}, role None: the memory's
+    hub_of: dict[str, dict[str, str]] = {}  # memory key -> {role: hub key}, '': the memory's role
     for key, value in hub_state.items():
         if id(value) in role_of:
             hub_of[role_of[id(value)]] = {"": key}
     interleaved = memory.gate_up_interleaved
     if set(hub_of) != set(fused_keys):  # Inkling's interleaved rows, Step-3.7's gate and up stacks
-        from moeport.zoo.derived_gate_up import INTERLEAVED, converted_gate_up  # it imports NotDerivable
-
-        found, how = converted_gate_up(model_type, model, state, hub_state, set(fused_keys) - set(hub_of))
+        try:
+            found, how = converted_gate_up(model_type, model, state, hub_state, set(fused_keys) - set(hub_of))
+        except MoeportError as e:
+            raise NotDerivable(str(e)) from e
         hub_of |= found
         interleaved = how == INTERLEAVED
     names: dict[str, str] = {}

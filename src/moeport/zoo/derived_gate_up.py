@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from moeport.codecs.format import ROWS
+from moeport.errors import MoeportError
 from moeport.mappings.ops import Concat
 from moeport.mappings.values import realize
-from moeport.zoo.derived_experts import NotDerivable
 
 INTERLEAVED, SPLIT = "interleaved", "split"
 
@@ -27,7 +27,7 @@ def converted_gate_up(
     model_type: str, model, state: dict, hub_state: dict, missing: set[str]
 ) -> tuple[dict[str, dict[str, str]], str]:
     """In-memory gate_up keys of `missing` -> {role: hub key} ('gate_up' for an interleaved stack,
-    'gate' and 'up' for separate stacks), and which of the two the hub does; NotDerivable naming
+    'gate' and 'up' for separate stacks), and which of the two the hub does; MoeportError naming
     the first key whose hub form is something else."""
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -38,14 +38,14 @@ def converted_gate_up(
     for key in sorted(missing):
         shape = tuple(state[key].shape)
         if not key.endswith("gate_up_proj") or len(shape) != 3 or shape[1] % 2:
-            raise NotDerivable(f"{model_type}: transformers converts '{key}' (not a rename) on save")
+            raise MoeportError(f"{model_type}: transformers converts '{key}' (not a rename) on save")
         stack = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         try:
             saved = revert_weight_conversion(model, {key: stack})
         except Exception as e:  # transformers' own revert failing on a real tensor: its reason
-            raise NotDerivable(f"{model_type}: transformers cannot revert '{key}' ({e})") from e
+            raise MoeportError(f"{model_type}: transformers cannot revert '{key}' ({e})") from e
         if not set(saved) <= new:
-            raise NotDerivable(f"{model_type}: transformers saves '{key}' as {sorted(saved)}")
+            raise MoeportError(f"{model_type}: transformers saves '{key}' as {sorted(saved)}")
         rows = shape[1] // 2
         gate, up = stack[:, :rows], stack[:, rows:]
         if len(saved) == 1 and torch.equal(next(iter(saved.values())), _interleave(gate, up)):
@@ -54,10 +54,10 @@ def converted_gate_up(
             out[key], how = _halves(saved, gate, up), SPLIT
         else:
             why = f"saves '{key}' as {sorted(saved)}, neither its gate/up rows interleaved nor its halves"
-            raise NotDerivable(f"{model_type}: transformers {why}")
+            raise MoeportError(f"{model_type}: transformers {why}")
         kinds.add(how)
     if len(kinds) != 1:
-        raise NotDerivable(f"{model_type}: transformers saves gate_up_proj stacks both {' and '.join(kinds)}")
+        raise MoeportError(f"{model_type}: transformers saves gate_up_proj stacks both {' and '.join(kinds)}")
     return out, kinds.pop()
 
 
