@@ -51,7 +51,8 @@ def table(results: dict[str, dict[str, str]]) -> str:
         f"{counts['zoo']} zoo, {counts['derived']} derived, {counts['not']} not supported "
         "(`moeport inspect --families` lists every one with the reason); ✓ passed, skip: transformers' "
         "own forward fails on the tiny model, –: not run (the tiny model could not be built); kt-int4 of "
-        "transposed stacks (Llama-4) goes through `--to hf --layout linear` first, as its refusal says; "
+        "transposed, gate/up-interleaved or separate gate and up stacks (Llama-4, Inkling, Step-3.7) goes "
+        "through `--to hf --layout linear` first, as its refusal says; "
         "refused: kt-kernel's pre-flight refusal in one line (its AMX experts have no bias term and are "
         "gated SwiGLU only)."
     )

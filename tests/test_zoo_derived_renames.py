@@ -23,6 +23,7 @@ from moeport.zoo.tiny import build_model, tiny_config
 # one type per kind of rename this module derives (Laguna's and Sarvam-MoE's: the tests below)
 TYPES = {
     "bailing_hybrid": "conv1d stack on load; `attention.A_log` -> `self_attn.forget_gate.A_log`",
+    "mistral_large4": "wrapper prefix before text layers named as in its vision tower (`attention.wo`)",
     "minimax_m3_vl": "wrapper swap `language_model.model` -> `model.language_model`",
     "qwen3_omni_moe_thinker": "towers moved under `model.`, the text model under `model.language_model`",
     "unlimited_ocr": "SAM blocks `blocks.{N}.norm1` -> `layers.{N}.layer_norm1` (a '*' pair)",

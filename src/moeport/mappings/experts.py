@@ -22,8 +22,9 @@ FUSED_ROLES = {"gate": "gate_up", "up": "gate_up", "down": "down"}
 
 
 def roles_in(layout: ExpertLayout, fused_role: str) -> list[str]:
-    """The per-expert roles a fused stack holds: gate and up in gate_up; itself when not gated."""
-    return [r for r in ROLES if FUSED_ROLES[r] == fused_role] if layout.gated else [fused_role]
+    """The per-expert roles a fused stack holds: gate and up in gate_up; itself otherwise (not
+    gated, or gate and up stacked apart)."""
+    return [r for r in ROLES if FUSED_ROLES[r] == fused_role] if "gate_up" in layout.projs else [fused_role]
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,11 @@ def relayout_experts(
     kind_src, kind_dst = src.layout.kind, dst.layout.kind
     if src.layout.gated != dst.layout.gated:
         raise MoeportError(f"{src.prefix}: gated and non-gated expert layouts do not convert into each other")
-    if not src.layout.gated and kind_src != kind_dst:
+    apart = src.layout.split_gate_up or dst.layout.split_gate_up  # Step-3.7: gate, up stacks
+    if (not src.layout.gated or apart) and kind_src != kind_dst:
         return _restack(parts, experts, src, dst, fmt, shape_of)
+    if apart and src.layout.split_gate_up != dst.layout.split_gate_up:
+        return _join(parts, src, dst, fmt, shape_of, rows_of)
     if kind_src == kind_dst == "per-expert":
         return [
             Copy(name, dst.per_expert(e, role, part))
@@ -83,7 +87,7 @@ def relayout_experts(
         ]
     if kind_src == kind_dst == "fused":
         if src.layout.gate_up_interleaved != dst.layout.gate_up_interleaved:
-            raise MoeportError(f"{src.prefix}: re-ordering interleaved gate/up rows is not supported")
+            return _reorder(parts, experts, src, dst, fmt, shape_of, rows_of)
         # Qwen3-VL-MoE: the Hub's stacks are [E, H, 2I], transformers holds [E, 2I, H]
         flip = src.layout.transposed != dst.layout.transposed
         if flip and fmt.name not in FLOAT_FORMATS:
@@ -97,6 +101,47 @@ def relayout_experts(
         _check_companions(parts, experts)
         return _fuse(parts, experts, src, dst, fmt, shape_of, rows_of)
     # fused -> per-expert: the inverse of fusing `dst`-named experts into these fused tensors.
+    per_expert, per_shape, rows = _unfused(parts, experts, src, dst, fmt, shape_of, rows_of)
+    # the fused names are the actual inputs (they may be intermediates, e.g. decoded tensors)
+    forward = _fuse(
+        per_expert,
+        experts,
+        dst,
+        src,
+        fmt,
+        per_shape.__getitem__,
+        lambda _: rows // 2,
+        fused_name=lambda role, part: parts[(-1, role)][part],
+    )
+    return [op.inverse() for op in forward]
+
+
+def _reorder(
+    parts: Parts, experts: int, src: LayerNames, dst: LayerNames, fmt: ExpertFormat, shape_of, rows_of
+) -> list[Op]:
+    """Fused stacks to fused stacks whose gate/up rows are ordered otherwise (Inkling's hub
+    alternates them, transformers holds gate then up): each stack is cut into its experts' gate
+    and up (named under the layer's `#split.` scratch prefix) and fused again, one chain per
+    stored part, so the rows are re-ordered by the same ops that fuse and split experts."""
+    scratch = LayerNames(_SCRATCH, f"{src.prefix}#split.")
+    per_expert, per_shape, rows = _unfused(parts, experts, src, scratch, fmt, shape_of, rows_of)
+    cut = relayout_experts(parts, experts, src, scratch, fmt, shape_of, rows_of)
+    fused = _fuse(per_expert, experts, scratch, dst, fmt, per_shape.__getitem__, lambda _: rows // 2)
+    out: list[Op] = []
+    for op in cut:
+        (again,) = [f for f in fused if set(f.inputs) <= set(op.outputs)]
+        out.append(Chain((op, again)))
+    return out
+
+
+_SCRATCH = ExpertLayout("per-expert", "", {"gate": "gate", "up": "up", "down": "down"})
+
+
+def _unfused(
+    parts: Parts, experts: int, src: LayerNames, dst: LayerNames, fmt: ExpertFormat, shape_of, rows_of
+) -> tuple[Parts, dict[str, tuple[int, ...]], int]:
+    """The per-expert parts (named as `dst`) fused stacks hold, each one's shape, and the
+    fused gate_up rows."""
     gate_up = parts.get((-1, "gate_up"))
     down = parts.get((-1, "down"))
     if gate_up is None or down is None:
@@ -117,18 +162,7 @@ def relayout_experts(
         for (_, role), group in per_expert.items()
         for part, name in group.items()
     }
-    # the fused names are the actual inputs (they may be intermediates, e.g. decoded tensors)
-    forward = _fuse(
-        per_expert,
-        experts,
-        dst,
-        src,
-        fmt,
-        per_shape.__getitem__,
-        lambda _: rows // 2,
-        fused_name=lambda role, part: parts[(-1, role)][part],
-    )
-    return [op.inverse() for op in forward]
+    return per_expert, per_shape, rows
 
 
 def _fuse(
@@ -173,26 +207,61 @@ def _fuse(
     return ops
 
 
+def _join(
+    parts: Parts, src: LayerNames, dst: LayerNames, fmt: ExpertFormat, shape_of: ShapeOf, rows_of: RowsOf
+) -> list[Op]:
+    """Separate gate and up stacks [E, I, H] into one gate_up stack (its rows gate then up, or
+    alternating), down copied; the other way round it is the inverse of that."""
+    if src.layout.transposed or dst.layout.transposed:
+        raise MoeportError(f"{src.prefix}: joining transposed gate and up stacks is not supported")
+    if src.layout.split_gate_up:
+        gate, up = parts[(-1, "gate")], parts[(-1, "up")]
+        rows = (rows_of(gate), rows_of(up))
+        names = {"gate": gate, "up": up, "gate_up": {p: dst.fused("gate_up", p) for p in gate}}
+    else:
+        joined = parts[(-1, "gate_up")]
+        rows = (rows_of(joined) // 2,) * 2
+        names = {r: {p: dst.fused(r, p) for p in joined} for r in ("gate", "up")}
+        names["gate_up"] = joined
+    if set(names["gate"]) != set(names["up"]):
+        raise MoeportError(f"{src.prefix}: gate and up stacks carry different parts")
+    stored = parts[(-1, "gate")] if src.layout.split_gate_up else parts[(-1, "gate_up")]
+    rules = row_rules(fmt, {p: shape_of(n)[1:] for p, n in stored.items()}, next(iter(stored.values())))
+    interleave = (src.layout if "gate_up" in src.layout.projs else dst.layout).gate_up_interleaved
+    ops: list[Op] = [
+        Concat((names["gate"][p], names["up"][p]), names["gate_up"][p], rule, rows, interleave)
+        for p, rule in rules.items()
+    ]
+    if not src.layout.split_gate_up:
+        ops = [op.inverse() for op in ops]
+    return ops + [Copy(name, dst.fused("down", part)) for part, name in parts[(-1, "down")].items()]
+
+
 def _restack(
     parts: Parts, experts: int, src: LayerNames, dst: LayerNames, fmt: ExpertFormat, shape_of: ShapeOf
 ):
-    """Non-gated experts (up, down): each role's experts stacked, or unstacked as the inverse."""
+    """Experts stacked one stack per role (up, down; gate, up, down stacked apart): each role's
+    experts stacked, or unstacked as the inverse."""
+    roles = src.layout.fused_roles if src.layout.kind == "fused" else dst.layout.fused_roles
     if src.layout.kind == "per-expert":
         _check_companions(parts, experts, src.layout.roles)
-        return _stack_roles(parts, experts, dst.layout.transposed and fmt.name in FLOAT_FORMATS, dst.fused)
+        transposed = dst.layout.transposed and fmt.name in FLOAT_FORMATS
+        return _stack_roles(parts, experts, transposed, dst.fused, roles)
     per_expert: Parts = {
         (e, role): {part: dst.per_expert(e, role, hub_part(fmt, part)) for part in parts[(-1, role)]}
         for e in range(experts)
         for role in dst.layout.roles
     }
     transposed = src.layout.transposed and fmt.name in FLOAT_FORMATS
-    forward = _stack_roles(per_expert, experts, transposed, lambda role, part: parts[(-1, role)][part])
+    forward = _stack_roles(per_expert, experts, transposed, lambda role, part: parts[(-1, role)][part], roles)
     return [op.inverse() for op in forward]
 
 
-def _stack_roles(parts: Parts, experts: int, transposed: bool, name: Callable[[str, str], str]) -> list[Op]:
+def _stack_roles(
+    parts: Parts, experts: int, transposed: bool, name: Callable[[str, str], str], roles: tuple[str, ...]
+) -> list[Op]:
     ops: list[Op] = []
-    for role in ("up", "down"):
+    for role in roles:
         for part in parts[(0, role)]:
             sources = tuple(parts[(e, role)][part] for e in range(experts))
             target = name(role, part)

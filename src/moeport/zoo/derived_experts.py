@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from moeport.errors import MoeportError
+from moeport.zoo.derived_gate_up import INTERLEAVED, converted_gate_up
 from moeport.zoo.families import ExpertLayout
 from moeport.zoo.tiny import EXPERTS
 
@@ -90,6 +91,11 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
         why = f"experts are separate modules ('{per_expert}')" if per_expert else "no routed experts"
         if rows and not per_expert:  # Doge's cross-domain MoE: one row of an embedding per expert
             why = f"experts are embedding rows ('{rows}' [E, H]), not linear layers"
+        flat = [k for k, v in state.items() if ".experts." in k and v.dim() == 2 and not v.shape[0] % EXPERTS]
+        if flat and flat[0] == per_expert and not per_expert.endswith((".weight", ".bias")):
+            # DBRX: a bare parameter `ffn.experts.mlp.w1` [E * I, H], not a module's linear per expert
+            shape = list(state[flat[0]].shape)
+            why = f"experts are one 2-D parameter per role ('{flat[0]}' {shape}: [E * I, H], not [E, N, K])"
         raise NotDerivable(f"{model_type}: {why} in transformers' model, no fused expert stacks")
     paths = {(prefix, module) for prefix, module in found}
     if len({(p, m) for p, m in paths}) > 1:
@@ -99,7 +105,10 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
     first = next(iter(names))  # gate_up, or up where the MLP is not gated
     gate_up, down = stacks[names[first]][1], stacks[names["down"]][1]
     if gate_up[:1] != down[:1]:  # LongCat: zero-compute experts in gate_up only
-        raise NotDerivable(f"{model_type}: gate_up_proj holds {gate_up[0]} experts, down_proj {down[0]}")
+        why = f"gate_up_proj holds {gate_up[0]} experts, down_proj {down[0]}"
+        if gate_up[0] > down[0]:  # allocated for the zero-compute (identity) experts too, never read
+            why += f" ({gate_up[0] - down[0]} zero-compute experts with gate/up weights it never reads)"
+        raise NotDerivable(f"{model_type}: {why}")
     if first == "gate_up":
         transposed, inter = _orient(model_type, gate_up, down, hidden)
     else:
@@ -191,38 +200,44 @@ def _hub_stacks(
     module path and names read off the hub keys."""
     memory: ExpertLayout = fused["layout"]
     role_of = {id(state[k]): k for k in fused_keys}
-    hub_of: dict[str, str] = {}  # memory key -> hub key
+    hub_of: dict[str, dict[str, str]] = {}  # memory key -> {role: hub key}, '': the memory's role
     for key, value in hub_state.items():
         if id(value) in role_of:
-            hub_of[role_of[id(value)]] = key
-    if set(hub_of) != set(fused_keys):
-        missing = sorted(set(fused_keys) - set(hub_of))[:1]
-        raise NotDerivable(f"{model_type}: transformers converts '{missing[0]}' (not a rename) on save")
+            hub_of[role_of[id(value)]] = {"": key}
+    interleaved = memory.gate_up_interleaved
+    if set(hub_of) != set(fused_keys):  # Inkling's interleaved rows, Step-3.7's gate and up stacks
+        try:
+            found, how = converted_gate_up(model_type, model, state, hub_state, set(fused_keys) - set(hub_of))
+        except MoeportError as e:
+            raise NotDerivable(str(e)) from e
+        hub_of |= found
+        interleaved = how == INTERLEAVED
     names: dict[str, str] = {}
     where: set[tuple[str, str, bool]] = set()
-    for mem_key, hub_key in hub_of.items():
-        m, h = _LAYER_KEY.match(mem_key), _LAYER_KEY.match(hub_key)
-        if not m or not h:
-            raise NotDerivable(f"{model_type}: hub expert stack '{hub_key}' is not under a layer")
-        _, mem_name, _ = stack_name(m["rest"])
-        is_bias = mem_name.endswith(BIAS) and mem_name.removesuffix(BIAS) in memory.projs.values()
-        if is_bias:
-            continue
-        module, name, dotted = stack_name(h["rest"])
-        role = next(r for r, n in memory.projs.items() if n == mem_name)
-        if names.setdefault(role, name) != name:
-            raise NotDerivable(f"{model_type}: hub names its {role} stacks both '{names[role]}' and '{name}'")
-        where.add((h["prefix"], module, dotted))
+    for mem_key, by_role in hub_of.items():
+        for hub_role, hub_key in by_role.items():
+            m, h = _LAYER_KEY.match(mem_key), _LAYER_KEY.match(hub_key)
+            if not m or not h:
+                raise NotDerivable(f"{model_type}: hub expert stack '{hub_key}' is not under a layer")
+            _, mem_name, _ = stack_name(m["rest"])
+            is_bias = mem_name.endswith(BIAS) and mem_name.removesuffix(BIAS) in memory.projs.values()
+            if is_bias:
+                continue
+            module, name, dotted = stack_name(h["rest"])
+            role = hub_role or next(r for r, n in memory.projs.items() if n == mem_name)
+            if names.setdefault(role, name) != name:
+                why = f"hub names its {role} stacks both '{names[role]}' and '{name}'"
+                raise NotDerivable(f"{model_type}: {why}")
+            where.add((h["prefix"], module, dotted))
     if len(where) != 1:
         raise NotDerivable(f"{model_type}: hub expert stacks under several module paths {sorted(where)}")
     prefix, module, dotted = next(iter(where))
-    names = {role: names[role] for role in memory.projs}  # the memory layout's role order
+    order = ("gate", "up", "down") if "gate" in names else memory.projs  # the memory layout's roles
+    names = {role: names[role] for role in order}
     block, container = _where(module)
     transposed = memory.transposed != hub_transposes(model)
-    layout = ExpertLayout(
-        "fused", block, names, memory.gate_up_interleaved, transposed, container=container, dotted=dotted
-    )
-    return layout, prefix, list(hub_of.values())
+    layout = ExpertLayout("fused", block, names, interleaved, transposed, container=container, dotted=dotted)
+    return layout, prefix, [k for by_role in hub_of.values() for k in by_role.values()]
 
 
 def _hub_up_down(model_type: str, model, block: str, projs: set[str]) -> ExpertLayout:

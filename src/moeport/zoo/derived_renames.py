@@ -23,8 +23,12 @@ from typing import NamedTuple
 from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
 
-# (columns of context before, after) a differing stretch, tried in this order
-_CONTEXTS = ((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (1, 2), (2, 1), (2, 2))
+# (columns of context before, after) a differing stretch, tried in this order; the widest ones tell
+# a wrapper's text layers from its vision tower's (Mistral-Large-4: `transformer.layers.*.attention.wo`)
+_CONTEXTS = (
+    *((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (1, 2), (2, 1), (2, 2)),
+    *((3, 0), (3, 1), (3, 2), (4, 0), (4, 1)),
+)
 
 
 def carried_names(model, state: dict, hub_state: dict, skip: set[str]) -> dict[str, str]:
@@ -115,19 +119,25 @@ def segment_renames(moved: dict[str, str]) -> tuple[tuple[str, str], ...]:
         bump = _clashes(pairs) or _misfires(regions, pairs, moved)
         if not bump:
             return _checked(pairs, moved)
+        if all(level[n] >= len(_CONTEXTS) for n in bump):  # none can grow further
+            hub, fused = regions[min(bump)].names
+            raise MoeportError(f"no segment rename gives '{hub}' -> '{fused}' and leaves the others alone")
         for n in bump:
             level[n] += 1
     raise MoeportError("segment renames do not settle")
 
 
 def _pair(region: _Region, level: list[int], n: int) -> tuple[str, str] | None:
-    """The region's pair at its context level or the next one that exists (advancing `level`)."""
+    """The region's pair at its context level or the next one that exists (advancing `level`);
+    past the last, its widest pair: a stretch next to another (Mistral-Large-4's wrapper prefix
+    inserted before `layers.*.attention_norm`) may stop growing while the other's pair, grown
+    over both, settles the name."""
     while level[n] < len(_CONTEXTS):
         found = region.pair(_CONTEXTS[level[n]])
         if found is not None:
             return found
         level[n] += 1
-    return None
+    return next((p for c in reversed(_CONTEXTS) if (p := region.pair(c)) is not None), None)
 
 
 def _clashes(pairs: list[tuple[str, str]]) -> set[int]:

@@ -20,7 +20,8 @@ class ExpertLayout:
     """How routed experts of one MoE layer are named.
 
     per-expert: `{layer}{block}.experts.{E}.{proj}.<companion>` with one proj name per role.
-    fused: `{layer}{block}.experts.{gate_up}<suffix>` [E, 2I, H] and `{down}<suffix>` [E, H, I].
+    fused: `{layer}{block}.experts.{gate_up}<suffix>` [E, 2I, H] and `{down}<suffix>` [E, H, I]
+    (or one stack per role: `{gate}` and `{up}` [E, I, H], or `{up}` alone where not gated).
     `block` may be "" (experts directly in the layer: Mistral-Large-4's hub, Gemma-4) and
     `container` "" (stacks that are the block's own modules: Granite's `input_linear.weight`);
     `dotted` fused names are module parameters, `{gate_up}.weight`, companions `{gate_up}.<part>`.
@@ -46,8 +47,14 @@ class ExpertLayout:
 
     @property
     def fused_roles(self) -> tuple[str, ...]:
-        """The stacks of a fused layout, in order: gate_up, down, or up, down for a non-gated MLP."""
-        return ("gate_up", "down") if self.gated else ("up", "down")
+        """The stacks of a fused layout, in order: gate_up, down; up, down for a non-gated MLP;
+        gate, up, down where gate and up are stacked apart (Step-3.7's hub)."""
+        return ("gate_up", "down") if "gate_up" in self.projs else tuple(r for r in ROLES if r in self.projs)
+
+    @property
+    def split_gate_up(self) -> bool:
+        """A fused layout of gated experts whose gate and up are two stacks, not one gate_up."""
+        return self.kind == "fused" and "gate" in self.projs
 
     @property
     def block_prefix(self) -> str:
