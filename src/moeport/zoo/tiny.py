@@ -28,7 +28,6 @@ def text_overrides(hidden: int = 64, inter: int = 48, dense: int = 80, layers: i
     dense layers first), 4 experts, 2 per token, one shared expert."""
     return dict(
         vocab_size=256,
-        unpadded_vocab_size=250,  # Inkling2 pads its unembedding to vocab_size on the Hub
         vocab_size_per_layer_input=256,  # Gemma-4: its per-layer embeddings are vocab-sized
         hidden_size=hidden,
         moe_hidden_size=2 * hidden,  # MuseSpark: experts work in their own, wider hidden size
