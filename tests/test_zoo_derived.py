@@ -252,6 +252,7 @@ ZOO_ONLY = {  # what the zoo knows that transformers' definitions do not give (w
     "gpt_oss": "gate/up interleaved, expert biases, MXFP4 `_blocks`",
     "deepseek_v4": "DeepSeek's public names (`attn.kv_norm`, `mtp.{L}.`) and expert_dtype",
     "kimi_k2": "not a transformers model_type (DeepSeek-V3 classes)",
+    "dbrx": "2-D [E * I, H] expert parameters, nested ffn_config, no per-expert form in transformers",
 }
 
 

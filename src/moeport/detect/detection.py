@@ -67,7 +67,8 @@ def detect(ck: Checkpoint) -> Detection:
     match.layers.update(_mtp_experts(ck, family, match, naming))
     layers = match.layers
     first = min(layers)
-    counts = {L: _expert_count(ck, match, L) for L in layers}
+    inter = cfg.first_int(family.fields.expert_intermediate)
+    counts = {L: _expert_count(ck, match, L, inter) for L in layers}
     ref_expert = 0 if match.layout.kind == "per-expert" else -1
     roles = match.layout.roles if match.layout.kind == "per-expert" else match.layout.fused_roles
     proj = match.layout.projs[roles[0]]
@@ -226,7 +227,7 @@ def _format_of(ck: Checkpoint, parts: dict[str, str], quant: dict) -> ExpertForm
     return classify(_parts(ck, parts), quant, where)
 
 
-def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int) -> int:
+def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int, inter: int | None = None) -> int:
     found = match.layers[layer]
     if match.layout.kind == "per-expert":
         n = max(found.experts) + 1
@@ -237,7 +238,20 @@ def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int) -> int:
             )
         return n
     key = next(iter(found.parts[(-1, match.layout.projs[match.layout.fused_roles[0]])].values()))
+    if match.layout.flat:  # DBRX's [E * I, H]: the config's expert intermediate size tells E
+        return flat_experts(key, ck.info(key).shape, inter)
     return ck.info(key).shape[0]
+
+
+def flat_experts(key: str, shape: tuple[int, ...], inter: int | None) -> int:
+    """Experts in a flat stack [E * I, H] of experts with `inter` rows each."""
+    if not inter:
+        why = "config.json does not say the experts' intermediate size"
+        raise MoeportError(f"{key}: a flat expert stack {list(shape)}; {why}")
+    if len(shape) != 2 or shape[0] % inter:
+        why = f"expected [E * {inter}, H] (experts of {inter} rows)"
+        raise MoeportError(f"{key}: shape {list(shape)}, {why}")
+    return shape[0] // inter
 
 
 def _check_complete(

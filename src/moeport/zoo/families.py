@@ -34,6 +34,12 @@ class ExpertLayout:
     transposed: bool = False  # GPT-OSS unquantized: [E, H, 2I] / [E, I, H]
     container: str = "experts"  # the module of the experts inside the block ("" : the block itself)
     dotted: bool = False  # fused tensors named `{name}.weight` (a module's parameter), not `{name}`
+    flat: bool = False  # DBRX: each fused stack is one 2-D parameter [E * N, K], not [E, N, K]
+    transposed_roles: tuple[str, ...] = ()  # stacks stored [E, K, N] alone (DBRX's down: w2)
+
+    def role_transposed(self, role: str) -> bool:
+        """Whether the fused stack of `role` is stored [E, K, N] (transposed) rather than [E, N, K]."""
+        return self.transposed or role in self.transposed_roles
 
     @property
     def gated(self) -> bool:
@@ -84,6 +90,17 @@ GPT_OSS_EXPERTS = ExpertLayout(
     {"gate_up": "gate_up_proj", "down": "down_proj"},
     gate_up_interleaved=True,
     transposed=True,
+)
+
+# DBRX (transformers == the Hub, databricks/dbrx-instruct): w1 (gate), v1 (up) [E * I, H] and w2
+# [E * I, H], expert e's down_proj being w2[e*I:(e+1)*I].T (DbrxExpertGLU: `x @ w2`).
+DBRX_EXPERTS = ExpertLayout(
+    "fused",
+    "ffn",
+    {"gate": "w1", "up": "v1", "down": "w2"},
+    container="experts.mlp",
+    flat=True,
+    transposed_roles=("down",),
 )
 
 
@@ -282,6 +299,29 @@ FAMILIES: tuple[Family, ...] = (
         ),
         zoo_because="gate/up rows interleaved, expert biases and MXFP4 `_blocks`/`_scales`: its hub "
         "form is the fused stacks, which derivation does not take",
+    ),
+    Family(
+        "dbrx",
+        "DBRX",
+        ("dbrx",),
+        hub=DBRX_EXPERTS,
+        fused=DBRX_EXPERTS,
+        # AutoGPTQ's per-expert DBRX names (`ffn.experts.mlp.{E}.w1`): the linears targets quantize
+        linear=ExpertLayout("per-expert", "ffn", DBRX_EXPERTS.projs, container="experts.mlp"),
+        layer_prefixes=("transformer.blocks.{L}.",),
+        router=("router.layer.weight",),
+        fields=ConfigFields(
+            num_experts=("ffn_config.moe_num_experts",),
+            experts_per_token=("ffn_config.moe_top_k",),
+            hidden_size=("d_model",),
+            expert_intermediate=("ffn_config.ffn_hidden_size",),
+            num_layers=("n_layers",),
+            first_dense=(),
+            mtp_layers=(),
+            shared_experts=(),
+        ),
+        zoo_because="its experts are 2-D parameters [E * I, H] per role (down stored transposed), "
+        "nested config fields (`ffn_config`), and transformers has no per-expert form of them",
     ),
 )
 

@@ -107,13 +107,15 @@ TEXT_EXTRAS: dict[str, dict[str, Any]] = {
 # real checkpoint's config.json sets them), and configs whose names for the common facts are their
 # own (a function of the tiny text fields).
 TYPE_OVERRIDES: dict[str, dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]]] = {
-    # Dbrx: its own names; DbrxAttention reads `attn_config.rope_theta`, which the class does not declare
+    # Dbrx: its own names; DbrxAttention reads `attn_config.rope_theta`, which the class does not declare,
+    # and clamps q/k/v by `clip_qkv` (None fails in torch.clamp; dbrx-instruct says 8)
     "dbrx": lambda t: dict(
         d_model=t["hidden_size"],
         n_heads=t["num_attention_heads"],
         n_layers=t["num_hidden_layers"],
         max_seq_len=128,
-        attn_config={"kv_n_heads": t["num_key_value_heads"], "rope_theta": 500000.0},
+        head_dim=t["hidden_size"] // t["num_attention_heads"],  # its rotary reads it; attention computes it
+        attn_config={"kv_n_heads": t["num_key_value_heads"], "rope_theta": 500000.0, "clip_qkv": 8.0},
         ffn_config={
             "ffn_hidden_size": t["moe_intermediate_size"],
             "moe_num_experts": EXPERTS,
