@@ -11,6 +11,7 @@ from moeport.codecs.format import ExpertFormat, Part
 from moeport.codecs.registry import classify
 from moeport.detect.layout import LayerExperts, LayerNaming, LayoutMatch, find_naming, match_layout
 from moeport.detect.required import check_required
+from moeport.detect.zero_experts import drop_zero_experts, routed_in_stack
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.derived import NotDerivable, lookup_family
@@ -46,6 +47,7 @@ class Detection:
     total_bytes: int
     warnings: list[str] = field(default_factory=list)
     naming: LayerNaming | None = None  # where each layer (MTP included) lives; main prefix only if None
+    zero_experts: int = 0  # gate/up-only rows after the routed experts in a fused gate_up (LongCat)
 
     def __post_init__(self) -> None:
         if self.naming is None:
@@ -68,7 +70,9 @@ def detect(ck: Checkpoint) -> Detection:
     layers = match.layers
     first = min(layers)
     inter = cfg.first_int(family.fields.expert_intermediate)
-    counts = {L: _expert_count(ck, match, L, inter) for L in layers}
+    zero = (cfg.first_int(family.fields.zero_experts) or 0) if family.fields.zero_experts else 0
+    warnings = drop_zero_experts(match, cfg.first_int(family.fields.num_experts), zero, ck.root)
+    counts = {L: routed_in_stack(_expert_count(ck, match, L, inter), zero, match.layout.kind) for L in layers}
     ref_expert = 0 if match.layout.kind == "per-expert" else -1
     roles = match.layout.roles if match.layout.kind == "per-expert" else match.layout.fused_roles
     proj = match.layout.projs[roles[0]]
@@ -83,7 +87,6 @@ def detect(ck: Checkpoint) -> Detection:
     _check_complete(ck, match, ref_parts, counts, fmt, quant)
 
     experts = counts[first]
-    warnings: list[str] = []
     if len(set(counts.values())) > 1:
         warnings.append(f"expert count differs between layers: {sorted(set(counts.values()))}")
     n_cfg = cfg.first_int(family.fields.num_experts)
@@ -130,6 +133,7 @@ def detect(ck: Checkpoint) -> Detection:
         total_bytes=ck.total_bytes,
         warnings=warnings,
         naming=naming,
+        zero_experts=zero,
     )
 
 
