@@ -103,6 +103,11 @@ DBRX_EXPERTS = ExpertLayout(
     transposed_roles=("down",),
 )
 
+# Doge: one embedding row per expert and role, names as transformers saves them (no conversion).
+DOGE_EXPERTS = ExpertLayout(
+    "fused", "mlp", {"up": "down_embed", "down": "up_embed"}, container="", dotted=True
+)
+
 
 @dataclass(frozen=True)
 class ConfigFields:
@@ -116,6 +121,9 @@ class ConfigFields:
     first_dense: tuple[str, ...] = ("first_k_dense_replace",)
     mtp_layers: tuple[str, ...] = ("num_nextn_predict_layers",)
     shared_experts: tuple[str, ...] = ("n_shared_experts",)
+    # identity experts with no weights on the Hub, whose gate/up rows transformers' gate_up_proj
+    # holds after the routed ones (LongCat-Flash: see detect/zero_experts.py)
+    zero_experts: tuple[str, ...] = ()
 
 
 QWEN_FIELDS = ConfigFields(
@@ -131,6 +139,9 @@ MIXTRAL_FIELDS = ConfigFields(
     mtp_layers=(),
     shared_experts=(),
 )
+
+# no first dense layers, MTP layers or shared experts in the config (they may exist all the same)
+NO_EXTRA_BLOCKS: dict[str, tuple[str, ...]] = {"first_dense": (), "mtp_layers": (), "shared_experts": ()}
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,9 @@ class Family:
     # Per-expert 2-D linears of a family whose only public layout is fused (GPT-OSS): what targets
     # that quantize weight by weight write (llmcompressor's linearised experts), biases beside them.
     linear: ExpertLayout | None = None
+    # Why the routed experts are no linear layers (Doge's embedding rows), else "": targets that
+    # quantize or repack expert linears (kt, w4a16's default --targets experts) refuse with it.
+    not_linear: str = ""
     # What transformers' own definitions lack or get wrong for this family: why it is zoo data
     # instead of derived (empty for derived families).
     zoo_because: str = ""
@@ -316,12 +330,42 @@ FAMILIES: tuple[Family, ...] = (
             hidden_size=("d_model",),
             expert_intermediate=("ffn_config.ffn_hidden_size",),
             num_layers=("n_layers",),
-            first_dense=(),
-            mtp_layers=(),
-            shared_experts=(),
+            **NO_EXTRA_BLOCKS,
         ),
         zoo_because="its experts are 2-D parameters [E * I, H] per role (down stored transposed), "
         "nested config fields (`ffn_config`), and transformers has no per-expert form of them",
+    ),
+    Family(
+        "longcat_flash",
+        "LongCat-Flash",
+        ("longcat_flash",),
+        hub=HUB_MLP,
+        router=("router.classifier.weight",),  # [E + Z, H]: zero-compute experts are routed too
+        router_bias=("router.e_score_correction_bias",),
+        fields=ConfigFields(
+            experts_per_token=("moe_topk",),
+            expert_intermediate=("expert_ffn_hidden_size",),
+            num_layers=("num_layers",),
+            zero_experts=("zero_expert_num",),
+            **NO_EXTRA_BLOCKS,
+        ),
+        zoo_because="zero-compute experts: meituan-longcat/LongCat-Flash-Chat stores the E routed "
+        "experts only, transformers' gate_up_proj holds E + Z (the Z never read) and its save writes them",
+    ),
+    Family(
+        "doge",
+        "Doge (routed experts: embedding rows)",
+        ("doge",),
+        # DogeCDMoE: expert e computes act(down_embed[e] . x) * up_embed[e], a rank-1 MLP whose input
+        # row is `down_embed` (the up role: [E, 1 * H]) and output column `up_embed` (down, stored [E, H])
+        hub=DOGE_EXPERTS,
+        fused=DOGE_EXPERTS,
+        router=("router_gate.weight",),  # product keys: [2 * sqrt(E), H], not [E, H]
+        fields=ConfigFields(num_experts=("num_experts",), expert_intermediate=(), **NO_EXTRA_BLOCKS),
+        not_linear="routed experts are embedding rows (`mlp.down_embed`/`mlp.up_embed` [E, H]: rank-1, "
+        "product-key routed), not linear layers; they stay as stored (BF16)",
+        zoo_because="its experts are two nn.Embedding tables read by DogeCDMoE's forward, which of them "
+        "is the input row only the forward says; no stacks, no conversion mapping",
     ),
 )
 

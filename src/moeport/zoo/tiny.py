@@ -122,6 +122,9 @@ TYPE_OVERRIDES: dict[str, dict[str, Any] | Callable[[dict[str, Any]], dict[str, 
             "moe_top_k": PER_TOKEN,
         },
     ),
+    # LongCat-Flash: 256 zero-compute experts by default (identity, no weights on the Hub; rows of
+    # transformers' gate_up_proj): two keep the tiny model tiny and some tokens routed to them
+    "longcat_flash": dict(zero_expert_num=2),
     # LFM2-MoE: no default `layer_types` (LFM2's config builds one); one conv and one attention layer
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     # Qwen3-Omni's talker reads `spatial_merge_size`, which its config class does not declare
