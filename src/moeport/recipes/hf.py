@@ -215,7 +215,9 @@ class _Builder:
     def experts(self, found: dict[tuple[int, str], dict[str, str]], det: Detection, src, dst) -> list[Op]:
         # LongCat's zero-compute experts (mappings/zero_experts.py): not in the per-expert form
         zero = det.zero_experts if src.layout.kind != dst.layout.kind else 0
-        parts = {k: v for k, v in _roles(found, det).items() if k[0] < det.experts_per_layer}
+        parts = _roles(found, det)
+        if det.zero_experts:  # their gate/up (transformers' save) are no routed experts' tensors
+            parts = {k: v for k, v in parts.items() if k[0] < det.experts_per_layer}
         crop = zero if src.layout.kind == "fused" else 0
         parts, crops = crop_zero_experts(parts, crop, self.shapes, self.shape_of)
         pad = zero if dst.layout.kind == "fused" else 0
