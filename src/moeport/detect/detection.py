@@ -11,6 +11,7 @@ from moeport.codecs.format import ExpertFormat, Part
 from moeport.codecs.registry import classify
 from moeport.detect.layout import LayerExperts, LayerNaming, LayoutMatch, find_naming, match_layout
 from moeport.detect.required import check_required
+from moeport.detect.zero_experts import drop_zero_experts, routed_in_stack
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.derived import NotDerivable, lookup_family
@@ -46,6 +47,7 @@ class Detection:
     total_bytes: int
     warnings: list[str] = field(default_factory=list)
     naming: LayerNaming | None = None  # where each layer (MTP included) lives; main prefix only if None
+    zero_experts: int = 0  # gate/up-only rows after the routed experts in a fused gate_up (LongCat)
 
     def __post_init__(self) -> None:
         if self.naming is None:
@@ -67,7 +69,10 @@ def detect(ck: Checkpoint) -> Detection:
     match.layers.update(_mtp_experts(ck, family, match, naming))
     layers = match.layers
     first = min(layers)
-    counts = {L: _expert_count(ck, match, L) for L in layers}
+    inter = cfg.first_int(family.fields.expert_intermediate)
+    zero = (cfg.first_int(family.fields.zero_experts) or 0) if family.fields.zero_experts else 0
+    warnings = drop_zero_experts(match, cfg.first_int(family.fields.num_experts), zero, ck.root)
+    counts = {L: routed_in_stack(_expert_count(ck, match, L, inter), zero, match.layout.kind) for L in layers}
     ref_expert = 0 if match.layout.kind == "per-expert" else -1
     roles = match.layout.roles if match.layout.kind == "per-expert" else match.layout.fused_roles
     proj = match.layout.projs[roles[0]]
@@ -82,7 +87,6 @@ def detect(ck: Checkpoint) -> Detection:
     _check_complete(ck, match, ref_parts, counts, fmt, quant)
 
     experts = counts[first]
-    warnings: list[str] = []
     if len(set(counts.values())) > 1:
         warnings.append(f"expert count differs between layers: {sorted(set(counts.values()))}")
     n_cfg = cfg.first_int(family.fields.num_experts)
@@ -129,6 +133,7 @@ def detect(ck: Checkpoint) -> Detection:
         total_bytes=ck.total_bytes,
         warnings=warnings,
         naming=naming,
+        zero_experts=zero,
     )
 
 
@@ -226,7 +231,7 @@ def _format_of(ck: Checkpoint, parts: dict[str, str], quant: dict) -> ExpertForm
     return classify(_parts(ck, parts), quant, where)
 
 
-def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int) -> int:
+def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int, inter: int | None = None) -> int:
     found = match.layers[layer]
     if match.layout.kind == "per-expert":
         n = max(found.experts) + 1
@@ -237,7 +242,20 @@ def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int) -> int:
             )
         return n
     key = next(iter(found.parts[(-1, match.layout.projs[match.layout.fused_roles[0]])].values()))
+    if match.layout.flat:  # DBRX's [E * I, H]: the config's expert intermediate size tells E
+        return flat_experts(key, ck.info(key).shape, inter)
     return ck.info(key).shape[0]
+
+
+def flat_experts(key: str, shape: tuple[int, ...], inter: int | None) -> int:
+    """Experts in a flat stack [E * I, H] of experts with `inter` rows each."""
+    if not inter:
+        why = "config.json does not say the experts' intermediate size"
+        raise MoeportError(f"{key}: a flat expert stack {list(shape)}; {why}")
+    if len(shape) != 2 or shape[0] % inter:
+        why = f"expected [E * {inter}, H] (experts of {inter} rows)"
+        raise MoeportError(f"{key}: shape {list(shape)}, {why}")
+    return shape[0] // inter
 
 
 def _check_complete(

@@ -9,11 +9,12 @@ the two directions cannot drift apart. Layouts are zoo data; there is no per-mod
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moeport.codecs.format import ExpertFormat
 from moeport.codecs.registry import FLOAT_FORMATS, hub_part
 from moeport.errors import MoeportError
+from moeport.mappings.flat import Flatten
 from moeport.mappings.ops import Chain, Concat, Copy, Op, Stack, Transpose
 from moeport.mappings.rules import row_rules
 from moeport.zoo.families import ROLES, ExpertLayout
@@ -240,36 +241,47 @@ def _join(
 def _restack(
     parts: Parts, experts: int, src: LayerNames, dst: LayerNames, fmt: ExpertFormat, shape_of: ShapeOf
 ):
-    """Experts stacked one stack per role (up, down; gate, up, down stacked apart): each role's
-    experts stacked, or unstacked as the inverse."""
-    roles = src.layout.fused_roles if src.layout.kind == "fused" else dst.layout.fused_roles
+    """Experts stacked one stack per role (up, down; gate, up, down stacked apart; DBRX's flat
+    [E * N, K] ones): each role's experts stacked, or unstacked as the inverse."""
+    fused = src.layout if src.layout.kind == "fused" else dst.layout
+    if (fused.flat or fused.transposed_roles) and fmt.name not in FLOAT_FORMATS:
+        raise MoeportError(f"{src.prefix}: {fmt.name} experts in flat or transposed stacks are not supported")
     if src.layout.kind == "per-expert":
         _check_companions(parts, experts, src.layout.roles)
-        transposed = dst.layout.transposed and fmt.name in FLOAT_FORMATS
-        return _stack_roles(parts, experts, transposed, dst.fused, roles)
+        return _stack_roles(parts, experts, dst.layout, fmt, dst.fused)
     per_expert: Parts = {
         (e, role): {part: dst.per_expert(e, role, hub_part(fmt, part)) for part in parts[(-1, role)]}
         for e in range(experts)
         for role in dst.layout.roles
     }
-    transposed = src.layout.transposed and fmt.name in FLOAT_FORMATS
-    forward = _stack_roles(per_expert, experts, transposed, lambda role, part: parts[(-1, role)][part], roles)
+    forward = _stack_roles(per_expert, experts, src.layout, fmt, lambda role, part: parts[(-1, role)][part])
     return [op.inverse() for op in forward]
 
 
 def _stack_roles(
-    parts: Parts, experts: int, transposed: bool, name: Callable[[str, str], str], roles: tuple[str, ...]
+    parts: Parts, experts: int, fused: ExpertLayout, fmt: ExpertFormat, name: Callable[[str, str], str]
 ) -> list[Op]:
     ops: list[Op] = []
-    for role in roles:
+    for role in fused.fused_roles:
         for part in parts[(0, role)]:
             sources = tuple(parts[(e, role)][part] for e in range(experts))
-            target = name(role, part)
-            if transposed and part == "weight":  # [E, N, K] -> [E, K, N]
-                ops.append(Chain((Stack(sources, f"{target}#rows"), Transpose(f"{target}#rows", target))))
-            else:
-                ops.append(Stack(sources, target))
+            flip = part == "weight" and fmt.name in FLOAT_FORMATS and fused.role_transposed(role)
+            ops.append(_stacked(sources, name(role, part), flip, experts if fused.flat else 0))
     return ops
+
+
+def _stacked(sources: tuple[str, ...], target: str, flip: bool, flat: int) -> Op:
+    """Experts [N, K] stacked into `target` [E, N, K]; flip: stored [E, K, N]; flat (the expert
+    count, 0: not flat): stored [E * N, K] (DBRX), so each fused stack is what the model holds."""
+    steps: list[Op] = [Stack(sources, f"{target}#rows")]
+    if flip:
+        steps.append(Transpose(steps[-1].outputs[0], f"{target}#cols"))
+    if flat:
+        steps.append(Flatten(steps[-1].outputs[0], f"{target}#flat", flat))
+    if len(steps) == 1:
+        return Stack(sources, target)
+    steps[-1] = replace(steps[-1], target=target)  # type: ignore[type-var]
+    return Chain(tuple(steps))
 
 
 def _check_companions(parts: Parts, experts: int, roles: tuple[str, ...] = ROLES) -> None:

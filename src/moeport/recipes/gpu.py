@@ -232,7 +232,8 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
             raise MoeportError(f"--ignore {p!r}: matches no linear module (names look like {example})")
     n_moved = len(moved)
     if not quantized and not n_moved:
-        raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore)")
+        why = f"; {det.family.title}: {det.family.not_linear}" if det.family.not_linear else ""
+        raise MoeportError(f"{ck.root}: no weight matches --targets {recipe.targets} (after --ignore){why}")
     plan = Plan(units, _config(ck.config, recipe.quantization_config(kept_linear)))
     plan.side_files[HF_QUANT_CONFIG] = None  # the new quantization_config says it all (fp4 writes its own)
     if plan.config is not None:

@@ -31,6 +31,7 @@ from moeport.errors import MoeportError
 from moeport.mappings.experts import LayerNames, Parts, relayout_experts, roles_in
 from moeport.mappings.ops import Chain, Copy, Op
 from moeport.mappings.rename import IDENTITY, Rename
+from moeport.mappings.zero_experts import crop_zero_experts, pad_zero_experts, with_crops
 from moeport.recipes.base import Options, Target
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
@@ -106,6 +107,9 @@ def build_hf(
         rewrite_storage_fields(plan.config, family.storage_fields, builder.experts_as)
     if rename is not IDENTITY:
         plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} zoo rule(s)")
+    if det.zero_experts and det.layout.kind != dst_layout.kind:
+        how = "zeros in the fused gate_up stacks" if dst_layout.kind == "fused" else "left out"
+        plan.notes.append(f"{det.zero_experts} zero-compute experts per layer (never read): {how}")
     if builder.dequantized:
         plan.notes.append(f"dequantized {builder.dequantized} weight(s); quantization_config removed")
         plan.side_files[HF_QUANT_CONFIG] = None
@@ -209,8 +213,20 @@ class _Builder:
         return ops
 
     def experts(self, found: dict[tuple[int, str], dict[str, str]], det: Detection, src, dst) -> list[Op]:
-        fmt = det.expert_format
+        # LongCat's zero-compute experts (mappings/zero_experts.py): not in the per-expert form
+        zero = det.zero_experts if src.layout.kind != dst.layout.kind else 0
         parts = _roles(found, det)
+        if det.zero_experts:  # their gate/up (transformers' save) are no routed experts' tensors
+            parts = {k: v for k, v in parts.items() if k[0] < det.experts_per_layer}
+        crop = zero if src.layout.kind == "fused" else 0
+        parts, crops = crop_zero_experts(parts, crop, self.shapes, self.shape_of)
+        pad = zero if dst.layout.kind == "fused" else 0
+        stored = tuple(parts.get((0, "gate"), {})) + ("weight",)
+        ops = self._experts(parts, det, src, dst)
+        return pad_zero_experts(with_crops(ops, crops), dst, pad, stored)
+
+    def _experts(self, parts: Parts, det: Detection, src, dst) -> list[Op]:
+        fmt = det.expert_format
         pre: dict[str, Op] = {}  # decode/cast ops, by the intermediate name they produce
         is_float = fmt.name in FLOAT_FORMATS
         decode = (

@@ -41,6 +41,10 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             f"--numa {opts.numa}: expected a positive number of NUMA slices (kt's threadpool_count)"
         )
     layout = det.layout
+    if det.family.not_linear:
+        raise MoeportError(
+            f"{ck.root}: {det.family.title}: {det.family.not_linear}; kt-kernel runs linear experts"
+        )
     if not layout.gated:
         raise MoeportError(
             f"{ck.root}: {det.family.title} experts are up/down only (no gate); kt-kernel runs gated "

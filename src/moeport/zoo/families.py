@@ -34,6 +34,12 @@ class ExpertLayout:
     transposed: bool = False  # GPT-OSS unquantized: [E, H, 2I] / [E, I, H]
     container: str = "experts"  # the module of the experts inside the block ("" : the block itself)
     dotted: bool = False  # fused tensors named `{name}.weight` (a module's parameter), not `{name}`
+    flat: bool = False  # DBRX: each fused stack is one 2-D parameter [E * N, K], not [E, N, K]
+    transposed_roles: tuple[str, ...] = ()  # stacks stored [E, K, N] alone (DBRX's down: w2)
+
+    def role_transposed(self, role: str) -> bool:
+        """Whether the fused stack of `role` is stored [E, K, N] (transposed) rather than [E, N, K]."""
+        return self.transposed or role in self.transposed_roles
 
     @property
     def gated(self) -> bool:
@@ -86,6 +92,22 @@ GPT_OSS_EXPERTS = ExpertLayout(
     transposed=True,
 )
 
+# DBRX (transformers == the Hub, databricks/dbrx-instruct): w1 (gate), v1 (up) [E * I, H] and w2
+# [E * I, H], expert e's down_proj being w2[e*I:(e+1)*I].T (DbrxExpertGLU: `x @ w2`).
+DBRX_EXPERTS = ExpertLayout(
+    "fused",
+    "ffn",
+    {"gate": "w1", "up": "v1", "down": "w2"},
+    container="experts.mlp",
+    flat=True,
+    transposed_roles=("down",),
+)
+
+# Doge: one embedding row per expert and role, names as transformers saves them (no conversion).
+DOGE_EXPERTS = ExpertLayout(
+    "fused", "mlp", {"up": "down_embed", "down": "up_embed"}, container="", dotted=True
+)
+
 
 @dataclass(frozen=True)
 class ConfigFields:
@@ -99,6 +121,9 @@ class ConfigFields:
     first_dense: tuple[str, ...] = ("first_k_dense_replace",)
     mtp_layers: tuple[str, ...] = ("num_nextn_predict_layers",)
     shared_experts: tuple[str, ...] = ("n_shared_experts",)
+    # identity experts with no weights on the Hub, whose gate/up rows transformers' gate_up_proj
+    # holds after the routed ones (LongCat-Flash: see detect/zero_experts.py)
+    zero_experts: tuple[str, ...] = ()
 
 
 QWEN_FIELDS = ConfigFields(
@@ -114,6 +139,9 @@ MIXTRAL_FIELDS = ConfigFields(
     mtp_layers=(),
     shared_experts=(),
 )
+
+# no first dense layers, MTP layers or shared experts in the config (they may exist all the same)
+NO_EXTRA_BLOCKS: dict[str, tuple[str, ...]] = {"first_dense": (), "mtp_layers": (), "shared_experts": ()}
 
 
 @dataclass(frozen=True)
@@ -151,6 +179,9 @@ class Family:
     # Per-expert 2-D linears of a family whose only public layout is fused (GPT-OSS): what targets
     # that quantize weight by weight write (llmcompressor's linearised experts), biases beside them.
     linear: ExpertLayout | None = None
+    # Why the routed experts are no linear layers (Doge's embedding rows), else "": targets that
+    # quantize or repack expert linears (kt, w4a16's default --targets experts) refuse with it.
+    not_linear: str = ""
     # What transformers' own definitions lack or get wrong for this family: why it is zoo data
     # instead of derived (empty for derived families).
     zoo_because: str = ""
@@ -282,6 +313,59 @@ FAMILIES: tuple[Family, ...] = (
         ),
         zoo_because="gate/up rows interleaved, expert biases and MXFP4 `_blocks`/`_scales`: its hub "
         "form is the fused stacks, which derivation does not take",
+    ),
+    Family(
+        "dbrx",
+        "DBRX",
+        ("dbrx",),
+        hub=DBRX_EXPERTS,
+        fused=DBRX_EXPERTS,
+        # AutoGPTQ's per-expert DBRX names (`ffn.experts.mlp.{E}.w1`): the linears targets quantize
+        linear=ExpertLayout("per-expert", "ffn", DBRX_EXPERTS.projs, container="experts.mlp"),
+        layer_prefixes=("transformer.blocks.{L}.",),
+        router=("router.layer.weight",),
+        fields=ConfigFields(
+            num_experts=("ffn_config.moe_num_experts",),
+            experts_per_token=("ffn_config.moe_top_k",),
+            hidden_size=("d_model",),
+            expert_intermediate=("ffn_config.ffn_hidden_size",),
+            num_layers=("n_layers",),
+            **NO_EXTRA_BLOCKS,
+        ),
+        zoo_because="its experts are 2-D parameters [E * I, H] per role (down stored transposed), "
+        "nested config fields (`ffn_config`), and transformers has no per-expert form of them",
+    ),
+    Family(
+        "longcat_flash",
+        "LongCat-Flash",
+        ("longcat_flash",),
+        hub=HUB_MLP,
+        router=("router.classifier.weight",),  # [E + Z, H]: zero-compute experts are routed too
+        router_bias=("router.e_score_correction_bias",),
+        fields=ConfigFields(
+            experts_per_token=("moe_topk",),
+            expert_intermediate=("expert_ffn_hidden_size",),
+            num_layers=("num_layers",),
+            zero_experts=("zero_expert_num",),
+            **NO_EXTRA_BLOCKS,
+        ),
+        zoo_because="zero-compute experts: meituan-longcat/LongCat-Flash-Chat stores the E routed "
+        "experts only, transformers' gate_up_proj holds E + Z (the Z never read) and its save writes them",
+    ),
+    Family(
+        "doge",
+        "Doge (routed experts: embedding rows)",
+        ("doge",),
+        # DogeCDMoE: expert e computes act(down_embed[e] . x) * up_embed[e], a rank-1 MLP whose input
+        # row is `down_embed` (the up role: [E, 1 * H]) and output column `up_embed` (down, stored [E, H])
+        hub=DOGE_EXPERTS,
+        fused=DOGE_EXPERTS,
+        router=("router_gate.weight",),  # product keys: [2 * sqrt(E), H], not [E, H]
+        fields=ConfigFields(num_experts=("num_experts",), expert_intermediate=(), **NO_EXTRA_BLOCKS),
+        not_linear="routed experts are embedding rows (`mlp.down_embed`/`mlp.up_embed` [E, H]: rank-1, "
+        "product-key routed), not linear layers; they stay as stored (BF16)",
+        zoo_because="its experts are two nn.Embedding tables read by DogeCDMoE's forward, which of them "
+        "is the input row only the forward says; no stacks, no conversion mapping",
     ),
 )
 

@@ -32,8 +32,8 @@ class ModelConfig:
         """Value of the first of `names` present (text_config first), else None."""
         for source in (self.text, self.raw):
             for name in names:
-                if source.get(name) is not None:
-                    return source[name]
+                if _get(source, name) is not None:
+                    return _get(source, name)
         return None
 
     def first_int(self, names: tuple[str, ...]) -> int | None:
@@ -41,7 +41,7 @@ class ModelConfig:
         there is a broken config, refused rather than read as missing)."""
         for source in (self.text, self.raw):
             for name in names:
-                value = source.get(name)
+                value = _get(source, name)
                 if value is None:
                     continue
                 whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
@@ -49,6 +49,15 @@ class ModelConfig:
                     raise MoeportError(f"config.json: '{name}' is {value!r}, expected a whole number")
                 return int(value)
         return None
+
+
+def _get(source: dict[str, Any], name: str) -> Any:
+    """`source[name]`; a dotted name reads a nested dict (DBRX's `ffn_config.moe_num_experts`)."""
+    head, dot, rest = name.partition(".")
+    if not dot:
+        return source.get(name)
+    inner = source.get(head)
+    return _get(inner, rest) if isinstance(inner, dict) else None
 
 
 def rewrite_storage_fields(cfg: dict[str, Any], fields: tuple[StorageField, ...], codec: str) -> None:

@@ -107,19 +107,24 @@ TEXT_EXTRAS: dict[str, dict[str, Any]] = {
 # real checkpoint's config.json sets them), and configs whose names for the common facts are their
 # own (a function of the tiny text fields).
 TYPE_OVERRIDES: dict[str, dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any]]] = {
-    # Dbrx: its own names; DbrxAttention reads `attn_config.rope_theta`, which the class does not declare
+    # Dbrx: its own names; DbrxAttention reads `attn_config.rope_theta`, which the class does not declare,
+    # and clamps q/k/v by `clip_qkv` (None fails in torch.clamp; dbrx-instruct says 8)
     "dbrx": lambda t: dict(
         d_model=t["hidden_size"],
         n_heads=t["num_attention_heads"],
         n_layers=t["num_hidden_layers"],
         max_seq_len=128,
-        attn_config={"kv_n_heads": t["num_key_value_heads"], "rope_theta": 500000.0},
+        head_dim=t["hidden_size"] // t["num_attention_heads"],  # its rotary reads it; attention computes it
+        attn_config={"kv_n_heads": t["num_key_value_heads"], "rope_theta": 500000.0, "clip_qkv": 8.0},
         ffn_config={
             "ffn_hidden_size": t["moe_intermediate_size"],
             "moe_num_experts": EXPERTS,
             "moe_top_k": PER_TOKEN,
         },
     ),
+    # LongCat-Flash: 256 zero-compute experts by default (identity, no weights on the Hub; rows of
+    # transformers' gate_up_proj): two keep the tiny model tiny and some tokens routed to them
+    "longcat_flash": dict(zero_expert_num=2),
     # LFM2-MoE: no default `layer_types` (LFM2's config builds one); one conv and one attention layer
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     # Qwen3-Omni's talker reads `spatial_merge_size`, which its config class does not declare
