@@ -166,3 +166,15 @@ def test_asymmetric_pack_quantized_gate_and_up_fuse_exactly(bits):
     fused["weight_shape"] = torch.tensor([32, 64], dtype=torch.int32)
     want = torch.cat([codec.decode(pg), codec.decode(pu)])
     assert torch.equal(codec.decode(fused), want)
+
+
+def test_rename_with_a_shifted_index_inverts_and_leaves_the_unshifted_alone() -> None:
+    rename = Rename((("attn_res.attn_queries.*", "layers.*+1.attention_input.query"),))
+    assert rename("llm.attn_res.attn_queries.4") == "llm.layers.5.attention_input.query"
+    assert rename.inverse()("llm.layers.5.attention_input.query") == "llm.attn_res.attn_queries.4"
+    # index 0 has no index before the shift: the shifted pair does not fire on it
+    assert rename.inverse()("llm.layers.0.attention_input.query") == "llm.layers.0.attention_input.query"
+    keys = ["llm.attn_res.attn_queries.0", "llm.attn_res.attn_queries.9", "llm.layers.3.norm.weight"]
+    rename.check(keys, "test")
+    with pytest.raises(ValueError, match="number of"):
+        Rename((("attn_queries.*", "layers.1.query"),))

@@ -51,10 +51,13 @@ def _convert(src: Path, dst: Path, to: str, **options) -> Path:
     return dst
 
 
-def _save_tiny(model_type: str, out: Path, hidden: int = 64, inter: int = 48, dense: int = 80) -> Path:
+def _save_tiny(
+    model_type: str, out: Path, hidden: int = 64, inter: int = 48, dense: int = 80, layers: int = 2
+) -> Path:
     """transformers' tiny model of `model_type`, seeded, saved as transformers saves it (hub names)."""
     try:
-        config = tiny_config(model_type, text_overrides(hidden=hidden, inter=inter, dense=dense))
+        sizes = text_overrides(hidden=hidden, inter=inter, dense=dense, layers=layers)
+        config = tiny_config(model_type, sizes)
         # counted on meta first: a sub-model left at transformers' default size (DeepSeek-OCR-2's
         # vision towers) would take the machine's whole memory on the CPU
         params = sum(p.numel() for p in build_model(config, "meta").parameters())

@@ -15,6 +15,7 @@ import torch
 from fixtures import load_tensors
 from test_zoo_derived import _convert, _load, _logits, _save_tiny
 
+from moeport.detect.layout import match_layout
 from moeport.mappings.rename import Rename
 from moeport.zoo.derived import _revert, derive_family
 from moeport.zoo.derived_renames import segment_renames
@@ -23,6 +24,7 @@ from moeport.zoo.tiny import build_model, tiny_config
 # one type per kind of rename this module derives (Laguna's and Sarvam-MoE's: the tests below)
 TYPES = {
     "bailing_hybrid": "conv1d stack on load; `attention.A_log` -> `self_attn.forget_gate.A_log`",
+    "inkling2": "layer L's query at index L - 1: `attn_queries.*` -> `layers.*+1.attention_input.query`",
     "mistral_large4": "wrapper prefix before text layers named as in its vision tower (`attention.wo`)",
     "minimax_m3_vl": "wrapper swap `language_model.model` -> `model.language_model`",
     "qwen3_omni_moe_thinker": "towers moved under `model.`, the text model under `model.language_model`",
@@ -38,13 +40,17 @@ def _transformers_names(model_type: str) -> tuple[Rename, dict[str, str]]:
 
     model = build_model(tiny_config(model_type, small_vision=False), "meta")
     renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    family = derive_family(model_type)
+    hub = list(_revert(model, model.state_dict()))
+    found = [match_layout(hub, family.hub, p) for p in family.layer_prefixes]
+    experts = {k for m in found if m for le in m.layers.values() for k in le.keys}
     names = {}
-    for key in _revert(model, model.state_dict()):
-        if re.search(r"\.experts\.\d+\.", key):
+    for key in hub:
+        if key in experts:  # moved by the expert re-layout, not renamed
             continue
-        far = re.sub(r"\b(layers|blocks)\.(\d+)\.", lambda m: f"{m[1]}.{int(m[2]) + 40}.", key)
+        far = re.sub(r"(layers|blocks|queries)\.(\d+)\b", lambda m: f"{m[1]}.{int(m[2]) + 40}", key)
         names[far] = rename_source_key(far, renamings, [])[0]
-    return Rename(derive_family(model_type).fused_renames), names
+    return Rename(family.fused_renames), names
 
 
 @pytest.mark.parametrize("model_type", sorted(TYPES))
@@ -83,3 +89,21 @@ def test_a_tensor_converted_on_load_is_carried_and_transformers_converts_it(tmp_
     model, info = _load(fused)
     assert not info
     assert torch.equal(_logits(model), _logits(_load(src)[0]))
+
+
+def test_a_shifted_index_rename_holds_in_every_layer(tmp_path: Path) -> None:
+    """Inkling-2 keeps layer L's attention query at `attn_queries.{L-1}` (layer 0 has none): on a
+    4-layer model, the fused output has transformers' own names at every layer, loads with the
+    source's logits, and the hub layout comes back bit-identical."""
+    from transformers import AutoConfig
+
+    src = _save_tiny("inkling2_text", tmp_path / "src", layers=4)
+    fused = _convert(src, tmp_path / "fused", "hf", layout="fused")
+    expected = {k for k in build_model(AutoConfig.from_pretrained(src), "meta").state_dict()}
+    queries = sorted(k for k in load_tensors(fused) if "attention_input" in k)
+    assert queries == sorted(k for k in expected if "attention_input" in k) and len(queries) == 3
+    model, info = _load(fused)
+    assert not info
+    assert torch.equal(_logits(model), _logits(_load(src)[0]))
+    back = _convert(fused, tmp_path / "hub", "hf", layout="hub")
+    assert load_tensors(back).keys() == load_tensors(src).keys()

@@ -7,6 +7,9 @@ actual keys that the rename is one-to-one and that the inverse gives every key b
 A fragment starting with '^' only matches at the start of a key (e.g. '^head' -> 'lm_head').
 A segment '*' matches any index ('blocks.*.norm1' -> 'layers.*.layer_norm1'), and the indices it
 matched fill the other side's '*' in order: a rename that holds for every layer of a stack.
+'*+k' / '*-k' is an index shifted by k (Inkling-2 stores layer L's attention query as
+`attn_queries.{L-1}`: 'attn_queries.*' -> 'layers.*+1.attention_input.query'); the inverse swaps
+the sides, so '*+1' matches index 1 and up and gives back the index before the shift.
 `aliases` are pairs applied first, forward only: other spellings of the same tensor that sources
 use (DeepSeek-V4's public `attn.kv_norm` for transformers' `attn.norm`); the inverse gives the
 spelling the aliases lead to, and `check` proves the round trip to that spelling.
@@ -31,7 +34,7 @@ class Rename:
             if len(set(sources)) != len(sources):
                 raise ValueError(f"rename has a fragment twice: {sources}")
             for a, b in rules:
-                if _segments(a).count("*") != _segments(b).count("*"):
+                if _indices(a) != _indices(b):
                     raise ValueError(f"rename '{a}' -> '{b}' has a different number of '*' on each side")
 
     def inverse(self) -> Rename:
@@ -71,7 +74,7 @@ def _apply(pairs: tuple[tuple[str, str], ...], key: str) -> str:
             found = _match(src, segments[i : i + len(src)])
             if found is not None:
                 indices = iter(found)
-                out.extend(next(indices) if d == "*" else d for d in dst)
+                out.extend(str(next(indices) + _shift(d)) if _is_index(d) else d for d in dst)
                 i += len(src)
                 break
         else:
@@ -80,19 +83,32 @@ def _apply(pairs: tuple[tuple[str, str], ...], key: str) -> str:
     return ".".join(out)
 
 
-def _match(src: list[str], segments: list[str]) -> list[str] | None:
-    """The indices '*' matched, or None where `src` does not match `segments`."""
-    if "*" not in src:  # the common case, compared at C speed
+def _match(src: list[str], segments: list[str]) -> list[int] | None:
+    """The indices '*' matched (before their shift), or None where `src` does not match."""
+    if not any(map(_is_index, src)):  # the common case, compared at C speed
         return [] if segments == src else None
     if len(segments) != len(src):
         return None
     found = []
     for want, got in zip(src, segments, strict=True):
-        if want == "*" and got.isdigit():
-            found.append(got)
+        if _is_index(want) and got.isdigit() and int(got) >= _shift(want):
+            found.append(int(got) - _shift(want))
         elif want != got:
             return None
     return found
+
+
+def _is_index(segment: str) -> bool:
+    """'*', or an index shifted by a constant: '*+1', '*-2'."""
+    return segment == "*" or (segment[:2] in ("*+", "*-") and segment[2:].isdigit())
+
+
+def _shift(segment: str) -> int:
+    return int(segment[1:]) if segment != "*" else 0
+
+
+def _indices(fragment: str) -> int:
+    return sum(map(_is_index, _segments(fragment)))
 
 
 def _segments(fragment: str) -> list[str]:

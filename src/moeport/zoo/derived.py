@@ -19,7 +19,7 @@ from typing import Any
 from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
-from moeport.zoo.derived_renames import carried_names, segment_renames
+from moeport.zoo.derived_renames import carried_names, segment_renames, transformers_name
 from moeport.zoo.families import ConfigFields, ExpertLayout, Family, family_for_model_type
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
 
@@ -119,7 +119,7 @@ def _renames(
     renames, and the names under which tensors it converts on load are carried."""
     try:
         moved = carried_names(model, state, hub_state, hub_experts)
-        return segment_renames(moved)
+        return segment_renames(moved, transformers_name(model))
     except MoeportError as e:
         raise NotDerivable(f"{model_type}: {e}") from e
 

@@ -17,6 +17,7 @@ fused output loads as transformers' own model does; the tests compare logits).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from difflib import SequenceMatcher
 from typing import NamedTuple
 
@@ -29,6 +30,15 @@ _CONTEXTS = (
     *((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (1, 2), (2, 1), (2, 2)),
     *((3, 0), (3, 1), (3, 2), (4, 0), (4, 1)),
 )
+
+
+def transformers_name(model) -> Callable[[str], str]:
+    """The name transformers' renames give a hub key of `model` on load (its converters aside)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return lambda key: rename_source_key(key, renamings, [])[0]
 
 
 def carried_names(model, state: dict, hub_state: dict, skip: set[str]) -> dict[str, str]:
@@ -105,9 +115,12 @@ def _regions(hub: str, fused: str) -> list[_Region]:
     return [_Region(frozen, n) for n, (h, f) in enumerate(frozen) if h != f]
 
 
-def segment_renames(moved: dict[str, str]) -> tuple[tuple[str, str], ...]:
+def segment_renames(
+    moved: dict[str, str], probe: Callable[[str], str] | None = None
+) -> tuple[tuple[str, str], ...]:
     """Segment pairs hub -> fused that give every name of `moved` (hub -> fused, renamed or not)
-    and invert on them; MoeportError naming the first name no pairs give."""
+    and invert on them; MoeportError naming the first name no pairs give. `probe` (transformers'
+    name for any hub name) lets an index the tiny model holds once become a shifted '*'."""
     regions = [r for hub, fused in moved.items() if hub != fused for r in _regions(hub, fused)]
     level = [0] * len(regions)
     for _ in range(len(regions) * len(_CONTEXTS) + 1):
@@ -118,7 +131,8 @@ def segment_renames(moved: dict[str, str]) -> tuple[tuple[str, str], ...]:
             raise MoeportError(f"no segment rename gives '{hub}' -> '{fused}' and leaves the others alone")
         bump = _clashes(pairs) or _misfires(regions, pairs, moved)
         if not bump:
-            return _checked(pairs, moved)
+            found = _checked(pairs, moved)
+            return _shifted_indices(found, moved, probe) if probe is not None else found
         if all(level[n] >= len(_CONTEXTS) for n in bump):  # none can grow further
             hub, fused = regions[min(bump)].names
             raise MoeportError(f"no segment rename gives '{hub}' -> '{fused}' and leaves the others alone")
@@ -185,3 +199,32 @@ def _checked(pairs: list[tuple[str, str]], moved: dict[str, str]) -> tuple[tuple
             raise MoeportError(f"renames {list(rename.pairs)} give '{rename(hub)}', not '{fused}'")
     rename.check(moved, "derived renames")
     return rename.pairs
+
+
+def _shifted_indices(
+    pairs: tuple[tuple[str, str], ...], moved: dict[str, str], probe: Callable[[str], str]
+) -> tuple[tuple[str, str], ...]:
+    """Pairs that hold an index literally on both sides, where the tiny model has one instance
+    (Inkling-2: 'attn_queries.0' -> 'layers.1.attention_input.query', a per-layer tensor of all
+    layers but the first), become '*' and '*+k' when transformers names the same tensor of a
+    later layer so too (asked through `probe`); else they stay literal."""
+    out = list(pairs)
+    for n, (a, b) in enumerate(pairs):
+        hub, fused = a.split("."), b.split(".")
+        at_hub = [i for i, s in enumerate(hub) if s.isdigit()]
+        at_fused = [i for i, s in enumerate(fused) if s.isdigit()]
+        if len(at_hub) != 1 or len(at_fused) != 1:
+            continue
+        shift = int(fused[at_fused[0]]) - int(hub[at_hub[0]])
+        later = ".".join(str(int(s) + 3) if i == at_hub[0] else s for i, s in enumerate(hub))
+        hub[at_hub[0]], fused[at_fused[0]] = "*", f"*{shift:+d}" if shift else "*"
+        trial = out[:n] + [(".".join(hub), ".".join(fused))] + out[n + 1 :]
+        rename, to_later = Rename(tuple(trial)), Rename(((a, later),))
+        probes = [to_later(h) for h in moved if to_later(h) != h]
+        try:
+            _checked(trial, moved)
+        except MoeportError:
+            continue
+        if probes and all(rename(p) == probe(p) for p in probes):
+            out = trial
+    return tuple(sorted(out))
