@@ -26,7 +26,10 @@ def test_families_lists_every_moe_model_type_with_how_it_is_supported() -> None:
     assert result.exit_code == 0, result.output
     rows = {r["model_type"]: r for r in json.loads(result.stdout)}
     assert sorted(rows) == list(moe_model_types())
-    assert rows["mixtral"]["support"] == "zoo" and rows["mixtral"]["detail"] == "Mixtral"
+    assert rows["deepseek_v3"]["support"] == "zoo" and rows["deepseek_v3"]["detail"].startswith("DeepSeek-V2")
+    # derivation reproduces Mixtral's and Qwen3-MoE's hand-written data: the zoo no longer holds them
+    assert rows["mixtral"]["support"] == rows["qwen3_moe"]["support"] == "derived"
+    assert "block_sparse_moe.experts.{E}.w1/w3/w2" in rows["mixtral"]["detail"]
     assert rows["hunyuan_v1_moe"]["support"] == "derived"
     assert "mlp.experts.{E}.gate_proj/up_proj/down_proj" in rows["hunyuan_v1_moe"]["detail"]
     # transformers' SwitchTransformers keeps each expert as its own module: said, not guessed

@@ -81,7 +81,6 @@ class ExpertLayout:
 
 
 HUB_MLP = ExpertLayout("per-expert", "mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
-HUB_W123 = ExpertLayout("per-expert", "block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"})
 FUSED_V5 = ExpertLayout("fused", "mlp", {"gate_up": "gate_up_proj", "down": "down_proj"})
 # GPT-OSS has one layout only: fused, gate/up interleaved; its hub form is what transformers holds.
 GPT_OSS_EXPERTS = ExpertLayout(
@@ -131,13 +130,6 @@ QWEN_FIELDS = ConfigFields(
     first_dense=(),
     mtp_layers=("num_mtp_layers",),
     shared_experts=("shared_expert_intermediate_size",),
-)
-MIXTRAL_FIELDS = ConfigFields(
-    num_experts=("num_local_experts",),
-    expert_intermediate=("intermediate_size",),
-    first_dense=(),
-    mtp_layers=(),
-    shared_experts=(),
 )
 
 # no first dense layers, MTP layers or shared experts in the config (they may exist all the same)
@@ -256,15 +248,6 @@ FAMILIES: tuple[Family, ...] = (
         "`expert_dtype`, which transformers' DeepSeek-V4 neither saves nor reads",
     ),
     Family(
-        "qwen3_moe",
-        "Qwen3-MoE",
-        ("qwen3_moe",),
-        hub=HUB_MLP,
-        fields=QWEN_FIELDS,
-        zoo_because="nothing: derivation reproduces it; it stays until the suite's reference family "
-        "(26 test modules) has run through derivation",
-    ),
-    Family(
         "qwen3_next",
         "Qwen3-Next",
         ("qwen3_next",),
@@ -284,16 +267,6 @@ FAMILIES: tuple[Family, ...] = (
         shared_expert="shared_expert",
         fields=QWEN_FIELDS,
         zoo_because="its MTP layer is stored apart (`mtp.layers.{L}.`), and transformers' model holds none",
-    ),
-    Family(
-        "mixtral",
-        "Mixtral",
-        ("mixtral",),
-        hub=HUB_W123,
-        fields=MIXTRAL_FIELDS,
-        fused_renames=(("block_sparse_moe", "mlp"),),
-        zoo_because="nothing: derivation reproduces it; it stays until its 10 test modules (GGUF's llama "
-        "arch, kt, GPTQ) have run through derivation",
     ),
     Family(
         "gpt_oss",
