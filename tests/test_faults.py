@@ -271,10 +271,13 @@ def test_no_disk_space_is_found_before_any_work(tiny, tmp_path, monkeypatch, cap
 def test_interrupt_signal_leaves_no_output_and_resumes(bigger, tmp_path):
     """Ctrl-C (SIGINT) mid-run: exit 130, nothing at DST; the same command then finishes."""
     dst = tmp_path / "out"
-    args = ("--to", "hf", "--layout", "fused", "--max-shard-size", "300KB")
+    args = ("--to", "hf", "--layout", "fused", "--max-shard-size", "100KB")
     proc = _start(bigger, dst, *args)
-    assert _wait_for(proc, lambda: _pieces(dst) >= 2)
+    # the ~90 pieces are written within a second: the run is frozen (SIGSTOP) the moment two are
+    # seen, so that a busy machine cannot let it finish before the interrupt lands
+    assert _wait_for(proc, lambda: _pieces(dst) >= 2 and proc.send_signal(signal.SIGSTOP) is None)
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     proc.communicate(timeout=120)
     assert proc.returncode == 130 and not dst.exists()
     assert cli("convert", str(bigger), str(dst), "--quiet", *args).returncode == 0
