@@ -19,6 +19,7 @@ from typing import Any
 from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
+from moeport.zoo.derived_groups import hub_block_members
 from moeport.zoo.derived_renames import carried_names, segment_renames, transformers_name
 from moeport.zoo.families import ConfigFields, ExpertLayout, Family, family_for_model_type
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
@@ -59,6 +60,10 @@ def _derive_or_raise(model_type: str) -> Family:
     layer = fused["layers"][0]
     scored = EXPERTS + int(getattr(text, "n_shared_experts", None) or 0)  # Inkling's router scores both
     router, bias, shared = _block_members(state, fused, layer, renames, hub_layout, hub_prefix, scored)
+    if fused["layout"].groups and hub_layout != fused["layout"]:  # routers carried under hub names
+        hub_block = f"{hub_prefix}{layer}.{hub_layout.block_prefix}"
+        more = hub_block_members(hub_state, hub_block, fused["experts"], len(fused["layout"].groups))
+        router, bias = router + more[0], bias + more[1]
     if not router:
         where = f"{fused['prefix']}{layer}.{fused['block']}"
         raise NotDerivable(f"{model_type}: no router tensor under '{where}'")
