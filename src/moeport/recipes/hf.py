@@ -8,6 +8,7 @@ the expert re-layout, then renames of the other tensors.
 from __future__ import annotations
 
 import copy
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -131,6 +132,16 @@ def _decodes(op: Op) -> bool:
     if isinstance(op, Chain):
         return any(isinstance(o, Decode) for o in op.ops)
     return False
+
+
+def linear_prefix_pattern(det: Detection) -> str:
+    """Regex source (no groups) of the layer prefixes `--layout linear` names experts under: the
+    source's, or the hub's where a fused source's wrapper prefix is renamed with its layers
+    (ERNIE-4.5-VL, MiniMax-M3-VL: `model.language_model.layers.` -> `model.layers.`)."""
+    rename = _rename_between(det, "linear")
+    hub = [rename(p.removesuffix(".")) + "." for p in (det.naming.main, det.naming.mtp) if p]
+    escaped = [re.escape(p).replace(re.escape("{L}"), r"\d+") for p in hub]
+    return "(?:" + "|".join([det.naming.pattern(), *escaped]) + ")"
 
 
 def _rename_between(det: Detection, layout: str, canonical: bool = False) -> Rename:
