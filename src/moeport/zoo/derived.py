@@ -13,6 +13,7 @@ then matches the layout against the checkpoint's actual keys.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields as dataclass_fields
 from functools import cache
 from typing import Any
 
@@ -84,7 +85,9 @@ def _derive_or_raise(model_type: str) -> Family:
         router=router,
         router_bias=bias,
         shared_expert=shared,
-        fields=_fields(model_type, _declared(text), fused["intermediate"], fused["hidden"], hidden),
+        fields=_aliased(
+            _fields(model_type, _declared(text), fused["intermediate"], fused["hidden"], hidden), text
+        ),
         fused_renames=renames,
         linear=linear,
     )
@@ -180,6 +183,19 @@ def _declared(text) -> dict[str, Any]:
     values = {k: v for k, v in text.to_dict().items() if k in declared}
     aliases = getattr(type(text), "attribute_map", None) or {}
     return values | {alias: values[name] for alias, name in aliases.items() if name in values}
+
+
+def _aliased(fields: ConfigFields, text) -> ConfigFields:
+    """Each field name found through the config's `attribute_map` followed by the name it reads:
+    config.json holds the latter (ERNIE-4.5-VL's `moe_k` for `num_experts_per_tok`)."""
+    aliases = getattr(type(text), "attribute_map", None) or {}
+    grown = {
+        f.name: tuple(
+            dict.fromkeys(n for name in getattr(fields, f.name) for n in (name, aliases.get(name)) if n)
+        )
+        for f in dataclass_fields(fields)
+    }
+    return ConfigFields(**grown)
 
 
 def _fields(
