@@ -118,3 +118,20 @@ def test_hub_config_states_expert_counts_per_group(hub: Path, tmp_path: Path) ->
             else:
                 with pytest.raises(MoeportError, match="config.json says 7 experts per layer"):
                     detect(ck)
+
+
+def test_a_missing_expert_group_is_refused_in_one_line(hub: Path, tmp_path: Path) -> None:
+    """A fused checkpoint without its vision group's gate_up stack: named, before any work."""
+    from safetensors.torch import save_file
+
+    fused = _convert(hub, tmp_path / "fused", "hf", layout="fused")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    kept = {k: v for k, v in load_tensors(fused).items() if k != LAYER + "vision_moe.experts.gate_up_proj"}
+    save_file(kept, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    (broken / "config.json").write_text((fused / "config.json").read_text())
+    with (
+        open_checkpoint(broken) as ck,
+        pytest.raises(MoeportError, match="no 'gate_up_proj' of expert group 'vision_moe'"),
+    ):
+        detect(ck)

@@ -77,9 +77,9 @@ def detect(ck: Checkpoint) -> Detection:
     match.layers.update(_mtp_experts(ck, family, match, naming))
     layers = match.layers
     first = min(layers)
-    inter = cfg.first_int(family.fields.expert_intermediate)
+    inter = configured_intermediate(cfg, family)
     zero = (cfg.first_int(family.fields.zero_experts) or 0) if family.fields.zero_experts else 0
-    warnings = drop_zero_experts(match, cfg.first_int(family.fields.num_experts), zero, ck.root)
+    warnings = drop_zero_experts(match, configured_experts(cfg, family), zero, ck.root)
     counts = {L: routed_in_stack(_expert_count(ck, match, L, inter), zero, match.layout.kind) for L in layers}
     ref_expert = 0 if match.layout.kind == "per-expert" else -1
     roles = match.layout.roles if match.layout.kind == "per-expert" else match.layout.fused_roles
@@ -250,12 +250,15 @@ def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int, inter: int | N
             )
         return n
     proj = match.layout.projs[match.layout.fused_roles[0]]
-    key = next(iter(found.parts[(-1, proj)].values()))
+    stacks = [found.parts.get((g, proj)) for g in fused_keys(match.layout)]
+    for g, stack in enumerate(stacks):
+        if not stack:  # an expert group's stacks missing (ERNIE-4.5-VL's vision_moe)
+            where = f" of expert group '{match.layout.groups[g]}'" if match.layout.groups else ""
+            raise MoeportError(f"{ck.root}: layer {layer} has no '{proj}'{where}")
     if match.layout.flat:  # DBRX's [E * I, H]: the config's expert intermediate size tells E
+        key = next(iter(stacks[0].values()))
         return flat_experts(key, ck.info(key).shape, inter)
-    return sum(
-        ck.info(next(iter(found.parts[(g, proj)].values()))).shape[0] for g in fused_keys(match.layout)
-    )
+    return sum(ck.info(next(iter(stack.values()))).shape[0] for stack in stacks)
 
 
 def flat_experts(key: str, shape: tuple[int, ...], inter: int | None) -> int:
