@@ -135,3 +135,26 @@ def test_a_missing_expert_group_is_refused_in_one_line(hub: Path, tmp_path: Path
         pytest.raises(MoeportError, match="no 'gate_up_proj' of expert group 'vision_moe'"),
     ):
         detect(ck)
+
+
+def test_the_public_checkpoints_own_config(hub: Path, tmp_path: Path) -> None:
+    """baidu/ERNIE-4.5-VL-*-PT ship a remote-code config.json: `model_type: ernie4_5_moe_vl`, the
+    text fields at the top, per-group lists. Its tensors are transformers' hub names, so it is read
+    as the derived `ernie4_5_vl_moe` and converts both ways bit for bit."""
+    src = tmp_path / "pt"
+    src.mkdir()
+    for f in hub.glob("*.safetensors"):
+        (src / f.name).symlink_to(f)
+    config = json.loads((hub / "config.json").read_text())
+    flat = {**config.pop("text_config"), **config, "model_type": "ernie4_5_moe_vl"}
+    flat |= {"moe_num_experts": [EXPERTS, EXPERTS], "moe_intermediate_size": WIDTHS}
+    (src / "config.json").write_text(json.dumps(flat))
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+    assert det.model_type == "ernie4_5_moe_vl" and det.family.name == "ernie4_5_vl_moe"
+    assert det.experts_per_layer == 2 * EXPERTS and det.experts_per_token == flat["moe_k"]
+    fused = _convert(src, tmp_path / "fused", "hf", layout="fused")
+    assert LAYER + "vision_moe.experts.down_proj" in load_tensors(fused)
+    back = load_tensors(_convert(fused, tmp_path / "back", "hf", layout="hub"))
+    source = load_tensors(hub)
+    assert sorted(back) == sorted(source) and all(torch.equal(back[k], v) for k, v in source.items())

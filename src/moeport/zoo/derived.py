@@ -22,7 +22,7 @@ from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
 from moeport.zoo.derived_groups import hub_block_members
 from moeport.zoo.derived_renames import carried_names, segment_renames, transformers_name
-from moeport.zoo.families import ConfigFields, ExpertLayout, Family, family_for_model_type
+from moeport.zoo.families import HUB_MODEL_TYPES, ConfigFields, ExpertLayout, Family, family_for_model_type
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
 
 LINEAR_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -104,7 +104,7 @@ def lookup_family(model_types: Iterable[str]) -> tuple[Family, str]:
     reasons = []
     for model_type in model_types:
         try:
-            return derive_family(model_type), model_type
+            return derive_family(HUB_MODEL_TYPES.get(model_type, model_type)), model_type
         except NotDerivable as e:
             reasons.append(str(e))
     raise NotDerivable("; ".join(reasons) or "no model_type")

@@ -365,6 +365,12 @@ def wrapped_prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for p in out if p not in prefixes))
 
 
+# model_type values of public checkpoints' own (remote-code) configs that transformers calls
+# otherwise: derived as the transformers type whose conversion mapping loads their tensor names.
+HUB_MODEL_TYPES = {
+    "ernie4_5_moe_vl": "ernie4_5_vl_moe",  # baidu/ERNIE-4.5-VL-*-PT's config.json (flat, lists per group)
+}
+
 _BY_MODEL_TYPE = {mt: f for f in FAMILIES for mt in f.model_types}
 
 
