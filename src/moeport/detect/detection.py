@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 
 from moeport.codecs.format import ExpertFormat, Part
 from moeport.codecs.registry import classify
-from moeport.detect.layout import LayerExperts, LayerNaming, LayoutMatch, find_naming, match_layout
+from moeport.detect.groups import configured_experts, configured_intermediate
+from moeport.detect.layout import (
+    LayerExperts,
+    LayerNaming,
+    LayoutMatch,
+    find_naming,
+    fused_keys,
+    match_layout,
+)
 from moeport.detect.required import check_required
 from moeport.detect.zero_experts import drop_zero_experts, routed_in_stack
 from moeport.errors import MoeportError
@@ -69,9 +77,9 @@ def detect(ck: Checkpoint) -> Detection:
     match.layers.update(_mtp_experts(ck, family, match, naming))
     layers = match.layers
     first = min(layers)
-    inter = cfg.first_int(family.fields.expert_intermediate)
+    inter = configured_intermediate(cfg, family)
     zero = (cfg.first_int(family.fields.zero_experts) or 0) if family.fields.zero_experts else 0
-    warnings = drop_zero_experts(match, cfg.first_int(family.fields.num_experts), zero, ck.root)
+    warnings = drop_zero_experts(match, configured_experts(cfg, family), zero, ck.root)
     counts = {L: routed_in_stack(_expert_count(ck, match, L, inter), zero, match.layout.kind) for L in layers}
     ref_expert = 0 if match.layout.kind == "per-expert" else -1
     roles = match.layout.roles if match.layout.kind == "per-expert" else match.layout.fused_roles
@@ -84,12 +92,12 @@ def detect(ck: Checkpoint) -> Detection:
 
     quant = cfg.quantization_config
     fmt = _format_of(ck, ref_parts, quant)
-    _check_complete(ck, match, ref_parts, counts, fmt, quant)
+    _check_complete(ck, match, ref_parts, counts, fmt, quant, len(family.fused.groups) or 1)
 
     experts = counts[first]
     if len(set(counts.values())) > 1:
         warnings.append(f"expert count differs between layers: {sorted(set(counts.values()))}")
-    n_cfg = cfg.first_int(family.fields.num_experts)
+    n_cfg = configured_experts(cfg, family)
     if n_cfg is not None and n_cfg != experts:
         raise MoeportError(
             f"{ck.root}: config.json says {n_cfg} experts per layer ({family.fields.num_experts[0]}), "
@@ -120,7 +128,7 @@ def detect(ck: Checkpoint) -> Detection:
         experts_per_token=cfg.first_int(family.fields.experts_per_token),
         shared_experts=_shared_experts(ck, family, cfg, block.replace("{L}", str(first))),
         hidden_size=cfg.first_int(family.fields.hidden_size),
-        expert_intermediate_size=cfg.first_int(family.fields.expert_intermediate),
+        expert_intermediate_size=configured_intermediate(cfg, family),
         expert_format=fmt,
         expert_tensors=_templates(match, first),
         router_tensors=[
@@ -241,10 +249,16 @@ def _expert_count(ck: Checkpoint, match: LayoutMatch, layer: int, inter: int | N
                 f"{ck.root}: layer {layer} lacks experts {missing[:5]} (has {len(found.experts)} of {n})"
             )
         return n
-    key = next(iter(found.parts[(-1, match.layout.projs[match.layout.fused_roles[0]])].values()))
+    proj = match.layout.projs[match.layout.fused_roles[0]]
+    stacks = [found.parts.get((g, proj)) for g in fused_keys(match.layout)]
+    for g, stack in enumerate(stacks):
+        if not stack:  # an expert group's stacks missing (ERNIE-4.5-VL's vision_moe)
+            where = f" of expert group '{match.layout.groups[g]}'" if match.layout.groups else ""
+            raise MoeportError(f"{ck.root}: layer {layer} has no '{proj}'{where}")
     if match.layout.flat:  # DBRX's [E * I, H]: the config's expert intermediate size tells E
+        key = next(iter(stacks[0].values()))
         return flat_experts(key, ck.info(key).shape, inter)
-    return ck.info(key).shape[0]
+    return sum(ck.info(next(iter(stack.values()))).shape[0] for stack in stacks)
 
 
 def flat_experts(key: str, shape: tuple[int, ...], inter: int | None) -> int:
@@ -265,12 +279,16 @@ def _check_complete(
     counts: dict[int, int],
     fmt: ExpertFormat,
     quant: dict,
+    groups: int = 1,
 ) -> None:
-    """Every layer/expert/projection carries the same parts, in the same format, as the reference."""
+    """Every layer/expert/projection carries the same parts, in the same format, as the reference
+    (shapes as the first expert of its group: ERNIE-4.5-VL's vision experts are narrower)."""
     wanted = set(ref)
     projs = list(match.layout.projs.values())
     for layer, found in match.layers.items():
-        experts = range(counts[layer]) if match.layout.kind == "per-expert" else [-1]
+        per_expert = match.layout.kind == "per-expert"
+        experts = range(counts[layer]) if per_expert else fused_keys(match.layout)
+        per_group = max(1, counts[layer] // groups)
         for e in experts:
             for proj in projs:
                 have = found.parts.get((e, proj), {})
@@ -279,7 +297,7 @@ def _check_complete(
                     lack = sorted(wanted - set(have)) or sorted(set(have) - wanted)
                     verb = "lacks" if wanted - set(have) else "has unexpected"
                     raise MoeportError(f"{ck.root}: layer {layer} {what} {verb} companion tensor(s) {lack}")
-                _check_same_shapes(ck, have, found.parts[(experts[0], proj)])
+                _check_same_shapes(ck, have, found.parts[(e - e % per_group if per_expert else e, proj)])
         for proj in projs:  # one format check per layer and projection is enough
             other = _format_of(ck, found.parts[(experts[0], proj)], quant)
             if other.name != fmt.name:

@@ -100,6 +100,13 @@ def layer_prefix_pattern(layer_prefix: str) -> str:
 def _expert_regex(layout: ExpertLayout, layer_prefix: str) -> re.Pattern[str]:
     prefix = layer_prefix_pattern(layer_prefix)
     base = re.escape(layout.base)
+    if layout.groups:  # `mlp.(text_moe|vision_moe).experts.`: the group names the expert range
+        groups = "|".join(re.escape(g) for g in layout.groups)
+        base = (
+            re.escape(layout.block_prefix)
+            + rf"(?P<group>{groups})\."
+            + re.escape(layout.base[len(layout.block_prefix) :])
+        )
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     if layout.kind == "per-expert":
         tail = rf"(?P<E>\d+)\.(?P<proj>{projs})\.(?P<part>[A-Za-z0-9_]+)"
@@ -120,12 +127,22 @@ def match_layout(keys: list[str], layout: ExpertLayout, layer_prefix: str) -> La
             continue
         layer = layers[int(m["L"])]
         layer.keys.append(key)
-        expert = int(m["E"]) if layout.kind == "per-expert" else -1
+        expert = int(m["E"]) if layout.kind == "per-expert" else group_key(layout, m.groupdict().get("group"))
         if expert >= 0:
             layer.experts.add(expert)
         part = _normalise_part(m["part"] or "", layout.kind)
         layer.parts[(expert, m["proj"])][part] = key
     return LayoutMatch(layout, layer_prefix, dict(layers)) if layers else None
+
+
+def group_key(layout: ExpertLayout, group: str | None) -> int:
+    """The expert key of a fused stack in `parts`: -1, or -1 - g for expert group g."""
+    return -1 - layout.groups.index(group) if group is not None else -1
+
+
+def fused_keys(layout: ExpertLayout) -> list[int]:
+    """The expert keys of a fused layout's stacks: [-1], or one per expert group."""
+    return [-1 - g for g in range(len(layout.groups))] or [-1]
 
 
 # GPT-OSS names its MXFP4/bias companions with these suffixes; they keep their own names.

@@ -34,10 +34,11 @@ class LayerNames:
 
     layout: ExpertLayout
     prefix: str
+    offset: int = 0  # per-expert index of expert 0 (an expert group's range of the layer's list)
 
     def per_expert(self, e: int, role: str, part: str) -> str:
         part = part[1:] if part.startswith("_") else part
-        return f"{self.prefix}{self.layout.base}{e}.{self.layout.projs[role]}.{part}"
+        return f"{self.prefix}{self.layout.base}{e + self.offset}.{self.layout.projs[role]}.{part}"
 
     def fused(self, fused_role: str, part: str) -> str:
         name = f"{self.prefix}{self.layout.base}{self.layout.projs[fused_role]}"
@@ -72,6 +73,12 @@ def relayout_experts(
     rows_of: RowsOf,
 ) -> list[Op]:
     """Ops taking the expert tensors named in `parts` (laid out as `src`) to `dst` names."""
+    if src.layout.groups or dst.layout.groups:  # each expert group's range on its own
+        return [
+            op
+            for group in _groups(parts, experts, src, dst)
+            for op in relayout_experts(*group, fmt, shape_of, rows_of)
+        ]
     kind_src, kind_dst = src.layout.kind, dst.layout.kind
     if src.layout.gated != dst.layout.gated:
         raise MoeportError(f"{src.prefix}: gated and non-gated expert layouts do not convert into each other")
@@ -115,6 +122,36 @@ def relayout_experts(
         fused_name=lambda role, part: parts[(-1, role)][part],
     )
     return [op.inverse() for op in forward]
+
+
+def _groups(
+    parts: Parts, experts: int, src: LayerNames, dst: LayerNames
+) -> list[tuple[Parts, int, LayerNames, LayerNames]]:
+    """(parts, experts, src, dst) of each expert group: its fused stacks (key -1 - g in `parts`)
+    as a plain fused layout, and its contiguous range of per-expert names, renumbered from 0."""
+    grouped = src.layout if src.layout.groups else dst.layout
+    if src.layout.groups and dst.layout.groups and src.layout.groups != dst.layout.groups:
+        raise MoeportError(f"{src.prefix}: expert groups {src.layout.groups} and {dst.layout.groups} differ")
+    count = len(grouped.groups)
+    if experts % count:
+        raise MoeportError(f"{src.prefix}: {experts} experts do not split into {count} equal groups")
+    per = experts // count
+    out = []
+    for g in range(count):
+        sides = []
+        for names in (src, dst):
+            if names.layout.groups:
+                sides.append(LayerNames(names.layout.group(g), names.prefix))
+            else:
+                sides.append(LayerNames(names.layout, names.prefix, names.offset + g * per))
+        if src.layout.groups:
+            mine = {(-1, role): group for (k, role), group in parts.items() if k == -1 - g}
+        else:
+            mine = {
+                (e - g * per, r): group for (e, r), group in parts.items() if g * per <= e < (g + 1) * per
+            }
+        out.append((mine, per, sides[0], sides[1]))
+    return out
 
 
 def _reorder(

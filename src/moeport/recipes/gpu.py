@@ -28,7 +28,7 @@ from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Op
 from moeport.recipes.base import Options, Target
 from moeport.recipes.fused import fused_sets, same_kind_source
-from moeport.recipes.hf import build_hf
+from moeport.recipes.hf import build_hf, linear_prefix_pattern
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.model_config import rewrite_storage_fields
@@ -283,7 +283,7 @@ def ignore_regex(pattern: str) -> re.Pattern[str]:
 def expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
     """Routed-expert tensors under hub names, `part` being a regex of the last name segment."""
     layout = det.family.per_expert
-    prefix = det.naming.pattern()
+    prefix = linear_prefix_pattern(det)
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     return re.compile(rf"^{prefix}{re.escape(layout.base)}\d+\.({projs})\.{part}$")
 

@@ -8,6 +8,7 @@ the expert re-layout, then renames of the other tensors.
 from __future__ import annotations
 
 import copy
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -131,6 +132,16 @@ def _decodes(op: Op) -> bool:
     if isinstance(op, Chain):
         return any(isinstance(o, Decode) for o in op.ops)
     return False
+
+
+def linear_prefix_pattern(det: Detection) -> str:
+    """Regex source (no groups) of the layer prefixes `--layout linear` names experts under: the
+    source's, or the hub's where a fused source's wrapper prefix is renamed with its layers
+    (ERNIE-4.5-VL, MiniMax-M3-VL: `model.language_model.layers.` -> `model.layers.`)."""
+    rename = _rename_between(det, "linear")
+    hub = [rename(p.removesuffix(".")) + "." for p in (det.naming.main, det.naming.mtp) if p]
+    escaped = [re.escape(p).replace(re.escape("{L}"), r"\d+") for p in hub]
+    return "(?:" + "|".join([det.naming.pattern(), *escaped]) + ")"
 
 
 def _rename_between(det: Detection, layout: str, canonical: bool = False) -> Rename:
@@ -260,14 +271,16 @@ class _Builder:
         ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, self._rows(fmt))
         is_float = fmt.name in FLOAT_FORMATS
         out: list[Op] = []
-        for (_, fused_role), group in parts.items():
+        per = experts // (len(src.layout.groups) or 1)  # an expert group's stacks hold its range
+        for (key, fused_role), group in parts.items():
             names = set(group.values())
             mine = [op for op in ops if names & set(op.inputs)]
+            first = (-1 - key) * per if src.layout.groups else 0
             if is_float:
                 roles = roles_in(src.layout, fused_role)
                 finish: list[Op] = [
                     Cast(dst.per_expert(e, r, "weight"), dst.per_expert(e, r, "weight"), self.dtype)
-                    for e in range(experts)
+                    for e in range(first, first + per)
                     for r in roles
                 ]
             else:
@@ -275,12 +288,15 @@ class _Builder:
                 stack = decoded_shape(
                     fmt, {p: self.shape_of(n) for p, n in active.items()}, next(iter(names))
                 )
-                finish = self._decode_each(active, stack, roles_in(src.layout, fused_role), experts, fmt, dst)
+                roles = roles_in(src.layout, fused_role)
+                finish = self._decode_each(active, stack, roles, range(first, first + per), fmt, dst)
                 self.dequantized += 1
             out.append(Chain((*mine, *finish)))
         return out
 
-    def _decode_each(self, active, stack, roles: list[str], experts: int, fmt: ExpertFormat, dst) -> list[Op]:
+    def _decode_each(
+        self, active, stack, roles: list[str], experts: range, fmt: ExpertFormat, dst
+    ) -> list[Op]:
         shape = (stack[-2] // len(roles), stack[-1])
         return [
             Decode(
@@ -291,7 +307,7 @@ class _Builder:
                 self.dtype,
                 device=self.device,
             )
-            for e in range(experts)
+            for e in experts
             for r in roles
         ]
 

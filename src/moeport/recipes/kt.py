@@ -50,9 +50,10 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             f"{ck.root}: {det.family.title} experts are up/down only (no gate); kt-kernel runs gated "
             "(SwiGLU) experts only"
         )
-    if layout.transposed or layout.gate_up_interleaved or layout.split_gate_up:
+    if layout.transposed or layout.gate_up_interleaved or layout.split_gate_up or layout.groups:
         how = "with gate/up interleaved" if layout.gate_up_interleaved else "transposed ([E, H, 2I])"
         how = "as separate gate and up stacks" if layout.split_gate_up else how
+        how = f"in expert groups ({', '.join(layout.groups)})" if layout.groups else how
         raise MoeportError(
             f"{ck.root}: {det.family.title} stores its experts {how}; kt's AMX layout is planned from "
             "[2I, H] stacks or per-expert linears: convert with --to hf --layout linear first"

@@ -13,14 +13,16 @@ then matches the layout against the checkpoint's actual keys.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields as dataclass_fields
 from functools import cache
 from typing import Any
 
 from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
+from moeport.zoo.derived_groups import hub_block_members
 from moeport.zoo.derived_renames import carried_names, segment_renames, transformers_name
-from moeport.zoo.families import ConfigFields, ExpertLayout, Family, family_for_model_type
+from moeport.zoo.families import HUB_MODEL_TYPES, ConfigFields, ExpertLayout, Family, family_for_model_type
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
 
 LINEAR_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -59,6 +61,10 @@ def _derive_or_raise(model_type: str) -> Family:
     layer = fused["layers"][0]
     scored = EXPERTS + int(getattr(text, "n_shared_experts", None) or 0)  # Inkling's router scores both
     router, bias, shared = _block_members(state, fused, layer, renames, hub_layout, hub_prefix, scored)
+    if fused["layout"].groups and hub_layout != fused["layout"]:  # routers carried under hub names
+        hub_block = f"{hub_prefix}{layer}.{hub_layout.block_prefix}"
+        more = hub_block_members(hub_state, hub_block, fused["experts"], len(fused["layout"].groups))
+        router, bias = router + more[0], bias + more[1]
     if not router:
         where = f"{fused['prefix']}{layer}.{fused['block']}"
         raise NotDerivable(f"{model_type}: no router tensor under '{where}'")
@@ -79,7 +85,9 @@ def _derive_or_raise(model_type: str) -> Family:
         router=router,
         router_bias=bias,
         shared_expert=shared,
-        fields=_fields(model_type, _declared(text), fused["intermediate"], fused["hidden"], hidden),
+        fields=_aliased(
+            _fields(model_type, _declared(text), fused["intermediate"], fused["hidden"], hidden), text
+        ),
         fused_renames=renames,
         linear=linear,
     )
@@ -96,7 +104,7 @@ def lookup_family(model_types: Iterable[str]) -> tuple[Family, str]:
     reasons = []
     for model_type in model_types:
         try:
-            return derive_family(model_type), model_type
+            return derive_family(HUB_MODEL_TYPES.get(model_type, model_type)), model_type
         except NotDerivable as e:
             reasons.append(str(e))
     raise NotDerivable("; ".join(reasons) or "no model_type")
@@ -175,6 +183,19 @@ def _declared(text) -> dict[str, Any]:
     values = {k: v for k, v in text.to_dict().items() if k in declared}
     aliases = getattr(type(text), "attribute_map", None) or {}
     return values | {alias: values[name] for alias, name in aliases.items() if name in values}
+
+
+def _aliased(fields: ConfigFields, text) -> ConfigFields:
+    """Each field name found through the config's `attribute_map` followed by the name it reads:
+    config.json holds the latter (ERNIE-4.5-VL's `moe_k` for `num_experts_per_tok`)."""
+    aliases = getattr(type(text), "attribute_map", None) or {}
+    grown = {
+        f.name: tuple(
+            dict.fromkeys(n for name in getattr(fields, f.name) for n in (name, aliases.get(name)) if n)
+        )
+        for f in dataclass_fields(fields)
+    }
+    return ConfigFields(**grown)
 
 
 def _fields(

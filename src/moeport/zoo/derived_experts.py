@@ -13,10 +13,12 @@ Each of these is read here as an `ExpertLayout`; anything else is refused with t
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from moeport.errors import MoeportError
 from moeport.zoo.derived_gate_up import INTERLEAVED, converted_gate_up
+from moeport.zoo.derived_groups import check_group_ranges, expert_groups
 from moeport.zoo.families import ExpertLayout
 from moeport.zoo.tiny import EXPERTS
 
@@ -98,7 +100,8 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
             why = f"experts are one 2-D parameter per role ('{flat[0]}' {shape}: [E * I, H], not [E, N, K])"
         raise NotDerivable(f"{model_type}: {why} in transformers' model, no fused expert stacks")
     paths = {(prefix, module) for prefix, module in found}
-    if len({(p, m) for p, m in paths}) > 1:
+    group_block, groups = expert_groups(found)  # ERNIE-4.5-VL: text and vision blocks of one layer
+    if len({(p, m) for p, m in paths}) > 1 and not groups:
         raise NotDerivable(f"{model_type}: experts under several module paths {sorted(paths)}")
     (prefix, module), stacks = next(iter(found.items()))
     names = _gate_up_down(model_type, stacks)
@@ -115,12 +118,16 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
         transposed, inter = _orient_up(model_type, gate_up, down, hidden)
     block, container = _where(module)
     dotted = stacks[names[first]][2]
+    block = group_block if groups else block
     layout = ExpertLayout("fused", block, names, transposed=transposed, container=container, dotted=dotted)
+    layout = replace(layout, groups=groups)
     wanted = set(names.values()) | {n + BIAS for n in names.values()}
+    modules = {m for _, m in found} if groups else {module}
+    stacks_of = {(d, n) for d in modules for n in wanted}
     keys = []
     for key in state:
         m = _LAYER_KEY.match(key)
-        if m and m["prefix"] == prefix and stack_name(m["rest"])[:2] in {(module, n) for n in wanted}:
+        if m and m["prefix"] == prefix and stack_name(m["rest"])[:2] in stacks_of:
             keys.append(key)
     layers = sorted({int(m["L"]) for k in keys if (m := _LAYER_KEY.match(k))})
     out = {"prefix": prefix, "block": layout.block_prefix, "layout": layout, "experts": gate_up[0]}
@@ -171,8 +178,9 @@ def hub_experts(
             keys.append(key)
             experts.add(int(m["E"]))
             per.setdefault((m["prefix"], m["block"]), set()).add(m["proj"])
-    if experts and experts != set(range(fused["experts"])):
-        why = f"its own save writes {len(experts)} experts per layer, its stacks hold {fused['experts']}"
+    total = fused["experts"] * max(1, len(fused["layout"].groups))  # every group's range
+    if experts and experts != set(range(total)):
+        why = f"its own save writes {len(experts)} experts per layer, its stacks hold {total}"
         raise NotDerivable(f"{model_type}: {why}")
     if per:
         if len(per) > 1:
@@ -189,6 +197,11 @@ def hub_experts(
         layout = ExpertLayout("per-expert", block.removesuffix("."), projs)
         if interleaved:
             raise NotDerivable(f"{model_type}: transformers interleaves gate/up rows when it fuses them")
+        if fused["layout"].groups:
+            try:
+                check_group_ranges(model_type, model, state, fused, layout, prefix)
+            except MoeportError as e:
+                raise NotDerivable(str(e)) from e
         return layout, prefix, keys
     return _hub_stacks(model_type, model, state, hub_state, fused, fused_keys)
 
@@ -212,6 +225,10 @@ def _hub_stacks(
             raise NotDerivable(str(e)) from e
         hub_of |= found
         interleaved = how == INTERLEAVED
+    if memory.groups:  # expert groups the hub keeps as they are (ERNIE-4.5-VL's text model)
+        if any(by_role != {"": key} for key, by_role in hub_of.items()):
+            raise NotDerivable(f"{model_type}: hub expert groups renamed or converted on load")
+        return memory, fused["prefix"], list(hub_of)
     names: dict[str, str] = {}
     where: set[tuple[str, str, bool]] = set()
     for mem_key, by_role in hub_of.items():

@@ -10,7 +10,7 @@ re-check every entry against the installed transformers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ROLES = ("gate", "up", "down")
 
@@ -25,6 +25,9 @@ class ExpertLayout:
     `block` may be "" (experts directly in the layer: Mistral-Large-4's hub, Gemma-4) and
     `container` "" (stacks that are the block's own modules: Granite's `input_linear.weight`);
     `dotted` fused names are module parameters, `{gate_up}.weight`, companions `{gate_up}.<part>`.
+    `groups` (fused only): modules of the block that each hold the stacks of one contiguous, equal
+    range of the layer's experts, in order (ERNIE-4.5-VL: `mlp.text_moe.experts.gate_up_proj` for
+    the hub's experts 0..E-1, `mlp.vision_moe.experts.gate_up_proj` for E..2E-1).
     """
 
     kind: str  # "per-expert" | "fused"
@@ -36,6 +39,7 @@ class ExpertLayout:
     dotted: bool = False  # fused tensors named `{name}.weight` (a module's parameter), not `{name}`
     flat: bool = False  # DBRX: each fused stack is one 2-D parameter [E * N, K], not [E, N, K]
     transposed_roles: tuple[str, ...] = ()  # stacks stored [E, K, N] alone (DBRX's down: w2)
+    groups: tuple[str, ...] = ()  # fused: one module per contiguous expert range ("text_moe", ...)
 
     def role_transposed(self, role: str) -> bool:
         """Whether the fused stack of `role` is stored [E, K, N] (transposed) rather than [E, N, K]."""
@@ -72,7 +76,14 @@ class ExpertLayout:
         """Where the expert tensors start, relative to the layer ('mlp.experts.')."""
         return self.block_prefix + (f"{self.container}." if self.container else "")
 
+    def group(self, g: int) -> ExpertLayout:
+        """The plain fused layout of expert group `g`: its module sits in the block like a block."""
+        block = ".".join(p for p in (self.block, self.groups[g]) if p)
+        return replace(self, block=block, groups=())
+
     def templates(self, layer_prefix: str) -> list[str]:
+        if self.groups:
+            return [t for g in range(len(self.groups)) for t in self.group(g).templates(layer_prefix)]
         base = f"{layer_prefix}{self.base}"
         dot = ".weight" if self.dotted else ""
         if self.kind == "per-expert":
@@ -353,6 +364,12 @@ def wrapped_prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
     out = [w + p.removeprefix(head) for p in prefixes for head, w in WRAPPERS if p.startswith(head)]
     return tuple(dict.fromkeys(p for p in out if p not in prefixes))
 
+
+# model_type values of public checkpoints' own (remote-code) configs that transformers calls
+# otherwise: derived as the transformers type whose conversion mapping loads their tensor names.
+HUB_MODEL_TYPES = {
+    "ernie4_5_moe_vl": "ernie4_5_vl_moe",  # baidu/ERNIE-4.5-VL-*-PT's config.json (flat, lists per group)
+}
 
 _BY_MODEL_TYPE = {mt: f for f in FAMILIES for mt in f.model_types}
 

@@ -138,6 +138,8 @@ def _summary(family: Family) -> str:
     else:
         form = f"hub {hub.templates('')[0]}{' [E, H, 2I]' if hub.transposed else ''}"
     fused = "same as hub" if family.fused == hub else f"fused {family.fused.templates('')[0]}"
+    if family.fused.groups:  # ERNIE-4.5-VL: one block of stacks per contiguous range of experts
+        fused += f" (expert groups {', '.join(family.fused.groups)}, in order)"
     renames = f", {len(family.fused_renames)} rename(s)" if family.fused_renames else ""
     return f"{family.layer_prefixes[0]}: {form}; {fused}{renames}"
 

@@ -133,9 +133,10 @@ TYPE_OVERRIDES: dict[str, dict[str, Any] | Callable[[dict[str, Any]], dict[str, 
     "step3p5": dict(sliding_window=512),
     # VitPose+: the per-dataset heads' width, taken out of the (tiny) hidden size
     "vitpose_backbone": dict(part_features=16),
-    # ERNIE-4.5-VL: 3-D RoPE sections for its tiny head dim (the default [22, 22, 20] fits 128)
+    # ERNIE-4.5-VL: 3-D RoPE sections (h, w, t) for its tiny head dim 8: 4 frequencies, h and w
+    # alike as its forward stacks them (the default [22, 22, 20] fits 128)
     "ernie4_5_vl_moe_text": dict(
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [2, 1, 1]}
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [1, 1, 2]}
     ),
 }
 _STEPS = 12  # refusals answered in a row at most (each answer moves transformers past one)
