@@ -86,6 +86,7 @@ def _load(path: Path):
 
 def _logits(model) -> torch.Tensor:
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)  # DiffusionGemma's forward draws its noise from torch's global generator
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=False)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state  # base models

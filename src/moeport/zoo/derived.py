@@ -53,7 +53,8 @@ def _derive_or_raise(model_type: str) -> Family:
     state = model.state_dict()
     text = config.get_text_config()
     hidden = int(text.hidden_size)
-    fused, fused_keys = fused_experts(model_type, state, hidden)
+    tied = frozenset(getattr(model, "all_tied_weights_keys", None) or ())  # not saved: another's weights
+    fused, fused_keys = fused_experts(model_type, state, hidden, tied)
     hub_state = _revert(model, state)
     hub_layout, hub_prefix, hub_keys = hub_experts(model_type, model, state, hub_state, fused, fused_keys)
     renames = _renames(model_type, model, state, hub_state, set(hub_keys))
