@@ -19,6 +19,7 @@ from moeport.detect import detect
 from moeport.detect.layout import LayerNaming
 from moeport.errors import MoeportError
 from moeport.recipes import Options
+from moeport.report import inspect_report
 from moeport.sources import open_checkpoint
 from moeport.verify.run import verify
 from moeport.zoo.model_config import ModelConfig
@@ -91,6 +92,11 @@ def test_thinker_and_talker_are_stacks_numbered_after_each_other(omni: Path) -> 
     assert naming.layer_of("talker.code_predictor.model.layers.0.mlp.up_proj.weight") is None
     assert any(k.startswith("code2wav.") for k in keys)
     assert not det.warnings
+    stacks = inspect_report(omni, det)["stacks"]  # `inspect` lists each stack with its own sizes
+    assert [(st["prefix"], st["experts"], st["hidden_size"]) for st in stacks] == [
+        ("thinker.model.layers.{L}.", 4, 256),
+        ("talker.model.layers.{L}.", 6, 128),
+    ]
 
 
 def test_stacks_of_different_sizes_round_trip_and_quantize(omni: Path, tmp_path: Path) -> None:
@@ -125,6 +131,24 @@ def test_kt_converts_the_main_stack_and_says_which(
         assert torch.equal(stored[name], src[name])
         assert not any(k.startswith("thinker.model.layers.1.mlp.experts.") for k in stored)
     assert verify(omni, out).ok
+
+
+def test_gptq_of_several_stacks_is_refused_before_any_work(omni: Path, tmp_path: Path) -> None:
+    """Calibration runs one decoder's hidden states through its layers: one line, no output."""
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([list(range(3, 19))]))
+    with pytest.raises(MoeportError, match="several expert stacks .*leave out --method gptq"):
+        _convert(
+            omni,
+            tmp_path / "gptq",
+            "w4a16",
+            group_size=32,
+            method="gptq",
+            calibration=str(ids),
+            samples=1,
+            seq_len=8,
+        )
+    assert not (tmp_path / "gptq").exists()
 
 
 def test_a_stack_in_another_layout_is_refused(omni: Path, tmp_path: Path) -> None:
