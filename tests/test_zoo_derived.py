@@ -89,7 +89,12 @@ def _load(path: Path):
 
 
 def _logits(model) -> torch.Tensor:
+    if type(model).forward is torch.nn.Module.forward:  # a wrapper without a forward (Qwen3-Omni)
+        from transformers import PreTrainedModel
+
+        model = next(m for m in model.children() if isinstance(m, PreTrainedModel))  # its thinker
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)  # DiffusionGemma's forward draws its noise from torch's global generator
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=False)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state  # base models

@@ -100,7 +100,7 @@ def build_hf(
             # a wrapper's prefix may be renamed too, its experts with it (MiniMax-M3-VL:
             # `language_model.model.` -> `model.language_model.`; Aria)
             dst = LayerNames(dst_layout, rename(prefix.removesuffix(".")) + ".")
-            for op in builder.experts(layers[layer].parts, det, src, dst):
+            for op in builder.experts(layers[layer].parts, det, src, dst, det.experts_in(layer)):
                 units.append(Unit(layer, op))
 
     plan = Plan(units, _output_config(ck.config, builder.dequantized, dtype))
@@ -223,20 +223,29 @@ class _Builder:
                 ops.append(Copy(key, rename(key)))
         return ops
 
-    def experts(self, found: dict[tuple[int, str], dict[str, str]], det: Detection, src, dst) -> list[Op]:
+    def experts(
+        self,
+        found: dict[tuple[int, str], dict[str, str]],
+        det: Detection,
+        src,
+        dst,
+        experts: int | None = None,
+    ) -> list[Op]:
+        """The ops of one layer's routed experts; `experts`: the layer's count (stacks may differ)."""
+        experts = det.experts_per_layer if experts is None else experts
         # LongCat's zero-compute experts (mappings/zero_experts.py): not in the per-expert form
         zero = det.zero_experts if src.layout.kind != dst.layout.kind else 0
         parts = _roles(found, det)
         if det.zero_experts:  # their gate/up (transformers' save) are no routed experts' tensors
-            parts = {k: v for k, v in parts.items() if k[0] < det.experts_per_layer}
+            parts = {k: v for k, v in parts.items() if k[0] < experts}
         crop = zero if src.layout.kind == "fused" else 0
         parts, crops = crop_zero_experts(parts, crop, self.shapes, self.shape_of)
         pad = zero if dst.layout.kind == "fused" else 0
         stored = tuple(parts.get((0, "gate"), {})) + ("weight",)
-        ops = self._experts(parts, det, src, dst)
+        ops = self._experts(parts, det, src, dst, experts)
         return pad_zero_experts(with_crops(ops, crops), dst, pad, stored)
 
-    def _experts(self, parts: Parts, det: Detection, src, dst) -> list[Op]:
+    def _experts(self, parts: Parts, det: Detection, src, dst, experts: int) -> list[Op]:
         fmt = det.expert_format
         pre: dict[str, Op] = {}  # decode/cast ops, by the intermediate name they produce
         is_float = fmt.name in FLOAT_FORMATS
@@ -247,11 +256,11 @@ class _Builder:
         )
         if decode and src.layout.kind == "fused" and dst.layout.kind == "per-expert":
             self.experts_as = _fmt_name(self.dtype)
-            return self._unfuse_then_decode(parts, fmt, det, src, dst)
+            return self._unfuse_then_decode(parts, fmt, experts, src, dst)
         if decode:
             parts, fmt = self._decode_experts(parts, fmt, det, pre)
             self.experts_as = fmt.name
-        ops = relayout_experts(parts, det.experts_per_layer, src, dst, fmt, self.shape_of, self._rows(fmt))
+        ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, self._rows(fmt))
         if not pre:
             return ops
         return [Chain((*(pre[i] for i in op.inputs if i in pre), op)) for op in ops]
@@ -263,11 +272,10 @@ class _Builder:
 
         return rows_of
 
-    def _unfuse_then_decode(self, parts: Parts, fmt: ExpertFormat, det: Detection, src, dst) -> list[Op]:
+    def _unfuse_then_decode(self, parts: Parts, fmt: ExpertFormat, experts: int, src, dst) -> list[Op]:
         """Fused -> per-expert with decoding: the stored parts are re-laid out first and each
         expert's 2-D weight decoded (or cast) after, so a fused stack is read, decoded and held one
         expert at a time (verify's bounded memory, the GPU recipes' linear experts)."""
-        experts = det.experts_per_layer
         ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, self._rows(fmt))
         is_float = fmt.name in FLOAT_FORMATS
         out: list[Op] = []

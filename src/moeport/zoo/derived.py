@@ -22,6 +22,7 @@ from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
 from moeport.zoo.derived_groups import hub_block_members
 from moeport.zoo.derived_renames import carried_names, segment_renames, transformers_name
+from moeport.zoo.derived_stacks import stacks_of
 from moeport.zoo.families import HUB_MODEL_TYPES, ConfigFields, ExpertLayout, Family, family_for_model_type
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
 
@@ -54,7 +55,8 @@ def _derive_or_raise(model_type: str) -> Family:
     state = model.state_dict()
     text = config.get_text_config()
     hidden = int(text.hidden_size)
-    fused, fused_keys = fused_experts(model_type, state, hidden)
+    tied = frozenset(getattr(model, "all_tied_weights_keys", None) or ())  # not saved: another's weights
+    fused, fused_keys = fused_experts(model_type, state, hidden, tied)
     hub_state = _revert(model, state)
     hub_layout, hub_prefix, hub_keys = hub_experts(model_type, model, state, hub_state, fused, fused_keys)
     renames = _renames(model_type, model, state, hub_state, set(hub_keys))
@@ -75,6 +77,11 @@ def _derive_or_raise(model_type: str) -> Family:
         names = {r: LINEAR_NAMES[r] for r in hub.roles}  # under `experts.`
         linear = ExpertLayout("per-expert", hub.block, names)
     prefixes = tuple(dict.fromkeys((hub_prefix + "{L}.", fused["prefix"] + "{L}.")))
+    stacks, config_at = (), ""
+    if fused.get("stacks"):  # more expert stacks under other layer prefixes (Qwen3-Omni's talker)
+        _, stacks, config_at = stacks_of(
+            model, state, hub_state, fused["prefix"], fused["stacks"], set(fused_keys)
+        )
     return Family(
         name=model_type,
         title=f"{type(config).__name__.removesuffix('Config')} (derived from transformers)",
@@ -90,6 +97,8 @@ def _derive_or_raise(model_type: str) -> Family:
         ),
         fused_renames=renames,
         linear=linear,
+        stacks=stacks,
+        config="" if config_at == "text_config" else config_at,
     )
 
 

@@ -141,7 +141,8 @@ def _summary(family: Family) -> str:
     if family.fused.groups:  # ERNIE-4.5-VL: one block of stacks per contiguous range of experts
         fused += f" (expert groups {', '.join(family.fused.groups)}, in order)"
     renames = f", {len(family.fused_renames)} rename(s)" if family.fused_renames else ""
-    return f"{family.layer_prefixes[0]}: {form}; {fused}{renames}"
+    stacks = "".join(f" (and {st.prefixes[0]})" for st in family.stacks)  # Qwen3-Omni's talker
+    return f"{family.layer_prefixes[0]}{stacks}: {form}; {fused}{renames}"
 
 
 def all_support() -> list[Support]:
