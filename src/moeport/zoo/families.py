@@ -19,7 +19,8 @@ ROLES = ("gate", "up", "down")
 class ExpertLayout:
     """How routed experts of one MoE layer are named.
 
-    per-expert: `{layer}{block}.experts.{E}.{proj}.<companion>` with one proj name per role.
+    per-expert: `{layer}{block}.experts.{E}.{proj}.<companion>` with one proj name per role
+    (`experts.{index_prefix}{E}.`: Switch / NLLB-MoE spell the index `expert_{E}`).
     fused: `{layer}{block}.experts.{gate_up}<suffix>` [E, 2I, H] and `{down}<suffix>` [E, H, I]
     (or one stack per role: `{gate}` and `{up}` [E, I, H], or `{up}` alone where not gated).
     `block` may be "" (experts directly in the layer: Mistral-Large-4's hub, Gemma-4) and
@@ -34,6 +35,7 @@ class ExpertLayout:
     transposed: bool = False  # GPT-OSS unquantized: [E, H, 2I] / [E, I, H]
     container: str = "experts"  # the module of the experts inside the block ("" : the block itself)
     dotted: bool = False  # fused tensors named `{name}.weight` (a module's parameter), not `{name}`
+    index_prefix: str = ""  # per-expert: the word before an expert's index ('expert_' in `experts.expert_3.`)
 
     @property
     def gated(self) -> bool:
@@ -66,11 +68,16 @@ class ExpertLayout:
         """Where the expert tensors start, relative to the layer ('mlp.experts.')."""
         return self.block_prefix + (f"{self.container}." if self.container else "")
 
+    @property
+    def expert_base(self) -> str:
+        """Where one per-expert module's name stops before its index ('mlp.experts.expert_')."""
+        return self.base + self.index_prefix
+
     def templates(self, layer_prefix: str) -> list[str]:
         base = f"{layer_prefix}{self.base}"
         dot = ".weight" if self.dotted else ""
         if self.kind == "per-expert":
-            return [f"{base}{{E}}.{self.projs[r]}.weight" for r in self.roles]
+            return [f"{layer_prefix}{self.expert_base}{{E}}.{self.projs[r]}.weight" for r in self.roles]
         return [f"{base}{self.projs[r]}{dot}" for r in self.fused_roles]
 
 
