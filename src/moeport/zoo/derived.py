@@ -19,6 +19,7 @@ from typing import Any
 from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
+from moeport.zoo.derived_modules import module_experts
 from moeport.zoo.derived_renames import carried_names, segment_renames
 from moeport.zoo.families import ConfigFields, ExpertLayout, Family, family_for_model_type
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
@@ -52,9 +53,15 @@ def _derive_or_raise(model_type: str) -> Family:
     state = model.state_dict()
     text = config.get_text_config()
     hidden = int(text.hidden_size)
-    fused, fused_keys = fused_experts(model_type, state, hidden)
     hub_state = _revert(model, state)
-    hub_layout, hub_prefix, hub_keys = hub_experts(model_type, model, state, hub_state, fused, fused_keys)
+    try:
+        fused, fused_keys = fused_experts(model_type, state, hidden)
+    except NotDerivable as why:  # no stacks: experts as separate modules (Switch, NLLB-MoE), or `why`
+        fused, fused_keys = module_experts(model_type, state, hub_state, hidden, EXPERTS, why)
+    if fused["layout"].kind == "per-expert":  # saved as held: the hub layout is the memory layout
+        hub_layout, hub_prefix, hub_keys = fused["layout"], fused["prefix"], fused_keys
+    else:
+        hub_layout, hub_prefix, hub_keys = hub_experts(model_type, model, state, hub_state, fused, fused_keys)
     renames = _renames(model_type, model, state, hub_state, set(hub_keys))
     layer = fused["layers"][0]
     scored = EXPERTS + int(getattr(text, "n_shared_experts", None) or 0)  # Inkling's router scores both
@@ -200,7 +207,7 @@ def _fields(
     return ConfigFields(
         num_experts=experts,
         experts_per_token=named(PER_TOKEN, ("per_tok", "topk", "top_k")) or defaults.experts_per_token,
-        expert_intermediate=named(inter, ("intermediate", "ffn")) or defaults.expert_intermediate,
+        expert_intermediate=named(inter, ("intermediate", "ffn", "d_ff")) or defaults.expert_intermediate,
         first_dense=declared(defaults.first_dense),
         mtp_layers=declared(defaults.mtp_layers),
         shared_experts=declared(defaults.shared_experts),
