@@ -11,6 +11,7 @@ from moeport.codecs.format import ExpertFormat, Part
 from moeport.codecs.registry import classify
 from moeport.detect.layout import LayerExperts, LayerNaming, LayoutMatch, find_naming, match_layout
 from moeport.detect.required import check_required
+from moeport.detect.stacks import StackFacts, check_stack_counts, find_stacks, stack_facts
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.derived import NotDerivable, lookup_family
@@ -46,10 +47,19 @@ class Detection:
     total_bytes: int
     warnings: list[str] = field(default_factory=list)
     naming: LayerNaming | None = None  # where each layer (MTP included) lives; main prefix only if None
+    # routed experts of each MoE layer (stacks may differ: Qwen3-Omni's thinker and talker)
+    layer_experts: dict[int, int] = field(default_factory=dict)
+    # every stack of layers (zoo.families.Stack), the main one first, with its own config's sizes;
+    # experts_per_layer, hidden_size and expert_intermediate_size above are the main stack's
+    stacks: list[StackFacts] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.naming is None:
             self.naming = LayerNaming(self.layer_prefix)
+
+    def experts_in(self, layer: int) -> int:
+        """Routed experts of MoE layer `layer` (its stack's count where stacks differ)."""
+        return self.layer_experts.get(layer, self.experts_per_layer)
 
     @property
     def expert_bytes(self) -> int:
@@ -61,10 +71,13 @@ def detect(ck: Checkpoint) -> Detection:
         raise MoeportError(f"{ck.root}: no config.json (moeport needs it to tell the model family)")
     cfg = ModelConfig(ck.config)
     family, model_type = _family(cfg, ck)
+    cfg = cfg.at(family.config) if family.config else cfg  # the main stack's text config
     match = _match_experts(ck, family, cfg.first_int(family.fields.hidden_size))
     num_layers = cfg.first_int(family.fields.num_layers)
     naming = _naming(ck, family, match, num_layers)
     match.layers.update(_mtp_experts(ck, family, match, naming))
+    naming, stacked, stack_cfgs = find_stacks(ck, family, naming, match.layout, num_layers)
+    match.layers.update(stacked)
     layers = match.layers
     first = min(layers)
     counts = {L: _expert_count(ck, match, L) for L in layers}
@@ -83,8 +96,9 @@ def detect(ck: Checkpoint) -> Detection:
 
     experts = counts[first]
     warnings: list[str] = []
-    if len(set(counts.values())) > 1:
-        warnings.append(f"expert count differs between layers: {sorted(set(counts.values()))}")
+    main_counts = {n for L, n in counts.items() if naming.stack_of(L) == 0}
+    if len(main_counts) > 1:
+        warnings.append(f"expert count differs between layers: {sorted(main_counts)}")
     n_cfg = cfg.first_int(family.fields.num_experts)
     if n_cfg is not None and n_cfg != experts:
         raise MoeportError(
@@ -93,15 +107,22 @@ def detect(ck: Checkpoint) -> Detection:
         )
 
     layer_bytes = _bytes_per_layer(ck, naming)
-    limit = num_layers if num_layers is not None else naming.mtp_first if naming.mtp else max(layer_bytes) + 1
-    mtp = sorted(L for L in layer_bytes if L >= limit)
-    moe = sorted(L for L in layers if L < limit)
-    dense = sorted(L for L in layer_bytes if L < limit and L not in layers)
+    in_main = [L for L in layer_bytes if naming.stack_of(L) == 0]
+    limit = num_layers if num_layers is not None else naming.mtp_first if naming.mtp else max(in_main) + 1
+    mtp = sorted(L for L in in_main if L >= limit)
+    moe = sorted(L for L in layers if L not in mtp)
+    dense = sorted(L for L in layer_bytes if L not in mtp and L not in layers)
     first_dense = cfg.first_int(family.fields.first_dense) if family.fields.first_dense else None
-    if first_dense is not None and dense[:first_dense] != list(range(first_dense)):
-        warnings.append(f"config says the first {first_dense} layers are dense; dense layers found: {dense}")
+    main_dense = [L for L in dense if naming.stack_of(L) == 0]
+    if first_dense is not None and main_dense[:first_dense] != list(range(first_dense)):
+        warnings.append(
+            f"config says the first {first_dense} layers are dense; dense layers found: {main_dense}"
+        )
 
-    check_required(ck, family, match.layout, naming, (moe, [L for L in mtp if L in layers]))
+    by_stack = [[L for L in moe if naming.stack_of(L) == i] for i in range(len(naming.stacks) + 1)]
+    check_required(ck, family, match.layout, naming, (*by_stack, [L for L in mtp if L in layers]))
+    facts = stack_facts(family, naming, stack_cfgs, layer_bytes, counts)
+    warnings += check_stack_counts(ck, family, facts, counts)
     block = f"{match.layer_prefix}{match.layout.block_prefix}"
     return Detection(
         family=family,
@@ -129,6 +150,8 @@ def detect(ck: Checkpoint) -> Detection:
         total_bytes=ck.total_bytes,
         warnings=warnings,
         naming=naming,
+        layer_experts={L: counts[L] for L in moe + mtp if L in counts},
+        stacks=facts,
     )
 
 

@@ -30,25 +30,39 @@ class LayoutMatch:
 @dataclass(frozen=True)
 class LayerNaming:
     """Where each layer's tensors are: decoder layers under `main` ('model.layers.{L}.'), MTP layers
-    stored apart (Qwen3-Next 'mtp.layers.{L}.', DeepSeek-V4 'mtp.{L}.') under `mtp`. MTP layer k is
-    numbered `mtp_first + k` (num_hidden_layers + k), as DeepSeek-V3 stores its own MTP layer, so
-    every consumer of layer numbers treats both storages alike."""
+    stored apart (Qwen3-Next 'mtp.layers.{L}.', DeepSeek-V4 'mtp.{L}.') under `mtp`, and further
+    expert stacks stored apart (Qwen3-Omni's talker 'talker.model.layers.{L}.' beside its thinker)
+    in `stacks`, as (prefix, first number). MTP layer k is numbered `mtp_first + k`
+    (num_hidden_layers + k), as DeepSeek-V3 stores its own MTP layer, and layer k of a stack
+    `first + k`, after every layer before it, so every consumer of layer numbers treats all
+    storages alike."""
 
     main: str
     mtp: str | None = None
     mtp_first: int = 0
+    stacks: tuple[tuple[str, int], ...] = ()
+
+    @cached_property
+    def _storages(self) -> list[tuple[str, int]]:
+        """(prefix, first number) of every storage, the highest first number first."""
+        out = [(self.main, 0)] + ([(self.mtp, self.mtp_first)] if self.mtp is not None else [])
+        return sorted(out + list(self.stacks), key=lambda pf: -pf[1])
+
+    def _storage(self, layer: int) -> tuple[str, int]:
+        return next((p, f) for p, f in self._storages if layer >= f)
 
     def prefix(self, layer: int) -> str:
-        if self.mtp is not None and layer >= self.mtp_first:
-            return self.mtp.replace("{L}", str(layer - self.mtp_first))
-        return self.main.replace("{L}", str(layer))
+        prefix, first = self._storage(layer)
+        return prefix.replace("{L}", str(layer - first))
+
+    def stack_of(self, layer: int) -> int:
+        """0 for a layer of the main storage (MTP included), k for one of `stacks[k - 1]`."""
+        prefix, first = self._storage(layer)
+        return next((i + 1 for i, s in enumerate(self.stacks) if s == (prefix, first)), 0)
 
     @cached_property
     def _regexes(self) -> list[tuple[re.Pattern[str], int]]:
-        out = [(re.compile("^" + layer_prefix_pattern(self.main)), 0)]
-        if self.mtp is not None:
-            out.append((re.compile("^" + layer_prefix_pattern(self.mtp)), self.mtp_first))
-        return out
+        return [(re.compile("^" + layer_prefix_pattern(p)), first) for p, first in self._storages]
 
     def split(self, key: str) -> tuple[int, str] | None:
         """(layer, name relative to the layer) of a key under a layer, else None."""
@@ -63,18 +77,38 @@ class LayerNaming:
         return None if found is None else found[0]
 
     def pattern(self) -> str:
-        """Regex source (no groups) matching the prefix of any layer, MTP included."""
-        sources = [self.main] + ([self.mtp] if self.mtp is not None else [])
+        """Regex source (no groups) matching the prefix of any layer, MTP and stacks included."""
+        sources = [p for p, _ in sorted(self._storages, key=lambda pf: pf[1])]
         return "(?:" + "|".join(re.escape(p).replace(re.escape("{L}"), r"\d+") for p in sources) + ")"
 
     def expert_layers(self, keys: list[str], layout: ExpertLayout) -> dict[int, LayerExperts]:
-        """The routed-expert tensors of `layout` in every layer, MTP layers renumbered."""
+        """The routed-expert tensors of `layout` in every layer, MTP and stack layers renumbered."""
         found = match_layout(keys, layout, self.main)
         layers = dict(found.layers) if found else {}
-        if self.mtp is not None:
-            mtp = match_layout(keys, layout, self.mtp)
-            layers.update({self.mtp_first + L: le for L, le in (mtp.layers if mtp else {}).items()})
+        for prefix, first in [(self.mtp, self.mtp_first)] * (self.mtp is not None) + list(self.stacks):
+            other = match_layout(keys, layout, prefix)
+            layers.update({first + L: le for L, le in (other.layers if other else {}).items()})
         return layers
+
+    def with_stacks(self, prefixes: list[str], counts: dict[str, int]) -> LayerNaming:
+        """This naming with `prefixes` added as stacks, in order, each numbered after every layer
+        before it; `counts`: a storage's number of layers where known (else its keys' highest + 1)."""
+        stacks = list(self.stacks)
+        for prefix in prefixes:
+            ends = [f + counts.get(p, 0) for p, f in self._storages] + [
+                f + counts.get(p, 0) for p, f in stacks
+            ]
+            stacks.append((prefix, max(ends)))
+        return LayerNaming(self.main, self.mtp, self.mtp_first, tuple(stacks))
+
+
+def storage_counts(keys: list[str], prefixes: list[str]) -> dict[str, int]:
+    """Each layer prefix's number of layers in `keys`: its highest layer index + 1 (0: none)."""
+    out = {}
+    for prefix in prefixes:
+        regex = re.compile("^" + layer_prefix_pattern(prefix))
+        out[prefix] = max((int(m["L"]) + 1 for k in keys if (m := regex.match(k))), default=0)
+    return out
 
 
 def find_naming(

@@ -98,7 +98,7 @@ def build_hf(
             # a wrapper's prefix may be renamed too, its experts with it (MiniMax-M3-VL:
             # `language_model.model.` -> `model.language_model.`; Aria)
             dst = LayerNames(dst_layout, rename(prefix.removesuffix(".")) + ".")
-            for op in builder.experts(layers[layer].parts, det, src, dst):
+            for op in builder.experts(layers[layer].parts, det, src, dst, det.experts_in(layer)):
                 units.append(Unit(layer, op))
 
     plan = Plan(units, _output_config(ck.config, builder.dequantized, dtype))
@@ -208,7 +208,16 @@ class _Builder:
                 ops.append(Copy(key, rename(key)))
         return ops
 
-    def experts(self, found: dict[tuple[int, str], dict[str, str]], det: Detection, src, dst) -> list[Op]:
+    def experts(
+        self,
+        found: dict[tuple[int, str], dict[str, str]],
+        det: Detection,
+        src,
+        dst,
+        experts: int | None = None,
+    ) -> list[Op]:
+        """The ops of one layer's routed experts; `experts`: the layer's count (stacks may differ)."""
+        experts = det.experts_per_layer if experts is None else experts
         fmt = det.expert_format
         parts = _roles(found, det)
         pre: dict[str, Op] = {}  # decode/cast ops, by the intermediate name they produce
@@ -220,11 +229,11 @@ class _Builder:
         )
         if decode and src.layout.kind == "fused" and dst.layout.kind == "per-expert":
             self.experts_as = _fmt_name(self.dtype)
-            return self._unfuse_then_decode(parts, fmt, det, src, dst)
+            return self._unfuse_then_decode(parts, fmt, experts, src, dst)
         if decode:
             parts, fmt = self._decode_experts(parts, fmt, det, pre)
             self.experts_as = fmt.name
-        ops = relayout_experts(parts, det.experts_per_layer, src, dst, fmt, self.shape_of, self._rows(fmt))
+        ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, self._rows(fmt))
         if not pre:
             return ops
         return [Chain((*(pre[i] for i in op.inputs if i in pre), op)) for op in ops]
@@ -236,11 +245,10 @@ class _Builder:
 
         return rows_of
 
-    def _unfuse_then_decode(self, parts: Parts, fmt: ExpertFormat, det: Detection, src, dst) -> list[Op]:
+    def _unfuse_then_decode(self, parts: Parts, fmt: ExpertFormat, experts: int, src, dst) -> list[Op]:
         """Fused -> per-expert with decoding: the stored parts are re-laid out first and each
         expert's 2-D weight decoded (or cast) after, so a fused stack is read, decoded and held one
         expert at a time (verify's bounded memory, the GPU recipes' linear experts)."""
-        experts = det.experts_per_layer
         ops = relayout_experts(parts, experts, src, dst, fmt, self.shape_of, self._rows(fmt))
         is_float = fmt.name in FLOAT_FORMATS
         out: list[Op] = []

@@ -21,6 +21,7 @@ from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
 from moeport.zoo.derived_modules import module_experts
 from moeport.zoo.derived_renames import carried_names, segment_renames
+from moeport.zoo.derived_stacks import stacks_of
 from moeport.zoo.families import ConfigFields, ExpertLayout, Family, family_for_model_type
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
 
@@ -76,6 +77,11 @@ def _derive_or_raise(model_type: str) -> Family:
         names = {r: LINEAR_NAMES[r] for r in hub.roles}  # under `experts.`
         linear = ExpertLayout("per-expert", hub.block, names)
     prefixes = tuple(dict.fromkeys((hub_prefix + "{L}.", fused["prefix"] + "{L}.")))
+    stacks, config_at = (), ""
+    if fused.get("stacks"):  # more expert stacks under other layer prefixes (Qwen3-Omni's talker)
+        _, stacks, config_at = stacks_of(
+            model, state, hub_state, fused["prefix"], fused["stacks"], set(fused_keys)
+        )
     return Family(
         name=model_type,
         title=f"{type(config).__name__.removesuffix('Config')} (derived from transformers)",
@@ -89,6 +95,8 @@ def _derive_or_raise(model_type: str) -> Family:
         fields=_fields(model_type, _declared(text), fused["intermediate"], fused["hidden"], hidden),
         fused_renames=renames,
         linear=linear,
+        stacks=stacks,
+        config="" if config_at == "text_config" else config_at,
     )
 
 

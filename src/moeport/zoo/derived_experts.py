@@ -17,6 +17,7 @@ from typing import Any
 
 from moeport.errors import MoeportError
 from moeport.zoo.derived_gate_up import INTERLEAVED, converted_gate_up
+from moeport.zoo.derived_stacks import NotStacks, main_and_stacks, main_hub
 from moeport.zoo.families import ExpertLayout
 from moeport.zoo.tiny import EXPERTS
 
@@ -97,10 +98,11 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
             shape = list(state[flat[0]].shape)
             why = f"experts are one 2-D parameter per role ('{flat[0]}' {shape}: [E * I, H], not [E, N, K])"
         raise NotDerivable(f"{model_type}: {why} in transformers' model, no fused expert stacks")
-    paths = {(prefix, module) for prefix, module in found}
-    if len({(p, m) for p, m in paths}) > 1:
-        raise NotDerivable(f"{model_type}: experts under several module paths {sorted(paths)}")
-    (prefix, module), stacks = next(iter(found.items()))
+    try:  # one module under several layer prefixes: several stacks (zoo/derived_stacks.py)
+        (prefix, module), others = main_and_stacks(list(found))
+    except NotStacks as e:
+        raise NotDerivable(f"{model_type}: {e}") from e
+    stacks = found[(prefix, module)]
     names = _gate_up_down(model_type, stacks)
     first = next(iter(names))  # gate_up, or up where the MLP is not gated
     gate_up, down = stacks[names[first]][1], stacks[names["down"]][1]
@@ -120,10 +122,15 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
     keys = []
     for key in state:
         m = _LAYER_KEY.match(key)
-        if m and m["prefix"] == prefix and stack_name(m["rest"])[:2] in {(module, n) for n in wanted}:
+        if (
+            m
+            and m["prefix"] in (prefix, *others)
+            and stack_name(m["rest"])[:2] in {(module, n) for n in wanted}
+        ):
             keys.append(key)
-    layers = sorted({int(m["L"]) for k in keys if (m := _LAYER_KEY.match(k))})
+    layers = sorted({int(m["L"]) for k in keys if (m := _LAYER_KEY.match(k)) and m["prefix"] == prefix})
     out = {"prefix": prefix, "block": layout.block_prefix, "layout": layout, "experts": gate_up[0]}
+    out["stacks"] = others  # further stacks' layer prefixes, in the model's order
     expert_hidden = gate_up[1] if transposed else gate_up[2]
     return {**out, "intermediate": inter, "hidden": expert_hidden, "layers": layers}, keys
 
@@ -175,9 +182,11 @@ def hub_experts(
         why = f"its own save writes {len(experts)} experts per layer, its stacks hold {fused['experts']}"
         raise NotDerivable(f"{model_type}: {why}")
     if per:
-        if len(per) > 1:
-            raise NotDerivable(f"{model_type}: hub experts under several module paths {sorted(per)}")
-        (prefix, block), projs = next(iter(per.items()))
+        try:  # several stacks: the main one's, which the others must match (zoo/derived_stacks.py)
+            prefix, block = main_hub(per, state, hub_state, fused, set(fused_keys))
+        except NotStacks as e:
+            raise NotDerivable(f"{model_type}: {e}") from e
+        projs = per[(prefix, block)]
         if not fused["layout"].gated:
             return _hub_up_down(model_type, model, block, projs), prefix, keys
         gate, up, interleaved = gate_up_sources(model_type, model)
@@ -228,7 +237,8 @@ def _hub_stacks(
             if names.setdefault(role, name) != name:
                 why = f"hub names its {role} stacks both '{names[role]}' and '{name}'"
                 raise NotDerivable(f"{model_type}: {why}")
-            where.add((h["prefix"], module, dotted))
+            if m["prefix"] == fused["prefix"]:  # the main stack's (others: derived_stacks)
+                where.add((h["prefix"], module, dotted))
     if len(where) != 1:
         raise NotDerivable(f"{model_type}: hub expert stacks under several module paths {sorted(where)}")
     prefix, module, dotted = next(iter(where))

@@ -134,6 +134,17 @@ class StorageField:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """Another stack of layers with routed experts, stored apart from the family's main one in
+    the same checkpoint (Qwen3-Omni's talker beside its thinker, an encoder's layers beside the
+    decoder's), in the main stack's expert layout. Its layers are numbered after those before it
+    (detect.layout.LayerNaming), so every consumer of layer numbers treats it as more layers."""
+
+    prefixes: tuple[str, ...]  # its layer prefixes with {L}: the hub's, then transformers' memory names
+    config: str = ""  # dotted path in config.json of the text config with its sizes ('': the main one's)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     title: str
@@ -161,6 +172,11 @@ class Family:
     # What transformers' own definitions lack or get wrong for this family: why it is zoo data
     # instead of derived (empty for derived families).
     zoo_because: str = ""
+    # Further expert stacks under other layer prefixes (detect/stacks.py), numbered after the main
+    # layers; `config` is the dotted path of the main stack's text config where it is nested
+    # deeper than `text_config` (Qwen3-Omni: `thinker_config.text_config`).
+    stacks: tuple[Stack, ...] = ()
+    config: str = ""
 
     @property
     def per_expert(self) -> ExpertLayout:

@@ -1,7 +1,8 @@
 """Read model facts from config.json, whatever the family calls them.
 
 Multimodal wrappers (Qwen3.5, Kimi-K2.5...) keep the language model's fields in `text_config`;
-those win over the top level, which keeps `model_type`/`quantization_config`.
+those win over the top level, which keeps `model_type`/`quantization_config`. Some nest it a level
+deeper (Qwen3-Omni: `thinker_config.text_config`, its talker's `talker_config.text_config`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ from moeport.zoo.families import StorageField
 
 
 class ModelConfig:
-    def __init__(self, raw: dict[str, Any]):
+    def __init__(self, raw: dict[str, Any], text_path: str = ""):
+        """`text_path`: the dotted path of the text config to read facts from; '' finds it
+        (`text_config`, else the only sub-config's `text_config`)."""
         self.raw = raw
-        text = raw.get("text_config")
+        self.text_path = text_path or _text_path(raw)
+        text = nested(raw, self.text_path) if self.text_path else None
         self.text: dict[str, Any] = text if isinstance(text, dict) else {}
+
+    def at(self, text_path: str) -> ModelConfig:
+        """The same config.json read with the text config at `text_path` ('' : the default one)."""
+        return ModelConfig(self.raw, text_path)
 
     @property
     def model_types(self) -> list[str]:
@@ -49,6 +57,27 @@ class ModelConfig:
                     raise MoeportError(f"config.json: '{name}' is {value!r}, expected a whole number")
                 return int(value)
         return None
+
+
+def nested(raw: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of sub-config keys ('thinker_config.text_config'), else None."""
+    value: Any = raw
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _text_path(raw: dict[str, Any]) -> str:
+    """`text_config`, else the one sub-config's `text_config` where only one has one (a wrapper
+    of several, Qwen3-Omni's thinker and talker, says which in its family: Family.config)."""
+    if isinstance(raw.get("text_config"), dict):
+        return "text_config"
+    nested = [
+        f"{key}.text_config"
+        for key, value in raw.items()
+        if key.endswith("_config") and isinstance(value, dict) and isinstance(value.get("text_config"), dict)
+    ]
+    return nested[0] if len(nested) == 1 else ""
 
 
 def rewrite_storage_fields(cfg: dict[str, Any], fields: tuple[StorageField, ...], codec: str) -> None:

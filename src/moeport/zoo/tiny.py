@@ -78,6 +78,14 @@ VISION = dict(
 def sub_configs(model_type: str, hidden: int) -> dict[str, Any]:
     """Tiny sub-configs and projector sizes of the multimodal configs VISION does not reach (a SAM
     + CLIP pair, an audio encoder): at transformers' defaults they hold hundreds of millions of weights."""
+    if model_type == "qwen3_omni_moe":  # its speech decoder (codec embeddings, ConvNet)
+        code2wav = dict(codebook_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=2)
+        code2wav.update(intermediate_size=64, num_hidden_layers=1, num_quantizers=4, decoder_dim=32)
+        return {"code2wav_config": code2wav}
+    if model_type == "Qwen3OmniMoeTalkerConfig":  # its code predictor, fed the thinker's hidden states
+        predictor = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+        predictor.update(num_attention_heads=2, num_key_value_heads=2, head_dim=16, num_code_groups=4)
+        return {"code_predictor_config": predictor, "num_code_groups": 4, "thinker_hidden_size": hidden}
     if model_type == "minimax_m3_vl":
         return {"projector_hidden_size": hidden}
     if model_type == "qwen3_omni_moe_thinker":
@@ -186,6 +194,8 @@ def _call(cls: type, text: dict[str, Any], small: bool) -> dict[str, Any]:
             out[key] = {**text, **_tied_vocab(sub, text), **_own(sub.model_type or sub.__name__, text)}
         elif isinstance(sub, type) and _is_wrapper(sub):
             out[key] = _call(sub, text, small)
+            if small:  # a nested wrapper's own tiny towers (Qwen3-Omni's thinker and talker)
+                out[key].update(sub_configs(sub.model_type or sub.__name__, text["hidden_size"]))
         elif small and key in _default_towers(cls):
             out[key] = dict(VISION)
     return out

@@ -1,0 +1,143 @@
+"""Several expert stacks in one checkpoint (detect/stacks.py): Qwen3-Omni's thinker and talker,
+saved by transformers' own classes, with different sizes in each stack as in the real checkpoints
+(thinker H=2048, talker H=1024 on the Hub; here 64 and 32, 4 and 6 experts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import load_tensors
+from rich.console import Console
+from safetensors.torch import save_file
+
+from moeport.cli.convert import RunFlags, run_convert
+from moeport.detect import detect
+from moeport.detect.layout import LayerNaming
+from moeport.errors import MoeportError
+from moeport.recipes import Options
+from moeport.sources import open_checkpoint
+from moeport.verify.run import verify
+from moeport.zoo.model_config import ModelConfig
+from moeport.zoo.tiny import build_model, text_overrides, tiny_config
+
+
+def _convert(src: Path, dst: Path, to: str, **options) -> Path:
+    run_convert(src, dst, to, Options(**options), RunFlags(False, True, True), Console(quiet=True))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory) -> Path:
+    """A tiny Qwen3-Omni (thinker, talker, code2wav) whose talker has its own sizes, seeded."""
+    config = tiny_config("qwen3_omni_moe", text_overrides())
+    talker = config.talker_config.text_config
+    talker.hidden_size, talker.moe_intermediate_size, talker.num_experts = 32, 24, 6
+    talker.shared_expert_intermediate_size = 24
+    torch.manual_seed(0)
+    model = build_model(config, "cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    out = tmp_path_factory.mktemp("omni") / "src"
+    model.save_pretrained(out)
+    return out
+
+
+def test_thinker_and_talker_are_stacks_numbered_after_each_other(omni: Path) -> None:
+    raw = json.loads((omni / "config.json").read_text())
+    cfg = ModelConfig(raw).at("thinker_config.text_config")  # a nested text config, read
+    assert (
+        cfg.first_int(("num_experts",)) == 4
+        and cfg.at("talker_config.text_config").first_int(("hidden_size",)) == 32
+    )
+    assert ModelConfig(raw).text_path == ""  # two sub-configs with a text config: the family says which
+    with open_checkpoint(omni) as ck:
+        det = detect(ck)
+        keys = ck.keys()
+    naming = det.naming
+    assert naming.main == "thinker.model.layers.{L}." and naming.stacks == (("talker.model.layers.{L}.", 2),)
+    assert det.moe_layers == [0, 1, 2, 3] and not det.mtp_layers and not det.dense_layers
+    assert det.layer_experts == {0: 4, 1: 4, 2: 6, 3: 6} and det.experts_in(3) == 6
+    assert det.experts_per_layer == 4 and det.hidden_size == 64  # the main stack's
+    thinker, talker = det.stacks
+    assert (thinker.config, thinker.hidden_size, thinker.expert_intermediate_size) == (
+        "thinker_config.text_config",
+        64,
+        48,
+    )
+    assert (talker.prefix, talker.layers, talker.experts) == ("talker.model.layers.{L}.", (2, 3), 6)
+    assert (talker.config, talker.hidden_size, talker.expert_intermediate_size) == (
+        "talker_config.text_config",
+        32,
+        24,
+    )
+    assert naming.split("talker.model.layers.1.mlp.gate.weight") == (3, "mlp.gate.weight")
+    assert (
+        naming.prefix(3) == "talker.model.layers.1." and naming.stack_of(3) == 1 and naming.stack_of(1) == 0
+    )
+    # the talker's code predictor and code2wav have layers too, but no experts: other tensors
+    assert naming.layer_of("talker.code_predictor.model.layers.0.mlp.up_proj.weight") is None
+    assert any(k.startswith("code2wav.") for k in keys)
+    assert not det.warnings
+
+
+def test_stacks_of_different_sizes_round_trip_and_quantize(omni: Path, tmp_path: Path) -> None:
+    """hub -> fused -> hub bit for bit, each stack with its own expert count; w4a16 verifies."""
+    fused = load_tensors(_convert(omni, tmp_path / "fused", "hf", layout="fused"))
+    assert fused["talker.model.layers.1.mlp.experts.gate_up_proj"].shape == (6, 48, 32)
+    assert fused["thinker.model.language_model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 96, 64)
+    back = load_tensors(_convert(tmp_path / "fused", tmp_path / "back", "hf", layout="hub"))
+    src = load_tensors(omni)
+    assert sorted(back) == sorted(src) and all(torch.equal(back[k], v) for k, v in src.items())
+    w4 = _convert(omni, tmp_path / "w4a16", "w4a16", group_size=8)
+    assert "talker.model.layers.1.mlp.experts.5.down_proj.weight_packed" in load_tensors(w4)
+    assert verify(omni, w4).ok
+
+
+def test_a_stack_in_another_layout_is_refused(omni: Path, tmp_path: Path) -> None:
+    """Per-expert thinker, fused talker: one checkpoint holds one expert layout."""
+    fused = load_tensors(_convert(omni, tmp_path / "fused", "hf", layout="fused"))
+    mixed = {k: v for k, v in load_tensors(omni).items() if not k.startswith("talker.model.layers.")}
+    mixed |= {k: v for k, v in fused.items() if k.startswith("talker.model.layers.")}
+    (tmp_path / "mixed").mkdir()
+    save_file(mixed, str(tmp_path / "mixed" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(omni / "config.json", tmp_path / "mixed" / "config.json")
+    with open_checkpoint(tmp_path / "mixed") as ck, pytest.raises(MoeportError, match="one expert layout"):
+        detect(ck)
+
+
+def test_a_stack_contradicting_its_own_config_is_refused(omni: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(omni, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    raw["talker_config"]["text_config"]["num_experts"] = 5
+    (bad / "config.json").write_text(json.dumps(raw))
+    with (
+        open_checkpoint(bad) as ck,
+        pytest.raises(MoeportError, match=r"talker_config\.text_config.* hold 6"),
+    ):
+        detect(ck)
+
+
+def test_layer_naming_numbers_each_stack_after_the_storages_before_it() -> None:
+    naming = LayerNaming("model.layers.{L}.", "mtp.layers.{L}.", 4)
+    grown = naming.with_stacks(
+        ["encoder.layers.{L}.", "decoder.layers.{L}."],
+        {"model.layers.{L}.": 4, "mtp.layers.{L}.": 1, "encoder.layers.{L}.": 3},
+    )
+    assert grown.stacks == (("encoder.layers.{L}.", 5), ("decoder.layers.{L}.", 8))
+    assert [grown.prefix(L) for L in (3, 4, 5, 7, 8)] == [
+        "model.layers.3.",
+        "mtp.layers.0.",
+        "encoder.layers.0.",
+        "encoder.layers.2.",
+        "decoder.layers.0.",
+    ]
+    assert grown.split("decoder.layers.2.mlp.gate.weight") == (10, "mlp.gate.weight")
+    assert [grown.stack_of(L) for L in (0, 4, 5, 9)] == [0, 0, 1, 2]
+    assert naming.with_stacks([], {}) == naming  # no stacks: the single-stack naming unchanged
