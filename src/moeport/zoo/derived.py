@@ -19,7 +19,7 @@ from typing import Any
 from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
-from moeport.zoo.derived_modules import module_experts
+from moeport.zoo.derived_modules import module_experts, module_stacks, saved_heads
 from moeport.zoo.derived_renames import carried_names, segment_renames
 from moeport.zoo.derived_stacks import stacks_of
 from moeport.zoo.families import ConfigFields, ExpertLayout, Family, family_for_model_type
@@ -78,7 +78,9 @@ def _derive_or_raise(model_type: str) -> Family:
         linear = ExpertLayout("per-expert", hub.block, names)
     prefixes = tuple(dict.fromkeys((hub_prefix + "{L}.", fused["prefix"] + "{L}.")))
     stacks, config_at = (), ""
-    if fused.get("stacks"):  # more expert stacks under other layer prefixes (Qwen3-Omni's talker)
+    if "templates" in fused:  # expert modules: the encoder's, the decoder's (zoo/derived_modules.py)
+        prefixes, stacks = module_stacks(fused, saved_heads(config))
+    elif fused.get("stacks"):  # more expert stacks under other layer prefixes (Qwen3-Omni's talker)
         _, stacks, config_at = stacks_of(
             model, state, hub_state, fused["prefix"], fused["stacks"], set(fused_keys)
         )
