@@ -97,6 +97,7 @@ def test_conditional_generation_saves_convert_with_both_stacks(
         det = detect(ck)
         assert expert in ck.keys()
     assert [s.experts for s in det.stacks] == [EXPERTS, EXPERTS] and det.moe_layers == [1, 3]
+    assert det.hidden_size == 64 and det.num_layers == 2  # config.json's `d_model`, the encoder's depth
     assert expert.replace(".1.", ".{L}.", 1).startswith(det.stacks[1].prefix)  # the decoder's stack
     _assert_identical(load_tensors(src), load_tensors(_convert(src, tmp_path / "hub", "hf", layout="hub")))
     out = _convert(src, tmp_path / "w4a16", "w4a16", group_size=16)

@@ -94,7 +94,9 @@ def _derive_or_raise(model_type: str) -> Family:
         router=router,
         router_bias=bias,
         shared_expert=shared,
-        fields=_fields(model_type, _declared(text), fused["intermediate"], fused["hidden"], hidden),
+        fields=_fields(
+            model_type, _declared(text), fused["intermediate"], fused["hidden"], hidden, _stored_as(text)
+        ),
         fused_renames=renames,
         linear=linear,
         stacks=stacks,
@@ -194,10 +196,23 @@ def _declared(text) -> dict[str, Any]:
     return values | {alias: values[name] for alias, name in aliases.items() if name in values}
 
 
+def _stored_as(text) -> dict[str, str]:
+    """The names config.json stores facts under where the config class reads them by an alias
+    (`attribute_map`: Switch's and NLLB-MoE's `hidden_size` is `d_model`, the layer count
+    `num_layers` / `encoder_layers`)."""
+    return dict(getattr(type(text), "attribute_map", None) or {})
+
+
 def _fields(
-    model_type: str, text: dict[str, Any], inter: int, expert_hidden: int, hidden: int
+    model_type: str,
+    text: dict[str, Any],
+    inter: int,
+    expert_hidden: int,
+    hidden: int,
+    stored_as: dict[str, str] | None = None,
 ) -> ConfigFields:
-    """Config names of the facts, found by the values the tiny config was given."""
+    """Config names of the facts, found by the values the tiny config was given; `stored_as`:
+    the config class's aliases, applied to the default names of the model's size and depth."""
 
     def named(value: int, words: Iterable[str], avoid: Iterable[str] = ("shared",)) -> tuple[str, ...]:
         return tuple(
@@ -223,5 +238,6 @@ def _fields(
         shared_experts=declared(defaults.shared_experts),
         # the experts' own hidden size where it is not the model's (MuseSpark's `moe_hidden_size`)
         hidden_size=(named(expert_hidden, ("hidden",)) if expert_hidden != hidden else ())
-        or defaults.hidden_size,
+        or tuple((stored_as or {}).get(n, n) for n in defaults.hidden_size),
+        num_layers=tuple((stored_as or {}).get(n, n) for n in defaults.num_layers),
     )
