@@ -132,3 +132,19 @@ def test_transformers_reads_our_nllb_moe_w4a16(tmp_path: Path) -> None:
         err = (loaded[name].weight - module.weight).norm() / module.weight.norm()
         assert 0 < err < 0.15, (name, err)
         assert torch.equal(loaded[name].bias, module.bias), name
+
+
+def test_calibrated_gptq_refuses_an_encoder_decoder_in_one_line(tmp_path: Path) -> None:
+    """`--method gptq` walks a decoder-only model's layers: an encoder-decoder is refused before any
+    work, in one line saying why (RTN's `--to w4a16` is the way, above)."""
+    import json
+
+    from moeport.errors import MoeportError
+
+    src = _save_tiny("switch_transformers", tmp_path / "src")
+    calibration = tmp_path / "ids.json"
+    calibration.write_text(json.dumps([[5 + (i * 7 + j) % 150 for j in range(16)] for i in range(2)]))
+    with pytest.raises(MoeportError, match="is an encoder-decoder; calibration walks") as refused:
+        options = dict(method="gptq", calibration=str(calibration), samples=2, seq_len=16)
+        _convert(src, tmp_path / "gptq", "w4a16", group_size=16, **options)
+    assert "\n" not in str(refused.value) and not (tmp_path / "gptq").exists()
