@@ -1,6 +1,6 @@
 """Several expert stacks in one checkpoint (detect/stacks.py): Qwen3-Omni's thinker and talker,
 saved by transformers' own classes, with different sizes in each stack as in the real checkpoints
-(thinker H=2048, talker H=1024 on the Hub; here 64 and 32, 4 and 6 experts)."""
+(thinker H=2048, talker H=1024 on the Hub; here 256 and 128, 4 and 6 experts: sizes kt takes)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from moeport.detect import detect
 from moeport.detect.layout import LayerNaming
 from moeport.errors import MoeportError
 from moeport.recipes import Options
+from moeport.report import inspect_report
 from moeport.sources import open_checkpoint
 from moeport.verify.run import verify
 from moeport.zoo.model_config import ModelConfig
@@ -30,13 +31,20 @@ def _convert(src: Path, dst: Path, to: str, **options) -> Path:
     return dst
 
 
+def _summary(src: Path, dst: Path, to: str, capsys, **options) -> dict:
+    """convert --json's summary of a finished run (its notes)."""
+    flags = RunFlags(overwrite=True, quiet=True, as_json=True)
+    run_convert(src, dst, to, Options(**options), flags, Console(quiet=True))
+    return json.loads(capsys.readouterr().out)
+
+
 @pytest.fixture(scope="module")
 def omni(tmp_path_factory) -> Path:
     """A tiny Qwen3-Omni (thinker, talker, code2wav) whose talker has its own sizes, seeded."""
-    config = tiny_config("qwen3_omni_moe", text_overrides())
+    config = tiny_config("qwen3_omni_moe", text_overrides(hidden=256, inter=256, dense=256))
     talker = config.talker_config.text_config
-    talker.hidden_size, talker.moe_intermediate_size, talker.num_experts = 32, 24, 6
-    talker.shared_expert_intermediate_size = 24
+    talker.hidden_size, talker.moe_intermediate_size, talker.num_experts = 128, 128, 6
+    talker.shared_expert_intermediate_size = 128
     torch.manual_seed(0)
     model = build_model(config, "cpu").to(torch.bfloat16)
     with torch.no_grad():
@@ -53,7 +61,7 @@ def test_thinker_and_talker_are_stacks_numbered_after_each_other(omni: Path) -> 
     cfg = ModelConfig(raw).at("thinker_config.text_config")  # a nested text config, read
     assert (
         cfg.first_int(("num_experts",)) == 4
-        and cfg.at("talker_config.text_config").first_int(("hidden_size",)) == 32
+        and cfg.at("talker_config.text_config").first_int(("hidden_size",)) == 128
     )
     assert ModelConfig(raw).text_path == ""  # two sub-configs with a text config: the family says which
     with open_checkpoint(omni) as ck:
@@ -63,18 +71,18 @@ def test_thinker_and_talker_are_stacks_numbered_after_each_other(omni: Path) -> 
     assert naming.main == "thinker.model.layers.{L}." and naming.stacks == (("talker.model.layers.{L}.", 2),)
     assert det.moe_layers == [0, 1, 2, 3] and not det.mtp_layers and not det.dense_layers
     assert det.layer_experts == {0: 4, 1: 4, 2: 6, 3: 6} and det.experts_in(3) == 6
-    assert det.experts_per_layer == 4 and det.hidden_size == 64  # the main stack's
+    assert det.experts_per_layer == 4 and det.hidden_size == 256  # the main stack's
     thinker, talker = det.stacks
     assert (thinker.config, thinker.hidden_size, thinker.expert_intermediate_size) == (
         "thinker_config.text_config",
-        64,
-        48,
+        256,
+        256,
     )
     assert (talker.prefix, talker.layers, talker.experts) == ("talker.model.layers.{L}.", (2, 3), 6)
     assert (talker.config, talker.hidden_size, talker.expert_intermediate_size) == (
         "talker_config.text_config",
-        32,
-        24,
+        128,
+        128,
     )
     assert naming.split("talker.model.layers.1.mlp.gate.weight") == (3, "mlp.gate.weight")
     assert (
@@ -84,19 +92,63 @@ def test_thinker_and_talker_are_stacks_numbered_after_each_other(omni: Path) -> 
     assert naming.layer_of("talker.code_predictor.model.layers.0.mlp.up_proj.weight") is None
     assert any(k.startswith("code2wav.") for k in keys)
     assert not det.warnings
+    stacks = inspect_report(omni, det)["stacks"]  # `inspect` lists each stack with its own sizes
+    assert [(st["prefix"], st["experts"], st["hidden_size"]) for st in stacks] == [
+        ("thinker.model.layers.{L}.", 4, 256),
+        ("talker.model.layers.{L}.", 6, 128),
+    ]
 
 
 def test_stacks_of_different_sizes_round_trip_and_quantize(omni: Path, tmp_path: Path) -> None:
     """hub -> fused -> hub bit for bit, each stack with its own expert count; w4a16 verifies."""
     fused = load_tensors(_convert(omni, tmp_path / "fused", "hf", layout="fused"))
-    assert fused["talker.model.layers.1.mlp.experts.gate_up_proj"].shape == (6, 48, 32)
-    assert fused["thinker.model.language_model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 96, 64)
+    assert fused["talker.model.layers.1.mlp.experts.gate_up_proj"].shape == (6, 256, 128)
+    assert fused["thinker.model.language_model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 512, 256)
     back = load_tensors(_convert(tmp_path / "fused", tmp_path / "back", "hf", layout="hub"))
     src = load_tensors(omni)
     assert sorted(back) == sorted(src) and all(torch.equal(back[k], v) for k, v in src.items())
-    w4 = _convert(omni, tmp_path / "w4a16", "w4a16", group_size=8)
+    w4 = _convert(omni, tmp_path / "w4a16", "w4a16", group_size=32)
     assert "talker.model.layers.1.mlp.experts.5.down_proj.weight_packed" in load_tensors(w4)
     assert verify(omni, w4).ok
+
+
+@pytest.mark.parametrize("kt_layout", ["merged", "folders"])
+def test_kt_converts_the_main_stack_and_says_which(
+    omni: Path, tmp_path: Path, capsys, kt_layout: str
+) -> None:
+    """kt's layout has one expert size: the thinker's experts become kt's, the talker's (another
+    size) stay as stored in the merged form, the run says so in one note, and verify passes."""
+    out = tmp_path / "kt"
+    # the files do not depend on the CPU (no kt-kernel runs here): --kt-any-cpu where AVX-512 lacks
+    notes = _summary(omni, out, "kt-int4", capsys, numa=1, kt_layout=kt_layout, kt_any_cpu=True)["notes"]
+    said = [
+        n for n in notes if n.startswith("kt: converted the experts of 2 layers (H=256, I=256, 4 experts")
+    ]
+    assert len(said) == 1 and "'talker.model.layers.{L}.' have other sizes" in said[0], notes
+    if kt_layout == "merged":
+        stored, src = load_tensors(out), load_tensors(omni)
+        name = "talker.model.layers.1.mlp.experts.5.up_proj.weight"
+        assert torch.equal(stored[name], src[name])
+        assert not any(k.startswith("thinker.model.layers.1.mlp.experts.") for k in stored)
+    assert verify(omni, out).ok
+
+
+def test_gptq_of_several_stacks_is_refused_before_any_work(omni: Path, tmp_path: Path) -> None:
+    """Calibration runs one decoder's hidden states through its layers: one line, no output."""
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([list(range(3, 19))]))
+    with pytest.raises(MoeportError, match="several expert stacks .*leave out --method gptq"):
+        _convert(
+            omni,
+            tmp_path / "gptq",
+            "w4a16",
+            group_size=32,
+            method="gptq",
+            calibration=str(ids),
+            samples=1,
+            seq_len=8,
+        )
+    assert not (tmp_path / "gptq").exists()
 
 
 def test_a_stack_in_another_layout_is_refused(omni: Path, tmp_path: Path) -> None:

@@ -86,6 +86,7 @@ def _load(path: Path):
 
 def _logits(model) -> torch.Tensor:
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)  # DiffusionGemma's forward draws its noise from torch's global generator
     # an encoder-decoder (Switch, NLLB-MoE) runs its decoder on the same ids
     decoder = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
     with torch.no_grad():

@@ -134,17 +134,31 @@ def test_transformers_reads_our_nllb_moe_w4a16(tmp_path: Path) -> None:
         assert torch.equal(loaded[name].bias, module.bias), name
 
 
-def test_calibrated_gptq_refuses_an_encoder_decoder_in_one_line(tmp_path: Path) -> None:
-    """`--method gptq` walks a decoder-only model's layers: an encoder-decoder is refused before any
-    work, in one line saying why (RTN's `--to w4a16` is the way, above)."""
+def test_experts_in_the_encoder_only_and_gptq_refuses_an_encoder_decoder(tmp_path: Path) -> None:
+    """NLLB-MoE with a dense decoder (`decoder_sparse_step` 0): one stack, the encoder's, found and
+    quantized; `--method gptq` walks a decoder-only model's layers, so it refuses an encoder-decoder
+    before any work, in one line (RTN's `--to w4a16` is the way)."""
     import json
+
+    from transformers import NllbMoeConfig, NllbMoeModel
 
     from moeport.errors import MoeportError
 
-    src = _save_tiny("switch_transformers", tmp_path / "src")
+    config = NllbMoeConfig(**{**tiny_config("nllb-moe").to_dict(), "decoder_sparse_step": 0})
+    model = NllbMoeModel(config).to(torch.bfloat16)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+    assert det.moe_layers == [1] and not det.naming.stacks and len(det.stacks) == 1
+    assert verify(src, _convert(src, tmp_path / "w4a16", "w4a16", group_size=16)).ok
     calibration = tmp_path / "ids.json"
     calibration.write_text(json.dumps([[5 + (i * 7 + j) % 150 for j in range(16)] for i in range(2)]))
+    options = dict(method="gptq", calibration=str(calibration), samples=2, seq_len=16)
     with pytest.raises(MoeportError, match="is an encoder-decoder; calibration walks") as refused:
-        options = dict(method="gptq", calibration=str(calibration), samples=2, seq_len=16)
         _convert(src, tmp_path / "gptq", "w4a16", group_size=16, **options)
     assert "\n" not in str(refused.value) and not (tmp_path / "gptq").exists()

@@ -78,6 +78,20 @@ def inspect_report(path: Path, d: Detection, recipe: dict[str, Any] | None = Non
         },
         "warnings": d.warnings,
         "written_by": written_by(recipe or {}),
+        # every stack of layers with experts (Qwen3-Omni: thinker, talker), each with its own sizes
+        "stacks": [
+            {
+                "prefix": st.prefix,
+                "layers": list(st.layers),
+                "config": st.config,
+                "experts": st.experts,
+                "hidden_size": st.hidden_size,
+                "intermediate_size": st.expert_intermediate_size,
+            }
+            for st in d.stacks
+        ]
+        if len(d.stacks) > 1
+        else [],
     }
 
 

@@ -31,6 +31,12 @@ class FamilyModel:
         from moeport.recipes.hf import build_hf  # recipes build on the plan; deferred: no cycle
 
         self.ck, self.det, self.device = ck, det, device
+        if det.naming.stacks:  # calibration feeds one decoder's hidden states through its layers
+            where = ", ".join(f"'{p}'" for p in [det.naming.main, *(p for p, _ in det.naming.stacks)])
+            raise MoeportError(
+                f"--method gptq: {ck.root} holds several expert stacks ({where}) and calibration runs one "
+                "decoder's layers; quantize with RTN (leave out --method gptq)"
+            )
         try:
             cfg = AutoConfig.from_pretrained(ck.root, local_files_only=True).get_text_config()
         except (OSError, ValueError, KeyError) as exc:

@@ -54,6 +54,15 @@ def print_inspect(out: Console, r: dict) -> None:
         f"{ex['per_layer']} routed, {ex['per_token']} per token, {ex['shared']} shared; "
         f"hidden {ex['hidden_size']}, expert intermediate {ex['intermediate_size']}",
     )
+    for st in r.get("stacks", []):  # several stacks: each with its own layers and sizes
+        t.add_row(
+            "stack",
+            escape(
+                f"{st['prefix']}: layers {ranges(st['layers'])}, {st['experts']} routed; hidden "
+                f"{st['hidden_size']}, expert intermediate {st['intermediate_size']} "
+                f"({st['config'] or 'config.json'})"
+            ),
+        )
     t.add_row("layout", ex["layout"] + (" (gate/up interleaved)" if ex["gate_up_interleaved"] else ""))
     fmt = r["expert_format"]
     t.add_row("expert format", fmt["name"] + "".join(f", {k}={v}" for k, v in fmt.items() if k != "name"))

@@ -10,9 +10,16 @@ per stack from its own config, and said per stack in `StackFacts`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from moeport.detect.layout import LayerExperts, LayerNaming, match_layout, storage_counts
+from moeport.detect.layout import (
+    LayerExperts,
+    LayerNaming,
+    layer_prefix_pattern,
+    match_layout,
+    storage_counts,
+)
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.families import ExpertLayout, Family
@@ -39,42 +46,60 @@ def stack_configs(family: Family, cfg: ModelConfig) -> list[ModelConfig]:
     return [main] + [cfg.at(s.config) if s.config else main for s in family.stacks]
 
 
-def find_stacks(
-    ck: Checkpoint, family: Family, naming: LayerNaming, layout: ExpertLayout, main_layers: int | None
-) -> tuple[LayerNaming, dict[int, LayerExperts], list[ModelConfig]]:
-    """`naming` with each of the family's further stacks whose experts the keys hold, the experts of
-    those stacks by global layer number, and the config of each stack in naming (main first).
-    A stack stored in another expert layout than the main one is refused."""
-    cfgs = stack_configs(family, ModelConfig(ck.config or {}))
-    keys = ck.keys()
+def with_family_stacks(
+    keys: list[str], family: Family, naming: LayerNaming, main_layers: int | None, config: dict | None
+) -> tuple[LayerNaming, list[ModelConfig]]:
+    """`naming` with each of the family's further stacks that has a router under one of its
+    prefixes (the first such prefix: a stack with MoE layers, not the encoder of DiffusionGemma,
+    whose only own tensors are buffers, its weights being the decoder's), numbered after the layers
+    before it, and the config of every stack in the result (main first). Routers are in every
+    output (kt keeps them), so the same numbering comes out wherever it runs."""
+    cfgs = stack_configs(family, ModelConfig(config or {}))
     found: list[str] = []
     used: list[ModelConfig] = [cfgs[0]]
     for stack, scfg in zip(family.stacks, cfgs[1:], strict=True):
         for prefix in stack.prefixes:
-            if match_layout(keys, layout, prefix) is not None:
+            regex = re.compile("^" + layer_prefix_pattern(prefix) + f"(?:{_routers(family)})$")
+            if any(regex.match(k) for k in keys):
                 found.append(prefix)
                 used.append(scfg)
                 break
-            other = next((lay for lay in family.layouts if match_layout(keys, lay, prefix)), None)
-            if other is not None:
-                raise MoeportError(
-                    f"{ck.root}: experts under '{prefix}' are {other.kind}, those under "
-                    f"'{naming.main}' {layout.kind}; one checkpoint holds one expert layout"
-                )
     if not found:
-        return naming, {}, used
+        return naming, used
     counts = storage_counts(keys, [naming.main, *([naming.mtp] if naming.mtp else []), *found])
     if main_layers is not None:
         counts[naming.main] = max(counts[naming.main], main_layers)
     for prefix, scfg in zip(found, used[1:], strict=True):  # a stack's trailing dense layers count too
-        declared = scfg.first_int(family.fields.num_layers)
-        counts[prefix] = max(counts[prefix], declared or 0)
-    naming = naming.with_stacks(found, counts)
+        counts[prefix] = max(counts[prefix], scfg.first_int(family.fields.num_layers) or 0)
+    return naming.with_stacks(found, counts), used
+
+
+def _routers(family: Family) -> str:
+    blocks = {layout.block_prefix for layout in family.layouts}
+    return "|".join(re.escape(b + r) for b in blocks for r in family.router)
+
+
+def find_stacks(
+    ck: Checkpoint, family: Family, naming: LayerNaming, layout: ExpertLayout, main_layers: int | None
+) -> tuple[LayerNaming, dict[int, LayerExperts], list[ModelConfig]]:
+    """`naming` with the family's further stacks found in the keys, the experts of those stacks by
+    global layer number, and the config of each stack in naming (main first). A stack stored in
+    another expert layout than the main one is refused."""
+    keys = ck.keys()
+    grown, cfgs = with_family_stacks(keys, family, naming, main_layers, ck.config)
     experts: dict[int, LayerExperts] = {}
-    for prefix, first in naming.stacks[-len(found) :]:
+    for prefix, first in grown.stacks[len(naming.stacks) :]:
         match = match_layout(keys, layout, prefix)
+        other = next(
+            (lay for lay in family.layouts if lay != layout and match_layout(keys, lay, prefix)), None
+        )
+        if other is not None:
+            raise MoeportError(
+                f"{ck.root}: experts under '{prefix}' are {other.kind}, those under "
+                f"'{naming.main}' {layout.kind}; one checkpoint holds one expert layout"
+            )
         experts.update({first + L: le for L, le in (match.layers if match else {}).items()})
-    return naming, experts, used
+    return grown, experts, cfgs
 
 
 def stack_facts(

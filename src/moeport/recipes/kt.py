@@ -22,7 +22,7 @@ from moeport.mappings.ops import Chain, Copy, Op, Split, Unstack
 from moeport.mappings.rules import ROWS, VECTOR
 from moeport.recipes.base import Options, Target
 from moeport.recipes.kt_cpu import check_cpu, host_flags
-from moeport.recipes.kt_shapes import expert_shape
+from moeport.recipes.kt_shapes import expert_shape, one_size
 from moeport.recipes.provenance import source_name
 from moeport.sinks.kt import KtFoldersSink, KtMergedSink
 from moeport.sinks.kt_layout import LAYOUT_VERSION, KtLayout, KtSlot
@@ -60,7 +60,6 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
     fused = layout.kind == "fused"
     layers: dict[int, tuple[Groups, int]] = {}
     shapes: dict[int, tuple[int, int]] = {}
-    converted: set[str] = set()
     for number in sorted(set(det.moe_layers) | {L for L in det.mtp_layers if L in found_layers}):
         found = found_layers[number]
         groups: Groups = {}
@@ -69,12 +68,15 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             if bias:
                 raise MoeportError(f"{group[bias[0]]}: kt-kernel AMX experts have no bias term")
             groups[(e, role_of[proj])] = active_parts(group)
-        experts = _fused_experts(ck, groups) if fused else det.experts_per_layer
+        experts = _fused_experts(ck, groups) if fused else det.experts_in(number)
         shapes[number] = expert_shape(ck, number, groups, experts, det.expert_format, fused)
         layers[number] = (groups, experts)
-        converted.update(found.keys)
     if not layers:
         raise MoeportError(f"{ck.root}: no MoE layers to convert")
+    kept, stack_note = one_size(det, {L: (*shapes[L], layers[L][1]) for L in layers})
+    layers = {L: layers[L] for L in kept}
+    shapes = {L: shapes[L] for L in kept}
+    converted = {k for L in kept for k in found_layers[L].keys}
     first = next(iter(layers))
     hidden, inter = shapes[first]
     for number, hi in shapes.items():
@@ -110,6 +112,8 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
         f"{det.family.title} ({fmt.name}, {layout.kind}) -> {kt.method} T={kt.tp} {opts.kt_layout}: "
         f"{len(kt.layers)} MoE layers x {kt.experts} experts, H={hidden} I={inter}"
     )
+    if stack_note:
+        plan.notes.append(stack_note)
     if others and opts.kt_layout == "folders":
         plan.notes.append(f"{len(others)} non-expert tensors not copied: kt's folder form holds experts only")
     return finalize(plan, ck), kt

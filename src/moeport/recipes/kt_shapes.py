@@ -7,6 +7,7 @@ kt-kernel's loader trusts shapes; a transposed fused gate_up [E, H, 2I] would lo
 from __future__ import annotations
 
 from moeport.convert.dequantize import decoded_shape
+from moeport.detect.detection import Detection
 from moeport.detect.formats import ExpertFormat
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
@@ -44,3 +45,23 @@ def expert_shape(
                 key = next(iter(groups[(e, role)].values()))
                 raise MoeportError(f"{key}: shape {list(got)}, expected {list(want)} (gate is {[i, h]})")
     return h, i
+
+
+def one_size(det: Detection, sizes: dict[int, tuple[int, int, int]]) -> tuple[list[int], str | None]:
+    """The MoE layers kt converts, and a note where it leaves some out. kt's layout has one
+    (hidden, intermediate, experts) for all its layers: where further expert stacks (Qwen3-Omni's
+    talker, H=1024 beside the thinker's 2048) have other sizes than the main stack, the main
+    stack's layers are converted and the other stacks' experts stay as they are stored (the GPU
+    side runs them); a main stack whose own layers differ is refused by the caller's checks."""
+    main = [L for L in sizes if det.naming.stack_of(L) == 0]
+    if not main or len({sizes[L] for L in sizes}) == 1:
+        return sorted(sizes), None
+    size = sizes[main[0]]
+    kept = sorted(L for L in sizes if det.naming.stack_of(L) == 0 or sizes[L] == size)
+    left = sorted({det.naming.stacks[det.naming.stack_of(L) - 1][0] for L in sizes if L not in kept})
+    h, i, e = size
+    return kept, (
+        f"kt: converted the experts of {len(kept)} layers (H={h}, I={i}, {e} experts: '{det.naming.main}'); "
+        f"those under {', '.join(repr(p) for p in left)} have other sizes and stay as stored (kt's layout "
+        "has one expert size)"
+    )

@@ -20,6 +20,7 @@ import torch
 from moeport.codecs.kt_amx import KtAmxCodec
 from moeport.convert.plan import Unit, run_unit
 from moeport.detect.layout import LayerNaming, find_naming
+from moeport.detect.stacks import with_family_stacks
 from moeport.errors import MoeportError
 from moeport.mappings.rename import IDENTITY, Rename
 from moeport.recipes.hf import canonical_other_tensors
@@ -80,8 +81,10 @@ def merged_layers(ck: Checkpoint, kt: KtLayout) -> Iterator[CanonicalLayer]:
     experts = kt.layer_of_keys()
     others = [k for k in ck.keys() if k not in experts]
     rename = _to_hub_names(family, others)
-    num_layers = ModelConfig(ck.config or {}).first_int(family.fields.num_layers)
+    cfg = ModelConfig(ck.config or {})
+    num_layers = (cfg.at(family.config) if family.config else cfg).first_int(family.fields.num_layers)
     naming = find_naming(others, _layer_prefix(family, others), family.mtp_prefixes, num_layers)
+    naming, _ = with_family_stacks(others, family, naming, num_layers, ck.config)  # Qwen3-Omni's talker
     by_layer: dict[int | None, list[str]] = defaultdict(list)
     for key in others:
         by_layer[naming.layer_of(key)].append(key)

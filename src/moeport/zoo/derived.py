@@ -54,9 +54,10 @@ def _derive_or_raise(model_type: str) -> Family:
     state = model.state_dict()
     text = config.get_text_config()
     hidden = int(text.hidden_size)
+    tied = frozenset(getattr(model, "all_tied_weights_keys", None) or ())  # not saved: another's weights
     hub_state = _revert(model, state)
     try:
-        fused, fused_keys = fused_experts(model_type, state, hidden)
+        fused, fused_keys = fused_experts(model_type, state, hidden, tied)
     except NotDerivable as why:  # no stacks: experts as separate modules (Switch, NLLB-MoE), or `why`
         fused, fused_keys = module_experts(model_type, state, hub_state, hidden, EXPERTS, why)
     if fused["layout"].kind == "per-expert":  # saved as held: the hub layout is the memory layout

@@ -69,7 +69,9 @@ def _orient(
     return flipped, (gate_up[2] if flipped else gate_up[1]) // 2
 
 
-def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, Any], list[str]]:
+def fused_experts(
+    model_type: str, state: dict, hidden: int, tied: frozenset[str] = frozenset()
+) -> tuple[dict[str, Any], list[str]]:
     """transformers' in-memory experts: one module path, gate_up and down stacks (transposed or
     not), biases beside them; the dict holds prefix, block ('mlp.' or ''), layout, experts,
     intermediate, the experts' hidden size and the MoE layers."""
@@ -99,7 +101,8 @@ def fused_experts(model_type: str, state: dict, hidden: int) -> tuple[dict[str, 
             why = f"experts are one 2-D parameter per role ('{flat[0]}' {shape}: [E * I, H], not [E, N, K])"
         raise NotDerivable(f"{model_type}: {why} in transformers' model, no fused expert stacks")
     try:  # one module under several layer prefixes: several stacks (zoo/derived_stacks.py)
-        (prefix, module), others = main_and_stacks(list(found))
+        tied_paths = {path for path, stacks in found.items() if {k for k, _, _ in stacks.values()} <= tied}
+        (prefix, module), others = main_and_stacks(list(found), tied_paths)
     except NotStacks as e:
         raise NotDerivable(f"{model_type}: {e}") from e
     stacks = found[(prefix, module)]

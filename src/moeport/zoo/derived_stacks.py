@@ -25,10 +25,15 @@ class NotStacks(MoeportError):
     """Experts under several module paths that are not several stacks of one layout (why)."""
 
 
-def main_and_stacks(paths: list[tuple[str, str]]) -> tuple[tuple[str, str], list[str]]:
+def main_and_stacks(
+    paths: list[tuple[str, str]], tied: set[tuple[str, str]] | None = None
+) -> tuple[tuple[str, str], list[str]]:
     """(main (prefix, module), the other stacks' layer prefixes) of the expert module paths found
-    in a model's state dict, in its order; NotStacks where they are not one module under
-    several layer prefixes."""
+    in a model's state dict, in its order, those `tied` to another stack's weights last
+    (DiffusionGemma's encoder shares its decoder's: transformers saves the decoder's, and that is
+    the stack a checkpoint holds); NotStacks where they are not one module under several prefixes."""
+    tied = tied or set()
+    paths = [p for p in paths if p not in tied] + [p for p in paths if p in tied]
     modules = {module for _, module in paths}
     prefixes = [prefix for prefix, _ in paths]
     if len(modules) != 1 or len(set(prefixes)) != len(prefixes):

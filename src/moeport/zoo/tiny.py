@@ -108,6 +108,9 @@ TEXT_EXTRAS: dict[str, dict[str, Any]] = {
     "kimi_linear": dict(linear_num_heads=2, linear_head_dim=16),  # its linear attention: 32 x 128
     "inkling_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8),
     "minimax_m3_vl": dict(shared_intermediate_size=48, dense_intermediate_size=80),
+    # DiffusionGemma builds its experts from `num_experts` but routes `top_k_experts`, default None
+    "diffusion_gemma": dict(top_k_experts=PER_TOKEN),
+    "diffusion_gemma_text": dict(top_k_experts=PER_TOKEN),
 }
 
 
