@@ -85,6 +85,10 @@ def _load(path: Path):
 
 
 def _logits(model) -> torch.Tensor:
+    if type(model).forward is torch.nn.Module.forward:  # a wrapper without a forward (Qwen3-Omni)
+        from transformers import PreTrainedModel
+
+        model = next(m for m in model.children() if isinstance(m, PreTrainedModel))  # its thinker
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)  # DiffusionGemma's forward draws its noise from torch's global generator
     # an encoder-decoder (Switch, NLLB-MoE) runs its decoder on the same ids

@@ -139,7 +139,8 @@ def _summary(family: Family) -> str:
         form = f"hub {hub.templates('')[0]}{' [E, H, 2I]' if hub.transposed else ''}"
     fused = "same as hub" if family.fused == hub else f"fused {family.fused.templates('')[0]}"
     renames = f", {len(family.fused_renames)} rename(s)" if family.fused_renames else ""
-    return f"{family.layer_prefixes[0]}: {form}; {fused}{renames}"
+    stacks = "".join(f" (and {st.prefixes[0]})" for st in family.stacks)  # Qwen3-Omni's talker
+    return f"{family.layer_prefixes[0]}{stacks}: {form}; {fused}{renames}"
 
 
 def all_support() -> list[Support]:
