@@ -32,9 +32,9 @@ def test_families_lists_every_moe_model_type_with_how_it_is_supported() -> None:
     assert "block_sparse_moe.experts.{E}.w1/w3/w2" in rows["mixtral"]["detail"]
     assert rows["hunyuan_v1_moe"]["support"] == "derived"
     assert "mlp.experts.{E}.gate_proj/up_proj/down_proj" in rows["hunyuan_v1_moe"]["detail"]
-    # transformers' SwitchTransformers keeps each expert as its own module: said, not guessed
-    assert rows["switch_transformers"]["support"] == "not"
-    assert "separate modules" in rows["switch_transformers"]["detail"]
+    # transformers' SwitchTransformers keeps each expert as its own module: derived as such
+    assert rows["switch_transformers"]["support"] == "derived"
+    assert "mlp.experts.expert_{E}.wi/wo" in rows["switch_transformers"]["detail"]
 
     # tiny configs transformers refused, or model classes not found, before: each now builds, and
     # is derived or says the structural reason derivation stops at

@@ -103,3 +103,28 @@ def test_interleaving_block_scaled_rows_is_refused_in_one_line() -> None:
     fmt = ExpertFormat("fp8-block", {"block": [16, 16], "scale": "weight_scale_inv"})
     with pytest.raises(MoeportError, match="interleaved fusing needs equal, unpacked row counts"):
         _relayout(values, fused, LayerNames(INKLING, "model.layers.0."), fmt)
+
+
+def test_per_expert_names_with_a_word_before_the_index() -> None:
+    """Switch / NLLB-MoE spell expert 3 `experts.expert_3.` (switch-base-8, nllb-moe-54b): the
+    layout's templates, its key regex and the per-expert names agree, biases are companions, and
+    plain numbered names are not taken for it; verify groups the experts as peers."""
+    from moeport.detect.layout import match_layout
+    from moeport.verify.flags import role
+
+    layout = ExpertLayout("per-expert", "ffn", {"up": "fc1", "down": "fc2"}, index_prefix="expert_")
+    assert layout.templates("encoder.layers.{L}.") == [
+        "encoder.layers.{L}.ffn.experts.expert_{E}.fc1.weight",
+        "encoder.layers.{L}.ffn.experts.expert_{E}.fc2.weight",
+    ]
+    names = LayerNames(layout, "encoder.layers.3.")
+    keys = [names.per_expert(e, r, p) for e in range(E) for r in layout.roles for p in ("weight", "bias")]
+    assert keys[:2] == [
+        "encoder.layers.3.ffn.experts.expert_0.fc1.weight",
+        "encoder.layers.3.ffn.experts.expert_0.fc1.bias",
+    ]
+    found = match_layout([*keys, "encoder.layers.3.ffn.experts.0.fc1.weight"], layout, "encoder.layers.{L}.")
+    assert found is not None and sorted(found.layers[3].keys) == sorted(keys)
+    assert found.layers[3].experts == set(range(E))
+    assert found.layers[3].parts[(2, "fc2")] == {"weight": keys[-2], "bias": keys[-1]}
+    assert role(keys[-1]) == "encoder.layers.*.ffn.experts.*.fc2.bias"

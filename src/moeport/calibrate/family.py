@@ -48,13 +48,17 @@ class FamilyModel:
         self.config = cfg
         if det.family.fused is None:
             raise MoeportError(f"--method gptq: {det.family.title} has no transformers (fused) layout to run")
+        if getattr(cfg, "is_encoder_decoder", False):  # Switch, NLLB-MoE: no causal-LM layer stack to walk
+            raise MoeportError(
+                f"--method gptq: {det.family.title} is an encoder-decoder; calibration walks the layers of "
+                "a decoder-only language model (leave out --method gptq for RTN)"
+            )
         try:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(cfg)
         except (ValueError, KeyError, TypeError) as exc:
-            raise MoeportError(
-                f"--method gptq: transformers cannot build {ck.root} ({str(exc).split('. ')[0]})"
-            ) from None
+            why = str(exc).splitlines()[0].split(". ")[0]  # its first sentence: one line
+            raise MoeportError(f"--method gptq: transformers cannot build {ck.root} ({why})") from None
         inner = model.get_decoder()
         self.layers: nn.ModuleList = inner.layers
         for layer in self.layers:

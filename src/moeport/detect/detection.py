@@ -349,7 +349,8 @@ def _templates(match: LayoutMatch, layer: int) -> list[str]:
             continue
         for key in sorted(parts.values()):
             name = match.layer_prefix + key[len(concrete_prefix) :]
-            out.append(name.replace(f".experts.0.{proj}.", f".experts.{{E}}.{proj}."))
+            index = match.layout.index_prefix  # `experts.expert_0.` (Switch, NLLB-MoE)
+            out.append(name.replace(f".{index}0.{proj}.", f".{index}{{E}}.{proj}."))
     return out
 
 

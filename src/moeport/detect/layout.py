@@ -143,7 +143,8 @@ def _expert_regex(layout: ExpertLayout, layer_prefix: str) -> re.Pattern[str]:
         )
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     if layout.kind == "per-expert":
-        tail = rf"(?P<E>\d+)\.(?P<proj>{projs})\.(?P<part>[A-Za-z0-9_]+)"
+        index = re.escape(layout.index_prefix)  # `experts.expert_3.` (Switch, NLLB-MoE)
+        tail = rf"{index}(?P<E>\d+)\.(?P<proj>{projs})\.(?P<part>[A-Za-z0-9_]+)"
     elif layout.dotted:  # module parameters: `input_linear.weight`, `input_linear.weight_scale`
         tail = rf"(?P<proj>{projs})\.(?P<part>[A-Za-z0-9_]+)"
     else:

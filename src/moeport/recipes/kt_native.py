@@ -69,7 +69,7 @@ class NativeMethod:
         wanted = " or ".join(
             f"'model.layers.{{L}}.{b}.experts.{{E}}.{g}/{u}/{d}'" for b, g, u, d in self.names
         )
-        found = f"{det.layer_prefix}{have[0]}.experts.{{E}}.{'/'.join(p or '?' for p in have[1:])}"
+        found = f"{det.layer_prefix}{hub.expert_base}{{E}}.{'/'.join(p or '?' for p in have[1:])}"
         raise MoeportError(
             f"--to {self.target}: kt-kernel's {self.method} loader reads experts named {wanted}; "
             f"{det.family.title} names them '{found}' (--to kt-int4 or kt-int8 write kt's own layout)"

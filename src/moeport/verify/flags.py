@@ -27,7 +27,7 @@ BLOCK_OUTLIER = 8.0  # a block this many times the tensor's median block error i
 # Errors at float32 rounding level in every block are a rounding difference (an NVFP4 global scale
 # stored as its reciprocal by the other flavour), not a bad scale: no outlier rule applies.
 ROUNDING = 1e-6
-_INDEX = re.compile(r"\.\d+(?=\.)")
+_INDEX = re.compile(r"\.(?:expert_)?\d+(?=\.)")  # `experts.expert_7.` too (Switch, NLLB-MoE)
 
 
 def role(name: str) -> str:

@@ -21,6 +21,7 @@ from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
 from moeport.zoo.derived_groups import hub_block_members
+from moeport.zoo.derived_modules import module_experts, module_stacks, saved_heads
 from moeport.zoo.derived_renames import carried_names, segment_renames, transformers_name
 from moeport.zoo.derived_stacks import stacks_of
 from moeport.zoo.families import HUB_MODEL_TYPES, ConfigFields, ExpertLayout, Family, family_for_model_type
@@ -56,9 +57,15 @@ def _derive_or_raise(model_type: str) -> Family:
     text = config.get_text_config()
     hidden = int(text.hidden_size)
     tied = frozenset(getattr(model, "all_tied_weights_keys", None) or ())  # not saved: another's weights
-    fused, fused_keys = fused_experts(model_type, state, hidden, tied)
     hub_state = _revert(model, state)
-    hub_layout, hub_prefix, hub_keys = hub_experts(model_type, model, state, hub_state, fused, fused_keys)
+    try:
+        fused, fused_keys = fused_experts(model_type, state, hidden, tied)
+    except NotDerivable as why:  # no stacks: experts as separate modules (Switch, NLLB-MoE), or `why`
+        fused, fused_keys = module_experts(model_type, state, hub_state, hidden, EXPERTS, why)
+    if fused["layout"].kind == "per-expert":  # saved as held: the hub layout is the memory layout
+        hub_layout, hub_prefix, hub_keys = fused["layout"], fused["prefix"], fused_keys
+    else:
+        hub_layout, hub_prefix, hub_keys = hub_experts(model_type, model, state, hub_state, fused, fused_keys)
     renames = _renames(model_type, model, state, hub_state, set(hub_keys))
     layer = fused["layers"][0]
     scored = EXPERTS + int(getattr(text, "n_shared_experts", None) or 0)  # Inkling's router scores both
@@ -78,7 +85,9 @@ def _derive_or_raise(model_type: str) -> Family:
         linear = ExpertLayout("per-expert", hub.block, names)
     prefixes = tuple(dict.fromkeys((hub_prefix + "{L}.", fused["prefix"] + "{L}.")))
     stacks, config_at = (), ""
-    if fused.get("stacks"):  # more expert stacks under other layer prefixes (Qwen3-Omni's talker)
+    if "templates" in fused:  # expert modules: the encoder's, the decoder's (zoo/derived_modules.py)
+        prefixes, stacks = module_stacks(fused, saved_heads(config))
+    elif fused.get("stacks"):  # more expert stacks under other layer prefixes (Qwen3-Omni's talker)
         _, stacks, config_at = stacks_of(
             model, state, hub_state, fused["prefix"], fused["stacks"], set(fused_keys)
         )
@@ -196,7 +205,8 @@ def _declared(text) -> dict[str, Any]:
 
 def _aliased(fields: ConfigFields, text) -> ConfigFields:
     """Each field name found through the config's `attribute_map` followed by the name it reads:
-    config.json holds the latter (ERNIE-4.5-VL's `moe_k` for `num_experts_per_tok`)."""
+    config.json holds the latter (ERNIE-4.5-VL's `moe_k` for `num_experts_per_tok`, Switch's and
+    NLLB-MoE's `d_model` for `hidden_size`, `num_layers` / `encoder_layers` for the depth)."""
     aliases = getattr(type(text), "attribute_map", None) or {}
     grown = {
         f.name: tuple(
@@ -208,9 +218,14 @@ def _aliased(fields: ConfigFields, text) -> ConfigFields:
 
 
 def _fields(
-    model_type: str, text: dict[str, Any], inter: int, expert_hidden: int, hidden: int
+    model_type: str,
+    text: dict[str, Any],
+    inter: int,
+    expert_hidden: int,
+    hidden: int,
 ) -> ConfigFields:
-    """Config names of the facts, found by the values the tiny config was given."""
+    """Config names of the facts, found by the values the tiny config was given (the names a
+    config class reads them by are added by `_aliased`)."""
 
     def named(value: int, words: Iterable[str], avoid: Iterable[str] = ("shared",)) -> tuple[str, ...]:
         return tuple(
@@ -230,7 +245,7 @@ def _fields(
     return ConfigFields(
         num_experts=experts,
         experts_per_token=named(PER_TOKEN, ("per_tok", "topk", "top_k")) or defaults.experts_per_token,
-        expert_intermediate=named(inter, ("intermediate", "ffn")) or defaults.expert_intermediate,
+        expert_intermediate=named(inter, ("intermediate", "ffn", "d_ff")) or defaults.expert_intermediate,
         first_dense=declared(defaults.first_dense),
         mtp_layers=declared(defaults.mtp_layers),
         shared_experts=declared(defaults.shared_experts),

@@ -134,7 +134,7 @@ def _summary(family: Family) -> str:
     hub = family.hub
     if hub.kind == "per-expert":
         names = "/".join(hub.projs[r] for r in hub.roles)
-        form = f"hub {hub.base}{{E}}.{names}"
+        form = f"hub {hub.expert_base}{{E}}.{names}"
     else:
         form = f"hub {hub.templates('')[0]}{' [E, H, 2I]' if hub.transposed else ''}"
     fused = "same as hub" if family.fused == hub else f"fused {family.fused.templates('')[0]}"

@@ -17,6 +17,7 @@ from typing import Any
 
 from moeport.errors import MoeportError
 from moeport.zoo.tiny_answers import candidates
+from moeport.zoo.tiny_encdec import ENCDEC_OVERRIDES
 from moeport.zoo.tiny_moe import moe_switches
 
 EXPERTS = 4
@@ -149,6 +150,7 @@ TYPE_OVERRIDES: dict[str, dict[str, Any] | Callable[[dict[str, Any]], dict[str, 
     "ernie4_5_vl_moe_text": dict(
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [1, 1, 2]}
     ),
+    **ENCDEC_OVERRIDES,  # Switch Transformers, NLLB-MoE: both stacks tiny, every other layer MoE
 }
 _STEPS = 12  # refusals answered in a row at most (each answer moves transformers past one)
 
