@@ -12,6 +12,7 @@ bench/families_table.py turns into README's table.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -92,7 +93,8 @@ def _logits(model) -> torch.Tensor:
     if type(model).forward is torch.nn.Module.forward:  # a wrapper without a forward (Qwen3-Omni)
         from transformers import PreTrainedModel
 
-        model = next(m for m in model.children() if isinstance(m, PreTrainedModel))  # its thinker
+        subs = [m for m in model.children() if isinstance(m, PreTrainedModel)]  # Qwen3-Omni: its thinker
+        model = next((m for m in subs if "input_ids" in inspect.signature(m.forward).parameters), model)
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)  # DiffusionGemma's forward draws its noise from torch's global generator
     # an encoder-decoder (Switch, NLLB-MoE) runs its decoder on the same ids
