@@ -89,6 +89,8 @@ def _load(path: Path):
 
 
 def _logits(model) -> torch.Tensor:
+    if model.main_input_name == "pixel_values":  # a vision backbone (VitPose+): its feature maps
+        return _feature_maps(model)
     if type(model).forward is torch.nn.Module.forward:  # a wrapper without a forward (Qwen3-Omni)
         from transformers import PreTrainedModel
 
@@ -100,6 +102,17 @@ def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=False, **decoder)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state  # base models
+
+
+def _feature_maps(model) -> torch.Tensor:
+    """A vision backbone's feature maps on seeded images, one per expert: VitPose+ picks each
+    image's expert by its `dataset_index`, so every expert is run."""
+    size = model.config.image_size
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(EXPERTS, model.config.num_channels, *size, generator=g)
+    with torch.no_grad():
+        out = model(pixel_values=pixels, dataset_index=torch.arange(EXPERTS))
+    return torch.cat([f.flatten() for f in out.feature_maps])
 
 
 def _assert_identical(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
