@@ -76,37 +76,61 @@ def test_vitpose_experts_are_one_linear_each_without_a_router() -> None:
     assert refused.value is why
 
 
-def test_transformers_reads_our_vitpose_w4a16(tmp_path: Path) -> None:
-    """VitPose+ to W4A16: every expert linear quantized (K = hidden_features, fc1/fc2 kept), biases
-    carried exact; transformers (compressed-tensors, dequantizing: its VitPose `_init_weights` reads
-    `weight` of every linear, which compressed modules lack) loads it with no missing keys and gives
-    each dataset's feature maps close to the source's."""
-    from transformers import CompressedTensorsConfig, VitPoseBackbone
+def _pose_estimation(out: Path) -> Path:
+    """What the Hub holds of VitPose+ (usyd-community/vitpose-plus-*): transformers'
+    VitPoseForPoseEstimation, config.json `model_type: vitpose` with the experts' model in
+    `backbone_config`, tensors under `backbone.` beside the heatmap `head.`; tiny and seeded."""
+    from transformers import VitPoseConfig, VitPoseForPoseEstimation
 
-    src = _save_tiny("vitpose_backbone", tmp_path / "src")
+    backbone = tiny_config("vitpose_backbone", small_vision=False).to_dict()
+    model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone)).to(torch.bfloat16)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def test_hub_vitpose_plus_converts_and_transformers_reads_our_w4a16(tmp_path: Path) -> None:
+    """The Hub's VitPose+ form: its experts are found under `backbone.` (sizes from
+    `backbone_config`), `--to hf` gives every tensor back; W4A16 quantizes every expert linear
+    (K = hidden_features; fc1/fc2 and the head kept), biases carried exact, verified; transformers
+    (compressed-tensors, dequantizing: its VitPose `_init_weights` reads `weight` of every linear,
+    which compressed modules lack) loads it with no missing keys, and each dataset's heatmaps and
+    expert weights are close to the source's."""
+    from transformers import CompressedTensorsConfig, VitPoseForPoseEstimation
+
+    src = _pose_estimation(tmp_path / "src")
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+    assert det.family.name == "vitpose_backbone" and det.layer_prefix == "backbone.encoder.layer.{L}."
+    assert det.moe_layers == [0, 1] and det.experts_per_layer == EXPERTS and det.hidden_size == 64
+    _assert_identical(load_tensors(src), load_tensors(_convert(src, tmp_path / "hub", "hf", layout="hub")))
     out = _convert(src, tmp_path / "w4a16", "w4a16", group_size=32)
     with open_checkpoint(out) as ck:
         packed = sorted(k for k in ck.keys() if k.endswith("weight_packed"))
-    want = (f"encoder.layer.{L}.mlp.experts.{e}.weight_packed" for L in (0, 1) for e in range(EXPERTS))
+    base = "backbone.encoder.layer"
+    want = (f"{base}.{L}.mlp.experts.{e}.weight_packed" for L in (0, 1) for e in range(EXPERTS))
     assert packed == sorted(want)
     assert verify(src, out).ok
-    ref = VitPoseBackbone.from_pretrained(src, dtype=torch.float32).eval()
+    ref = VitPoseForPoseEstimation.from_pretrained(src, dtype=torch.float32).eval()
     dequantize = CompressedTensorsConfig(dequantize=True)
-    model, info = VitPoseBackbone.from_pretrained(
+    model, info = VitPoseForPoseEstimation.from_pretrained(
         out, dtype=torch.float32, output_loading_info=True, quantization_config=dequantize
     )
     assert not {k: v for k, v in info.items() if v and k != "error_msgs"}
-    pixels = torch.randn(EXPERTS, 3, *ref.config.image_size, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(EXPERTS, 3, 256, 192, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         index = torch.arange(EXPERTS)  # each image through its own expert
-        want, got = (m.eval()(pixels, dataset_index=index).feature_maps[-1] for m in (ref, model))
-    assert 0 < (got.float() - want).norm() / want.norm() < 0.05
+        want, got = (m.eval()(pixels, dataset_index=index).heatmaps for m in (ref, model))
+    assert 0 < (got - want).norm() / want.norm() < 0.05
     for L in (0, 1):
         for e in range(EXPERTS):
-            module, loaded = ref.encoder.layer[L].mlp.experts[e], model.encoder.layer[L].mlp.experts[e]
-            err = (loaded.weight.float() - module.weight).norm() / module.weight.norm()
+            module, loaded = (m.backbone.encoder.layer[L].mlp.experts[e] for m in (ref, model))
+            err = (loaded.weight - module.weight).norm() / module.weight.norm()
             assert 0 < err < 0.15, (L, e, err)
-            assert torch.equal(loaded.bias.float(), module.bias), (L, e)
+            assert torch.equal(loaded.bias, module.bias), (L, e)
 
 
 def _seq2seq(model_type: str, out: Path) -> Path:
