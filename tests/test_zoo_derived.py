@@ -135,7 +135,9 @@ def _routed_only(tensors: dict[str, torch.Tensor], det) -> dict[str, torch.Tenso
 
 def test_every_moe_model_type_is_listed_with_its_support() -> None:
     rows = [support(mt) for mt in MOE_TYPES]
-    assert len(rows) > 50 and {"zoo", "derived", "not"} == {r.how for r in rows}
+    # every type of the installed transformers is supported (VitPose+ was the last); a later
+    # transformers may add types that are "not", each with its reason
+    assert len(rows) > 50 and {"zoo", "derived"} <= {r.how for r in rows} <= {"zoo", "derived", "not"}
     for r in rows:
         assert r.why, r.model_type
         assert (r.family is None) == (r.how == "not"), r.model_type
