@@ -46,7 +46,9 @@ def test_families_lists_every_moe_model_type_with_how_it_is_supported() -> None:
     # a sub-config type's checkpoints come from its wrapper: named, with the wrapper's support
     assert "a sub-model of qwen3_omni_moe: " in rows["qwen3_omni_moe_talker_text"]["detail"]
     assert "a sub-model of step3p7: " in rows["step3p5"]["detail"]
-    assert "vision backbone (VitPoseBackbone), not a language model" in rows["vitpose_backbone"]["detail"]
+    # VitPose+'s experts are one bare linear each (`mlp.experts.{E}.weight`), with no router
+    assert rows["vitpose_backbone"]["support"] == "derived"
+    assert "mlp.experts.{E}.weight (each expert one linear)" in rows["vitpose_backbone"]["detail"]
 
     table = runner.invoke(app, ["inspect", "--families"])
     assert table.exit_code == 0 and "hunyuan_v1_moe" in table.stdout and " derived, " in table.stdout

@@ -90,6 +90,8 @@ def _load(path: Path):
 
 
 def _logits(model) -> torch.Tensor:
+    if model.main_input_name == "pixel_values":  # a vision backbone (VitPose+): its feature maps
+        return _feature_maps(model)
     if type(model).forward is torch.nn.Module.forward:  # a wrapper without a forward (Qwen3-Omni)
         from transformers import PreTrainedModel
 
@@ -102,6 +104,17 @@ def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=False, **decoder)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state  # base models
+
+
+def _feature_maps(model) -> torch.Tensor:
+    """A vision backbone's feature maps on seeded images, one per expert: VitPose+ picks each
+    image's expert by its `dataset_index`, so every expert is run."""
+    size = model.config.image_size
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(EXPERTS, model.config.num_channels, *size, generator=g)
+    with torch.no_grad():
+        out = model(pixel_values=pixels, dataset_index=torch.arange(EXPERTS))
+    return torch.cat([f.flatten() for f in out.feature_maps])
 
 
 def _assert_identical(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
@@ -124,7 +137,9 @@ def _routed_only(tensors: dict[str, torch.Tensor], det) -> dict[str, torch.Tenso
 
 def test_every_moe_model_type_is_listed_with_its_support() -> None:
     rows = [support(mt) for mt in MOE_TYPES]
-    assert len(rows) > 50 and {"zoo", "derived", "not"} == {r.how for r in rows}
+    # every type of the installed transformers is supported (VitPose+ was the last); a later
+    # transformers may add types that are "not", each with its reason
+    assert len(rows) > 50 and {"zoo", "derived"} <= {r.how for r in rows} <= {"zoo", "derived", "not"}
     for r in rows:
         assert r.why, r.model_type
         assert (r.family is None) == (r.how == "not"), r.model_type

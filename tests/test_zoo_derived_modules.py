@@ -1,8 +1,9 @@
 """Experts held as separate modules (zoo/derived_modules.py): Switch Transformers' `wi`/`wo` and
 NLLB-MoE's biased `fc1`/`fc2`, one module per expert named `experts.expert_{E}`, in the encoder and
-in the decoder. The per-type end to end checks (inspect, round trip, logits, w4a16, kt's refusal)
-are test_zoo_derived's; these are the layouts read off transformers' models, the names of the real
-Hub checkpoints, and transformers loading our W4A16 output."""
+in the decoder; VitPose+'s experts, each one bare linear `experts.{E}`. The per-type end to end
+checks (inspect, round trip, logits, w4a16, kt's refusal) are test_zoo_derived's; these are the
+layouts read off transformers' models, the names of the real Hub checkpoints, and transformers
+loading our W4A16 output."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from test_zoo_derived import _assert_identical, _convert, _save_tiny
 from moeport.detect import detect
 from moeport.sources import open_checkpoint
 from moeport.verify.run import verify
-from moeport.zoo.derived import _revert
+from moeport.zoo.derived import _revert, derive_family
 from moeport.zoo.derived_experts import NotDerivable
 from moeport.zoo.derived_modules import module_experts
 from moeport.zoo.families import ExpertLayout
@@ -24,6 +25,7 @@ from moeport.zoo.tiny import EXPERTS, build_model, tiny_config
 
 SWITCH = ExpertLayout("per-expert", "mlp", {"up": "wi", "down": "wo"}, index_prefix="expert_")
 NLLB = ExpertLayout("per-expert", "ffn", {"up": "fc1", "down": "fc2"}, index_prefix="expert_")
+VITPOSE = ExpertLayout("per-expert", "mlp", {"down": ""})  # VitPose+: `mlp.experts.{E}.weight`
 
 
 @pytest.mark.parametrize(
@@ -53,15 +55,82 @@ def test_separate_expert_modules_are_up_down_layouts_in_two_stacks(
             assert name.replace("{E}", str(EXPERTS - 1)) in state, name
 
 
-def test_models_without_expert_modules_keep_their_reason() -> None:
-    """A model with no `experts.<index>.<proj>` linears (VitPose+'s experts are bare linears) is
-    refused with the reason no fused stacks were found, unchanged."""
+def test_vitpose_experts_are_one_linear_each_without_a_router() -> None:
+    """VitPose+'s experts are bare linears (`mlp.experts.3.weight` [part, K], with a bias), picked by
+    the caller's dataset index: one role, down, with no projection name, and no router; a model
+    with no expert modules at all keeps the reason no fused stacks were found, unchanged."""
     model = build_model(tiny_config("vitpose_backbone", small_vision=False), "meta")
     state = model.state_dict()
+    hub = _revert(model, state)
+    found, keys = module_experts("vitpose_backbone", state, hub, 64, EXPERTS, NotDerivable("-"))
+    assert found["layout"] == VITPOSE and found["layout"].roles == ("down",)
+    assert found["templates"] == ["encoder.layer.{L}."] and found["layers"] == [0, 1]
+    assert len(keys) == 2 * EXPERTS * 2 and set(keys) <= set(state)  # weight and bias, two layers
+    assert VITPOSE.templates("encoder.layer.1.") == ["encoder.layer.1.mlp.experts.{E}.weight"]
+    family = derive_family("vitpose_backbone")
+    assert family.hub == family.fused == VITPOSE and family.router == ()
     why = NotDerivable("vitpose_backbone: experts are separate modules")
+    bare = {k: v for k, v in state.items() if ".experts." not in k}
     with pytest.raises(NotDerivable) as refused:
-        module_experts("vitpose_backbone", state, _revert(model, state), 64, EXPERTS, why)
+        module_experts("vitpose_backbone", bare, _revert(model, bare), 64, EXPERTS, why)
     assert refused.value is why
+
+
+def _pose_estimation(out: Path) -> Path:
+    """What the Hub holds of VitPose+ (usyd-community/vitpose-plus-*): transformers'
+    VitPoseForPoseEstimation, config.json `model_type: vitpose` with the experts' model in
+    `backbone_config`, tensors under `backbone.` beside the heatmap `head.`; tiny and seeded."""
+    from transformers import VitPoseConfig, VitPoseForPoseEstimation
+
+    backbone = tiny_config("vitpose_backbone", small_vision=False).to_dict()
+    model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone)).to(torch.bfloat16)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def test_hub_vitpose_plus_converts_and_transformers_reads_our_w4a16(tmp_path: Path) -> None:
+    """The Hub's VitPose+ form: its experts are found under `backbone.` (sizes from
+    `backbone_config`), `--to hf` gives every tensor back; W4A16 quantizes every expert linear
+    (K = hidden_features; fc1/fc2 and the head kept), biases carried exact, verified; transformers
+    (compressed-tensors, dequantizing: its VitPose `_init_weights` reads `weight` of every linear,
+    which compressed modules lack) loads it with no missing keys, and each dataset's heatmaps and
+    expert weights are close to the source's."""
+    from transformers import CompressedTensorsConfig, VitPoseForPoseEstimation
+
+    src = _pose_estimation(tmp_path / "src")
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+    assert det.family.name == "vitpose_backbone" and det.layer_prefix == "backbone.encoder.layer.{L}."
+    assert det.moe_layers == [0, 1] and det.experts_per_layer == EXPERTS and det.hidden_size == 64
+    _assert_identical(load_tensors(src), load_tensors(_convert(src, tmp_path / "hub", "hf", layout="hub")))
+    out = _convert(src, tmp_path / "w4a16", "w4a16", group_size=32)
+    with open_checkpoint(out) as ck:
+        packed = sorted(k for k in ck.keys() if k.endswith("weight_packed"))
+    base = "backbone.encoder.layer"
+    want = (f"{base}.{L}.mlp.experts.{e}.weight_packed" for L in (0, 1) for e in range(EXPERTS))
+    assert packed == sorted(want)
+    assert verify(src, out).ok
+    ref = VitPoseForPoseEstimation.from_pretrained(src, dtype=torch.float32).eval()
+    dequantize = CompressedTensorsConfig(dequantize=True)
+    model, info = VitPoseForPoseEstimation.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True, quantization_config=dequantize
+    )
+    assert not {k: v for k, v in info.items() if v and k != "error_msgs"}
+    pixels = torch.randn(EXPERTS, 3, 256, 192, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        index = torch.arange(EXPERTS)  # each image through its own expert
+        want, got = (m.eval()(pixels, dataset_index=index).heatmaps for m in (ref, model))
+    assert 0 < (got - want).norm() / want.norm() < 0.05
+    for L in (0, 1):
+        for e in range(EXPERTS):
+            module, loaded = (m.backbone.encoder.layer[L].mlp.experts[e] for m in (ref, model))
+            err = (loaded.weight - module.weight).norm() / module.weight.norm()
+            assert 0 < err < 0.15, (L, e, err)
+            assert torch.equal(loaded.bias, module.bias), (L, e)
 
 
 def _seq2seq(model_type: str, out: Path) -> Path:

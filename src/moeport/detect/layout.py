@@ -144,7 +144,8 @@ def _expert_regex(layout: ExpertLayout, layer_prefix: str) -> re.Pattern[str]:
     projs = "|".join(re.escape(p) for p in layout.projs.values())
     if layout.kind == "per-expert":
         index = re.escape(layout.index_prefix)  # `experts.expert_3.` (Switch, NLLB-MoE)
-        tail = rf"{index}(?P<E>\d+)\.(?P<proj>{projs})\.(?P<part>[A-Za-z0-9_]+)"
+        proj = "(?P<proj>)" if layout.one_linear else rf"(?P<proj>{projs})\."  # VitPose+: `experts.3.weight`
+        tail = rf"{index}(?P<E>\d+)\.{proj}(?P<part>[A-Za-z0-9_]+)"
     elif layout.dotted:  # module parameters: `input_linear.weight`, `input_linear.weight_scale`
         tail = rf"(?P<proj>{projs})\.(?P<part>[A-Za-z0-9_]+)"
     else:

@@ -31,7 +31,7 @@ def check_required(
         rel = {L: by_layer.get(L, set()) for L in layers}
         block = layout.block_prefix
         for L in layers:
-            if not any(block + r in rel[L] for r in family.router):
+            if family.router and not any(block + r in rel[L] for r in family.router):  # () : none (VitPose+)
                 names = " or ".join(f"'{naming.prefix(L)}{block}{r}'" for r in family.router)
                 raise MoeportError(f"{ck.root}: MoE layer {L} has no router tensor (expected {names})")
         wanted = {block + b for b in family.router_bias} | {

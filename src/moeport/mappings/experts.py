@@ -38,7 +38,7 @@ class LayerNames:
 
     def per_expert(self, e: int, role: str, part: str) -> str:
         part = part[1:] if part.startswith("_") else part
-        return f"{self.prefix}{self.layout.expert_base}{e + self.offset}.{self.layout.projs[role]}.{part}"
+        return f"{self.prefix}{self.layout.expert_base}{e + self.offset}.{self.layout.proj_dot(role)}{part}"
 
     def fused(self, fused_role: str, part: str) -> str:
         name = f"{self.prefix}{self.layout.base}{self.layout.projs[fused_role]}"

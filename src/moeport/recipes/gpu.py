@@ -285,7 +285,8 @@ def expert_regex(det: Detection, part: str = "weight") -> re.Pattern[str]:
     layout = det.family.per_expert
     prefix = linear_prefix_pattern(det)
     projs = "|".join(re.escape(p) for p in layout.projs.values())
-    return re.compile(rf"^{prefix}{re.escape(layout.expert_base)}\d+\.({projs})\.{part}$")
+    proj = "" if layout.one_linear else rf"(?:{projs})\."  # VitPose+: `experts.3.weight`, one linear
+    return re.compile(rf"^{prefix}{re.escape(layout.expert_base)}\d+\.{proj}{part}$")
 
 
 def _config(config: dict[str, Any] | None, quant: dict[str, Any]) -> dict[str, Any] | None:

@@ -46,8 +46,9 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             f"{ck.root}: {det.family.title}: {det.family.not_linear}; kt-kernel runs linear experts"
         )
     if not layout.gated:
+        what = "each one linear" if layout.one_linear else "up/down only"  # VitPose+: one linear
         raise MoeportError(
-            f"{ck.root}: {det.family.title} experts are up/down only (no gate); kt-kernel runs gated "
+            f"{ck.root}: {det.family.title} experts are {what} (no gate); kt-kernel runs gated "
             "(SwiGLU) experts only"
         )
     if layout.transposed or layout.gate_up_interleaved or layout.split_gate_up or layout.groups:

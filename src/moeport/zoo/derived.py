@@ -74,7 +74,7 @@ def _derive_or_raise(model_type: str) -> Family:
         hub_block = f"{hub_prefix}{layer}.{hub_layout.block_prefix}"
         more = hub_block_members(hub_state, hub_block, fused["experts"], len(fused["layout"].groups))
         router, bias = router + more[0], bias + more[1]
-    if not router:
+    if not router and not fused["layout"].one_linear:  # VitPose+: the caller's dataset index picks
         where = f"{fused['prefix']}{layer}.{fused['block']}"
         raise NotDerivable(f"{model_type}: no router tensor under '{where}'")
     fused_layout: ExpertLayout = fused["layout"]

@@ -6,7 +6,9 @@ stacks for them and no conversion mapping, so the names it holds in memory are t
 (checked here: its own revert hands back the very tensors it holds), and the hub layout is the
 fused one. Their experts are not gated (one projection in, one out: ReLU MLPs); which one is which
 is read off the shapes, [I, H] in and [H, I] out. Gated separate modules are refused: nothing in
-transformers' definitions would say which of their projections is the gate.
+transformers' definitions would say which of their projections is the gate. VitPose+ holds each
+expert as one bare linear (`mlp.experts.3.weight` [part, K], with a bias), chosen by the caller's
+dataset index rather than a router: one role, "down", with no projection name.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any
 from moeport.zoo.derived_experts import NotDerivable
 from moeport.zoo.families import ExpertLayout, Stack
 
-# `{prefix}{L}.{block}.experts.{word}{E}.{proj}.weight|bias`: the index may follow a word (`expert_3`)
+# `{prefix}{L}.{block}.experts.{word}{E}.{proj}.weight|bias`: the index may follow a word (`expert_3`),
+# and the projection is absent where the expert is one linear (VitPose+'s `experts.3.weight`)
 _MODULE_KEY = re.compile(
     r"^(?P<prefix>.*?\.|)(?P<L>\d+)\.(?P<block>(?:\w+\.)*?)experts\."
-    r"(?P<index>[A-Za-z_]*?)(?P<E>\d+)\.(?P<proj>\w+)\.(?P<part>weight|bias)$"
+    r"(?P<index>[A-Za-z_]*?)(?P<E>\d+)\.(?:(?P<proj>\w+)\.)?(?P<part>weight|bias)$"
 )
 
 
@@ -44,7 +47,7 @@ def module_experts(
         path = paths.setdefault((m["prefix"], m["block"], m["index"]), {"keys": [], "shapes": {}, "E": set()})
         path["keys"].append(key)
         path["E"].add(int(m["E"]))
-        path["shapes"].setdefault((m["proj"], m["part"]), set()).add(tuple(value.shape))
+        path["shapes"].setdefault((m["proj"] or "", m["part"]), set()).add(tuple(value.shape))
     if not paths:
         raise why
     where = [(prefix, f"{block}experts.{index}") for prefix, block, index in paths]
@@ -66,7 +69,9 @@ def module_experts(
     (prefix, block, index), main = next(iter(paths.items()))
     layout = ExpertLayout("per-expert", tail.removesuffix("."), projs, index_prefix=index)
     templates = [f"{p}{{L}}.{b.removesuffix(tail)}" for p, b, _ in paths]
-    (up,) = main["shapes"][(projs["up"], "weight")]
+    (up,) = main["shapes"][(projs["down" if layout.one_linear else "up"], "weight")]
+    if layout.one_linear:  # [N, K]: its input K is the MLP's hidden features, the model's hidden size stays
+        up = (up[1], hidden)
     layers = sorted({int(m["L"]) for k in main["keys"] if (m := _MODULE_KEY.match(k))})
     out = {"prefix": prefix, "block": block, "layout": layout, "experts": experts, "layers": layers}
     out |= {"templates": templates[:1], "stack_templates": templates[1:]}
@@ -84,8 +89,11 @@ def _common_tail(blocks: list[str]) -> str:
 
 
 def _up_down(model_type: str, shapes: dict[tuple[str, str], set], hidden: int) -> dict[str, str]:
-    """{'up': name, 'down': name} of a non-gated expert: up [I, H] into the MLP, down [H, I] out."""
+    """{'up': name, 'down': name} of a non-gated expert: up [I, H] into the MLP, down [H, I] out;
+    {'down': ''} where the expert is one linear module (VitPose+)."""
     weights = {proj: s for (proj, part), s in shapes.items() if part == "weight"}
+    if list(weights) == [""] and len(weights[""]) == 1:
+        return {"down": ""}
     if len(weights) != 2 or any(len(s) != 1 for s in weights.values()):
         why = f"expert modules hold projections {sorted(weights)}"
         if len(weights) == 3:

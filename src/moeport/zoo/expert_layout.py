@@ -16,7 +16,8 @@ class ExpertLayout:
     """How routed experts of one MoE layer are named.
 
     per-expert: `{layer}{block}.experts.{E}.{proj}.<companion>` with one proj name per role
-    (`experts.{index_prefix}{E}.`: Switch / NLLB-MoE spell the index `expert_{E}`).
+    (`experts.{index_prefix}{E}.`: Switch / NLLB-MoE spell the index `expert_{E}`); an expert
+    that is one linear has one role, "down", named "" (VitPose+: `mlp.experts.{E}.weight`).
     fused: `{layer}{block}.experts.{gate_up}<suffix>` [E, 2I, H] and `{down}<suffix>` [E, H, I]
     (or one stack per role: `{gate}` and `{up}` [E, I, H], or `{up}` alone where not gated).
     `block` may be "" (experts directly in the layer: Mistral-Large-4's hub, Gemma-4) and
@@ -50,8 +51,18 @@ class ExpertLayout:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        """The per-expert roles, in order: gate, up, down, or up, down for a non-gated MLP."""
-        return ROLES if self.gated else ("up", "down")
+        """The per-expert roles, in order: gate, up, down, or up, down for a non-gated MLP, or down
+        alone for an expert that is one linear."""
+        return ROLES if self.gated else ("down",) if self.one_linear else ("up", "down")
+
+    @property
+    def one_linear(self) -> bool:
+        """Each expert is a single linear module, its tensors `experts.{E}.weight` (VitPose+)."""
+        return tuple(self.projs.values()) == ("",)
+
+    def proj_dot(self, role: str) -> str:
+        """The projection's name with its dot ('wi.'), '' for an expert that is one linear."""
+        return f"{self.projs[role]}." if self.projs[role] else ""
 
     @property
     def fused_roles(self) -> tuple[str, ...]:
@@ -90,5 +101,5 @@ class ExpertLayout:
         base = f"{layer_prefix}{self.base}"
         dot = ".weight" if self.dotted else ""
         if self.kind == "per-expert":
-            return [f"{layer_prefix}{self.expert_base}{{E}}.{self.projs[r]}.weight" for r in self.roles]
+            return [f"{layer_prefix}{self.expert_base}{{E}}.{self.proj_dot(r)}weight" for r in self.roles]
         return [f"{base}{self.projs[r]}{dot}" for r in self.fused_roles]

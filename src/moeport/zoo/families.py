@@ -296,6 +296,7 @@ FAMILIES: tuple[Family, ...] = (
 # Qwen3-VL / Llama-4 in transformers `model.language_model.`): a family's layer prefixes under these
 # are tried when its own find nothing; vision towers and projectors are other tensors, carried.
 WRAPPERS = (("model.", "language_model.model."), ("model.", "model.language_model."), ("", "language_model."))
+WRAPPERS += (("", "backbone."),)  # a vision task model around its backbone (VitPoseForPoseEstimation)
 
 
 def wrapped_prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:

@@ -69,10 +69,13 @@ def nested(raw: dict[str, Any], path: str) -> Any:
 
 
 def _text_path(raw: dict[str, Any]) -> str:
-    """`text_config`, else the one sub-config's `text_config` where only one has one (a wrapper
-    of several, Qwen3-Omni's thinker and talker, says which in its family: Family.config)."""
+    """`text_config`, else a vision model's `backbone_config` (the experts' model), else the one
+    sub-config's `text_config` where only one has one (a wrapper of several, Qwen3-Omni's thinker
+    and talker, says which in its family: Family.config)."""
     if isinstance(raw.get("text_config"), dict):
         return "text_config"
+    if isinstance(raw.get("backbone_config"), dict):  # VitPose+ on the Hub: VitPoseForPoseEstimation
+        return "backbone_config"
     nested = [
         f"{key}.text_config"
         for key, value in raw.items()

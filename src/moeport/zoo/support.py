@@ -133,7 +133,7 @@ def _summary(family: Family) -> str:
     """One line: where the experts are, and their hub and fused forms."""
     hub = family.hub
     if hub.kind == "per-expert":
-        names = "/".join(hub.projs[r] for r in hub.roles)
+        names = "/".join(hub.projs[r] for r in hub.roles) or "weight (each expert one linear)"
         form = f"hub {hub.expert_base}{{E}}.{names}"
     else:
         form = f"hub {hub.templates('')[0]}{' [E, H, 2I]' if hub.transposed else ''}"
