@@ -263,6 +263,5 @@ def test_k_not_a_multiple_of_the_kernels_group_is_refused(main, checkpoint, tmp_
     """Tiny Qwen3-MoE: hidden 64. kt-kernel derives its group from the scales and needs K % group == 0."""
     code, out, err = main("convert", str(checkpoint("qwen3_moe")), str(tmp_path / "o"), "--to", to)
     assert code == 2 and not (tmp_path / "o").exists()
-    assert (
-        f"reads one scale per {group} input columns, and Qwen3-MoE's hidden size 64 is not a multiple" in err
-    )
+    assert f"reads one scale per {group} input columns, and Qwen3" in err
+    assert "hidden size 64 is not a multiple" in err
