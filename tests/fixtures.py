@@ -173,3 +173,12 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def shard_bytes(folder: Path) -> dict[str, bytes]:
     """The raw bytes of each safetensors file in a folder, by file name (for byte-identity checks)."""
     return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.safetensors"))}
+
+
+def sigint_default() -> None:
+    """Popen `preexec_fn`: SIGINT back to its default in the child. A test run started in the
+    background of a non-interactive shell ignores SIGINT, children inherit that, and Python then
+    installs no KeyboardInterrupt handler: a Ctrl-C test would see the run finish (exit 0)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

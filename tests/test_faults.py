@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import sigint_default
 from safetensors.torch import load_file, save_file
 
 from moeport.convert.destination import JOURNAL_NAME, staging_of
@@ -213,7 +214,9 @@ def _pieces(dst: Path) -> int:
 
 def _start(src: Path, dst: Path, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "moeport", "convert", str(src), str(dst), "--quiet", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default
+    )
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> bool:
@@ -273,8 +276,8 @@ def test_interrupt_signal_leaves_no_output_and_resumes(bigger, tmp_path):
     dst = tmp_path / "out"
     args = ("--to", "hf", "--layout", "fused", "--max-shard-size", "100KB")
     proc = _start(bigger, dst, *args)
-    # the ~90 pieces are written within a second: the run is frozen (SIGSTOP) the moment two are
-    # seen, so that a busy machine cannot let it finish before the interrupt lands
+    # the ~90 pieces are published within a second: the run is frozen (SIGSTOP) the moment two
+    # are seen, so that a busy machine cannot let it finish before the interrupt is delivered
     assert _wait_for(proc, lambda: _pieces(dst) >= 2 and proc.send_signal(signal.SIGSTOP) is None)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGCONT)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures import sigint_default
 
 from moeport.convert.destination import JOURNAL_NAME, staging_of
 
@@ -158,6 +159,7 @@ def test_ctrl_c_says_how_to_resume(synthetic, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_default,
     )
     while proc.poll() is None and (pieces_done(dst) or 0) < 2:
         time.sleep(0.001)
