@@ -161,6 +161,21 @@ def test_unsuitable_group_size_is_a_clear_error(checkpoint) -> None:
         plan_gpu(ck, detect(ck), Recipe("w4a16", group_size=48))
 
 
+@pytest.mark.parametrize(("scheme", "group"), [("mxfp4", 32), ("nvfp4", 16)])
+def test_fp4_refuses_weights_its_fixed_group_does_not_divide(tmp_path, scheme, group) -> None:
+    """Tiny Qwen3-MoE written by transformers with expert intermediate 40: down_proj's K is no
+    multiple of MXFP4's 32 or NVFP4's 16. One line naming the weight (was a reshape traceback)."""
+    from test_zoo_derived import _save_tiny
+
+    from moeport.recipes import fp4
+
+    src = _save_tiny("qwen3_moe", tmp_path / "src", inter=40)
+    wanted = f"--to {scheme}: .*down_proj.weight has 40 input columns, not a multiple of the {group} a scale"
+    with open_checkpoint(src) as ck, pytest.raises(MoeportError, match=wanted) as exc:
+        plan_gpu(ck, detect(ck), fp4.Recipe(scheme))
+    assert "\n" not in str(exc.value) and "--ignore" in str(exc.value)
+
+
 def test_cli_writes_w8a16_per_channel_and_refuses_bad_options(checkpoint, tmp_path) -> None:
     import sys
 

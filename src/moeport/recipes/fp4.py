@@ -59,6 +59,12 @@ class Recipe:
     def codec(self) -> Codec:
         return _CODECS[(self.scheme, self.flavor)]()
 
+    @property
+    def format_group(self) -> int:
+        """Input columns per scale, fixed by the format (16 NVFP4, 32 MXFP4): every quantized
+        weight's K must be a multiple (plan_gpu refuses the others in one line)."""
+        return int(_CT_WEIGHTS[self.scheme]["group_size"])
+
     def carried(self, ck: Checkpoint, det: Detection) -> str | None:
         """Experts stored exactly as this recipe writes them (format and flavour) are carried
         bit-exact: their first part's name, or None. Not with --ignore."""

@@ -172,8 +172,9 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
             elif is_target(name):
                 shape = spec_of[name].shape
                 quantized.append(name)
-                group = getattr(recipe, "group_size", None)
-                if group and recipe.scheme in INT_SCHEMES and shape[-1] % group:
+                grouped = recipe.scheme in INT_SCHEMES  # --group-size, or an FP4 format's (fp4.Recipe)
+                group = getattr(recipe, "format_group", None) or (recipe.group_size if grouped else None)
+                if group and shape[-1] % group:
                     misfit.append((name, shape[-1]))
                     continue
                 targets[name] = i
@@ -254,14 +255,18 @@ def plan_gpu(ck: Checkpoint, det: Detection, recipe: Any, device: str = "cpu") -
 
 def _refuse_group_size(recipe: Recipe, misfit: list[tuple[str, int]], ks: list[int], total: int) -> None:
     """One line naming the first weight whose K the group size does not divide, and the largest
-    group size that divides every targeted K (or per channel)."""
-    name, k = misfit[0]
-    fits = [g for g in (128, 64, 32, 16, 8) if g < (recipe.group_size or 0) and all(x % g == 0 for x in ks)]
-    hint = f"--group-size {fits[0]}" if fits else "--group-size 0 (per channel)"
+    group size that divides every targeted K (or per channel); an FP4 format's group is fixed."""
+    (name, k), fixed = misfit[0], getattr(recipe, "format_group", None)
+    size = fixed or recipe.group_size or 0
+    fits = [g for g in (128, 64, 32, 16, 8) if g < size and all(x % g == 0 for x in ks)] if not fixed else []
+    hint = f"use --group-size {fits[0]}, which fits every targeted weight, or " if fits else ""
+    hint = "use --group-size 0 (per channel) or " if not fits and not fixed else hint
+    head, of = f"--group-size {size}", "it"
+    if fixed:
+        head, of = f"--to {recipe.scheme}", f"the {size} a scale covers"
     raise MoeportError(
-        f"--group-size {recipe.group_size}: {name} has {k} input columns, not a multiple of it "
-        f"({len(misfit)} of {total} targeted weights); use {hint}, which fits every targeted weight, "
-        "or leave those modules out with --ignore"
+        f"{head}: {name} has {k} input columns, not a multiple of {of} ({len(misfit)} of {total} targeted "
+        f"weights); {hint}leave those modules out with --ignore"
     )
 
 
