@@ -13,6 +13,7 @@ import torch
 from fixtures import load_tensors
 from rich.console import Console
 from safetensors.torch import save_file
+from test_zoo_derived import _convert, _save_seeded
 
 from moeport.cli.convert import RunFlags, run_convert
 from moeport.detect import detect
@@ -24,11 +25,6 @@ from moeport.sources import open_checkpoint
 from moeport.verify.run import verify
 from moeport.zoo.model_config import ModelConfig
 from moeport.zoo.tiny import build_model, text_overrides, tiny_config
-
-
-def _convert(src: Path, dst: Path, to: str, **options) -> Path:
-    run_convert(src, dst, to, Options(**options), RunFlags(False, True, True), Console(quiet=True))
-    return dst
 
 
 def _summary(src: Path, dst: Path, to: str, capsys, **options) -> dict:
@@ -46,14 +42,7 @@ def omni(tmp_path_factory) -> Path:
     talker.hidden_size, talker.moe_intermediate_size, talker.num_experts = 128, 128, 6
     talker.shared_expert_intermediate_size = 128
     torch.manual_seed(0)
-    model = build_model(config, "cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    out = tmp_path_factory.mktemp("omni") / "src"
-    model.save_pretrained(out)
-    return out
+    return _save_seeded(build_model(config, "cpu"), tmp_path_factory.mktemp("omni") / "src")
 
 
 def test_thinker_and_talker_are_stacks_numbered_after_each_other(omni: Path) -> None:

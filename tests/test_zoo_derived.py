@@ -71,8 +71,14 @@ def _save_tiny(
     if params > MAX_PARAMS:
         _record(model_type, "build", "skip")
         pytest.skip(f"{params / 1e6:.0f}M parameters at transformers' default sub-model sizes")
+    return _save_seeded(model, out)
+
+
+def _save_seeded(model, out: Path) -> Path:
+    """`model` in BF16 with seeded random weights everywhere (never zeros or ones from init),
+    saved by transformers' `save_pretrained` (hub names)."""
     model = model.to(torch.bfloat16)
-    with torch.no_grad():  # seeded random data everywhere, never zeros or ones from init
+    with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)

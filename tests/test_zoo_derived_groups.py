@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import load_tensors
-from rich.console import Console
+from test_zoo_derived import _convert, _save_seeded
 
-from moeport.cli.convert import RunFlags, run_convert
 from moeport.detect import detect
 from moeport.errors import MoeportError
-from moeport.recipes import Options
 from moeport.sources import open_checkpoint
 from moeport.verify.run import verify
 from moeport.zoo.tiny import EXPERTS, build_model, text_overrides, tiny_config
@@ -26,24 +24,12 @@ WIDTHS = [48, 32]  # text, vision: unequal, as the Hub's checkpoints
 LAYER = "model.language_model.layers.1.mlp."
 
 
-def _convert(src: Path, dst: Path, to: str, **options) -> Path:
-    run_convert(src, dst, to, Options(**options), RunFlags(False, True, True), Console(quiet=True))
-    return dst
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory) -> Path:
     """transformers' tiny ERNIE-4.5-VL with unequal groups, seeded, saved with its hub names."""
     config = tiny_config("ernie4_5_vl_moe", {**text_overrides(), "moe_intermediate_size": WIDTHS})
     torch.manual_seed(0)
-    model = build_model(config, "cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    out = tmp_path_factory.mktemp("ernie") / "hub"
-    model.save_pretrained(out)
-    return out
+    return _save_seeded(build_model(config, "cpu"), tmp_path_factory.mktemp("ernie") / "hub")
 
 
 def _logits(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
