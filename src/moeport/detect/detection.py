@@ -19,7 +19,13 @@ from moeport.detect.layout import (
     match_layout,
 )
 from moeport.detect.required import check_required
-from moeport.detect.stacks import StackFacts, check_stack_counts, find_stacks, stack_facts
+from moeport.detect.stacks import (
+    StackFacts,
+    check_stack_counts,
+    find_stacks,
+    refuse_other_layout,
+    stack_facts,
+)
 from moeport.detect.zero_experts import drop_zero_experts, routed_in_stack
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
@@ -188,13 +194,9 @@ def _mtp_experts(
     """Routed experts of MTP layers stored apart: the main layers' layout, or refused."""
     if naming.mtp is None:
         return {}
-    for layout in family.layouts:
-        found = match_layout(ck.keys(), layout, naming.mtp)
-        if found is not None and layout != match.layout:
-            raise MoeportError(
-                f"{ck.root}: MTP experts under '{naming.mtp}' are {layout.kind}, the other layers' "
-                f"{match.layout.kind}; one checkpoint holds one expert layout"
-            )
+    refuse_other_layout(
+        ck, family, match.layout, naming.mtp, f"MTP experts under '{naming.mtp}'", "the other layers'"
+    )
     return {L: le for L, le in naming.expert_layers(ck.keys(), match.layout).items() if L >= naming.mtp_first}
 
 

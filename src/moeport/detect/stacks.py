@@ -90,17 +90,27 @@ def find_stacks(
     grown, cfgs = with_family_stacks(keys, family, naming, main_layers, ck.config)
     experts: dict[int, LayerExperts] = {}
     for prefix, first in grown.stacks[len(naming.stacks) :]:
-        match = match_layout(keys, layout, prefix)
-        other = next(
-            (lay for lay in family.layouts if lay != layout and match_layout(keys, lay, prefix)), None
+        refuse_other_layout(
+            ck, family, layout, prefix, f"experts under '{prefix}'", f"those under '{naming.main}'"
         )
-        if other is not None:
-            raise MoeportError(
-                f"{ck.root}: experts under '{prefix}' are {other.kind}, those under "
-                f"'{naming.main}' {layout.kind}; one checkpoint holds one expert layout"
-            )
+        match = match_layout(keys, layout, prefix)
         experts.update({first + L: le for L, le in (match.layers if match else {}).items()})
     return grown, experts, cfgs
+
+
+def refuse_other_layout(
+    ck: Checkpoint, family: Family, layout: ExpertLayout, prefix: str, these: str, others: str
+) -> None:
+    """Layers stored apart (a further stack, MTP layers) hold their experts in the main layers'
+    `layout`: another of the family's layouts under `prefix` is refused in one line."""
+    other = next(
+        (lay for lay in family.layouts if lay != layout and match_layout(ck.keys(), lay, prefix)), None
+    )
+    if other is not None:
+        raise MoeportError(
+            f"{ck.root}: {these} are {other.kind}, {others} {layout.kind}; "
+            "one checkpoint holds one expert layout"
+        )
 
 
 def stack_facts(
