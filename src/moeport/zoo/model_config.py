@@ -76,12 +76,12 @@ def _text_path(raw: dict[str, Any]) -> str:
         return "text_config"
     if isinstance(raw.get("backbone_config"), dict):  # VitPose+ on the Hub: VitPoseForPoseEstimation
         return "backbone_config"
-    nested = [
+    paths = [
         f"{key}.text_config"
         for key, value in raw.items()
         if key.endswith("_config") and isinstance(value, dict) and isinstance(value.get("text_config"), dict)
     ]
-    return nested[0] if len(nested) == 1 else ""
+    return paths[0] if len(paths) == 1 else ""
 
 
 def rewrite_storage_fields(cfg: dict[str, Any], fields: tuple[StorageField, ...], codec: str) -> None:
