@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
+from scratch import work_dir
 
 from moeport.detect import detect
 from moeport.sources import open_checkpoint
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-rss-"))
+    work = work_dir(args.work, "moeport-rss-")
     src, total, layer, moe_layers = synthetic_source(work, args.gb)
     py = sys.executable
     rows = []
@@ -108,7 +108,7 @@ def main() -> None:
             if secs
             else f"| {name} | - | - | {rss / 1e9:.2f} | - | - |"
         )
-    print(f"work dir: {work}")
+    print(f"work dir: {work}" if args.work else "work dir: removed (pass --work DIR to keep it)")
 
 
 if __name__ == "__main__":

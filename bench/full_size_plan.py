@@ -17,9 +17,10 @@ import json
 import math
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import work_dir
 
 from moeport.synthetic import SyntheticSpec
 
@@ -125,7 +126,7 @@ def main() -> None:
     ap.add_argument("--targets", default="kt-int4,w4a16,hf")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-fullplan-"))
+    work = work_dir(args.work, "moeport-fullplan-")
     src = work / "DeepSeek-V3-headers"
     src.mkdir(parents=True, exist_ok=True)
     claimed = write_headers(src, deepseek_v3())

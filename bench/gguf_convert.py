@@ -16,12 +16,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from convert_rss import peak_rss  # the same peak-RSS sampling as bench/convert_rss.py (bench/ is on sys.path)
+from scratch import work_dir
 
 
 def make_source(out: Path, gb: float) -> Path:
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--extra-path", default="", help="more PYTHONPATH for llama.cpp's script (sentencepiece)")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-gguf-bench-"))
+    work = work_dir(args.work, "moeport-gguf-bench-")
     src = work / "src"
     if not src.exists():
         make_source(src, args.gb)

@@ -29,11 +29,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from convert_rss import peak_rss
+from scratch import work_dir
 
 from moeport.synthetic import SyntheticSpec, write_synthetic
 
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--spill", action="store_true", help="also run GPTQ with --spill-states")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="gptq-bench-"))
+    work = work_dir(args.work, "gptq-bench-")
     g = torch.Generator().manual_seed(0)
     calib = work / "calib.json"
     work.mkdir(parents=True, exist_ok=True)

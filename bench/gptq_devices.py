@@ -32,12 +32,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from scratch import work_dir
 
 from moeport.codecs.packing import unpack_int32
 
@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="gptq-devices-"))
+    work = work_dir(args.work, "gptq-devices-")
     work.mkdir(parents=True, exist_ok=True)
     result = compare(work, args.devices.split(","), args.layers, args.samples, args.seq_len)
     for line in result["skipped"]:

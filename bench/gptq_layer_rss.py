@@ -18,12 +18,12 @@ import ctypes
 import json
 import resource
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
+from scratch import work_dir
 from typer.testing import CliRunner
 
 from moeport.calibrate import sequential
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("extra", nargs="*", help="more convert options (after --)")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="gptq-layers-"))
+    work = work_dir(args.work, "gptq-layers-")
     src = work / f"src-{args.layers}"
     if not (src / "config.json").exists():
         spec = SyntheticSpec(

@@ -19,11 +19,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from scratch import work_dir
 
 from moeport.sinks.safetensors_file import start_writeback
 from moeport.sources import open_checkpoint
@@ -104,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-gpu-"))
+    work = work_dir(args.work, "moeport-gpu-")
     src = {"bf16": work / "bf16", "fp8": work / "fp8"}
     moeport = [sys.executable, "-m", "moeport", "convert", "--overwrite"]
     if not (src["bf16"] / "config.json").exists():

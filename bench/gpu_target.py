@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from convert_rss import peak_rss, synthetic_source
+from scratch import work_dir
 
 MOEPORT_JOB = """
 import sys
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--scheme", default="w4a16", choices=("w4a16", "nvfp4", "mxfp4"))
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-gpu-"))
+    work = work_dir(args.work, "moeport-gpu-")
     src, total, layer, _ = synthetic_source(work, args.gb)
     g = str(args.group_size)
     _, base = peak_rss([sys.executable, "-c", "import torch, moeport.recipes.gpu"])
@@ -86,7 +86,7 @@ def main() -> None:
     if len(rows) == 2:
         (_, s0, r0), (_, s1, r1) = rows
         print(f"moeport / llmcompressor: throughput {s1 / s0:.2f}×, peak RSS {r0 / r1:.2f}×")
-    print(f"work dir: {work}")
+    print(f"work dir: {work}" if args.work else "work dir: removed (pass --work DIR to keep it)")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from real_shapes import JOBS, build_sources  # bench/ is on sys.path
+from scratch import work_dir
 
 from moeport.convert.plan import apply_unit
 from moeport.detect import detect
@@ -158,7 +158,7 @@ def main() -> None:
         probes[which + " rate"] = {str(n): round(r, 2) for n, r in rates.items()}
     # arithmetic: G multiply-adds/s per chain step x4; copy: GB/s of bytes copied
     print(json.dumps({"probes, N threads / (N x one)": probes}), flush=True)
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-kscale-"))
+    work = work_dir(args.work, "moeport-kscale-")
     work.mkdir(parents=True, exist_ok=True)
     src = build_sources(work, args.layers, args.experts)
     rows = []

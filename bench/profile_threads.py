@@ -16,12 +16,12 @@ import argparse
 import collections
 import re
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from real_shapes import JOBS, build_sources, convert  # bench/ is on sys.path
+from scratch import work_dir
 
 from moeport.parallel import available_cores
 
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--out", type=Path, default=None, help="where the output goes (default: in --work)")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-prof-"))
+    work = work_dir(args.work, "moeport-prof-")
     work.mkdir(parents=True, exist_ok=True)
     name = list(JOBS)[args.job - 1]
     kind, to, extra = JOBS[name]

@@ -27,13 +27,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import xxhash
 from gpu_path import pcie_gbps, write_gbps  # the same bounds as the GPU bench (bench/ is on sys.path)
+from scratch import work_dir
 
 from moeport.convert.batching import DEFAULT_HOST_THREADS, Batcher, batching
 from moeport.convert.execute import describe_recipe, execute
@@ -180,7 +180,7 @@ def main() -> None:
     # "cuda": batches run by the default number of host threads; "cuda@N": by N host threads
     devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
     names = list(JOBS) if args.jobs == "all" else [list(JOBS)[int(i) - 1] for i in args.jobs.split(",")]
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-real-"))
+    work = work_dir(args.work, "moeport-real-")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     src = build_sources(work, args.layers, args.experts)

@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from convert_rss import TRANSFORMERS_JOB, peak_rss
 from gpu_target import LLMC_JOB
 from kt_convert import RUNNER as KT_RUNNER
+from scratch import work_dir
 
 from moeport.sources import open_checkpoint
 from moeport.synthetic import SyntheticSpec, write_synthetic
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--llmc-python", default=str(Path(__file__).resolve().parents[1] / ".llmc/bin/python"))
     ap.add_argument("--skip-peers", action="store_true")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="moeport-suite-"))
+    work = work_dir(args.work, "moeport-suite-")
     work.mkdir(parents=True, exist_ok=True)
     bf16, fp8 = work / "src-bf16", work / "src-fp8"
     if not (bf16 / "config.json").exists():
@@ -110,7 +110,7 @@ def main() -> None:
             ]  # fmt: skip
             run("BF16 -> kt INT4 T=2", "kt script", kt, bf16)
     _table(rows)
-    print(f"work dir: {work}")
+    print(f"work dir: {work}" if args.work else "work dir: removed (pass --work DIR to keep it)")
 
 
 def _table(rows: list[tuple[str, str, float, float, int]]) -> None:
