@@ -16,6 +16,8 @@ import inspect
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -349,6 +351,25 @@ def test_zoo_expert_layouts_agree_with_transformers() -> None:
             derived = derive_family(model_type)
             for field in ("hub", "fused", "linear", "fused_renames", "router", "shared_expert"):
                 assert getattr(derived, field) == getattr(family, field), (model_type, field)
+
+
+def test_shared_expert_count_is_read_under_the_configs_own_name(tmp_path: Path) -> None:
+    """ERNIE-4.5 states its shared experts as `moe_num_shared_experts` (2 on the Hub and in
+    transformers' defaults); inspect said 1, the count it assumes where a config states none."""
+    src = _save_tiny("ernie4_5_moe", tmp_path / "src")
+    stated = json.loads((src / "config.json").read_text())["moe_num_shared_experts"]
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+    assert stated == 2 and det.shared_experts == stated
+
+
+def test_inspect_says_dash_for_a_size_the_config_does_not_state(tmp_path: Path) -> None:
+    """Doge's experts are embedding rows: no intermediate size, shown as '-' rather than None."""
+    src = _save_tiny("doge", tmp_path / "src")
+    out = subprocess.run(
+        [sys.executable, "-m", "moeport", "inspect", str(src)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "None" not in out and re.search(r"expert\s+(│\s+)*intermediate -", out), out
 
 
 def test_every_zoo_entry_says_what_transformers_lacks() -> None:

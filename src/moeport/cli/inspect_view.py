@@ -37,6 +37,12 @@ def print_kt(out: Console, r: dict) -> None:
     out.print(t)
 
 
+def _stated(value: int | None) -> str:
+    """A fact config.json states, else '-' (Switch's and NLLB-MoE's top-k is fixed by their router
+    class, Doge's experts are embedding rows, ERNIE-4.5-VL's groups have unequal widths)."""
+    return "-" if value is None else str(value)
+
+
 def print_inspect(out: Console, r: dict) -> None:
     """A Hugging Face checkpoint (or a GGUF read as one): one row per fact of the report."""
     ex, lay, by = r["experts"], r["layers"], r["bytes"]
@@ -51,8 +57,8 @@ def print_inspect(out: Console, r: dict) -> None:
     )
     t.add_row(
         "experts",
-        f"{ex['per_layer']} routed, {ex['per_token']} per token, {ex['shared']} shared; "
-        f"hidden {ex['hidden_size']}, expert intermediate {ex['intermediate_size']}",
+        f"{ex['per_layer']} routed, {_stated(ex['per_token'])} per token, {ex['shared']} shared; "
+        f"hidden {_stated(ex['hidden_size'])}, expert intermediate {_stated(ex['intermediate_size'])}",
     )
     for st in r.get("stacks", []):  # several stacks: each with its own layers and sizes
         t.add_row(

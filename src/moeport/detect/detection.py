@@ -365,4 +365,4 @@ def _shared_experts(ck: Checkpoint, family: Family, cfg: ModelConfig, block: str
     value = cfg.first_int(family.fields.shared_experts) if family.fields.shared_experts else None
     if value is None or family.fields.shared_experts == ("shared_expert_intermediate_size",):
         return 1  # Qwen: one shared expert, sized by shared_expert_intermediate_size
-    return value
+    return max(value, 1)  # its tensors are there, whatever a default of 0 says

@@ -12,6 +12,7 @@ then matches the layout against the checkpoint's actual keys.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import fields as dataclass_fields
 from functools import cache
@@ -28,6 +29,7 @@ from moeport.zoo.families import HUB_MODEL_TYPES, ConfigFields, ExpertLayout, Fa
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
 
 LINEAR_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+SHARED_COUNT = re.compile(r"(moe_)?(n|num)_shared_experts")
 
 
 def derive_family(model_type: str) -> Family:
@@ -248,7 +250,9 @@ def _fields(
         expert_intermediate=named(inter, ("intermediate", "ffn", "d_ff")) or defaults.expert_intermediate,
         first_dense=declared(defaults.first_dense),
         mtp_layers=declared(defaults.mtp_layers),
-        shared_experts=declared(defaults.shared_experts),
+        # the shared-expert count under each family's name (ERNIE's and Aria's `moe_num_shared_experts`,
+        # AFMoE's `num_shared_experts`); read only where the checkpoint holds shared-expert tensors
+        shared_experts=tuple(k for k in text if SHARED_COUNT.fullmatch(k)),
         # the experts' own hidden size where it is not the model's (MuseSpark's `moe_hidden_size`)
         hidden_size=(named(expert_hidden, ("hidden",)) if expert_hidden != hidden else ())
         or defaults.hidden_size,
