@@ -146,3 +146,102 @@ def gpt_oss_mxfp4(src: Path, out: Path) -> Path:
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": skip}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+# stepfun-ai/Step-3.5-Flash's config.json keys (Step3p5ForCausalLM, remote code), at tiny sizes: the
+# real one has 45 layers (MoE from layer 3, `moe_layers_enum` "3,...,44"), 288 experts, top 8, I=1280,
+# H=4096, 3 MTP layers, and pads the per-layer lists with one entry per MTP layer.
+STEP35_LAYERS, STEP35_MTP = 4, 1
+
+
+def step35_flash_config(hidden: int = 256) -> dict:
+    n, padded = STEP35_LAYERS, STEP35_LAYERS + STEP35_MTP
+    return {
+        "architectures": ["Step3p5ForCausalLM"],
+        "model_type": "step3p5",
+        "hidden_size": hidden,
+        "intermediate_size": hidden,
+        "num_hidden_layers": n,
+        "vocab_size": 256,
+        "num_attention_heads": 4,
+        "num_attention_groups": 2,
+        "head_dim": 64,
+        "attention_other_setting": {
+            "attention_type": "sliding_attention",
+            "num_attention_heads": 8,
+            "num_attention_groups": 2,
+            "head_dim": 64,
+        },
+        "layer_types": (["full_attention"] + ["sliding_attention"] * 3)[:n] + ["full_attention"] * STEP35_MTP,
+        "sliding_window": 512,
+        "rope_theta": (([5000000.0] + [10000.0] * 3) * 2)[:padded],
+        "partial_rotary_factors": (([0.5] + [1.0] * 3) * 2)[:padded],
+        "moe_num_experts": 4,
+        "moe_top_k": 2,
+        "moe_intermediate_size": hidden,
+        "share_expert_dim": hidden,
+        "moe_layers_enum": ",".join(str(i) for i in range(1, n)),
+        "moe_router_activation": "sigmoid",
+        "moe_router_scaling_factor": 3.0,
+        "use_moe_router_bias": True,
+        "need_fp32_gate": True,
+        "norm_expert_weight": True,
+        "use_head_wise_attn_gate": True,
+        "use_qk_norm": True,
+        "zero_centered": True,
+        "swiglu_limits": [0.0] * (n - 1) + [7.0] + [0.0] * STEP35_MTP,
+        "swiglu_limits_shared": [0.0] * (n - 1) + [16.0] + [0.0] * STEP35_MTP,
+        "num_nextn_predict_layers": STEP35_MTP,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": [1, 2],
+        "torch_dtype": "bfloat16",
+    }
+
+
+def step35_flash(out: Path, hidden: int = 256, seed: int = 1):
+    """A tiny Step-3.5-Flash checkpoint under the Hub's names, and transformers' model of it.
+
+    The tensors are what transformers' own `save_pretrained` writes for a seeded Step3p7 model whose
+    text config is the Hub's (its `step3p7` conversion mapping, reverted, gives Step-3.5's
+    `model.layers.{L}.moe.gate_proj.weight` stacks, `moe.router_bias`, `share_expert.`); the vision
+    tower Step-3.5 does not have is left out, and its MTP layers are added as the Hub stores them:
+    `model.layers.{num_hidden_layers + i}.` holding a decoder layer with a dense MLP plus `enorm`,
+    `hnorm`, `eh_proj` and `transformer.shared_head.norm` / `.output` (SGLang's Step3p5MTP loader
+    and the public converters read those names). Returns the folder and transformers' save of the
+    Step3p7 model (Step-3.5's tensors and a vision tower), which transformers loads by its mapping."""
+    from transformers import Step3p7Config, Step3p7ForConditionalGeneration
+
+    config = step35_flash_config(hidden)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = Step3p7ForConditionalGeneration(Step3p7Config(text_config=dict(config), vision_config=vision))
+    model = model.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    saved = out.with_name(out.name + "-step3p7")  # transformers' own save: it loads it back
+    model.save_pretrained(saved)
+    tensors = {k: v for k, v in load_tensors(saved).items() if not k.startswith(("vision_model.", "vit_"))}
+    n = config["num_hidden_layers"]
+    for i in range(STEP35_MTP):
+        mtp, first = f"model.layers.{n + i}.", "model.layers.0."  # layer 0: dense, as the MTP layers
+        for k, v in list(tensors.items()):
+            if k.startswith(first):
+                noise = torch.randn(v.shape, generator=g) * 0.01  # no two layers equal
+                tensors[mtp + k[len(first) :]] = (v.float() + noise).bfloat16()
+        for name, shape in {
+            "enorm.weight": (hidden,),
+            "hnorm.weight": (hidden,),
+            "eh_proj.weight": (hidden, 2 * hidden),
+            "transformer.shared_head.norm.weight": (hidden,),
+            "transformer.shared_head.output.weight": (config["vocab_size"], hidden),
+        }.items():
+            tensors[mtp + name] = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out, saved
