@@ -124,3 +124,51 @@ def test_w4a16_and_kt_int4_verify(step35, tmp_path: Path) -> None:
     kt = _convert(linear, tmp_path / "kt", "kt-int4", numa=1)
     assert f"model.layers.{MTP_LAYER}.eh_proj.weight" in load_tensors(kt)  # the MTP layer is carried
     assert verify(linear, kt).ok
+
+
+def _fp8_experts(src: Path, out: Path) -> Path:
+    """`src` with its routed expert stacks in FP8 blocks of 128 x 128 (`weight` E4M3 +
+    `weight_scale_inv` [E, N/128, K/128]), quantized by transformers' own Fp8Quantize: the names
+    transformers' step3p7 mapping reads (`moe.down_proj.weight_scale_inv`)."""
+    import types
+
+    from safetensors.torch import save_file
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    op = Fp8Quantize(
+        types.SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128]))
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in load_tensors(src).items():
+        stack = ".moe." in key and key.endswith("_proj.weight")
+        tensors.update(op.convert({key: value}) if stack else {key: value})
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def test_fp8_block_expert_stacks_round_trip_and_quantize(step35, tmp_path: Path) -> None:
+    """FP8-block expert stacks: found with their scales, fused into transformers' `gate_up_proj` /
+    `gate_up_proj_scale_inv` and back bit for bit, and decoded per weight for --to w4a16."""
+    fp8 = _fp8_experts(step35[0], tmp_path / "fp8")
+    with open_checkpoint(fp8) as ck:
+        det = detect(ck)
+    assert det.expert_format.name == "fp8-block" and det.layout == det.family.hub
+    assert "model.layers.{L}.moe.up_proj.weight_scale_inv" in det.expert_tensors
+    fused = load_tensors(_convert(fp8, tmp_path / "fused", "hf", layout="fused"))
+    assert fused["model.layers.1.mlp.experts.gate_up_proj_scale_inv"].shape == (4, 4, 2)
+    back = load_tensors(_convert(tmp_path / "fused", tmp_path / "back", "hf", layout="hub"))
+    source = load_tensors(fp8)
+    assert sorted(back) == sorted(source)
+    assert all(torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)) for k, v in source.items())
+    w4 = _convert(fp8, tmp_path / "w4a16", "w4a16", group_size=32)
+    assert verify(fp8, w4).ok
