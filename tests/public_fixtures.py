@@ -11,6 +11,7 @@ added, so no two layers are equal), plus the MTP-only tensors.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -245,3 +246,86 @@ def step35_flash(out: Path, hidden: int = 256, seed: int = 1):
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out, saved
+
+
+def step35_flash_headers(out: Path) -> Path:
+    """stepfun-ai/Step-3.5-Flash at its real sizes, headers only (the data is a hole: sparse, no
+    disk): its config.json facts (45 layers, dense 0-2, 288 experts, top 8, I=1280, H=4096, 3 MTP
+    layers 45-47, 64 heads on full-attention layers and 96 on sliding ones, 8 KV groups) and every
+    tensor name and shape the tiny fixture holds (step35_flash), in BF16 as the Hub's BF16 files."""
+    n, mtp, hidden, experts, inter, vocab, head = 45, 3, 4096, 288, 1280, 128896, 128
+    kinds = (["full_attention"] + ["sliding_attention"] * 3) * 12
+    config = step35_flash_config(hidden) | {
+        "num_hidden_layers": n,
+        "num_nextn_predict_layers": mtp,
+        "intermediate_size": 11264,
+        "vocab_size": vocab,
+        "num_attention_heads": 64,
+        "num_attention_groups": 8,
+        "head_dim": head,
+        "attention_other_setting": {
+            "attention_type": "sliding_attention",
+            "num_attention_heads": 96,
+            "num_attention_groups": 8,
+            "head_dim": head,
+        },
+        "layer_types": kinds[:n] + ["full_attention"] * mtp,
+        "rope_theta": [5000000.0 if k == "full_attention" else 10000.0 for k in kinds[: n + mtp]],
+        "partial_rotary_factors": [0.5 if k == "full_attention" else 1.0 for k in kinds[: n + mtp]],
+        "moe_num_experts": experts,
+        "moe_top_k": 8,
+        "moe_intermediate_size": inter,
+        "share_expert_dim": inter,
+        "moe_layers_enum": ",".join(str(i) for i in range(3, n)),
+        "swiglu_limits": [0.0] * 43 + [7.0, 7.0] + [0.0] * mtp,
+        "swiglu_limits_shared": [0.0] * 44 + [16.0] + [0.0] * mtp,
+        "max_position_embeddings": 262144,
+        "sliding_window": 512,
+    }
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    shapes |= {"lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for L in range(n + mtp):
+        p = f"model.layers.{L}."
+        heads = 64 if config["layer_types"][L] == "full_attention" else 96
+        shapes |= {
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head, hidden),
+            p + "self_attn.k_proj.weight": (8 * head, hidden),
+            p + "self_attn.v_proj.weight": (8 * head, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head),
+            p + "self_attn.g_proj.weight": (heads, hidden),
+            p + "self_attn.q_norm.weight": (head,),
+            p + "self_attn.k_norm.weight": (head,),
+        }
+        if 3 <= L < n:
+            shapes |= {
+                p + "moe.gate.weight": (experts, hidden),
+                p + "moe.router_bias": (experts,),
+                p + "moe.gate_proj.weight": (experts, inter, hidden),
+                p + "moe.up_proj.weight": (experts, inter, hidden),
+                p + "moe.down_proj.weight": (experts, hidden, inter),
+            }
+            shapes |= {p + f"share_expert.{r}_proj.weight": (inter, hidden) for r in ("gate", "up")}
+            shapes[p + "share_expert.down_proj.weight"] = (hidden, inter)
+        else:
+            shapes |= {p + f"mlp.{r}_proj.weight": (11264, hidden) for r in ("gate", "up")}
+            shapes[p + "mlp.down_proj.weight"] = (hidden, 11264)
+        if L >= n:
+            shapes |= {p + "enorm.weight": (hidden,), p + "hnorm.weight": (hidden,)}
+            shapes |= {p + "eh_proj.weight": (hidden, 2 * hidden)}
+            shapes |= {p + "transformer.shared_head.norm.weight": (hidden,)}
+            shapes |= {p + "transformer.shared_head.output.weight": (vocab, hidden)}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    out.mkdir(parents=True)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)  # a hole: no disk used
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import load_tensors
-from public_fixtures import STEP35_LAYERS, step35_flash
+from public_fixtures import STEP35_LAYERS, step35_flash, step35_flash_headers
 from rich.console import Console
 from safetensors import safe_open
 
@@ -172,3 +172,44 @@ def test_fp8_block_expert_stacks_round_trip_and_quantize(step35, tmp_path: Path)
     assert all(torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)) for k, v in source.items())
     w4 = _convert(fp8, tmp_path / "w4a16", "w4a16", group_size=32)
     assert verify(fp8, w4).ok
+
+
+def test_full_size_headers_inspect_and_plan(tmp_path: Path) -> None:
+    """Step-3.5-Flash at its real sizes (sparse files: headers only): 288 routed experts, 8 per
+    token, 1 shared, dense layers 0-2, MoE 3-44, MTP 45-47 (199.3B parameters, 371 GiB in BF16:
+    the Hub's 196.8B and ~372 GB, MTP layers included); the fused conversion is planned in full
+    before any data is read."""
+    from typer.testing import CliRunner
+
+    from moeport.cli.app import app
+
+    src = step35_flash_headers(tmp_path / "full")
+    with open_checkpoint(src) as ck:
+        det = detect(ck)
+    assert (det.experts_per_layer, det.experts_per_token, det.shared_experts) == (288, 8, 1)
+    assert det.dense_layers == [0, 1, 2] and det.moe_layers == list(range(3, 45))
+    assert det.mtp_layers == [45, 46, 47] and det.expert_intermediate_size == 1280
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            str(src),
+            str(tmp_path / "fused"),
+            "--to",
+            "hf",
+            "--layout",
+            "fused",
+            "--dry-run",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["dry_run"] and plan["bytes_in"] == (src / "model.safetensors").stat().st_size - _header(src)
+    assert not (tmp_path / "fused").exists()
+
+
+def _header(folder: Path) -> int:
+    """The bytes of a safetensors file before its data: the 8-byte length and the JSON header."""
+    with open(folder / "model.safetensors", "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
