@@ -41,11 +41,12 @@ def test_families_lists_every_moe_model_type_with_how_it_is_supported() -> None:
     for model_type in TINY_CONFIG_TYPES:
         detail = rows[model_type]["detail"]
         assert not any(why in detail for why in UNBUILT), (model_type, detail)
-    for model_type in ("lfm2_moe", "dots3_note", "qwen3_omni_moe_text", "step3p5", "unlimited_ocr_text"):
+    for model_type in ("lfm2_moe", "dots3_note", "qwen3_omni_moe_text", "unlimited_ocr_text"):
         assert rows[model_type]["support"] == "derived", rows[model_type]
     # a sub-config type's checkpoints come from its wrapper: named, with the wrapper's support
     assert "a sub-model of qwen3_omni_moe: " in rows["qwen3_omni_moe_talker_text"]["detail"]
-    assert "a sub-model of step3p7: " in rows["step3p5"]["detail"]
+    # Step-3.5-Flash ships its own `step3p5` checkpoints under names transformers maps for step3p7 only
+    assert rows["step3p5"]["support"] == "zoo" and rows["step3p7"]["support"] == "derived"
     # VitPose+'s experts are one bare linear each (`mlp.experts.{E}.weight`), with no router
     assert rows["vitpose_backbone"]["support"] == "derived"
     assert "mlp.experts.{E}.weight (each expert one linear)" in rows["vitpose_backbone"]["detail"]

@@ -336,6 +336,7 @@ ZOO_ONLY = {  # what the zoo knows that transformers' definitions do not give (w
     "dbrx": "2-D [E * I, H] expert parameters, nested ffn_config, no per-expert form in transformers",
     "longcat_flash": "zero-compute experts: transformers' gate_up_proj holds E + Z, the Hub E",
     "doge": "experts are embedding rows; which is the input row only DogeCDMoE's forward says",
+    "step3p5": "Step-3.5-Flash's hub names: transformers maps them for `step3p7` only",
 }
 
 

@@ -28,6 +28,7 @@ from moeport.detect.stacks import (
 )
 from moeport.detect.zero_experts import drop_zero_experts, routed_in_stack
 from moeport.errors import MoeportError
+from moeport.mappings.rename import Rename
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.derived import NotDerivable, lookup_family
 from moeport.zoo.families import (
@@ -153,7 +154,7 @@ def detect(ck: Checkpoint) -> Detection:
         mtp_layers=mtp,
         experts_per_layer=experts,
         experts_per_token=cfg.first_int(family.fields.experts_per_token),
-        shared_experts=_shared_experts(ck, family, cfg, block.replace("{L}", str(first))),
+        shared_experts=_shared_experts(ck, family, cfg, match, first),
         hidden_size=cfg.first_int(family.fields.hidden_size),
         expert_intermediate_size=configured_intermediate(cfg, family),
         expert_format=fmt,
@@ -356,11 +357,15 @@ def _templates(match: LayoutMatch, layer: int) -> list[str]:
     return out
 
 
-def _shared_experts(ck: Checkpoint, family: Family, cfg: ModelConfig, block: str) -> int:
+def _shared_experts(ck: Checkpoint, family: Family, cfg: ModelConfig, match: LayoutMatch, layer: int) -> int:
     if family.shared_expert is None:
         return 0
-    prefix = f"{block}{family.shared_expert}."
-    if not any(k.startswith(prefix) for k in ck.keys()):
+    at = match.layer_prefix.replace("{L}", str(layer))
+    prefix = f"{at}{match.layout.block_prefix}{family.shared_expert}."
+    # `shared_expert` is named in the fused layout's block; a hub that keeps it elsewhere (Step-3.5's
+    # `share_expert.` beside its `moe.` block) has the name the family's renames give back
+    hub = Rename(family.fused_renames).inverse()(f"{at}{family.fused.block_prefix}{family.shared_expert}.")
+    if not any(k.startswith((prefix, hub)) for k in ck.keys()):
         return 0
     value = cfg.first_int(family.fields.shared_experts) if family.fields.shared_experts else None
     if value is None or family.fields.shared_experts == ("shared_expert_intermediate_size",):

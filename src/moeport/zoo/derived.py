@@ -115,11 +115,13 @@ def _derive_or_raise(model_type: str) -> Family:
 
 def lookup_family(model_types: Iterable[str]) -> tuple[Family, str]:
     """The zoo's family of the first of `model_types` it lists (a wrapper's, then its text
-    model's), else the first one derived from transformers; NotDerivable gives every reason."""
+    model's, unless that entry is for its own checkpoints only: Step-3.5's, whose wrapper Step-3.7
+    transformers maps itself), else the first one derived from transformers; NotDerivable gives
+    every reason."""
     model_types = list(model_types)
-    for model_type in model_types:
+    for i, model_type in enumerate(model_types):
         family = family_for_model_type(model_type)
-        if family is not None:
+        if family is not None and (i == 0 or family.read_in_wrappers):
             return family, model_type
     reasons = []
     for model_type in model_types:

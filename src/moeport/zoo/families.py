@@ -127,6 +127,9 @@ class Family:
     # deeper than `text_config` (Qwen3-Omni: `thinker_config.text_config`).
     stacks: tuple[Stack, ...] = ()
     config: str = ""
+    # Whether a wrapper's checkpoint whose text model is of this type is read with this family
+    # (Kimi-K2.5 around DeepSeek-V3); False where transformers derives the wrapper itself (Step-3.7).
+    read_in_wrappers: bool = True
 
     @property
     def per_expert(self) -> ExpertLayout:
@@ -138,6 +141,20 @@ class Family:
         found = (self.hub,) if self.hub == self.fused else (self.hub, self.fused)
         return found + ((self.linear,) if self.linear is not None and self.linear not in found else ())
 
+
+# Step-3.5-Flash (stepfun-ai/Step-3.5-Flash, model_type `step3p5`): per MoE layer one stack per
+# projection under `moe.` (`moe.gate_proj.weight` / `up_proj` [E, I, H], `down_proj` [E, H, I]), the
+# router `moe.gate.weight` [E, H] and `moe.router_bias` [E], the shared expert as `share_expert.`.
+# transformers' Step3p7 text model (model_type `step3p5`) holds them as its fused `mlp.experts`; the
+# renames are its `step3p7` conversion mapping's (tests check both against transformers).
+STEP3P5_HUB = ExpertLayout(
+    "fused", "moe", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, container="", dotted=True
+)
+STEP3P5_RENAMES: tuple[tuple[str, str], ...] = (
+    ("moe.gate", "mlp.gate"),
+    ("moe.router_bias", "mlp.gate.e_score_correction_bias"),
+    ("share_expert", "mlp.shared_experts"),
+)
 
 # DeepSeek-V4's reference names vs transformers' (checked against transformers' own save, both ways).
 DSV4_RENAMES: tuple[tuple[str, str], ...] = (
@@ -217,6 +234,27 @@ FAMILIES: tuple[Family, ...] = (
         shared_expert="shared_expert",
         fields=QWEN_FIELDS,
         zoo_because="its MTP layer is stored apart (`mtp.layers.{L}.`), and transformers' model holds none",
+    ),
+    Family(
+        "step3p5",
+        "Step-3.5-Flash",
+        ("step3p5",),
+        hub=STEP3P5_HUB,
+        # the Hub's names; `layers.{L}.`: what transformers' own Step3p7TextModel saves
+        layer_prefixes=("model.layers.{L}.", "layers.{L}."),
+        router_bias=("gate.e_score_correction_bias", "router_bias"),
+        shared_expert="shared_experts",
+        fields=ConfigFields(
+            num_experts=("moe_num_experts", "n_routed_experts", "num_local_experts"),
+            experts_per_token=("moe_top_k", "num_experts_per_tok"),
+            first_dense=(),
+            shared_experts=(),
+        ),
+        fused_renames=STEP3P5_RENAMES,
+        linear=ExpertLayout("per-expert", "moe", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+        read_in_wrappers=False,  # Step-3.7 (`step3p7`): derived from transformers' own mapping
+        zoo_because="transformers maps Step-3.5-Flash's hub names (`moe.gate_proj.weight` stacks, "
+        "`moe.router_bias`, `share_expert.`) for `step3p7` only; its `step3p5` text model has no mapping",
     ),
     Family(
         "gpt_oss",
