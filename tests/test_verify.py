@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -24,8 +26,6 @@ L1 = "model.layers.1.mlp.experts."
 
 
 def hf(src: Path, out: Path, layout: str) -> Path:
-    from rich.console import Console
-
     run_convert(
         src, out, "hf", Options(layout=layout), RunFlags(overwrite=True, quiet=True), Console(quiet=True)
     )
@@ -262,3 +262,27 @@ def test_one_bad_group_scale_is_found_and_named(checkpoint, tmp_path) -> None:
     assert _flagged(report) == {victim}
     flagged = report.flagged[0]
     assert flagged.rel_l2 < 0.25 and flagged.problem.startswith("row 5, columns 32-63: relative error")
+
+
+def test_fp8_dequantized_to_bf16_is_rounding_not_bad_scales(checkpoint, tmp_path) -> None:
+    """Blocks whose FP8 scale is a power of two come out of a BF16 cast exact, the others off by
+    BF16's rounding: against a median block of 0 that read as 'inf x, a bad scale?'. A block
+    really changed in the BF16 output is still named."""
+    fp8 = shutil.copytree(checkpoint("qwen3_moe", "hub", "fp8-block"), tmp_path / "fp8")
+
+    def powers_of_two_but_one(t):
+        for k, v in t.items():
+            if k.endswith("weight_scale_inv"):
+                scale = torch.exp2(torch.round(torch.log2(v.float())))
+                scale.view(-1)[0] = v.view(-1)[0]  # one block keeps its own scale
+                t[k] = scale.to(v.dtype)
+
+    plant(fp8, powers_of_two_but_one)
+    out = tmp_path / "bf16"
+    run_convert(fp8, out, "hf", Options(dtype="bf16"), RunFlags(quiet=True), Console(quiet=True))
+    assert verify(fp8, out).ok
+
+    def scale_a_block(t):
+        t[L1 + "1.up_proj.weight"][7, 32:64] *= 1.05
+
+    assert _flagged(verify(fp8, plant(out, scale_a_block))) == {L1 + "1.up_proj.weight"}

@@ -33,6 +33,9 @@ class TensorResult:
     worst_block: str = ""  # where the worst block is: "row 5, columns 64-95"
     worst_block_rel: float = 0.0
     block_ratio: float = 0.0  # worst block's relative error / the median block's
+    # the relative error that rounding to the output's float dtype alone may give (bf16: 2^-7), so
+    # an FP8 source dequantized to BF16 is not read as bad scales
+    rounding: float = 0.0
 
 
 @dataclass
@@ -165,6 +168,7 @@ def compare(
             report.missing.append(name)
             continue
         result = measure(name, layer, s, got)
+        result.rounding = output.rounding(name)
         del s, got
         result.expect_exact = name in exact_names
         report.tensors.append(result)

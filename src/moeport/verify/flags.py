@@ -24,8 +24,10 @@ if TYPE_CHECKING:
     from moeport.verify.compare import Report, TensorResult
 
 BLOCK_OUTLIER = 8.0  # a block this many times the tensor's median block error is a bad group
-# Errors at float32 rounding level in every block are a rounding difference (an NVFP4 global scale
-# stored as its reciprocal by the other flavour), not a bad scale: no outlier rule applies.
+# Errors at rounding level in every block are a rounding difference, not a bad scale: no outlier
+# rule applies. Float32's level: an NVFP4 global scale stored as its reciprocal by the other flavour;
+# the output dtype's own (TensorResult.rounding): an FP8 checkpoint dequantized to BF16, where blocks
+# whose scale is a power of two come out exact and drag the median block to nothing.
 ROUNDING = 1e-6
 _INDEX = re.compile(r"\.(?:expert_)?\d+(?=\.)")  # `experts.expert_7.` too (Switch, NLLB-MoE)
 
@@ -66,7 +68,7 @@ def _problem(
         return f"{inexact} while {exact_peers} of its {len(others)} peers ({role(t.name)}) are"
     if t.rel_l2 > max_rel_error:
         return f"relative error {t.rel_l2:.3g} > {max_rel_error}"
-    if t.worst_block_rel <= ROUNDING:
+    if t.worst_block_rel <= max(ROUNDING, t.rounding):
         return ""
     if median and t.rel_l2 > outlier_factor * median:
         return f"relative error {t.rel_l2:.3g} is {t.rel_l2 / median:.1f}× the median {median:.3g}"

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from moeport.convert.plan import Plan, apply_unit
+from moeport.dtypes import torch_dtype_of
 from moeport.mappings.values import Value, realize
 from moeport.sources.checkpoint import Checkpoint
 from moeport.verify.canonical import CanonicalLayer
@@ -89,6 +90,18 @@ class PlanSide:
         value = self.lazy.pop(name, None)
         return None if value is None else as_float(realize(value))
 
+    def rounding(self, name: str) -> float:
+        """The relative error that storing `name` as a plain 16- or 32-bit float may give: an FP8
+        checkpoint cast to BF16 is off by up to 2^-7 in any block, which is no bad scale. 0 for a
+        quantized output (codes and scales, FP8 included), whose every check applies."""
+        i = self.unit_of.get(name)
+        stored = (
+            [torch_dtype_of(self.ck.info(k).dtype) for k in self.units[i].op.inputs] if i is not None else []
+        )
+        if not stored or any(not d.is_floating_point or d.itemsize < 2 for d in stored):
+            return 0.0
+        return max(torch.finfo(d).eps for d in stored)
+
     def release(self, layer: int | None) -> list[str]:
         """Names of `layer` never asked for (extra), their lazy values dropped."""
         extra: list[str] = []
@@ -122,6 +135,9 @@ class LayerSide:
 
     def take(self, layer: int | None, name: str) -> torch.Tensor | None:
         return self._layer(layer).pop(name, None)
+
+    def rounding(self, name: str) -> float:  # kt's weights are quantized: no float rounding bound
+        return 0.0
 
     def release(self, layer: int | None) -> list[str]:
         return list(self.pending.pop(layer, {}))
