@@ -106,3 +106,10 @@ def test_unknown_model_type_is_one_line() -> None:
 def test_a_familys_own_layer_types_are_kept() -> None:
     """Only all-dense or missing `mlp_layer_types` are filled: DeepSeek-V4's hash-routed layers stay."""
     assert set(tiny_config("deepseek_v4").mlp_layer_types) == {"hash_moe"}
+
+
+def test_a_sub_config_chosen_at_load_time_builds() -> None:
+    """Kimi-K2.5's text_config class is AutoConfig (no model_type of its own): its tiny config is
+    built all the same, where it raised AttributeError."""
+    config = tiny_config("kimi_k25")
+    assert config.text_config.num_hidden_layers >= 1

@@ -194,20 +194,26 @@ def _is_wrapper(cls: type) -> bool:
 def _call(cls: type, text: dict[str, Any], small: bool) -> dict[str, Any]:
     """The config call: tiny text fields, or a wrapper's `text_config` (at any depth) with tiny
     towers beside it where `small`."""
-    own = _own(cls.model_type or cls.__name__, text)
+    own = _own(_type_name(cls), text)
     if not _is_wrapper(cls):
         return {**text, **_tied_vocab(cls, text), **own}
     out: dict[str, Any] = dict(own)
     for key, sub in (getattr(cls, "sub_configs", None) or {}).items():
         if key == "text_config":
-            out[key] = {**text, **_tied_vocab(sub, text), **_own(sub.model_type or sub.__name__, text)}
+            out[key] = {**text, **_tied_vocab(sub, text), **_own(_type_name(sub), text)}
         elif isinstance(sub, type) and _is_wrapper(sub):
             out[key] = _call(sub, text, small)
             if small:  # a nested wrapper's own tiny towers (Qwen3-Omni's thinker and talker)
-                out[key].update(sub_configs(sub.model_type or sub.__name__, text["hidden_size"]))
+                out[key].update(sub_configs(_type_name(sub), text["hidden_size"]))
         elif small and key in _default_towers(cls):
             out[key] = dict(VISION)
     return out
+
+
+def _type_name(cls: type) -> str:
+    """A config class's model_type, else its name (AutoConfig, a sub-config chosen at load time by
+    Kimi-K2.5, has neither a model_type nor fields of its own)."""
+    return getattr(cls, "model_type", "") or cls.__name__
 
 
 def _own(key: str, text: dict[str, Any]) -> dict[str, Any]:
