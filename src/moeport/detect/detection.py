@@ -158,11 +158,7 @@ def detect(ck: Checkpoint) -> Detection:
         expert_intermediate_size=configured_intermediate(cfg, family),
         expert_format=fmt,
         expert_tensors=_templates(match, first),
-        router_tensors=[
-            f"{block}{r}"
-            for r in family.router + family.router_bias
-            if f"{block}{r}".replace("{L}", str(first)) in ck
-        ],
+        router_tensors=_routers(ck, family, match.layer_prefix, match.layout, first),
         layer_bytes=layer_bytes,
         layer_expert_bytes={L: sum(ck.info(k).nbytes for k in layers[L].keys) for L in layers},
         total_bytes=ck.total_bytes,
@@ -172,6 +168,16 @@ def detect(ck: Checkpoint) -> Detection:
         layer_experts={L: counts[L] for L in moe + mtp if L in counts},
         stacks=facts,
     )
+
+
+def _routers(
+    ck: Checkpoint, family: Family, layer_prefix: str, layout: ExpertLayout, first: int
+) -> list[str]:
+    """The router tensors of the first MoE layer, under the layout's block or, for a router
+    transformers converts on load (carried as the Hub stores it), another layout's block."""
+    blocks = dict.fromkeys([layout.block_prefix, *(other.block_prefix for other in family.layouts)])
+    names = [f"{layer_prefix}{b}{r}" for r in family.router + family.router_bias for b in blocks]
+    return list(dict.fromkeys(n for n in names if n.replace("{L}", str(first)) in ck))
 
 
 def _bytes_per_layer(ck: Checkpoint, naming: LayerNaming) -> dict[int, int]:
