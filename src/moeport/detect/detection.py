@@ -26,7 +26,7 @@ from moeport.detect.stacks import (
     refuse_other_layout,
     stack_facts,
 )
-from moeport.detect.zero_experts import drop_zero_experts, routed_in_stack
+from moeport.detect.zero_experts import drop_zero_experts, stack_zero_rows
 from moeport.errors import MoeportError
 from moeport.sources.checkpoint import Checkpoint
 from moeport.zoo.derived import NotDerivable, lookup_family
@@ -62,7 +62,8 @@ class Detection:
     total_bytes: int
     warnings: list[str] = field(default_factory=list)
     naming: LayerNaming | None = None  # where each layer (MTP included) lives; main prefix only if None
-    zero_experts: int = 0  # gate/up-only rows after the routed experts in a fused gate_up (LongCat)
+    zero_experts: int = 0  # LongCat's zero-compute experts (no weights on the Hub)
+    zero_rows: int = 0  # their rows after the routed experts in the fused gate_up stacks read (5.24's)
     # routed experts of each MoE layer (stacks may differ: Qwen3-Omni's thinker and talker)
     layer_experts: dict[int, int] = field(default_factory=dict)
     # every stack of layers (zoo.families.Stack), the main one first, with its own config's sizes;
@@ -98,8 +99,11 @@ def detect(ck: Checkpoint) -> Detection:
     first = min(layers)
     inter = configured_intermediate(cfg, family)
     zero = (cfg.first_int(family.fields.zero_experts) or 0) if family.fields.zero_experts else 0
-    warnings = drop_zero_experts(match, configured_experts(cfg, family), zero, ck.root)
-    counts = {L: routed_in_stack(_expert_count(ck, match, L, inter), zero, match.layout.kind) for L in layers}
+    routed = configured_experts(cfg, family)
+    warnings = drop_zero_experts(match, routed, zero, ck.root)
+    counts = {L: _expert_count(ck, match, L, inter) for L in layers}
+    zero_rows = stack_zero_rows(counts, routed, zero, match.layout.kind)
+    counts = {L: c - zero_rows for L, c in counts.items()}
     ref_expert = 0 if match.layout.kind == "per-expert" else -1
     roles = match.layout.roles if match.layout.kind == "per-expert" else match.layout.fused_roles
     proj = match.layout.projs[roles[0]]
@@ -165,6 +169,7 @@ def detect(ck: Checkpoint) -> Detection:
         warnings=warnings,
         naming=naming,
         zero_experts=zero,
+        zero_rows=zero_rows,
         layer_experts={L: counts[L] for L in moe + mtp if L in counts},
         stacks=facts,
     )
