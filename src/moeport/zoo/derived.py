@@ -76,7 +76,7 @@ def _derive_or_raise(model_type: str) -> Family:
     if fused["layout"].groups and hub_layout != fused["layout"]:  # routers carried under hub names
         hub_block = f"{hub_prefix}{layer}.{hub_layout.block_prefix}"
         more = hub_block_members(hub_state, hub_block, fused["experts"], len(fused["layout"].groups))
-        router, bias = router + more[0], bias + more[1]
+        router, bias = tuple(dict.fromkeys(router + more[0])), tuple(dict.fromkeys(bias + more[1]))
     if not router and not fused["layout"].one_linear:  # VitPose+: the caller's dataset index picks
         where = f"{fused['prefix']}{layer}.{fused['block']}"
         raise NotDerivable(f"{model_type}: no router tensor under '{where}'")
@@ -176,6 +176,8 @@ def _block_members(
     experts = fused["experts"]
     router: list[str] = []
     bias: list[str] = []
+    late_router: list[str] = []
+    late_bias: list[str] = []
     shared: str | None = None
     for key, value in state.items():
         in_stacks = fused["layout"].container and key.startswith(stacks)  # '' : stacks sit in the block
@@ -186,14 +188,17 @@ def _block_members(
         if "shared" in first and not first.endswith("gate"):
             shared = shared or first
             continue
-        hubs = [back(key), *(converted or {}).get(key, ())]
-        names = [rel] + [h[len(hub_block) :] for h in hubs if h.startswith(hub_block)]
+        names = [rel] + ([h[len(hub_block) :]] if (h := back(key)).startswith(hub_block) else [])
+        hubs = [h[len(hub_block) :] for h in (converted or {}).get(key, ()) if h.startswith(hub_block)]
         rows = {experts, scored}
         if len(value.shape) == 2 and rows & set(value.shape) and rel.endswith(".weight"):
             router += names
+            late_router += hubs
         elif experts in value.shape and value.numel() == experts:
             bias += names
-    return tuple(dict.fromkeys(router)), tuple(dict.fromkeys(bias)), shared
+            late_bias += hubs
+    # converted hub names last: the names a rename gives keep their order (ERNIE-4.5-VL's groups)
+    return tuple(dict.fromkeys(router + late_router)), tuple(dict.fromkeys(bias + late_bias)), shared
 
 
 def _declared(text) -> dict[str, Any]:
