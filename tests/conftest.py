@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fixtures import build_transformers_checkpoint, quantize_fp8_block
+
+# transformers 5.25 loads with Hub kernels by default (`from_pretrained(use_kernels=None)` means
+# on) and refuses when the `kernels` package is absent (not on PyPI); the tests compare
+# transformers' eager CPU forwards, as transformers' own tests do (testing_utils.scoped_non_kernels)
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 
 @pytest.fixture(scope="session")

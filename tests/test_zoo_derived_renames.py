@@ -8,17 +8,24 @@ asked about layer and block indices the tiny model does not have.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from fixtures import load_tensors
+from safetensors.torch import save_file
 from test_zoo_derived import _convert, _load, _logits, _save_tiny
+from transformers import CONFIG_MAPPING
 
+from moeport.detect import detect
 from moeport.detect.layout import match_layout
+from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
+from moeport.sources import open_checkpoint
 from moeport.zoo.derived import _revert, derive_family
 from moeport.zoo.derived_renames import segment_renames
+from moeport.zoo.support import support
 from moeport.zoo.tiny import build_model, tiny_config
 
 # one type per kind of rename this module derives (Laguna's and Sarvam-MoE's: the tests below)
@@ -107,3 +114,35 @@ def test_a_shifted_index_rename_holds_in_every_layer(tmp_path: Path) -> None:
     assert torch.equal(_logits(model), _logits(_load(src)[0]))
     back = _convert(fused, tmp_path / "hub", "hf", layout="hub")
     assert load_tensors(back).keys() == load_tensors(src).keys()
+
+
+@pytest.mark.skipif("ergo" not in CONFIG_MAPPING, reason="Ergo comes with transformers 5.25")
+def test_a_router_converted_on_load_is_found_beside_either_layouts_stacks(tmp_path: Path) -> None:
+    """Ergo's Hub router `feed_forward.gate_kernel` is [H, E], transposed by transformers on load
+    into `mlp.gate.linear.weight`: the derived family names it as the Hub stores it, and `inspect`
+    finds it beside the hub stacks and beside the fused `mlp.experts.*` (carried bit for bit, where
+    transformers' loader still transposes it); a layer without it is refused naming both places.
+    Its ReLU² experts are up-only stacks, [E, H, I] on the Hub as in memory."""
+    family = derive_family("ergo")
+    assert "gate_kernel" in family.router and family.hub.roles == ("up", "down") and family.hub.transposed
+    assert "feed_forward.up_proj [E, H, I]" in support("ergo").why
+    src = _save_tiny("ergo", tmp_path / "src")
+    fused = _convert(src, tmp_path / "fused", "hf", layout="fused")
+    for path, prefix in ((src, ""), (fused, "model.")):
+        with open_checkpoint(path) as ck:
+            det = detect(ck)
+        assert det.router_tensors[0] == f"{prefix}layers.{{L}}.feed_forward.gate_kernel", path
+    hub, out = load_tensors(src), load_tensors(fused)
+    router = hub["layers.1.feed_forward.gate_kernel"]
+    assert router.shape == (64, 4) and torch.equal(out["model.layers.1.feed_forward.gate_kernel"], router)
+    assert "model.layers.1.mlp.experts.up_proj" in out
+    assert not any(k.endswith("gate.linear.weight") for k in out)
+
+    broken = tmp_path / "no-router"
+    broken.mkdir()
+    save_file({k: v for k, v in out.items() if "gate_kernel" not in k}, str(broken / "model.safetensors"))
+    shutil.copy(fused / "config.json", broken / "config.json")
+    with open_checkpoint(broken) as ck, pytest.raises(MoeportError) as refused:
+        detect(ck)
+    assert "MoE layer 1 has no router tensor" in str(refused.value) and "\n" not in str(refused.value)
+    assert "'model.layers.1.feed_forward.gate_kernel'" in str(refused.value)

@@ -61,6 +61,17 @@ def test_a_rule_of_the_family_wins_over_the_common_overrides() -> None:
     )  # "ZAYA currently supports num_experts_per_tok=1 only"
 
 
+@pytest.mark.skipif("kolibri1_1" not in CONFIG_MAPPING, reason="Kolibri-1.1 comes with transformers 5.25")
+def test_a_field_bounded_by_other_facts_takes_its_lower_bound() -> None:
+    """Kolibri-1.1: '`index_num_heads` must be between 1 and the number of query heads of key head
+    0' (12 by default; 4 query heads over 2 key heads in the tiny config): it takes 1; its other
+    refusal ('a `head_dim` that is a multiple of 16') reverts our head_dim to its default."""
+    config = tiny_config("kolibri1_1")
+    assert config.index_num_heads == 1 and config.num_attention_heads // config.num_key_value_heads == 2
+    assert config.head_dim == CONFIG_MAPPING["kolibri1_1"]().head_dim
+    assert config.hidden_size == HIDDEN and config.num_experts == EXPERTS and config.mlp_only_layers == [0]
+
+
 def test_per_layer_defaults_sized_for_full_depth_get_the_tiny_depths_types() -> None:
     """dots.3's vision encoder sets per-layer expert counts for layers 25-41 unless told its types."""
     config = tiny_config("dots3_note_vision_encoder")

@@ -26,7 +26,7 @@ from moeport.detect.stacks import (
     refuse_other_layout,
     stack_facts,
 )
-from moeport.detect.zero_experts import drop_zero_experts, routed_in_stack
+from moeport.detect.zero_experts import drop_zero_experts, stack_zero_rows
 from moeport.errors import MoeportError
 from moeport.mappings.rename import Rename
 from moeport.sources.checkpoint import Checkpoint
@@ -63,7 +63,8 @@ class Detection:
     total_bytes: int
     warnings: list[str] = field(default_factory=list)
     naming: LayerNaming | None = None  # where each layer (MTP included) lives; main prefix only if None
-    zero_experts: int = 0  # gate/up-only rows after the routed experts in a fused gate_up (LongCat)
+    zero_experts: int = 0  # LongCat's zero-compute experts (no weights on the Hub)
+    zero_rows: int = 0  # their rows after the routed experts in the fused gate_up stacks read (5.24's)
     # routed experts of each MoE layer (stacks may differ: Qwen3-Omni's thinker and talker)
     layer_experts: dict[int, int] = field(default_factory=dict)
     # every stack of layers (zoo.families.Stack), the main one first, with its own config's sizes;
@@ -99,8 +100,11 @@ def detect(ck: Checkpoint) -> Detection:
     first = min(layers)
     inter = configured_intermediate(cfg, family)
     zero = (cfg.first_int(family.fields.zero_experts) or 0) if family.fields.zero_experts else 0
-    warnings = drop_zero_experts(match, configured_experts(cfg, family), zero, ck.root)
-    counts = {L: routed_in_stack(_expert_count(ck, match, L, inter), zero, match.layout.kind) for L in layers}
+    routed = configured_experts(cfg, family)
+    warnings = drop_zero_experts(match, routed, zero, ck.root)
+    counts = {L: _expert_count(ck, match, L, inter) for L in layers}
+    zero_rows = stack_zero_rows(counts, routed, zero, match.layout.kind)
+    counts = {L: c - zero_rows for L, c in counts.items()}
     ref_expert = 0 if match.layout.kind == "per-expert" else -1
     roles = match.layout.roles if match.layout.kind == "per-expert" else match.layout.fused_roles
     proj = match.layout.projs[roles[0]]
@@ -159,20 +163,27 @@ def detect(ck: Checkpoint) -> Detection:
         expert_intermediate_size=configured_intermediate(cfg, family),
         expert_format=fmt,
         expert_tensors=_templates(match, first),
-        router_tensors=[
-            f"{block}{r}"
-            for r in family.router + family.router_bias
-            if f"{block}{r}".replace("{L}", str(first)) in ck
-        ],
+        router_tensors=_routers(ck, family, match.layer_prefix, match.layout, first),
         layer_bytes=layer_bytes,
         layer_expert_bytes={L: sum(ck.info(k).nbytes for k in layers[L].keys) for L in layers},
         total_bytes=ck.total_bytes,
         warnings=warnings,
         naming=naming,
         zero_experts=zero,
+        zero_rows=zero_rows,
         layer_experts={L: counts[L] for L in moe + mtp if L in counts},
         stacks=facts,
     )
+
+
+def _routers(
+    ck: Checkpoint, family: Family, layer_prefix: str, layout: ExpertLayout, first: int
+) -> list[str]:
+    """The router tensors of the first MoE layer, under the layout's block or, for a router
+    transformers converts on load (carried as the Hub stores it), another layout's block."""
+    blocks = dict.fromkeys([layout.block_prefix, *(other.block_prefix for other in family.layouts)])
+    names = [f"{layer_prefix}{b}{r}" for r in family.router + family.router_bias for b in blocks]
+    return list(dict.fromkeys(n for n in names if n.replace("{L}", str(first)) in ck))
 
 
 def _bytes_per_layer(ck: Checkpoint, naming: LayerNaming) -> dict[int, int]:

@@ -30,9 +30,13 @@ def check_required(
             continue
         rel = {L: by_layer.get(L, set()) for L in layers}
         block = layout.block_prefix
+        # a router transformers converts on load is carried under its hub block in either layout
+        # (Ergo's `feed_forward.gate_kernel` beside `mlp.experts.*`), as detect/stacks.py finds it
+        blocks = dict.fromkeys([block, *(other.block_prefix for other in family.layouts)])
+        routers = [b + r for r in family.router for b in blocks]
         for L in layers:
-            if family.router and not any(block + r in rel[L] for r in family.router):  # () : none (VitPose+)
-                names = " or ".join(f"'{naming.prefix(L)}{block}{r}'" for r in family.router)
+            if routers and not any(r in rel[L] for r in routers):  # () : none (VitPose+)
+                names = " or ".join(f"'{naming.prefix(L)}{r}'" for r in routers)
                 raise MoeportError(f"{ck.root}: MoE layer {L} has no router tensor (expected {names})")
         wanted = {block + b for b in family.router_bias} | {
             n for r in rel.values() for n in r if _NORM.match(n)

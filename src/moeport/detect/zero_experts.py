@@ -51,6 +51,12 @@ def drop_zero_experts(match: LayoutMatch, routed: int | None, zero: int, root: P
     ]
 
 
-def routed_in_stack(count: int, zero: int, layout_kind: str) -> int:
-    """The routed experts of a fused gate_up stack that holds the zero-compute ones after them."""
-    return count - zero if zero and layout_kind == "fused" else count
+def stack_zero_rows(counts: dict[int, int], routed: int | None, zero: int, layout_kind: str) -> int:
+    """The zero-compute experts' rows each fused gate_up stack holds after the routed ones (its
+    count less the config's routed experts): Z where every stack holds E + Z (transformers 5.24's
+    memory layout), 0 where they hold E (transformers 5.25's, as the Hub)."""
+    if not zero or layout_kind != "fused" or not counts:
+        return 0
+    if routed is None:  # no routed count to tell them by: transformers 5.24's form, as before
+        return zero
+    return zero if all(c == routed + zero for c in counts.values()) else 0

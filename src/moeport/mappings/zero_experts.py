@@ -1,7 +1,8 @@
 """The zero-compute experts' rows of a fused gate_up stack (LongCat-Flash: detect/zero_experts.py).
 
-transformers' `gate_up_proj` holds E + Z experts, the last Z never read (identity experts); the
-Hub's per-expert form holds E. Fusing pads the stack with Z zero experts (`PadExperts`: what they
+transformers 5.24's `gate_up_proj` holds E + Z experts, the last Z never read (identity experts);
+5.25's holds E, as the Hub's per-expert form does (zoo/zero_rows.py asks the installed one). Where
+transformers holds them, fusing pads the stack with Z zero experts (`PadExperts`: what they
 hold does not matter, transformers' forward never reads them, so zeros, not invented data);
 unfusing leaves them out (`CropExperts`). Each is the other's inverse; hub -> fused -> hub is
 bit-identical, fused -> hub -> fused gives the Z rows back as zeros.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from moeport.mappings.experts import LayerNames, Parts
 from moeport.mappings.ops import Chain, OneToOne, Op
 from moeport.mappings.values import Lazy, Memo, Value, derived, fill_into, is_meta, shape_of
+from moeport.zoo.zero_rows import fused_holds_zero_experts
 
 ROUTED = "#routed"  # the name of a stack cut to its routed experts
 
@@ -59,6 +61,16 @@ class CropExperts(OneToOne):
 
     def inverse(self) -> Op:
         return PadExperts(self.target, self.source, self.extra)
+
+
+def zero_rows_moved(zero: int, held: int, model_type: str, src_kind: str, dst_kind: str) -> tuple[int, int]:
+    """(rows to cut from the source's fused gate_up stacks, rows to pad the written ones with) when
+    the layout kind changes: the rows the source holds (`held`: Z from transformers 5.24, 0 from
+    5.25), and Z where the installed transformers allocates them."""
+    if not zero or src_kind == dst_kind:
+        return 0, 0
+    pad = zero if dst_kind == "fused" and fused_holds_zero_experts(model_type) else 0
+    return (held if src_kind == "fused" else 0), pad
 
 
 def crop_zero_experts(

@@ -32,7 +32,7 @@ from moeport.errors import MoeportError
 from moeport.mappings.experts import LayerNames, Parts, relayout_experts, roles_in
 from moeport.mappings.ops import Chain, Copy, Op
 from moeport.mappings.rename import IDENTITY, Rename
-from moeport.mappings.zero_experts import crop_zero_experts, pad_zero_experts, with_crops
+from moeport.mappings.zero_experts import crop_zero_experts, pad_zero_experts, with_crops, zero_rows_moved
 from moeport.recipes.base import Options, Target
 from moeport.sinks.sharded import HfSink
 from moeport.sources.checkpoint import Checkpoint
@@ -109,7 +109,9 @@ def build_hf(
     if rename is not IDENTITY:
         plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} zoo rule(s)")
     if det.zero_experts and det.layout.kind != dst_layout.kind:
-        how = "zeros in the fused gate_up stacks" if dst_layout.kind == "fused" else "left out"
+        kinds = (det.layout.kind, dst_layout.kind)
+        pad = zero_rows_moved(det.zero_experts, det.zero_rows, family.model_types[0], *kinds)[1]
+        how = "zeros in the fused gate_up stacks" if pad else "left out"
         plan.notes.append(f"{det.zero_experts} zero-compute experts per layer (never read): {how}")
     if builder.dequantized:
         plan.notes.append(f"dequantized {builder.dequantized} weight(s); quantization_config removed")
@@ -234,13 +236,12 @@ class _Builder:
         """The ops of one layer's routed experts; `experts`: the layer's count (stacks may differ)."""
         experts = det.experts_per_layer if experts is None else experts
         # LongCat's zero-compute experts (mappings/zero_experts.py): not in the per-expert form
-        zero = det.zero_experts if src.layout.kind != dst.layout.kind else 0
+        kinds = (src.layout.kind, dst.layout.kind)
+        crop, pad = zero_rows_moved(det.zero_experts, det.zero_rows, det.family.model_types[0], *kinds)
         parts = _roles(found, det)
         if det.zero_experts:  # their gate/up (transformers' save) are no routed experts' tensors
             parts = {k: v for k, v in parts.items() if k[0] < experts}
-        crop = zero if src.layout.kind == "fused" else 0
         parts, crops = crop_zero_experts(parts, crop, self.shapes, self.shape_of)
-        pad = zero if dst.layout.kind == "fused" else 0
         stored = tuple(parts.get((0, "gate"), {})) + ("weight",)
         ops = self._experts(parts, det, src, dst, experts)
         return pad_zero_experts(with_crops(ops, crops), dst, pad, stored)

@@ -23,7 +23,7 @@ from moeport.mappings.rename import Rename
 from moeport.zoo.derived_experts import NotDerivable, fused_experts, hub_experts
 from moeport.zoo.derived_groups import hub_block_members
 from moeport.zoo.derived_modules import module_experts, module_stacks, saved_heads
-from moeport.zoo.derived_renames import carried_names, segment_renames, transformers_name
+from moeport.zoo.derived_renames import carried_names, converted_sources, segment_renames, transformers_name
 from moeport.zoo.derived_stacks import stacks_of
 from moeport.zoo.families import HUB_MODEL_TYPES, ConfigFields, ExpertLayout, Family, family_for_model_type
 from moeport.zoo.tiny import EXPERTS, PER_TOKEN, build_model, tiny_config
@@ -71,11 +71,14 @@ def _derive_or_raise(model_type: str) -> Family:
     renames = _renames(model_type, model, state, hub_state, set(hub_keys))
     layer = fused["layers"][0]
     scored = EXPERTS + int(getattr(text, "n_shared_experts", None) or 0)  # Inkling's router scores both
-    router, bias, shared = _block_members(state, fused, layer, renames, hub_layout, hub_prefix, scored)
+    converted = converted_sources(model, state, hub_state)  # Ergo's router, transposed on load
+    router, bias, shared = _block_members(
+        state, fused, layer, renames, hub_layout, hub_prefix, scored, converted
+    )
     if fused["layout"].groups and hub_layout != fused["layout"]:  # routers carried under hub names
         hub_block = f"{hub_prefix}{layer}.{hub_layout.block_prefix}"
         more = hub_block_members(hub_state, hub_block, fused["experts"], len(fused["layout"].groups))
-        router, bias = router + more[0], bias + more[1]
+        router, bias = tuple(dict.fromkeys(router + more[0])), tuple(dict.fromkeys(bias + more[1]))
     if not router and not fused["layout"].one_linear:  # VitPose+: the caller's dataset index picks
         where = f"{fused['prefix']}{layer}.{fused['block']}"
         raise NotDerivable(f"{model_type}: no router tensor under '{where}'")
@@ -162,11 +165,14 @@ def _block_members(
     hub: ExpertLayout,
     hub_prefix: str,
     scored: int = 0,
+    converted: dict[str, list[str]] | None = None,
 ) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
     """Router weights ([E, H] or [H, E]; [E + shared, H] where the router scores the shared
     experts too, `scored` rows), router biases ([E]) and the shared-expert module of a MoE block
     (its parameters, or sub-modules, under a name with 'shared'; not a `shared_expert_gate`),
-    named relative to the block in both layouts."""
+    named relative to the block in both layouts. A router transformers converts on load
+    (`converted`: in-memory key -> hub keys) is also named as the Hub stores it, which is how
+    moeport carries it in either layout (zoo/derived_renames.py)."""
     block = f"{fused['prefix']}{layer}.{fused['block']}"
     stacks = f"{fused['prefix']}{layer}.{fused['layout'].base}"
     back = Rename(renames).inverse()
@@ -174,6 +180,8 @@ def _block_members(
     experts = fused["experts"]
     router: list[str] = []
     bias: list[str] = []
+    late_router: list[str] = []
+    late_bias: list[str] = []
     shared: str | None = None
     for key, value in state.items():
         in_stacks = fused["layout"].container and key.startswith(stacks)  # '' : stacks sit in the block
@@ -185,12 +193,16 @@ def _block_members(
             shared = shared or first
             continue
         names = [rel] + ([h[len(hub_block) :]] if (h := back(key)).startswith(hub_block) else [])
+        hubs = [h[len(hub_block) :] for h in (converted or {}).get(key, ()) if h.startswith(hub_block)]
         rows = {experts, scored}
         if len(value.shape) == 2 and rows & set(value.shape) and rel.endswith(".weight"):
             router += names
+            late_router += hubs
         elif experts in value.shape and value.numel() == experts:
             bias += names
-    return tuple(dict.fromkeys(router)), tuple(dict.fromkeys(bias)), shared
+            late_bias += hubs
+    # converted hub names last: the names a rename gives keep their order (ERNIE-4.5-VL's groups)
+    return tuple(dict.fromkeys(router + late_router)), tuple(dict.fromkeys(bias + late_bias)), shared
 
 
 def _declared(text) -> dict[str, Any]:

@@ -67,6 +67,27 @@ def carried_names(model, state: dict, hub_state: dict, skip: set[str]) -> dict[s
     return out
 
 
+def converted_sources(model, state: dict, hub_state: dict) -> dict[str, list[str]]:
+    """Each in-memory key that transformers builds on load by converting hub tensors (not a plain
+    rename: Ergo's router `feed_forward.gate_kernel` [H, E], transposed into `mlp.gate.linear.weight`)
+    -> those hub keys, so the hub names of a router or bias are known where no rename gives them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    held = {id(v) for v in state.values()}
+    out: dict[str, list[str]] = {}
+    for hub_key, value in hub_state.items():
+        if id(value) in held:  # the same tensor on both sides: renamed, not converted
+            continue
+        target, pattern = rename_source_key(hub_key, renamings, converters)
+        if pattern is not None and target in state:
+            out.setdefault(target, []).append(hub_key)
+    return out
+
+
 class _Region(NamedTuple):
     """One differing stretch of a renamed key, column `at` of the key's aligned columns: each
     column is (hub segments, fused segments), one segment each where the two names agree."""

@@ -136,7 +136,8 @@ def _summary(family: Family) -> str:
         names = "/".join(hub.projs[r] for r in hub.roles) or "weight (each expert one linear)"
         form = f"hub {hub.expert_base}{{E}}.{names}"
     else:
-        form = f"hub {hub.templates('')[0]}{' [E, H, 2I]' if hub.transposed else ''}"
+        width = "2I" if hub.gated else "I"  # gate and up stacked, or up alone (Ergo's ReLU² experts)
+        form = f"hub {hub.templates('')[0]}{f' [E, H, {width}]' if hub.transposed else ''}"
     fused = "same as hub" if family.fused == hub else f"fused {family.fused.templates('')[0]}"
     if family.fused.groups:  # ERNIE-4.5-VL: one block of stacks per contiguous range of experts
         fused += f" (expert groups {', '.join(family.fused.groups)}, in order)"

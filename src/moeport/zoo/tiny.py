@@ -134,6 +134,14 @@ TYPE_OVERRIDES: dict[str, dict[str, Any] | Callable[[dict[str, Any]], dict[str, 
             "moe_top_k": PER_TOKEN,
         },
     ),
+    # Ergo: its own names for the dense and shared MLP widths (32768 and 8192 by default); its
+    # attention computes hidden / heads as head size while its rotary reads `head_dim` (undeclared,
+    # absent from its config.json) when set
+    "ergo": lambda t: dict(
+        first_dense_intermediate_size=t["intermediate_size"],
+        shared_intermediate_size=t["moe_intermediate_size"],
+        head_dim=t["hidden_size"] // t["num_attention_heads"],
+    ),
     # LongCat-Flash: 256 zero-compute experts by default (identity, no weights on the Hub; rows of
     # transformers' gate_up_proj): two keep the tiny model tiny and some tokens routed to them
     "longcat_flash": dict(zero_expert_num=2),

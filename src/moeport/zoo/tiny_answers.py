@@ -21,6 +21,7 @@ _LIST_TYPED = re.compile(r"Field '(\w+)' with value (-?\d+) doesn't match any ty
 _NAME = r"`?([A-Za-z_][\w.]*)`?(?:\s*\((-?\d+)\))?"
 _EQUAL = re.compile(_NAME + r"\s+must (?:match|be the same as|equal)\s+(?:the\s+)?" + _NAME)
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?![\w.])")
+_BETWEEN = re.compile(r"`?([A-Za-z_]\w*)`? must be between (-?\d+) and ")
 
 
 def candidates(cls: type, kwargs: Kwargs, message: str) -> Iterator[Kwargs]:
@@ -29,6 +30,7 @@ def candidates(cls: type, kwargs: Kwargs, message: str) -> Iterator[Kwargs]:
     yield from _equalities(kwargs, message)
     yield from _tie_text_width(cls, kwargs, message)
     yield from _per_layer(cls, kwargs, message)
+    yield from _lower_bound(kwargs, message)
     yield from _reverts(kwargs, message)
 
 
@@ -131,6 +133,18 @@ def _per_layer(cls: type, kwargs: Kwargs, message: str) -> Iterator[Kwargs]:
     out = copy.deepcopy(kwargs)
     layers = int(text.get("num_hidden_layers", 2))
     _text(out)["mlp_layer_types"] = ["dense"] + ["sparse"] * (layers - 1)
+    yield out
+
+
+def _lower_bound(kwargs: Kwargs, message: str) -> Iterator[Kwargs]:
+    """`A must be between 1 and <a fact of the config>` (Kolibri-1.1's `index_num_heads`, 12 by
+    default, at most the query heads per key head: 2 in the tiny config): A takes the lower bound,
+    valid whatever the other side works out to."""
+    m = _BETWEEN.search(message)
+    if not m:
+        return
+    out = copy.deepcopy(kwargs)
+    _text(out)[m[1]] = int(m[2])
     yield out
 
 
