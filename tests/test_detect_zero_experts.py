@@ -65,3 +65,22 @@ def test_an_extra_expert_that_is_not_a_zero_compute_one_is_refused(tmp_path: Pat
         detect(ck)
     assert f"expert {EXPERTS - 1} has ['down_proj', 'gate_proj', 'up_proj']" in str(e.value)
     assert f"indices {EXPERTS - 1}..{EXPERTS + config['zero_expert_num'] - 2}" in str(e.value)
+
+
+def test_kt_and_w4a16_from_the_fused_form_leave_the_zero_compute_experts_out(tmp_path: Path) -> None:
+    """From transformers' fused save (gate_up [E + Z, 2I, H], the Z rows never read) kt-int4 and
+    w4a16 write the bytes they write from the Hub's form (E experts): the Z rows are cut, as
+    `--layout hub` does; verify passes."""
+    from test_public_names import assert_verified
+
+    saved = _save_tiny("longcat_flash", tmp_path / "saved", hidden=128, inter=128)
+    hub = _hub_form(saved, tmp_path / "hub")
+    model, _ = _load(saved)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "fused", save_original_format=False)
+    stack = load_tensors(tmp_path / "fused")["model.layers.0.mlp.experts.gate_up_proj"]
+    assert stack.shape[0] > EXPERTS and stack[EXPERTS:].any()  # what transformers holds: E + Z
+    for to, options in (("kt-int4", {}), ("w4a16", {"group_size": 32})):
+        want = load_tensors(_convert(hub, tmp_path / f"{to}-hub", to, **options))
+        got = load_tensors(_convert(tmp_path / "fused", tmp_path / to, to, **options))
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), to
+        assert_verified(tmp_path / "fused", tmp_path / to)

@@ -20,6 +20,7 @@ from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Copy, Op, Split, Unstack
 from moeport.mappings.rules import ROWS, VECTOR
+from moeport.mappings.zero_experts import ROUTED, CropExperts
 from moeport.recipes.base import Options, Target
 from moeport.recipes.kt_cpu import check_cpu, host_flags
 from moeport.recipes.kt_shapes import expert_shape, one_size
@@ -74,8 +75,10 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             if bias:
                 raise MoeportError(f"{group[bias[0]]}: kt-kernel AMX experts have no bias term")
             groups[(e, role_of[proj])] = active_parts(group)
-        experts = _fused_experts(ck, groups) if fused else det.experts_in(number)
-        shapes[number] = expert_shape(ck, number, groups, experts, det.expert_format, fused)
+        # a fused gate_up holds LongCat's zero-compute experts after the routed ones (never read)
+        experts = _fused_experts(ck, groups) - det.zero_experts if fused else det.experts_in(number)
+        zero = det.zero_experts if fused else 0
+        shapes[number] = expert_shape(ck, number, groups, experts, det.expert_format, fused, zero)
         layers[number] = (groups, experts)
     if not layers:
         raise MoeportError(f"{ck.root}: no MoE layers to convert")
@@ -137,6 +140,7 @@ class _Builder:
 
     def __init__(self, kt: KtLayout, det: Detection, device: str):
         self.kt, self.fmt, self.device = kt, det.expert_format, device
+        self.zero = det.zero_experts  # rows after the routed experts in a fused gate_up (LongCat)
         self.codec = K.KtAmxCodec(kt.bits)
         self._specs: dict[tuple[int, int], tuple] = {}
 
@@ -180,7 +184,9 @@ class _Builder:
         return ops
 
     def fused_layer(self, ck: Checkpoint, layer: int, groups: Groups) -> list[Op]:
-        """Every part with an expert dim is unstacked (read one expert at a time); then per expert."""
+        """Every part with an expert dim is unstacked (read one expert at a time); then per expert.
+        LongCat's zero-compute experts' gate_up rows are cut first, as `--layout hub` does (kt's
+        layout holds the E weighted experts; the zero-compute ones are identities, no weights)."""
         ops: list[Op] = []
         experts, h, i = self.kt.experts, self.kt.hidden, self.kt.inter
         per_expert: dict[str, list[dict[str, str]]] = {}
@@ -188,9 +194,13 @@ class _Builder:
             per_expert[role] = [{} for _ in range(experts)]
             for part, key in groups[(-1, role)].items():
                 shape = ck.info(key).shape
-                if shape and shape[0] == experts:
+                cut = self.zero if role == "gate_up" and shape and shape[0] == experts + self.zero else 0
+                if shape and shape[0] == experts + cut:
+                    source = key + ROUTED if cut else key
+                    if cut:
+                        ops.append(CropExperts(key, source, cut))
                     names = tuple(f"{key}#{e}" for e in range(experts))
-                    ops.append(Unstack(key, names))
+                    ops.append(Unstack(source, names))
                 else:  # one value shared by every expert (a per-tensor scale)
                     names = (key,) * experts
                 for e in range(experts):
