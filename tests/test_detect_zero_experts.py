@@ -68,9 +68,10 @@ def test_an_extra_expert_that_is_not_a_zero_compute_one_is_refused(tmp_path: Pat
 
 
 def test_kt_and_w4a16_from_the_fused_form_leave_the_zero_compute_experts_out(tmp_path: Path) -> None:
-    """From transformers' fused save (gate_up [E + Z, 2I, H], the Z rows never read) kt-int4 and
-    w4a16 write the bytes they write from the Hub's form (E experts): the Z rows are cut, as
-    `--layout hub` does; verify passes."""
+    """From transformers' fused save (gate_up [E + Z, 2I, H], the Z rows never read), in BF16 and
+    FP8 blocks, kt-int4 and w4a16 write the bytes they write from the Hub's form (E experts): the
+    Z rows (and their scales) are cut, as `--layout hub` does; verify passes."""
+    from fixtures import quantize_fp8_block
     from test_public_names import assert_verified
 
     saved = _save_tiny("longcat_flash", tmp_path / "saved", hidden=128, inter=128)
@@ -79,8 +80,11 @@ def test_kt_and_w4a16_from_the_fused_form_leave_the_zero_compute_experts_out(tmp
     model.to(torch.bfloat16).save_pretrained(tmp_path / "fused", save_original_format=False)
     stack = load_tensors(tmp_path / "fused")["model.layers.0.mlp.experts.gate_up_proj"]
     assert stack.shape[0] > EXPERTS and stack[EXPERTS:].any()  # what transformers holds: E + Z
-    for to, options in (("kt-int4", {}), ("w4a16", {"group_size": 32})):
-        want = load_tensors(_convert(hub, tmp_path / f"{to}-hub", to, **options))
-        got = load_tensors(_convert(tmp_path / "fused", tmp_path / to, to, **options))
-        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), to
-        assert_verified(tmp_path / "fused", tmp_path / to)
+    fp8 = [quantize_fp8_block(p, tmp_path / f"{p.name}-fp8") for p in (hub, tmp_path / "fused")]
+    cases = [(hub, tmp_path / "fused", "kt-int4", {}), (hub, tmp_path / "fused", "w4a16", {"group_size": 32})]
+    for src_hub, src_fused, to, options in [*cases, (*fp8, "kt-int4", {})]:
+        out = tmp_path / f"{src_fused.name}-{to}"
+        want = load_tensors(_convert(src_hub, tmp_path / f"{src_hub.name}-{to}", to, **options))
+        got = load_tensors(_convert(src_fused, out, to, **options))
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), out
+        assert_verified(src_fused, out)
