@@ -1,5 +1,6 @@
 """LongCat-Flash's zero-compute experts: the Hub's form (E weighted experts) converts to
-transformers' fused stacks (E + Z gate/up rows) and back bit for bit, and runs in transformers."""
+transformers' fused stacks (E + Z gate/up rows) and back bit for bit, and runs in transformers;
+kt and w4a16 from the fused stacks leave the Z rows out (kt-kernel's own bytes for the E experts)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,25 @@ def test_kt_and_w4a16_from_the_fused_form_leave_the_zero_compute_experts_out(tmp
         got = load_tensors(_convert(src_fused, out, to, **options))
         assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), out
         assert_verified(src_fused, out)
+
+
+def test_kt_int4_from_the_fused_form_is_what_kt_kernel_writes_for_the_routed_experts(
+    monkeypatch, tmp_path: Path
+) -> None:
+    """kt-kernel itself, given the E routed experts of transformers' fused stacks (the first E of
+    gate_up's E + Z), writes the files moeport writes from that fused checkpoint."""
+    from kt_support import kt_write_folder
+
+    saved = _save_tiny("longcat_flash", tmp_path / "saved", hidden=128, inter=128)
+    model, _ = _load(saved)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "fused", save_original_format=False)
+    stacks = load_tensors(tmp_path / "fused")
+    gate_up = stacks["model.layers.0.mlp.experts.gate_up_proj"][:EXPERTS]
+    gate, up = gate_up.chunk(2, dim=1)  # transformers' gate_up: gate rows, then up
+    down = stacks["model.layers.0.mlp.experts.down_proj"]
+    theirs = kt_write_folder(monkeypatch, tmp_path / "kt-kernel", gate, up, down, "AMXINT4", 1)
+    ours = _convert(tmp_path / "fused", tmp_path / "kt", "kt-int4", kt_layout="folders")
+    files = sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
+    written = sorted(p.relative_to(ours) for p in ours.rglob("_layer_*/**/*") if p.is_file())
+    assert files and written == files  # no file for a zero-compute expert
+    assert all((ours / f).read_bytes() == (theirs / f).read_bytes() for f in files)
