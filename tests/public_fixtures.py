@@ -3,8 +3,7 @@
 Built from the transformers-made fixtures (fixtures.py) by renaming and adding tensors, names taken
 from the public checkpoints: DeepSeek-V4 keeps its attention KV norm as `attn.kv_norm` and its MTP
 block under `mtp.0.` (transformers drops both on load, so it cannot write them); Qwen3-Next and
-Qwen3.5 keep MTP under `mtp.layers.0.` with `mtp.fc`, `mtp.norm` and `mtp.pre_fc_norm_*` beside it;
-LongCat-Flash under `model.mtp.layers.0.` (a dense layer, see LONGCAT_MTP).
+Qwen3.5 keep MTP under `mtp.layers.0.` with `mtp.fc`, `mtp.norm` and `mtp.pre_fc_norm_*` beside it.
 An MTP layer is a copy of the last decoder layer's tensors under the MTP prefix (seeded noise
 added, so no two layers are equal), plus the MTP-only tensors.
 """

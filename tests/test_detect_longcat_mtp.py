@@ -14,7 +14,6 @@ from test_public_names import assert_verified, convert, inspect_json
 from test_zoo_derived import _load, _logits, _save_tiny
 
 from moeport.verify.run import verify
-from moeport.zoo.tiny import EXPERTS
 
 
 def _mtp(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -35,7 +34,6 @@ def test_longcat_mtp_layer_is_counted_and_carried_by_every_target(tmp_path: Path
     )
     fused = convert(src, tmp_path / "fused", layout="fused")
     assert inspect_json(tmp_path / "fused")["layers"]["mtp"] == [1]
-    assert fused["model.layers.0.mlp.experts.gate_up_proj"].shape[0] > EXPERTS  # zero-compute rows
     reference, _ = _load(saved)  # transformers ignores `model.mtp.*`: the same logits without it
     model, info = _load(tmp_path / "fused")
     assert not info and torch.equal(_logits(model), _logits(reference))

@@ -1,6 +1,5 @@
 """LongCat-Flash's zero-compute experts: the Hub's form (E weighted experts) converts to
-transformers' fused stacks (E + Z gate/up rows) and back bit for bit, and runs in transformers;
-kt and w4a16 from the fused stacks leave the Z rows out (kt-kernel's own bytes for the E experts)."""
+transformers' fused stacks (E + Z gate/up rows) and back bit for bit, and runs in transformers."""
 
 from __future__ import annotations
 
@@ -66,48 +65,3 @@ def test_an_extra_expert_that_is_not_a_zero_compute_one_is_refused(tmp_path: Pat
         detect(ck)
     assert f"expert {EXPERTS - 1} has ['down_proj', 'gate_proj', 'up_proj']" in str(e.value)
     assert f"indices {EXPERTS - 1}..{EXPERTS + config['zero_expert_num'] - 2}" in str(e.value)
-
-
-def test_kt_and_w4a16_from_the_fused_form_leave_the_zero_compute_experts_out(tmp_path: Path) -> None:
-    """From transformers' fused save (gate_up [E + Z, 2I, H], the Z rows never read), in BF16 and
-    FP8 blocks, kt-int4 and w4a16 write the bytes they write from the Hub's form (E experts): the
-    Z rows (and their scales) are cut, as `--layout hub` does; verify passes."""
-    from fixtures import quantize_fp8_block
-    from test_public_names import assert_verified
-
-    saved = _save_tiny("longcat_flash", tmp_path / "saved", hidden=128, inter=128)
-    hub = _hub_form(saved, tmp_path / "hub")
-    model, _ = _load(saved)
-    model.to(torch.bfloat16).save_pretrained(tmp_path / "fused", save_original_format=False)
-    stack = load_tensors(tmp_path / "fused")["model.layers.0.mlp.experts.gate_up_proj"]
-    assert stack.shape[0] > EXPERTS and stack[EXPERTS:].any()  # what transformers holds: E + Z
-    fp8 = [quantize_fp8_block(p, tmp_path / f"{p.name}-fp8") for p in (hub, tmp_path / "fused")]
-    cases = [(hub, tmp_path / "fused", "kt-int4", {}), (hub, tmp_path / "fused", "w4a16", {"group_size": 32})]
-    for src_hub, src_fused, to, options in [*cases, (*fp8, "kt-int4", {})]:
-        out = tmp_path / f"{src_fused.name}-{to}"
-        want = load_tensors(_convert(src_hub, tmp_path / f"{src_hub.name}-{to}", to, **options))
-        got = load_tensors(_convert(src_fused, out, to, **options))
-        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), out
-        assert_verified(src_fused, out)
-
-
-def test_kt_int4_from_the_fused_form_is_what_kt_kernel_writes_for_the_routed_experts(
-    monkeypatch, tmp_path: Path
-) -> None:
-    """kt-kernel itself, given the E routed experts of transformers' fused stacks (the first E of
-    gate_up's E + Z), writes the files moeport writes from that fused checkpoint."""
-    from kt_support import kt_write_folder
-
-    saved = _save_tiny("longcat_flash", tmp_path / "saved", hidden=128, inter=128)
-    model, _ = _load(saved)
-    model.to(torch.bfloat16).save_pretrained(tmp_path / "fused", save_original_format=False)
-    stacks = load_tensors(tmp_path / "fused")
-    gate_up = stacks["model.layers.0.mlp.experts.gate_up_proj"][:EXPERTS]
-    gate, up = gate_up.chunk(2, dim=1)  # transformers' gate_up: gate rows, then up
-    down = stacks["model.layers.0.mlp.experts.down_proj"]
-    theirs = kt_write_folder(monkeypatch, tmp_path / "kt-kernel", gate, up, down, "AMXINT4", 1)
-    ours = _convert(tmp_path / "fused", tmp_path / "kt", "kt-int4", kt_layout="folders")
-    files = sorted(p.relative_to(theirs) for p in theirs.rglob("*") if p.is_file())
-    written = sorted(p.relative_to(ours) for p in ours.rglob("_layer_*/**/*") if p.is_file())
-    assert files and written == files  # no file for a zero-compute expert
-    assert all((ours / f).read_bytes() == (theirs / f).read_bytes() for f in files)

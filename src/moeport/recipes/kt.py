@@ -75,9 +75,11 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             if bias:
                 raise MoeportError(f"{group[bias[0]]}: kt-kernel AMX experts have no bias term")
             groups[(e, role_of[proj])] = active_parts(group)
-        # a fused gate_up holds LongCat's zero-compute experts after the routed ones (never read)
-        experts = _fused_experts(ck, groups) - det.zero_experts if fused else det.experts_in(number)
-        zero = det.zero_experts if fused else 0
+        experts, zero = _fused_experts(ck, groups, "gate_up") if fused else det.experts_in(number), 0
+        # LongCat: a fused gate_up may hold the zero-compute experts' rows after the E routed ones
+        # (transformers 5.24 writes E + Z, 5.25 E, as down_proj); kt's layout holds the E
+        if fused and det.zero_experts and experts == _fused_experts(ck, groups, "down") + det.zero_experts:
+            experts, zero = experts - det.zero_experts, det.zero_experts
         shapes[number] = expert_shape(ck, number, groups, experts, det.expert_format, fused, zero)
         layers[number] = (groups, experts)
     if not layers:
@@ -128,11 +130,12 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
     return finalize(plan, ck), kt
 
 
-def _fused_experts(ck: Checkpoint, groups: Groups) -> int:
-    gate_up = groups.get((-1, "gate_up"))
-    if not gate_up:
-        raise MoeportError(f"{ck.root}: fused experts without a gate_up tensor")
-    return ck.info(gate_up.get("weight") or next(iter(gate_up.values()))).shape[0]
+def _fused_experts(ck: Checkpoint, groups: Groups, role: str) -> int:
+    """The experts along dim 0 of a layer's fused `role` stack."""
+    stack = groups.get((-1, role))
+    if not stack:
+        raise MoeportError(f"{ck.root}: fused experts without a {role} tensor")
+    return ck.info(stack.get("weight") or next(iter(stack.values()))).shape[0]
 
 
 class _Builder:
