@@ -67,13 +67,52 @@ MTP = {
 }
 
 
+# LongCat-Flash (meituan-longcat/LongCat-Flash-Chat): one dense MTP layer, names as vLLM's
+# longcat_flash_mtp.py and SGLang's longcat_flash_nextn.py `load_weights` map them. It is a
+# DeepSeek-style decoder layer, unlike LongCat's own (one attention `self_attn.`, not `.0`/`.1`;
+# one dense MLP under `transformer_layer.mlp.`; no routed experts), built here from the last
+# layer's first attention and dense MLP; `eh_proj`, `enorm.m`, `hnorm.m` beside it and the
+# MTP's own `model.mtp.embed_tokens` / `model.mtp.norm` outside the layer.
+LONGCAT_MTP = "model.mtp.layers.0."
+LONGCAT_MTP_FROM_LAST = (
+    (r"^self_attn\.0\.", "self_attn."),
+    (r"^(input|post_attention)_layernorm\.0\.", r"\1_layernorm."),
+    (r"^mlps\.0\.", "transformer_layer.mlp."),
+)
+
+
+def longcat_mtp_tensors(tensors: dict, config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """LongCat-Flash's MTP block under its public names, seeded noise on the copied tensors."""
+    last, h = f"model.layers.{config['num_layers'] - 1}.", config["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in tensors.items():
+        if not k.startswith(last):
+            continue
+        for pattern, to in LONGCAT_MTP_FROM_LAST:
+            name, hit = re.subn(pattern, to, k[len(last) :])
+            if hit:
+                out[LONGCAT_MTP + name] = (v.float() + torch.randn(v.shape, generator=g) * 0.01).to(v.dtype)
+    shapes = {
+        LONGCAT_MTP + "eh_proj.weight": (h, 2 * h),
+        LONGCAT_MTP + "enorm.m.weight": (h,),
+        LONGCAT_MTP + "hnorm.m.weight": (h,),
+        "model.mtp.embed_tokens.weight": (config["vocab_size"], h),
+        "model.mtp.norm.weight": (h,),
+    }
+    out.update({k: (torch.randn(s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()})
+    return out
+
+
 def with_public_names(src: Path, out: Path, model_type: str, mtp: bool = True, seed: int = 1) -> Path:
     """A copy of the transformers checkpoint `src` under the public names of `model_type`."""
     tensors = load_tensors(src)
     config = json.loads((src / "config.json").read_text())
     if model_type == "deepseek_v4":
         tensors = {re.sub(r"\.attn\.norm\.", ".attn.kv_norm.", k): v for k, v in tensors.items()}
-    if mtp:
+    if mtp and model_type == "longcat_flash":
+        tensors.update(longcat_mtp_tensors(tensors, config, seed))
+    elif mtp:
         tensors.update(mtp_tensors(tensors, config, model_type, seed))
     out.mkdir(parents=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -155,6 +155,21 @@ def test_calibration_mistakes_are_one_line(checkpoint, tmp_path, args, says) -> 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_decoder_whose_layers_transformers_keeps_elsewhere_is_refused(tmp_path) -> None:
+    """DBRX's `n_layers` blocks live under transformers' `transformer.blocks`, not a `layers`
+    list: refused in one line before any work, not quantized with RTN under GPTQ's name."""
+    from test_zoo_derived import _save_tiny
+
+    src = _save_tiny("dbrx", tmp_path / "dbrx", hidden=64, inter=64)
+    (tmp_path / "ids.json").write_text(json.dumps([[5, 9, 17, 33]]))
+    result = convert(src, tmp_path / "out", "--to", "w4a16", "--method", "gptq", "--calibration",
+                     tmp_path / "ids.json", "--seq-len", "2", "--group-size", "32")  # fmt: skip
+    assert isinstance(result.exception, MoeportError), result.output
+    says = str(result.exception)
+    assert "DbrxModel holds no list of the 2 decoder layers" in says and "\n" not in says, says
+    assert not (tmp_path / "out").exists()
+
+
 def test_experts_short_of_tokens_fall_back_to_rtn_and_are_listed(checkpoint, tmp_path) -> None:
     src = checkpoint("qwen3_moe", "hub", "bf16")
     (tmp_path / "ids.json").write_text(json.dumps([[5, 9, 17, 33, 65, 2]]))  # 6 tokens, top-2 of 4

@@ -256,3 +256,31 @@ def test_cpu_and_cuda_outputs_agree_within_the_stated_tolerance(tmp_path) -> Non
     print(json.dumps(result["rows"]))
     assert not result["skipped"] and [r["device"] for r in result["rows"]] == ["cpu", "cuda"]
     assert result["ok"] and done.returncode == 0, result["rows"]
+
+
+def test_longcat_layers_under_num_layers_are_calibrated(calibration, tmp_path) -> None:
+    """LongCat-Flash states its depth as `num_layers` (transformers' `num_hidden_layers` counts two
+    attention sublayers per layer): every decoder layer is calibrated, none silently left at RTN,
+    and transformers' model runs closer to the source with the GPTQ experts than with RTN's (each
+    output dequantized to transformers' fused layout by moeport); the MTP layer is carried."""
+    from public_fixtures import with_public_names
+    from test_detect_zero_experts import _hub_form
+    from test_zoo_derived import _save_tiny
+
+    saved = _save_tiny("longcat_flash", tmp_path / "saved", hidden=128, inter=128)
+    src = with_public_names(_hub_form(saved, tmp_path / "hub"), tmp_path / "pub", "longcat_flash")
+    moeport("convert", src, tmp_path / "rtn", *W4)
+    summary = gptq(src, tmp_path / "gptq", calibration)
+    assert any(re.search(r"gptq: [1-9]\d* weights of 1 layers calibrated", n) for n in summary["notes"])
+    ours = load_tensors(tmp_path / "gptq")
+    assert torch.equal(
+        ours["model.mtp.layers.0.eh_proj.weight"], load_tensors(src)["model.mtp.layers.0.eh_proj.weight"]
+    )
+    reference = reference_logits(saved)
+    errors = {}
+    for name in ("gptq", "rtn"):
+        fused = tmp_path / f"{name}-fused"
+        moeport("convert", tmp_path / name, fused, "--to", "hf", "--layout", "fused", "--dtype", "bf16")
+        errors[name] = logit_error(fused, reference)
+    print(f"longcat_flash: logit rel-L2 gptq {errors['gptq']:.5f}, rtn {errors['rtn']:.5f}")
+    assert errors["gptq"] < errors["rtn"], errors

@@ -25,7 +25,7 @@ def convert(src: Path, dst: Path, to: str = "hf", **options) -> dict[str, torch.
 
 def assert_verified(src: Path, out: Path) -> None:
     report = verify(src, out)
-    assert report.ok, [(r.name, r.flags) for r in report.flagged()][:5] or (report.missing, report.extra)
+    assert report.ok, [(r.name, r.problem) for r in report.flagged][:5] or (report.missing, report.extra)
 
 
 def _load(path: Path):

@@ -60,7 +60,15 @@ class FamilyModel:
             why = str(exc).splitlines()[0].split(". ")[0]  # its first sentence: one line
             raise MoeportError(f"--method gptq: transformers cannot build {ck.root} ({why})") from None
         inner = model.get_decoder()
-        self.layers: nn.ModuleList = inner.layers
+        layers = getattr(inner, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) != (det.num_layers or len(layers)):
+            # DBRX keeps its blocks under `blocks`: a walk over other layers than the checkpoint's
+            # would calibrate nothing (or the wrong ones)
+            raise MoeportError(
+                f"--method gptq: transformers' {type(inner).__name__} holds no list of the {det.num_layers} "
+                f"decoder layers of {ck.root} to walk; quantize with RTN (leave out --method gptq)"
+            )
+        self.layers: nn.ModuleList = layers
         for layer in self.layers:
             expert_count(layer)  # refuses expert modules GPTQ cannot calibrate, before any work
         self.rotary = type(inner.rotary_emb)(config=cfg).to(device) if hasattr(inner, "rotary_emb") else None
@@ -71,7 +79,8 @@ class FamilyModel:
 
     @property
     def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
+        # not config.num_hidden_layers: LongCat-Flash's counts its two attention sublayers per layer
+        return len(self.layers)
 
     def embedding(self) -> torch.Tensor:
         """The checkpoint's embed_tokens table (float32, on the device): states[i] = table[ids[i]]."""

@@ -121,7 +121,9 @@ def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str
     (codecs/base.py `CodesCodec`): pack-quantized for w4a16/w8a16, GPTQ for kt-gptq-int4."""
     scheme = recipe.scheme
     settings = _settings(opts)
-    layers = _num_layers(ck)
+    # the depth under the family's own config name (LongCat-Flash: `num_layers`, DBRX: `n_layers`);
+    # `num_hidden_layers` alone found none there, and every layer silently kept RTN
+    layers = det.num_layers if det.num_layers is not None else _num_layers(ck)
     vocab = int(_text_config(ck).get("vocab_size", 0)) or 2**62
     ids = load_samples(Path(opts.calibration), ck.root, opts.samples, opts.seq_len, vocab)
     base = plan_gpu(ck, det, recipe, opts.device)

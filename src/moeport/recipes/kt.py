@@ -20,6 +20,7 @@ from moeport.detect.detection import Detection
 from moeport.errors import MoeportError
 from moeport.mappings.ops import Chain, Copy, Op, Split, Unstack
 from moeport.mappings.rules import ROWS, VECTOR
+from moeport.mappings.zero_experts import ROUTED, CropExperts
 from moeport.recipes.base import Options, Target
 from moeport.recipes.kt_cpu import check_cpu, host_flags
 from moeport.recipes.kt_shapes import expert_shape, one_size
@@ -74,8 +75,12 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
             if bias:
                 raise MoeportError(f"{group[bias[0]]}: kt-kernel AMX experts have no bias term")
             groups[(e, role_of[proj])] = active_parts(group)
-        experts = _fused_experts(ck, groups) if fused else det.experts_in(number)
-        shapes[number] = expert_shape(ck, number, groups, experts, det.expert_format, fused)
+        experts, zero = _fused_experts(ck, groups, "gate_up") if fused else det.experts_in(number), 0
+        # LongCat: a fused gate_up may hold the zero-compute experts' rows after the E routed ones
+        # (transformers 5.24 writes E + Z, 5.25 E, as down_proj); kt's layout holds the E
+        if fused and det.zero_experts and experts == _fused_experts(ck, groups, "down") + det.zero_experts:
+            experts, zero = experts - det.zero_experts, det.zero_experts
+        shapes[number] = expert_shape(ck, number, groups, experts, det.expert_format, fused, zero)
         layers[number] = (groups, experts)
     if not layers:
         raise MoeportError(f"{ck.root}: no MoE layers to convert")
@@ -125,11 +130,12 @@ def plan_kt(ck: Checkpoint, det: Detection, bits: int, opts: Options) -> tuple[P
     return finalize(plan, ck), kt
 
 
-def _fused_experts(ck: Checkpoint, groups: Groups) -> int:
-    gate_up = groups.get((-1, "gate_up"))
-    if not gate_up:
-        raise MoeportError(f"{ck.root}: fused experts without a gate_up tensor")
-    return ck.info(gate_up.get("weight") or next(iter(gate_up.values()))).shape[0]
+def _fused_experts(ck: Checkpoint, groups: Groups, role: str) -> int:
+    """The experts along dim 0 of a layer's fused `role` stack."""
+    stack = groups.get((-1, role))
+    if not stack:
+        raise MoeportError(f"{ck.root}: fused experts without a {role} tensor")
+    return ck.info(stack.get("weight") or next(iter(stack.values()))).shape[0]
 
 
 class _Builder:
@@ -137,6 +143,7 @@ class _Builder:
 
     def __init__(self, kt: KtLayout, det: Detection, device: str):
         self.kt, self.fmt, self.device = kt, det.expert_format, device
+        self.zero = det.zero_experts  # rows after the routed experts in a fused gate_up (LongCat)
         self.codec = K.KtAmxCodec(kt.bits)
         self._specs: dict[tuple[int, int], tuple] = {}
 
@@ -180,7 +187,9 @@ class _Builder:
         return ops
 
     def fused_layer(self, ck: Checkpoint, layer: int, groups: Groups) -> list[Op]:
-        """Every part with an expert dim is unstacked (read one expert at a time); then per expert."""
+        """Every part with an expert dim is unstacked (read one expert at a time); then per expert.
+        LongCat's zero-compute experts' gate_up rows are cut first, as `--layout hub` does (kt's
+        layout holds the E weighted experts; the zero-compute ones are identities, no weights)."""
         ops: list[Op] = []
         experts, h, i = self.kt.experts, self.kt.hidden, self.kt.inter
         per_expert: dict[str, list[dict[str, str]]] = {}
@@ -188,9 +197,13 @@ class _Builder:
             per_expert[role] = [{} for _ in range(experts)]
             for part, key in groups[(-1, role)].items():
                 shape = ck.info(key).shape
-                if shape and shape[0] == experts:
+                cut = self.zero if role == "gate_up" and shape and shape[0] == experts + self.zero else 0
+                if shape and shape[0] == experts + cut:
+                    source = key + ROUTED if cut else key
+                    if cut:
+                        ops.append(CropExperts(key, source, cut))
                     names = tuple(f"{key}#{e}" for e in range(experts))
-                    ops.append(Unstack(key, names))
+                    ops.append(Unstack(source, names))
                 else:  # one value shared by every expert (a per-tensor scale)
                     names = (key,) * experts
                 for e in range(experts):

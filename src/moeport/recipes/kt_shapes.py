@@ -16,8 +16,11 @@ Groups = dict[tuple[int, str], dict[str, str]]
 
 
 def expert_shape(
-    ck: Checkpoint, layer: int, groups: Groups, experts: int, fmt: ExpertFormat, fused: bool
+    ck: Checkpoint, layer: int, groups: Groups, experts: int, fmt: ExpertFormat, fused: bool, zero: int = 0
 ) -> tuple[int, int]:
+    """(H, I) of one layer's experts; `zero`: LongCat's zero-compute experts, whose rows a fused
+    gate_up holds after the routed ones ([E + Z, 2I, H] beside down_proj [E, H, I])."""
+
     def shape(role: tuple[int, str]) -> tuple[int, ...]:
         group = groups.get(role)
         if group is None:
@@ -31,10 +34,11 @@ def expert_shape(
         if len(gu) != 3 or len(down) != 3:
             raise MoeportError(f"{gu_key}: fused experts must be 3-D [E, 2I, H] / [E, H, I]")
         e, h, i = down
-        if tuple(gu) != (e, 2 * i, h):
+        if tuple(gu) != (e + zero, 2 * i, h):
+            zeros = f" + {zero} zero-compute experts" if zero else ""
             raise MoeportError(
-                f"{gu_key}: shape {list(gu)}, expected [E, 2I, H] = {[e, 2 * i, h]} (from down_proj "
-                f"{list(down)}); gate rows first, then up"
+                f"{gu_key}: shape {list(gu)}, expected [E{' + Z' * bool(zero)}, 2I, H] = "
+                f"{[e + zero, 2 * i, h]} (from down_proj {list(down)}{zeros}); gate rows first, then up"
             )
         return h, i
     i, h = shape((0, "gate"))

@@ -301,6 +301,10 @@ FAMILIES: tuple[Family, ...] = (
         "LongCat-Flash",
         ("longcat_flash",),
         hub=HUB_MLP,
+        # its one MTP layer (dense: one attention, `transformer_layer.mlp`, no routed experts; names
+        # as vLLM's longcat_flash_mtp.py and SGLang's longcat_flash_nextn.py load them), beside
+        # `model.mtp.embed_tokens` / `model.mtp.norm`; transformers ignores `model.mtp.*` on load
+        mtp_prefixes=("model.mtp.layers.{L}.",),
         router=("router.classifier.weight",),  # [E + Z, H]: zero-compute experts are routed too
         router_bias=("router.e_score_correction_bias",),
         fields=ConfigFields(
@@ -308,10 +312,12 @@ FAMILIES: tuple[Family, ...] = (
             expert_intermediate=("expert_ffn_hidden_size",),
             num_layers=("num_layers",),
             zero_experts=("zero_expert_num",),
-            **NO_EXTRA_BLOCKS,
+            first_dense=(),
+            shared_experts=(),  # its `mlps.0/1` are dense MLPs of every layer, not shared experts
         ),
         zoo_because="zero-compute experts: meituan-longcat/LongCat-Flash-Chat stores the E routed "
-        "experts only, transformers' gate_up_proj holds E + Z (the Z never read) and its save writes them",
+        "experts only, transformers' gate_up_proj holds E + Z (the Z never read) and its save writes them; "
+        "its MTP layer is stored apart (`model.mtp.layers.{L}.`), and transformers' model holds none",
     ),
     Family(
         "doge",
