@@ -146,7 +146,6 @@ def detect(ck: Checkpoint) -> Detection:
     check_required(ck, family, match.layout, naming, (*by_stack, [L for L in mtp if L in layers]))
     facts = stack_facts(family, naming, stack_cfgs, layer_bytes, counts)
     warnings += check_stack_counts(ck, family, facts, counts)
-    block = f"{match.layer_prefix}{match.layout.block_prefix}"
     return Detection(
         family=family,
         model_type=model_type,

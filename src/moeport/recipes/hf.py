@@ -106,8 +106,8 @@ def build_hf(
     plan = Plan(units, _output_config(ck.config, builder.dequantized, dtype))
     if plan.config is not None and builder.experts_as is not None:
         rewrite_storage_fields(plan.config, family.storage_fields, builder.experts_as)
-    if rename is not IDENTITY:
-        plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} zoo rule(s)")
+    if rename.pairs:  # aliases alone (LongCat) rename nothing worth a note
+        plan.notes.append(f"renamed non-expert tensors with {len(rename.pairs)} family rule(s)")
     if det.zero_experts and det.layout.kind != dst_layout.kind:
         kinds = (det.layout.kind, dst_layout.kind)
         pad = zero_rows_moved(det.zero_experts, det.zero_rows, family.model_types[0], *kinds)[1]
