@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -126,20 +127,24 @@ def build_transformers_checkpoint(model_type: str, layout: str, out: Path, seed:
     return out
 
 
-def quantize_fp8_block(src: Path, out: Path) -> Path:
-    """FP8-block copy of `src` (DeepSeek style: weight + weight_scale_inv) via transformers' Fp8Quantize."""
-    from safetensors import safe_open
+def quantize_fp8_block(
+    src: Path,
+    out: Path,
+    which: Callable[[str, torch.Tensor], bool] | None = None,
+    block: list[int] = FP8_BLOCK,
+) -> Path:
+    """FP8-block copy of `src` (DeepSeek style: weight + weight_scale_inv) via transformers' Fp8Quantize,
+    of the tensors `which` picks (default: attention and MLP linears)."""
     from safetensors.torch import save_file
     from transformers import FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
-    config = FineGrainedFP8Config(weight_block_size=FP8_BLOCK)
+    config = FineGrainedFP8Config(weight_block_size=block)
     op = Fp8Quantize(types.SimpleNamespace(quantization_config=config))
+    which = which or _is_quantized_linear
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(src / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            value = f.get_tensor(key)
-            tensors.update(op.convert({key: value}) if _is_quantized_linear(key, value) else {key: value})
+    for key, value in load_tensors(src).items():
+        tensors.update(op.convert({key: value}) if which(key, value) else {key: value})
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
@@ -147,7 +152,7 @@ def quantize_fp8_block(src: Path, out: Path) -> Path:
         "quant_method": "fp8",
         "fmt": "e4m3",
         "activation_scheme": "dynamic",
-        "weight_block_size": FP8_BLOCK,
+        "weight_block_size": block,
     }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out

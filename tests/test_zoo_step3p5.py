@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import load_tensors
+from fixtures import load_tensors, quantize_fp8_block
 from public_fixtures import STEP35_LAYERS, step35_flash, step35_flash_headers
 from rich.console import Console
 from safetensors import safe_open
@@ -130,30 +130,11 @@ def _fp8_experts(src: Path, out: Path) -> Path:
     """`src` with its routed expert stacks in FP8 blocks of 128 x 128 (`weight` E4M3 +
     `weight_scale_inv` [E, N/128, K/128]), quantized by transformers' own Fp8Quantize: the names
     transformers' step3p7 mapping reads (`moe.down_proj.weight_scale_inv`)."""
-    import types
 
-    from safetensors.torch import save_file
-    from transformers import FineGrainedFP8Config
-    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    def stacks(key: str, _) -> bool:
+        return ".moe." in key and key.endswith("_proj.weight")
 
-    op = Fp8Quantize(
-        types.SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128]))
-    )
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in load_tensors(src).items():
-        stack = ".moe." in key and key.endswith("_proj.weight")
-        tensors.update(op.convert({key: value}) if stack else {key: value})
-    out.mkdir()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return quantize_fp8_block(src, out, stacks, block=[128, 128])
 
 
 def test_fp8_block_expert_stacks_round_trip_and_quantize(step35, tmp_path: Path) -> None:
