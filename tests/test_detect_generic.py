@@ -26,8 +26,9 @@ EXPERTS, PER_TOKEN, LAYERS = 4, 2, 3
 H = INTER = 128  # kt-kernel's AMX INT4 takes multiples of 128
 
 
-def _build(model_type: str, out: Path, seed: int, inter: str) -> Path:
-    """A tiny seeded model of `model_type` saved by transformers (Hub names), experts H x I."""
+def _build(model_type: str, out: Path, seed: int, inter: str, fused: bool = False) -> Path:
+    """A tiny seeded model of `model_type` saved by transformers (Hub names, or with `fused` its
+    own 3-D stacks), experts H x I."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     over = {**COMMON, **FAMILY_CONFIGS[model_type], "hidden_size": H, inter: INTER}
@@ -36,7 +37,7 @@ def _build(model_type: str, out: Path, seed: int, inter: str) -> Path:
     with torch.no_grad():  # never zeros or ones from init
         for p in model.parameters():
             p.normal_(0, 0.05)
-    model.save_pretrained(out)
+    model.save_pretrained(out, save_original_format=not fused)
     return out
 
 
@@ -165,12 +166,17 @@ def _as_qwen(key: str) -> str:
 
 
 def test_no_or_several_matching_layouts_keep_the_unknown_family_error(tmp_path: Path) -> None:
-    """Expert names of no reference family, or of two at once: no family is picked."""
+    """Expert names of no reference family, fused 3-D stacks (orientation and gate/up order
+    unknown), or names of two reference families at once: no family is picked."""
     odd = _ling(tmp_path)
     _rewrite(odd, lambda k: k.replace(".mlp.experts.", ".moe.routed."), keep_old=False)
     both = _minimax(tmp_path)
     _rewrite(both, _as_qwen, keep_old=True)
-    for path, found in ((odd, "none matched"), (both, "several matched: Qwen3Moe, Mixtral")):
+    stacks = _retype(
+        _build("qwen3_moe", tmp_path / "stacks", 5, "moe_intermediate_size", fused=True), "x_moe", {}, {}
+    )
+    cases = ((odd, "none matched"), (stacks, "none matched"), (both, "several matched: Qwen3Moe, Mixtral"))
+    for path, found in cases:
         with pytest.raises(MoeportError, match=f"unknown model family .*{found}"):
             detect(open_checkpoint(path))
     result = run_cli("inspect", str(odd))
