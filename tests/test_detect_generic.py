@@ -26,12 +26,12 @@ EXPERTS, PER_TOKEN, LAYERS = 4, 2, 3
 H = INTER = 128  # kt-kernel's AMX INT4 takes multiples of 128
 
 
-def _build(model_type: str, out: Path, seed: int, inter: str, fused: bool = False) -> Path:
+def _build(model_type: str, out: Path, seed: int, inter: str, fused: bool = False, **config) -> Path:
     """A tiny seeded model of `model_type` saved by transformers (Hub names, or with `fused` its
-    own 3-D stacks), experts H x I."""
+    own 3-D stacks), experts H x I, `config` overrides on top."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    over = {**COMMON, **FAMILY_CONFIGS[model_type], "hidden_size": H, inter: INTER}
+    over = {**COMMON, **FAMILY_CONFIGS[model_type], "hidden_size": H, inter: INTER, **config}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **over)).to(torch.bfloat16)
     with torch.no_grad():  # never zeros or ones from init
@@ -41,9 +41,12 @@ def _build(model_type: str, out: Path, seed: int, inter: str, fused: bool = Fals
     return out
 
 
-def _retype(src: Path, model_type: str, config: dict, extra: dict[str, tuple[int, ...]]) -> Path:
+def _retype(
+    src: Path, model_type: str, config: dict, extra: dict[str, tuple[int, ...]], layers=range(LAYERS)
+) -> Path:
     """`src` with config.json's model_type (and `config` keys: None drops one) replaced and seeded
-    random tensors named by `extra` (with {L}: in every layer) added beside the others."""
+    random tensors named by `extra` (with {L}: in each of `layers`) added beside the others
+    (a router bias in float32, as Ling stores it)."""
     cfg = json.loads((src / "config.json").read_text())
     cfg.update(model_type=model_type, architectures=[f"{model_type}ForCausalLM"])
     for key, value in config.items():
@@ -52,15 +55,17 @@ def _retype(src: Path, model_type: str, config: dict, extra: dict[str, tuple[int
     tensors = load_tensors(src)
     g = torch.Generator().manual_seed(7)
     for name, shape in extra.items():
-        for L in range(LAYERS) if "{L}" in name else [None]:
-            tensors[name.replace("{L}", str(L))] = (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
+        dtype = torch.float32 if name.endswith("bias") else torch.bfloat16
+        for L in layers if "{L}" in name else [None]:
+            tensors[name.replace("{L}", str(L))] = (torch.randn(shape, generator=g) * 0.05).to(dtype)
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     return src
 
 
 def _ling(tmp_path: Path) -> Path:
-    """Qwen3-MoE's classes' save, as Ling 2.0 names its config and router bias, plus a shared expert."""
-    src = _build("qwen3_moe", tmp_path / "ling", 3, "moe_intermediate_size")
+    """Qwen3-MoE's classes' save (layer 0 dense), as Ling 2.0 names its config and router bias, plus
+    a shared expert."""
+    src = _build("qwen3_moe", tmp_path / "ling", 3, "moe_intermediate_size", mlp_only_layers=[0])
     hidden, inter = H, INTER
     extra = {"model.layers.{L}.mlp.gate.expert_bias": (EXPERTS,)}
     extra |= {
@@ -69,11 +74,12 @@ def _ling(tmp_path: Path) -> Path:
     extra["model.layers.{L}.mlp.shared_experts.down_proj.weight"] = (hidden, inter)
     ling = {
         "num_shared_experts": 1,
-        "first_k_dense_replace": 0,
+        "first_k_dense_replace": 1,
+        "mlp_only_layers": None,
         "num_local_experts": None,
         "num_experts": EXPERTS,
     }
-    return _retype(src, "bailing_moe", ling, extra)
+    return _retype(src, "bailing_moe", ling, extra, layers=range(1, LAYERS))
 
 
 def _minimax(tmp_path: Path) -> Path:
@@ -91,7 +97,9 @@ def test_inspect_finds_the_experts_of_an_unknown_model_type(unknown: Path) -> No
     det = detect(open_checkpoint(unknown))
     assert det.family.generic and det.model_type in det.family.title
     assert det.experts_per_layer == EXPERTS and det.experts_per_token == PER_TOKEN
-    assert det.moe_layers == list(range(LAYERS)) and det.layout.kind == "per-expert"
+    dense = [0] if det.model_type == "bailing_moe" else []  # Ling's first_k_dense_replace
+    assert det.dense_layers == dense and det.moe_layers == list(range(len(dense), LAYERS))
+    assert det.layout.kind == "per-expert" and not any("dense" in w for w in det.warnings)
     assert det.expert_intermediate_size == INTER and det.hidden_size == H
     assert any("no transformers class to check logits" in w for w in det.warnings)
     if det.model_type == "bailing_moe":
