@@ -27,6 +27,10 @@ def print_families(out: Console, as_json: bool) -> None:
     out.print(t)
     counts = {h: sum(r.how == h for r in rows) for h in ("zoo", "derived", "not")}
     out.print(", ".join(f"{n} {h}" for h, n in counts.items()))
+    out.print(
+        "a model_type transformers does not know: its experts under a per-expert name of Qwen3-MoE "
+        "or Mixtral give a generic family (hub/linear layouts, RTN targets, kt)"
+    )
 
 
 def missing_path(ctx: typer.Context) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from moeport.codecs.format import ExpertFormat, Part
 from moeport.codecs.registry import classify
+from moeport.detect.generic import generic_family
 from moeport.detect.groups import configured_experts, configured_intermediate
 from moeport.detect.layout import (
     LayerExperts,
@@ -146,6 +147,8 @@ def detect(ck: Checkpoint) -> Detection:
     check_required(ck, family, match.layout, naming, (*by_stack, [L for L in mtp if L in layers]))
     facts = stack_facts(family, naming, stack_cfgs, layer_bytes, counts)
     warnings += check_stack_counts(ck, family, facts, counts)
+    if family.generic:
+        warnings.append(f"generic family: {family.generic}; no transformers class to check logits against")
     return Detection(
         family=family,
         model_type=model_type,
@@ -217,9 +220,12 @@ def _family(cfg: ModelConfig, ck: Checkpoint) -> tuple[Family, str]:
         return lookup_family(cfg.model_types)
     except NotDerivable as e:
         found = "/".join(cfg.model_types) or "none"
+        family, tried = generic_family(list(cfg.model_types), ck.keys())
+        if family is not None:
+            return family, family.model_types[0]
         raise MoeportError(
             f"{ck.root / 'config.json'}: unknown model family (model_type {found}, architectures "
-            f"{cfg.raw.get('architectures')}; {e}); the zoo's model_type values: "
+            f"{cfg.raw.get('architectures')}; {e}; {tried}); the zoo's model_type values: "
             f"{', '.join(known_model_types())}; `moeport inspect --families` lists what transformers adds"
         ) from e
 

@@ -119,6 +119,10 @@ class GptqSink(HfSink):
 def build_gptq(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, str], recipe: Any):
     """The GPTQ plan of a GPU recipe (recipes/gpu.py's plan_gpu contract) whose codec takes codes
     (codecs/base.py `CodesCodec`): pack-quantized for w4a16/w8a16, GPTQ for kt-gptq-int4."""
+    if det.family.generic:  # calibration runs transformers' own decoder layers
+        raise MoeportError(
+            f"--method gptq: {ck.root}: {det.family.generic}; quantize with RTN (leave out --method)"
+        )
     scheme = recipe.scheme
     settings = _settings(opts)
     # the depth under the family's own config name (LongCat-Flash: `num_layers`, DBRX: `n_layers`);

@@ -382,6 +382,8 @@ def _build(ck: Checkpoint, det: Detection, opts: Options, metadata: dict[str, st
         raise MoeportError(f"--layout {opts.layout}: expected one of {', '.join(LAYOUTS)}")
     if opts.dtype != "keep" and opts.dtype not in DTYPES:
         raise MoeportError(f"--dtype {opts.dtype}: expected keep or one of {', '.join(DTYPES)}")
+    if opts.layout == "fused" and det.family.generic:  # nothing reads a fused layout of it
+        raise MoeportError(f"--layout fused: {ck.root}: {det.family.generic}; use --layout hub or linear")
     plan = plan_hf(ck, det, opts.layout, DTYPES.get(opts.dtype), opts.device)
     plan.title = f"{det.family.title}: {det.layout.kind} -> {opts.layout}, dtype {opts.dtype}"
     return plan, HfSink(opts.max_shard_bytes, metadata)

@@ -19,6 +19,7 @@ import torch
 
 from moeport.codecs.kt_amx import KtAmxCodec
 from moeport.convert.plan import Unit, run_unit
+from moeport.detect.generic import family_named
 from moeport.detect.layout import LayerNaming, find_naming
 from moeport.detect.stacks import with_family_stacks
 from moeport.errors import MoeportError
@@ -77,7 +78,7 @@ def folder_layers(out: Path, kt: KtLayout, family: Family, naming: LayerNaming) 
 
 
 def merged_layers(ck: Checkpoint, kt: KtLayout) -> Iterator[CanonicalLayer]:
-    family = _family(ck.config, ck.root)
+    family = _family(ck.config, ck.root, kt_metadata(ck.root))
     experts = kt.layer_of_keys()
     others = [k for k in ck.keys() if k not in experts]
     rename = _to_hub_names(family, others)
@@ -119,11 +120,14 @@ def _experts(
     return {names[key]: torch.cat(s, dim=1 if key[1] == "down" else 0) for key, s in slices.items()}
 
 
-def _family(config: dict | None, where: Path) -> Family:
+def _family(config: dict | None, where: Path, meta: tuple[Path, dict[str, str]] | None = None) -> Family:
     cfg = ModelConfig(config or {})
     try:
         return lookup_family(cfg.model_types)[0]
     except NotDerivable as e:
+        recorded = (meta[1] if meta else {}).get("source_family", "")  # a generic source family
+        if (family := family_named(recorded, cfg.model_types[0] if cfg.model_types else "")) is not None:
+            return family
         raise MoeportError(f"{where}: kt output needs the source config.json to name its tensors") from e
 
 

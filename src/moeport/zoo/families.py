@@ -130,6 +130,9 @@ class Family:
     # Whether a wrapper's checkpoint whose text model is of this type is read with this family
     # (Kimi-K2.5 around DeepSeek-V3); False where transformers derives the wrapper itself (Step-3.7).
     read_in_wrappers: bool = True
+    # Why this is a generic family (detect/generic.py: a model_type transformers does not know,
+    # experts named as a reference family's), else "": no fused layout and no calibration.
+    generic: str = ""
 
     @property
     def per_expert(self) -> ExpertLayout:
