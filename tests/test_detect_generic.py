@@ -203,3 +203,21 @@ def test_a_type_transformers_knows_gets_no_generic_family(tmp_path: Path) -> Non
         MoeportError, match="unknown model family .*only for a model_type transformers does not"
     ):
         detect(open_checkpoint(src))
+
+
+def test_without_transformers_a_derived_type_is_one_line(tmp_path: Path) -> None:
+    """Families outside the zoo come from transformers' definitions; where it does not import, the
+    CLI says so in one line (it was a ModuleNotFoundError traceback)."""
+    import subprocess
+    import sys
+
+    src = _ling(tmp_path)
+    code = (
+        "import sys; sys.modules['transformers'] = None; "
+        f"sys.argv = ['moeport', 'inspect', {str(src)!r}]; "
+        "from moeport.cli.app import main; main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "transformers does not import here" in lines[0]

@@ -56,8 +56,10 @@ def generic_family(model_types: list[str], keys: list[str]) -> tuple[Family | No
     """The generic family of a checkpoint with tensor names `keys` whose `model_types` transformers
     does not know at all, or None and what was tried (no reference layout matched, or several
     did). A type transformers knows keeps its own verdict (Llama: no MoE), never a guess."""
-    from transformers import CONFIG_MAPPING
-
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:  # the references are derived from transformers too
+        return None, "generic per-expert fallback: needs transformers installed"
     if not model_types or any(t in CONFIG_MAPPING for t in model_types):
         return None, "generic per-expert fallback: only for a model_type transformers does not know"
     model_type = model_types[0]

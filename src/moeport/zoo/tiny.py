@@ -176,7 +176,13 @@ def tiny_config(model_type: str, text: dict[str, Any] | None = None, small_visio
 
 
 def _tiny_config(model_type: str, text: dict[str, Any] | None, small_vision: bool):
-    from transformers import CONFIG_MAPPING
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:  # a broken or missing install: derivation reads transformers' definitions
+        raise MoeportError(
+            f"model_type '{model_type}' is derived from transformers' definitions, and transformers "
+            "does not import here (pip install 'transformers>=5')"
+        ) from None
 
     if model_type not in CONFIG_MAPPING:
         raise MoeportError(f"model_type '{model_type}' is not in the installed transformers")
