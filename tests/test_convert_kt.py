@@ -67,14 +67,9 @@ def _build(model_type: str, out: Path, fp8_block: list[int] | None = None) -> Pa
     model.save_pretrained(src, save_original_format=(layout == "hub"))
     if fp8_block is None:
         return out
-    import fixtures
+    from fixtures import quantize_fp8_block
 
-    old = fixtures.FP8_BLOCK
-    fixtures.FP8_BLOCK = fp8_block
-    try:
-        return fixtures.quantize_fp8_block(src, out)
-    finally:
-        fixtures.FP8_BLOCK = old
+    return quantize_fp8_block(src, out, block=list(fp8_block))
 
 
 @pytest.fixture(scope="module")
