@@ -76,12 +76,12 @@ def _save_tiny(
     return _save_seeded(model, out)
 
 
-def _save_seeded(model, out: Path) -> Path:
+def _save_seeded(model, out: Path, seed: int = 1) -> Path:
     """`model` in BF16 with seeded random weights everywhere (never zeros or ones from init),
     saved by transformers' `save_pretrained` (hub names)."""
     model = model.to(torch.bfloat16)
     with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
+        g = torch.Generator().manual_seed(seed)
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     model.save_pretrained(out)

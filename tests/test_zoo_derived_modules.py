@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import load_tensors
-from test_zoo_derived import _assert_identical, _convert, _save_tiny
+from test_zoo_derived import _assert_identical, _convert, _save_seeded, _save_tiny
 
 from moeport.detect import detect
 from moeport.sources import open_checkpoint
@@ -83,13 +83,7 @@ def _pose_estimation(out: Path) -> Path:
     from transformers import VitPoseConfig, VitPoseForPoseEstimation
 
     backbone = tiny_config("vitpose_backbone", small_vision=False).to_dict()
-    model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone)).to(torch.bfloat16)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(4)
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(out)
-    return out
+    return _save_seeded(VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone)), out, seed=4)
 
 
 def test_hub_vitpose_plus_converts_and_transformers_reads_our_w4a16(tmp_path: Path) -> None:
@@ -137,13 +131,7 @@ def _seq2seq(model_type: str, out: Path) -> Path:
     """transformers' conditional-generation model of `model_type`, tiny and seeded, as it saves it."""
     from transformers import AutoModelForSeq2SeqLM
 
-    model = AutoModelForSeq2SeqLM.from_config(tiny_config(model_type)).to(torch.bfloat16)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(2)
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(out)
-    return out
+    return _save_seeded(AutoModelForSeq2SeqLM.from_config(tiny_config(model_type)), out, seed=2)
 
 
 @pytest.mark.parametrize(
